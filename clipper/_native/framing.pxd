@@ -1,0 +1,18 @@
+# Header of clipper._native.framing: the stream splitter of the msgpack port
+# and the batch assembler. Pure-Python twin: framing_py.py.
+
+cdef enum ReaderState:
+    READ_HEADER = 0      # waiting for the 4-byte length prefix
+    READ_BODY = 1        # collecting a body of self._need bytes
+    SKIP_BODY = 2        # discarding the body of an oversized frame
+
+cdef class FrameReader:
+    cdef readonly Py_ssize_t max_frame_bytes   # the frame-size limit
+    cdef bytearray _buf          # bytes of an incomplete header or body
+    cdef ReaderState _state      # what the next bytes are
+    cdef Py_ssize_t _need        # bytes the current piece needs in all
+
+    cdef void _set_state(self, ReaderState state, Py_ssize_t need)
+
+cpdef bytes pack_frame(object body)
+cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes)

@@ -1,0 +1,148 @@
+# cython: language_level=3
+"""Stream framing and batch assembly (native). See framing_py.py for the twin."""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint32_t
+
+cdef enum:
+    HEADER_BYTES = 4
+
+
+cdef inline uint32_t _read_be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef class FrameReader:
+    """Split a byte stream into length-prefixed frames.
+
+    ``feed(data)`` returns one item per frame completed by ``data``: the body
+    (``bytes`` or a ``memoryview`` onto ``data``) or, for a frame longer than
+    ``max_frame_bytes``, its declared length as an ``int``. Oversized bodies
+    are skipped without buffering, so the stream stays in step.
+    """
+
+    def __cinit__(self, Py_ssize_t max_frame_bytes):
+        if max_frame_bytes <= 0:
+            raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._set_state(READ_HEADER, HEADER_BYTES)
+
+    cdef void _set_state(self, ReaderState state, Py_ssize_t need):
+        self._state = state
+        self._need = need
+
+    @property
+    def buffered(self):
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data):
+        cdef Py_buffer pybuf
+        cdef list out = []
+        cdef const uint8_t* p
+        cdef Py_ssize_t n, pos = 0, take, avail, buffered
+        cdef uint32_t length
+        cdef object view = None
+        cdef object chunk
+        cdef uint8_t hdr[4]
+        PyObject_GetBuffer(data, &pybuf, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t*>pybuf.buf
+            n = pybuf.len
+            while pos < n:
+                if self._state == SKIP_BODY:
+                    take = min(self._need, n - pos)
+                    pos += take
+                    self._need -= take
+                    if self._need == 0:
+                        self._set_state(READ_HEADER, HEADER_BYTES)
+                    continue
+                avail = n - pos
+                buffered = len(self._buf)
+                if self._state == READ_HEADER:
+                    if buffered == 0 and avail >= HEADER_BYTES:
+                        length = _read_be32(p + pos)
+                        pos += HEADER_BYTES
+                    else:
+                        take = min(HEADER_BYTES - buffered, avail)
+                        self._buf += PyBytes_FromStringAndSize(<const char*>(p + pos), take)
+                        pos += take
+                        if len(self._buf) < HEADER_BYTES:
+                            break
+                        length = _read_be32(<const uint8_t*>PyByteArray_AS_STRING(self._buf))
+                        del self._buf[:]
+                    if length > <uint32_t>self.max_frame_bytes:
+                        out.append(<Py_ssize_t>length)
+                        self._set_state(SKIP_BODY, length)
+                    elif length == 0:
+                        out.append(b"")
+                    else:
+                        self._set_state(READ_BODY, length)
+                    continue
+                # READ_BODY
+                if buffered == 0 and avail >= self._need:
+                    if view is None:
+                        view = memoryview(data).cast("B")
+                    out.append(view[pos:pos + self._need])
+                    pos += self._need
+                else:
+                    take = min(self._need - buffered, avail)
+                    self._buf += PyBytes_FromStringAndSize(<const char*>(p + pos), take)
+                    pos += take
+                    if len(self._buf) < self._need:
+                        break
+                    out.append(bytes(self._buf))
+                    del self._buf[:]
+                self._set_state(READ_HEADER, HEADER_BYTES)
+        finally:
+            PyBuffer_Release(&pybuf)
+        return out
+
+
+cpdef bytes pack_frame(object body):
+    """Return ``body`` prefixed with its 4-byte big-endian length (one copy)."""
+    cdef Py_buffer pybuf
+    cdef bytes out
+    cdef char* q
+    cdef Py_ssize_t n
+    PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
+    try:
+        n = pybuf.len
+        if n > 0xFFFFFFFF:
+            raise ValueError(f"frame body of {n} bytes exceeds the 4 GiB frame limit")
+        out = PyBytes_FromStringAndSize(NULL, n + HEADER_BYTES)
+        q = PyBytes_AS_STRING(out)
+        q[0] = <char>((n >> 24) & 0xFF)
+        q[1] = <char>((n >> 16) & 0xFF)
+        q[2] = <char>((n >> 8) & 0xFF)
+        q[3] = <char>(n & 0xFF)
+        memcpy(q + HEADER_BYTES, pybuf.buf, n)
+    finally:
+        PyBuffer_Release(&pybuf)
+    return out
+
+
+cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes):
+    """Copy each input's bytes once into one contiguous buffer.
+
+    Every input must expose exactly ``item_nbytes`` bytes through the buffer
+    protocol (a C-contiguous numpy array or bytes).
+    """
+    cdef Py_ssize_t count = len(inputs), i
+    cdef bytearray out = PyByteArray_FromStringAndSize(NULL, item_nbytes * count)
+    cdef char* q = PyByteArray_AS_STRING(out)
+    cdef Py_buffer pybuf
+    for i in range(count):
+        PyObject_GetBuffer(inputs[i], &pybuf, PyBUF_SIMPLE)
+        try:
+            if pybuf.len != item_nbytes:
+                raise ValueError(
+                    f"input of {pybuf.len} bytes in a batch of {item_nbytes}-byte items")
+            memcpy(q + i * item_nbytes, pybuf.buf, item_nbytes)
+        finally:
+            PyBuffer_Release(&pybuf)
+    return out

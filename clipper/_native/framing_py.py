@@ -1,0 +1,113 @@
+"""Pure-Python twin of ``clipper._native.framing`` (same API, same behaviour).
+
+Loaded instead of the Cython module when ``CLIPPER_NO_EXTENSIONS=1``; the
+tests run both.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_HEADER = struct.Struct(">I")
+HEADER_BYTES = 4
+
+# Reader states.
+READ_HEADER = 0
+READ_BODY = 1
+SKIP_BODY = 2
+
+
+class FrameReader:
+    """Split a byte stream into length-prefixed frames.
+
+    ``feed(data)`` returns a list with one item per frame completed by
+    ``data``: the frame body (``bytes`` or a ``memoryview`` onto ``data``), or,
+    for a frame whose declared length exceeds ``max_frame_bytes``, the declared
+    length as an ``int``. An oversized body is skipped without being buffered,
+    so the reader stays in step with the stream and the next frame is read
+    normally.
+    """
+
+    __slots__ = ("max_frame_bytes", "_buf", "_state", "_need")
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        if max_frame_bytes <= 0:
+            raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._state = READ_HEADER
+        self._need = HEADER_BYTES
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data) -> list:
+        out = []
+        view = memoryview(data).cast("B")
+        n = len(view)
+        pos = 0
+        buf = self._buf
+        while pos < n:
+            state = self._state
+            if state == SKIP_BODY:
+                take = min(self._need, n - pos)
+                pos += take
+                self._need -= take
+                if self._need == 0:
+                    self._state = READ_HEADER
+                    self._need = HEADER_BYTES
+                continue
+            avail = n - pos
+            if not buf and avail >= self._need:
+                # Fast path: the whole piece is in ``data``.
+                chunk = view[pos : pos + self._need]
+                pos += self._need
+            else:
+                take = min(self._need - len(buf), avail)
+                buf += view[pos : pos + take]
+                pos += take
+                if len(buf) < self._need:
+                    break
+                chunk = bytes(buf)
+                buf.clear()
+            if state == READ_HEADER:
+                length = _HEADER.unpack(chunk)[0]
+                if length > self.max_frame_bytes:
+                    out.append(length)
+                    if length:
+                        self._state = SKIP_BODY
+                        self._need = length
+                elif length == 0:
+                    out.append(b"")
+                else:
+                    self._state = READ_BODY
+                    self._need = length
+            else:
+                out.append(chunk)
+                self._state = READ_HEADER
+                self._need = HEADER_BYTES
+        return out
+
+
+def pack_frame(body) -> bytes:
+    """Return ``body`` prefixed with its 4-byte big-endian length."""
+    return _HEADER.pack(len(body)) + bytes(body)
+
+
+def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
+    """Copy each input's bytes once into one contiguous buffer.
+
+    Every input must expose exactly ``item_nbytes`` bytes through the buffer
+    protocol (a C-contiguous numpy array or bytes).
+    """
+    out = bytearray(item_nbytes * len(inputs))
+    pos = 0
+    for x in inputs:
+        mv = memoryview(x).cast("B")
+        if len(mv) != item_nbytes:
+            raise ValueError(f"input of {len(mv)} bytes in a batch of {item_nbytes}-byte items")
+        out[pos : pos + item_nbytes] = mv
+        pos += item_nbytes
+    return out

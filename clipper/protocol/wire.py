@@ -1,0 +1,290 @@
+"""Message codec of the Clipper wire protocol, version 1.
+
+The normative description is ``docs/protocol.md``; this module is its
+reference implementation. Every message is one msgpack array inside a
+length-prefixed frame (4-byte big-endian unsigned length, then the body).
+
+Numpy arrays travel as msgpack extension type 1 (``EXT_NDARRAY``)::
+
+    u8      L            length of the dtype string
+    L bytes dtype        numpy typestr, e.g. "<f4" (little-endian float32)
+    u8      ndim         number of dimensions (0..MAX_NDIM)
+    ndim x u32 (BE)      the dimensions
+    rest                 raw element bytes, C order, exactly prod(dims) * itemsize
+
+Decoding returns a read-only numpy view onto the extension's bytes: no
+element is copied.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from ..errors import (
+    ClipperError,
+    LimitExceededError,
+    MalformedFrameError,
+    error_for_code,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "HELLO",
+    "PREDICT",
+    "FEEDBACK",
+    "PING",
+    "HELLO_OK",
+    "RESULT",
+    "FEEDBACK_OK",
+    "PONG",
+    "ERROR",
+    "EXT_NDARRAY",
+    "MAX_NDIM",
+    "ALLOWED_DTYPES",
+    "DecodeLimits",
+    "encode_ndarray",
+    "decode_ndarray",
+    "pack",
+    "make_unpacker",
+    "frame",
+    "hello",
+    "predict",
+    "feedback",
+    "ping",
+    "hello_ok",
+    "result",
+    "feedback_ok",
+    "pong",
+    "error",
+    "error_from_message",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# Message type codes: requests (client -> server) below 64, replies from 64.
+HELLO = 0
+PREDICT = 1
+FEEDBACK = 2
+PING = 3
+HELLO_OK = 64
+RESULT = 65
+FEEDBACK_OK = 66
+PONG = 67
+ERROR = 127
+
+REQUEST_TYPES = frozenset((HELLO, PREDICT, FEEDBACK, PING))
+
+EXT_NDARRAY = 1
+MAX_NDIM = 32
+
+# The dtypes an array may have on the wire: numpy typestrs, explicit byte order.
+ALLOWED_DTYPES = {
+    "|b1": np.dtype(np.bool_),
+    "|i1": np.dtype("|i1"),
+    "|u1": np.dtype("|u1"),
+    "<i2": np.dtype("<i2"),
+    "<u2": np.dtype("<u2"),
+    "<i4": np.dtype("<i4"),
+    "<u4": np.dtype("<u4"),
+    "<i8": np.dtype("<i8"),
+    "<u8": np.dtype("<u8"),
+    "<f2": np.dtype("<f2"),
+    "<f4": np.dtype("<f4"),
+    "<f8": np.dtype("<f8"),
+}
+_TYPESTR = {dt: ts.encode() for ts, dt in ALLOWED_DTYPES.items()}
+_DIM = struct.Struct(">I")
+_FRAME_HEADER = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits applied when decoding untrusted msgpack (all configurable).
+
+    ``max_frame_bytes`` bounds a whole frame; the others bound what one frame
+    may unpack into. msgpack itself refuses nesting deeper than 1023 levels.
+    """
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_str_len: int = 1024 * 1024
+    max_bin_len: int = 16 * 1024 * 1024
+    max_array_len: int = 1024 * 1024
+    max_map_len: int = 4096
+    max_ext_len: int = 16 * 1024 * 1024
+
+
+# ------------------------------------------------------------------- ndarrays
+def encode_ndarray(arr: np.ndarray) -> msgpack.ExtType:
+    """Encode ``arr`` as an ``EXT_NDARRAY`` extension (one copy of the data)."""
+    dt = arr.dtype
+    ts = _TYPESTR.get(dt)
+    if ts is None:
+        if dt.byteorder == ">" and dt.newbyteorder("<") in _TYPESTR:
+            arr = arr.astype(dt.newbyteorder("<"))
+            ts = _TYPESTR[arr.dtype]
+        else:
+            raise TypeError(f"array dtype {dt} cannot travel; allowed: {sorted(ALLOWED_DTYPES)}")
+    if arr.ndim > MAX_NDIM:
+        raise TypeError(f"array has {arr.ndim} dimensions; at most {MAX_NDIM} may travel")
+    head = bytes((len(ts),)) + ts + bytes((arr.ndim,)) + b"".join(_DIM.pack(d) for d in arr.shape)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if arr.size == 0:
+        return msgpack.ExtType(EXT_NDARRAY, head)
+    return msgpack.ExtType(EXT_NDARRAY, b"".join((head, arr.reshape(-1).view(np.uint8))))
+
+
+def decode_ndarray(data: bytes) -> np.ndarray:
+    """Decode the payload of an ``EXT_NDARRAY`` extension into a numpy view.
+
+    Raises :class:`MalformedFrameError` when the payload is not well formed.
+    """
+    n = len(data)
+    if n < 2:
+        raise MalformedFrameError(f"ndarray extension of {n} bytes is too short")
+    ts_len = data[0]
+    pos = 1 + ts_len
+    if pos + 1 > n:
+        raise MalformedFrameError("ndarray extension is truncated inside its dtype")
+    dtype = ALLOWED_DTYPES.get(data[1:pos].decode("ascii", "replace"))
+    if dtype is None:
+        raise MalformedFrameError(
+            f"ndarray dtype {data[1:pos]!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
+        )
+    ndim = data[pos]
+    pos += 1
+    if ndim > MAX_NDIM:
+        raise LimitExceededError(f"ndarray has {ndim} dimensions; at most {MAX_NDIM} allowed")
+    end = pos + 4 * ndim
+    if end > n:
+        raise MalformedFrameError("ndarray extension is truncated inside its shape")
+    shape = struct.unpack_from(f">{ndim}I", data, pos)
+    count = 1
+    for d in shape:
+        count *= d
+    if (n - end) != count * dtype.itemsize:
+        raise MalformedFrameError(
+            f"ndarray of shape {tuple(shape)} and dtype {dtype} needs "
+            f"{count * dtype.itemsize} data bytes; the extension carries {n - end}"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+
+
+def _ext_hook(code: int, data: bytes):
+    if code == EXT_NDARRAY:
+        return decode_ndarray(data)
+    raise MalformedFrameError(f"unknown msgpack extension type {code}; only {EXT_NDARRAY} (ndarray) is defined")
+
+
+def _default(obj):
+    if isinstance(obj, np.ndarray):
+        return encode_ndarray(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode object of type {type(obj).__name__} on the wire")
+
+
+_packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+
+
+def pack(obj) -> bytes:
+    """msgpack-encode one message body (numpy arrays become EXT_NDARRAY)."""
+    return _packer.pack(obj)
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its 4-byte big-endian length."""
+    return _FRAME_HEADER.pack(len(body)) + body
+
+
+def make_unpacker(limits: DecodeLimits = DecodeLimits()):
+    """Return ``unpack(buf) -> object`` that applies ``limits``.
+
+    The function raises :class:`MalformedFrameError` or
+    :class:`LimitExceededError`; never another exception type.
+    """
+    unpackb = msgpack.unpackb
+    kw = dict(
+        ext_hook=_ext_hook,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=limits.max_str_len,
+        max_bin_len=limits.max_bin_len,
+        max_array_len=limits.max_array_len,
+        max_map_len=limits.max_map_len,
+        max_ext_len=limits.max_ext_len,
+    )
+
+    def unpack(buf):
+        try:
+            return unpackb(buf, **kw)
+        except ClipperError:
+            raise
+        except msgpack.StackError:
+            raise LimitExceededError("message nesting is deeper than 1023 levels") from None
+        except ValueError as exc:
+            text = str(exc)
+            if "exceeds max" in text:
+                raise LimitExceededError(f"message exceeds a decoding limit: {text}") from None
+            raise MalformedFrameError(f"frame body is not valid msgpack: {text}") from None
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise MalformedFrameError(
+                f"frame body is not valid msgpack: {type(exc).__name__}: {exc}"
+            ) from None
+
+    return unpack
+
+
+# ------------------------------------------------------------ message builders
+# Each builder returns the message as a Python list, ready for pack().
+def hello(req_id: int, versions=SUPPORTED_VERSIONS, client: str = "") -> list:
+    return [HELLO, req_id, {"versions": list(versions), "client": client}]
+
+
+def predict(req_id: int, app: str, x, options: dict | None = None) -> list:
+    return [PREDICT, req_id, app, x] if not options else [PREDICT, req_id, app, x, options]
+
+
+def feedback(req_id: int, app: str, x, label, options: dict | None = None) -> list:
+    msg = [FEEDBACK, req_id, app, x, label]
+    if options:
+        msg.append(options)
+    return msg
+
+
+def ping(req_id: int) -> list:
+    return [PING, req_id]
+
+
+def hello_ok(req_id: int, version: int, server: str, limits: dict) -> list:
+    return [HELLO_OK, req_id, {"version": version, "server": server, "limits": limits}]
+
+
+def result(req_id: int, query_id: int, output, is_default: bool, extra: dict | None = None) -> list:
+    msg = [RESULT, req_id, query_id, output, is_default]
+    if extra:
+        msg.append(extra)
+    return msg
+
+
+def feedback_ok(req_id: int) -> list:
+    return [FEEDBACK_OK, req_id]
+
+
+def pong(req_id: int) -> list:
+    return [PONG, req_id]
+
+
+def error(req_id, exc: ClipperError) -> list:
+    return [ERROR, req_id, exc.code, exc.name, exc.message]
+
+
+def error_from_message(msg: list) -> ClipperError:
+    """Rebuild the exception carried by an ERROR message."""
+    return error_for_code(int(msg[2]), str(msg[4]))

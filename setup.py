@@ -1,0 +1,42 @@
+"""Build the Cython modules under clipper/_native/.
+
+``CLIPPER_DEBUG=1`` builds with bounds checks, assertions and -O0 -g.
+"""
+
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("CLIPPER_DEBUG", "") not in ("", "0")
+
+NATIVE_MODULES = ["framing"]
+
+compile_args = ["-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+if DEBUG:
+    compile_args += ["-O0", "-g", "-UNDEBUG"]
+else:
+    compile_args += ["-O2"]
+
+extensions = [
+    Extension(
+        f"clipper._native.{name}",
+        [f"clipper/_native/{name}.pyx"],
+        include_dirs=[numpy.get_include()],
+        extra_compile_args=compile_args,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    for name in NATIVE_MODULES
+]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "cdivision": not DEBUG,
+    "initializedcheck": DEBUG,
+    "embedsignature": True,
+}
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=False))
