@@ -1,0 +1,218 @@
+"""The ``clipper`` command line: start a frontend, manage it, query it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_ADMIN_PORT, DEFAULT_QUERY_PORT, DEFAULT_RPC_PORT, FrontendConfig, load_config_file
+from .errors import ClipperError
+
+
+def _shape(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not a comma-separated list of integers") from None
+
+
+async def _start(args) -> int:
+    from .frontend import Frontend
+
+    spec = None
+    if args.config:
+        spec = load_config_file(args.config)
+        cfg = spec["frontend"]
+    else:
+        cfg = FrontendConfig()
+    for attr in ("host", "query_port", "admin_port", "rpc_port"):
+        val = getattr(args, attr)
+        if val is not None:
+            setattr(cfg, attr, val)
+    fe = Frontend(cfg, base_dir=spec["base_dir"] if spec else Path.cwd())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await fe.start()
+    try:
+        if spec:
+            await fe.apply(spec)
+            for model in fe.registry.models.values():
+                mv = model.current
+                if mv is not None and mv.replicas > 0 and fe.manager.manages(mv):
+                    await fe.wait_ready(mv.name, mv.version)
+        ports = {"query_port": fe.query_port, "admin_port": fe.admin_port, "rpc_port": fe.rpc_port,
+                 "pid": os.getpid()}
+        print(f"clipper ready: msgpack queries on {cfg.host}:{fe.query_port}, admin API on "
+              f"{cfg.host}:{fe.admin_port}, containers on {cfg.rpc_host}:{fe.rpc_port}", flush=True)
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(json.dumps(ports))
+            tmp.replace(args.ready_file)
+        await stop.wait()
+    finally:
+        await fe.stop()
+    return 0
+
+
+def cmd_start(args) -> int:
+    import uvloop
+
+    return uvloop.run(_start(args))
+
+
+def _admin(args):
+    from .management.admin_client import AdminClient
+
+    return AdminClient(args.host, args.admin_port)
+
+
+def cmd_register_app(args) -> int:
+    out = _admin(args).register_application(args.name, args.input_dtype, args.input_shape, args.slo_ms,
+                                            json.loads(args.default_output), args.on_deadline)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    out = _admin(args).deploy_model(args.name, args.version, args.input_dtype, args.input_shape, entry=args.entry,
+                                    replicas=args.replicas, max_batch=args.max_batch,
+                                    workdir=os.path.abspath(args.workdir), wait=not args.no_wait)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_link(args) -> int:
+    print(json.dumps(_admin(args).link_model_to_app(args.app, args.model)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from .client import Client
+
+    if args.input.startswith("@"):
+        path = args.input[1:]
+        x = np.load(path) if path.endswith(".npy") else json.loads(Path(path).read_text())
+    else:
+        try:
+            x = json.loads(args.input)
+        except json.JSONDecodeError:
+            x = args.input  # a plain string input
+    with Client(args.host, args.port, timeout=args.timeout) as client:
+        p = client.predict(args.app, x)
+    out = p.output.tolist() if hasattr(p.output, "tolist") else p.output
+    if isinstance(out, bytes):
+        out = out.decode("utf-8", "replace")
+    print(json.dumps({"query_id": p.query_id, "output": out, "default": p.is_default,
+                      **({"default_explanation": p.explanation} if p.explanation else {})}))
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = _admin(args).status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"clipper {st['version']}  ports: {st['ports']}  client connections: {st['connections']}")
+    print("applications:")
+    for name, a in st["applications"].items():
+        s = st["applications_stats"].get(name, {}) if "applications_stats" in st else {}
+        print(f"  {name:20s} {a['input_dtype']}{a['input_shape']} slo={a['slo_ms']:g}ms "
+              f"models={a['linked_models']} {s}")
+    print("model queues:")
+    for key, q in st.get("models_stats", {}).items():
+        print(f"  {key:20s} {q}")
+    print("replicas:")
+    for r in st["replicas"]:
+        print(f"  #{r['replica_id']:<4} {r['model']:20s} pid={r['pid']} busy={r['busy']} "
+              f"max_batch={r['max_batch']} batches={r['batches_done']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipper", description="Clipper prediction serving")
+    p.add_argument("--log-level", default=os.environ.get("CLIPPER_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("start", help="run a frontend in the foreground")
+    s.add_argument("--config", help="TOML deployment file (frontend, applications, models, links)")
+    s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--query-port", type=int, default=None, help=f"msgpack query port (default {DEFAULT_QUERY_PORT})")
+    s.add_argument("--admin-port", type=int, default=None, help=f"admin API port (default {DEFAULT_ADMIN_PORT})")
+    s.add_argument("--rpc-port", type=int, default=None, help=f"container RPC port (default {DEFAULT_RPC_PORT})")
+    s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    s.set_defaults(func=cmd_start)
+
+    def admin_opts(sp):
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
+
+    s = sub.add_parser("register-app", help="register an application")
+    s.add_argument("name")
+    s.add_argument("--input-dtype", required=True)
+    s.add_argument("--input-shape", type=_shape, default=[])
+    s.add_argument("--slo-ms", type=float, default=100.0)
+    s.add_argument("--default-output", default="null", help="JSON value answered at the deadline")
+    s.add_argument("--on-deadline", choices=("default", "error"), default="default")
+    admin_opts(s)
+    s.set_defaults(func=cmd_register_app)
+
+    s = sub.add_parser("deploy", help="deploy a model version from module:function")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("entry", help="module:function, module:Class or path/file.py:function")
+    s.add_argument("--input-dtype", required=True)
+    s.add_argument("--input-shape", type=_shape, default=[])
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--workdir", default=".", help="where the container runs (default: here)")
+    s.add_argument("--no-wait", action="store_true", help="return before the containers connect")
+    admin_opts(s)
+    s.set_defaults(func=cmd_deploy)
+
+    s = sub.add_parser("link", help="link a model to an application")
+    s.add_argument("app")
+    s.add_argument("model")
+    admin_opts(s)
+    s.set_defaults(func=cmd_link)
+
+    s = sub.add_parser("predict", help="send one query over the msgpack protocol")
+    s.add_argument("app")
+    s.add_argument("input", help="JSON input, or @file.npy / @file.json")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=DEFAULT_QUERY_PORT)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("status", help="show applications, models, replicas and queue figures")
+    s.add_argument("--json", action="store_true")
+    admin_opts(s)
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ClipperError as exc:
+        print(f"clipper: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""What the synchronous and the asyncio client share: the answer type, request
+encoding and the reading of replies. No I/O happens here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .. import errors as E
+from ..protocol import wire
+
+__all__ = ["Prediction", "CLIENT_NAME", "DEFAULT_MAX_FRAME_BYTES", "DEFAULT_WINDOW"]
+
+CLIENT_NAME = "clipper-python/0.1.0"
+# Replies may carry large outputs; the client's bound on one reply frame.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+# Requests in flight on one connection when the server does not say its limit.
+DEFAULT_WINDOW = 1024
+_MAX_ID = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The answer to one query.
+
+    Attributes:
+        query_id: the server's id for this query (for logs and feedback).
+        output: the prediction: a number, string, bytes, list, or a read-only
+            numpy array when the model returned an array.
+        is_default: true when the application's default output was returned
+            because no model answered in time (see ``explanation``).
+        explanation: why the default output was returned, else ``None``.
+        extra: every optional field the server sent (``explanation``, and in
+            later versions ``confidence`` and ``models``).
+    """
+
+    query_id: int
+    output: Any
+    is_default: bool
+    explanation: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------- encoding
+def _encode_default(obj):
+    if isinstance(obj, np.ndarray):
+        return wire.encode_ndarray(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot send an object of type {type(obj).__name__}")
+
+
+class RequestEncoder:
+    """Builds request frames. One per connection: a msgpack ``Packer`` must not
+    be shared between threads, so the clients do not use ``wire.pack``'s."""
+
+    __slots__ = ("_packer", "_next_id", "max_frame_bytes")
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(default=_encode_default, use_bin_type=True, autoreset=True)
+        self._next_id = 0
+        self.max_frame_bytes: int | None = None  # the server's, once HELLO_OK said it
+
+    def new_id(self) -> int:
+        rid = self._next_id
+        self._next_id = 0 if rid == _MAX_ID else rid + 1
+        return rid
+
+    def frame(self, msg: list, what: str = "request") -> bytes:
+        """Encode ``msg`` as one frame; raise InvalidInputError or
+        FrameTooLargeError (before anything is sent) when it cannot travel."""
+        try:
+            body = self._packer.pack(msg)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise E.InvalidInputError(f"the {what} cannot be encoded: {exc}") from None
+        limit = self.max_frame_bytes
+        if limit is not None and len(body) > limit:
+            raise E.FrameTooLargeError(
+                f"the {what} encodes to {len(body)} bytes; the server's max_frame_bytes is {limit}")
+        return wire.frame(body)
+
+
+def client_limits(max_frame_bytes: int) -> wire.DecodeLimits:
+    """Decoding limits for replies: a reply may be as large as a frame."""
+    return wire.DecodeLimits(
+        max_frame_bytes=max_frame_bytes,
+        max_bin_len=max_frame_bytes,
+        max_ext_len=max_frame_bytes,
+    )
+
+
+# ---------------------------------------------------------------------- replies
+_NO_ID = object()
+
+
+def reply_id(msg) -> Any:
+    """The request id a decoded reply answers; ``None`` for an ERROR the server
+    could not attribute; ``_NO_ID`` when ``msg`` is not a reply at all."""
+    if type(msg) is not list or len(msg) < 2 or type(msg[0]) is not int:
+        return _NO_ID
+    rid = msg[1]
+    if rid is None:
+        return None if msg[0] == wire.ERROR else _NO_ID
+    if type(rid) is not int or rid < 0:
+        return _NO_ID
+    return rid
+
+
+def unattributed_error(msg) -> E.ClipperError:
+    """The exception for a reply frame no request can be matched with."""
+    if reply_id(msg) is None:
+        return error_from_reply(msg)
+    return E.MalformedFrameError(f"the server sent a reply that is not [type, id, ...]: {_short(msg)}")
+
+
+def error_from_reply(msg: list) -> E.ClipperError:
+    if len(msg) != 5 or type(msg[2]) is not int:
+        return E.MalformedFrameError(f"the server sent a malformed ERROR: {_short(msg)}")
+    message = msg[4] if type(msg[4]) is str else repr(msg[4])
+    return E.error_for_code(msg[2], message)
+
+
+def _short(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+_NAMES = {wire.HELLO_OK: "HELLO_OK", wire.RESULT: "RESULT", wire.FEEDBACK_OK: "FEEDBACK_OK", wire.PONG: "PONG"}
+
+
+def check_reply(msg: list, expected: int) -> E.ClipperError | None:
+    """``None`` if ``msg`` is a well-formed reply of type ``expected``, else the
+    exception the caller gets (the server's ERROR, or MalformedFrameError)."""
+    kind = msg[0]
+    if kind == wire.ERROR:
+        return error_from_reply(msg)
+    if kind != expected:
+        return E.MalformedFrameError(
+            f"the server answered with message type {kind}; expected {_NAMES[expected]} ({expected})")
+    return None
+
+
+def to_prediction(msg: list) -> Prediction | E.ClipperError:
+    """Turn a RESULT (or ERROR) reply into a Prediction (or the exception)."""
+    err = check_reply(msg, wire.RESULT)
+    if err is not None:
+        return err
+    n = len(msg)
+    if n not in (5, 6) or type(msg[2]) is not int or type(msg[4]) is not bool:
+        return E.MalformedFrameError(
+            f"RESULT is [65, id, query_id, output, is_default, extra?]; got {_short(msg)}")
+    extra = msg[5] if n == 6 else {}
+    if type(extra) is not dict:
+        return E.MalformedFrameError(f"RESULT extra must be a map; got {_short(extra)}")
+    explanation = extra.get("explanation")
+    if explanation is not None and type(explanation) is not str:
+        explanation = str(explanation)
+    return Prediction(msg[2], msg[3], msg[4], explanation, extra)
+
+
+def check_hello_ok(msg: list, offered) -> dict:
+    """Validate the answer to HELLO; return the server info, or raise."""
+    err = check_reply(msg, wire.HELLO_OK)
+    if err is not None:
+        raise err
+    info = msg[2] if len(msg) > 2 else None
+    if type(info) is not dict or type(info.get("version")) is not int:
+        raise E.MalformedFrameError(f"HELLO_OK is [64, id, {{version, server, limits}}]; got {_short(msg)}")
+    if info["version"] not in offered:
+        raise E.UnsupportedVersionError(
+            f"the server chose protocol version {info['version']}; this client offered {list(offered)}")
+    limits = info.get("limits")
+    info["limits"] = dict(limits) if type(limits) is dict else {}
+    return info
+
+
+def window_from(info: dict) -> int:
+    """Requests this client keeps in flight: the server's max_pending_per_connection."""
+    value = info["limits"].get("max_pending_per_connection")
+    if type(value) is int and value > 0:
+        return value
+    return DEFAULT_WINDOW
+
+
+def frame_limit_from(info: dict) -> int | None:
+    value = info["limits"].get("max_frame_bytes")
+    return value if type(value) is int and value > 0 else None
+
+
+def check_timeout(timeout) -> float | None:
+    if timeout is None:
+        return None
+    timeout = float(timeout)
+    if not timeout > 0 or math.isinf(timeout):
+        if math.isinf(timeout):
+            return None
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
+    return timeout

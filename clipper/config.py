@@ -1,0 +1,113 @@
+"""Frontend configuration: ports and every limit, each explicit and documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidConfigError
+from .protocol.wire import DecodeLimits
+
+# Default ports follow the original Clipper where one exists.
+DEFAULT_REST_PORT = 1337
+DEFAULT_ADMIN_PORT = 1338
+DEFAULT_QUERY_PORT = 1339  # the msgpack port (the original had none)
+DEFAULT_RPC_PORT = 7000
+DEFAULT_METRICS_PORT = 1390
+
+
+@dataclass
+class Limits:
+    """Limits on what one client or container may make the frontend hold.
+
+    Every value is a hard bound: past it the request gets a typed error and
+    the server goes on.
+    """
+
+    max_frame_bytes: int = 16 * 1024 * 1024  # one msgpack frame, prefix excluded
+    max_input_bytes: int = 4 * 1024 * 1024  # one query input (array data, bytes or str)
+    max_str_len: int = 1024 * 1024  # one msgpack string
+    max_array_len: int = 1024 * 1024  # one msgpack array (also list inputs)
+    max_map_len: int = 4096  # one msgpack map
+    max_connections: int = 4096  # open client connections on the query port
+    max_pending_per_connection: int = 65536  # requests of one connection awaiting answers
+    max_write_buffer_bytes: int = 64 * 1024 * 1024  # unsent replies before reading pauses
+    max_queue_length: int = 100_000  # queries waiting in one model's queue
+    max_batch_retries: int = 1  # times a batch lost with its container is sent again
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_frame_bytes=self.max_frame_bytes,
+            max_str_len=self.max_str_len,
+            max_bin_len=self.max_frame_bytes,
+            max_array_len=self.max_array_len,
+            max_map_len=self.max_map_len,
+            max_ext_len=self.max_frame_bytes,
+        )
+
+
+@dataclass
+class FrontendConfig:
+    """Where the frontend listens and how it treats its containers.
+
+    A port of 0 binds a free port (the tests use that); ``None`` disables the
+    listener.
+    """
+
+    host: str = "127.0.0.1"
+    query_port: int | None = DEFAULT_QUERY_PORT
+    admin_port: int | None = DEFAULT_ADMIN_PORT
+    rpc_host: str = "127.0.0.1"
+    rpc_port: int = DEFAULT_RPC_PORT
+    heartbeat_interval_ms: int = 1000  # frontend <-> container heartbeats
+    heartbeat_timeout_ms: int = 5000  # a container silent this long is dead
+    batch_timeout_ms: int = 30_000  # a batch held longer marks its container hung
+    container_start_timeout_ms: int = 60_000
+    restart_backoff_ms: tuple[int, int] = (100, 5000)  # first and longest restart delay
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def rpc_address(self) -> str:
+        return f"tcp://{self.rpc_host}:{self.rpc_port}"
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise InvalidConfigError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(names)}")
+    return cls(**data)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML deployment file: ``[frontend]``, ``[limits]``,
+    ``[[applications]]``, ``[[models]]`` and ``[[links]]`` tables.
+
+    Returns ``{"frontend": FrontendConfig, "applications": [...], "models":
+    [...], "links": [...], "base_dir": Path}``; the lists hold plain dicts for
+    the registry to validate.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    fe = dict(data.get("frontend", {}))
+    limits = _build(Limits, dict(data.get("limits", {})), "[limits]")
+    if "restart_backoff_ms" in fe:
+        fe["restart_backoff_ms"] = tuple(fe["restart_backoff_ms"])
+    cfg = _build(FrontendConfig, fe, "[frontend]")
+    cfg.limits = limits
+    unknown = set(data) - {"frontend", "limits", "applications", "models", "links"}
+    if unknown:
+        raise InvalidConfigError(f"unknown table(s) {sorted(unknown)} in {str(path)!r}")
+    return {
+        "frontend": cfg,
+        "applications": list(data.get("applications", [])),
+        "models": list(data.get("models", [])),
+        "links": list(data.get("links", [])),
+        "base_dir": path.resolve().parent,
+    }

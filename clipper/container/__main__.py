@@ -1,0 +1,65 @@
+"""``python -m clipper.container ENTRY --name N --version V [--frontend ADDR]``."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from ..rpc import messages as m
+from .runtime import ContainerRuntime, LoadError, load_predictor
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the frontend) dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(m.EXIT_FRONTEND_LOST)
+    except OSError:
+        pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clipper.container", description="Serve a model to a Clipper frontend.")
+    p.add_argument("entry", help="module:function, module:Class, or path/to/file.py:function")
+    p.add_argument("--name", required=True, help="model name as deployed in the frontend")
+    p.add_argument("--version", required=True, help="model version as deployed in the frontend")
+    p.add_argument("--frontend", default=os.environ.get("CLIPPER_FRONTEND", "tcp://127.0.0.1:7000"),
+                   help="the frontend's container RPC address (default tcp://127.0.0.1:7000)")
+    p.add_argument("--input-dtype", default=None, help="the input dtype this model expects (checked at handshake)")
+    p.add_argument("--input-shape", default=None, help="the input shape, comma separated, e.g. 784 or 28,28")
+    p.add_argument("--exit-on-frontend-loss", action="store_true",
+                   help="exit instead of reconnecting when the frontend goes silent")
+    p.add_argument("--die-with-parent", action="store_true", help="exit when the parent process dies (managers)")
+    p.add_argument("--log-level", default=os.environ.get("CLIPPER_LOG_LEVEL", "WARNING"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.die_with_parent:
+        _die_with_parent()
+    shape = None
+    if args.input_shape:
+        try:
+            shape = [int(d) for d in args.input_shape.split(",") if d.strip()]
+        except ValueError:
+            p.error(f"--input-shape {args.input_shape!r} is not a comma-separated list of integers")
+    try:
+        predict = load_predictor(args.entry)
+    except LoadError as exc:
+        print(f"clipper container {args.name}:{args.version}: cannot load {args.entry!r}: {exc}",
+              file=sys.stderr, flush=True)
+        return m.EXIT_LOAD_FAILED
+    rt = ContainerRuntime(predict, args.name, args.version, args.frontend, input_dtype=args.input_dtype,
+                          input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss)
+    signal.signal(signal.SIGTERM, lambda *_: rt.stop())
+    signal.signal(signal.SIGINT, lambda *_: rt.stop())
+    return rt.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The frontend: one process, one event loop, every part of the query path.
+
+>>> async with Frontend(FrontendConfig(query_port=0, rpc_port=0, admin_port=0)) as fe:
+...     await fe.register_application(Application("digits", "float64", [64], slo_ms=50))
+...     await fe.deploy_model(ModelVersion("logreg", "1", "float64", [64], entry="model.py:Model"))
+...     await fe.link("digits", "logreg")
+...     await fe.wait_ready("logreg")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from . import __version__
+from .config import FrontendConfig
+from .errors import ClipperError, InvalidConfigError, NoModelAvailableError
+from .management.local_manager import LocalProcessManager
+from .management.registry import Application, ModelVersion, Registry
+from .query.batching import ModelQueue
+from .query.processor import AppRoute, QueryProcessor
+from .rpc.server import ContainerServer
+from .server.query_server import QueryServer
+
+log = logging.getLogger("clipper.frontend")
+
+__all__ = ["Frontend"]
+
+
+class Frontend:
+    """Clipper's frontend: query server, query processor, container RPC, manager."""
+
+    def __init__(self, config: FrontendConfig | None = None, *, base_dir: str | Path | None = None) -> None:
+        self.config = config or FrontendConfig()
+        self.base_dir = Path(base_dir) if base_dir else Path.cwd()
+        self.registry = Registry()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.processor: QueryProcessor | None = None
+        self.rpc: ContainerServer | None = None
+        self.manager: LocalProcessManager | None = None
+        self.query_server: QueryServer | None = None
+        self.admin = None
+        self.query_port: int | None = None
+        self.admin_port: int | None = None
+        self.rpc_port: int | None = None
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> "Frontend":
+        cfg = self.config
+        self.loop = asyncio.get_running_loop()
+        self.processor = QueryProcessor(self.loop, cfg.limits.max_input_bytes)
+        self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
+                                   heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                                   heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,
+                                   batch_timeout_ms=cfg.batch_timeout_ms)
+        self.rpc.start()
+        self.rpc_port = self.rpc.port
+        rpc_addr = f"tcp://{cfg.rpc_host}:{self.rpc_port}"
+        self.manager = LocalProcessManager(self.loop, rpc_addr, self.rpc.process_exited, base_dir=self.base_dir,
+                                           backoff_ms=cfg.restart_backoff_ms)
+        self.manager.on_failure = self._container_failed
+        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}")
+        if cfg.query_port is not None:
+            self.query_port = await self.query_server.start(cfg.host, cfg.query_port)
+        if cfg.admin_port is not None:
+            from .management.admin_http import AdminServer
+
+            self.admin = AdminServer(self)
+            self.admin_port = await self.admin.start(cfg.host, cfg.admin_port)
+        self._started = True
+        log.info("clipper frontend: query port %s, admin port %s, container RPC %s",
+                 self.query_port, self.admin_port, rpc_addr)
+        return self
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self.admin is not None:
+            await self.admin.close()
+        if self.query_server is not None:
+            await self.query_server.close()
+        if self.manager is not None:
+            await self.manager.close()
+        for route in self.processor.routes.values():
+            route.close()
+        if self.rpc is not None:
+            self.rpc.close()
+
+    async def __aenter__(self) -> "Frontend":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ management
+    async def register_application(self, app: Application) -> Application:
+        """Register ``app``; queries to it are accepted from now on."""
+        async with self._lock:
+            self.registry.add_application(app)
+            self.processor.routes[app.name] = AppRoute(app, self.processor)
+            return app
+
+    async def deploy_model(self, mv: ModelVersion, *, make_current: bool = True, wait: bool = False,
+                           timeout_s: float | None = None) -> ModelVersion:
+        """Deploy a model version and start its containers (if it has an entry or command)."""
+        async with self._lock:
+            self.registry.add_model_version(mv, make_current=make_current)
+            lim = self.config.limits
+            self.processor.queues[mv.key] = ModelQueue(
+                mv.key, self.loop, self.rpc.send_batch, max_queue_length=lim.max_queue_length,
+                max_batch_retries=lim.max_batch_retries, default_max_batch=mv.max_batch)
+            self._reroute()
+            await self.manager.ensure(mv)
+        if wait:
+            await self.wait_ready(mv.name, mv.version, timeout_s=timeout_s)
+        return mv
+
+    async def link(self, app_name: str, model_name: str) -> None:
+        """Link a model to an application: its current version answers the application's queries."""
+        async with self._lock:
+            self.registry.link(app_name, model_name)
+            self._reroute()
+
+    async def set_replicas(self, model_name: str, version: str, replicas: int) -> None:
+        async with self._lock:
+            mv = self.registry.get_model_version(model_name, version)
+            probe = ModelVersion(mv.name, mv.version, mv.input_dtype, mv.input_shape, replicas=replicas)
+            mv.replicas = probe.replicas
+            await self.manager.ensure(mv)
+
+    async def wait_ready(self, model_name: str, version: str | None = None, replicas: int | None = None,
+                         timeout_s: float | None = None) -> None:
+        """Wait until ``replicas`` (default: the deployed count, at least 1) containers are connected."""
+        model = self.registry.get_model(model_name)
+        mv = model.versions[str(version)] if version is not None else model.current
+        if mv is None:
+            raise InvalidConfigError(f"model {model_name!r} has no current version")
+        n = replicas if replicas is not None else max(1, mv.replicas)
+        timeout = timeout_s if timeout_s is not None else self.config.container_start_timeout_ms / 1000
+        ready = self.rpc.wait_for_replicas(mv.key, n)
+        failed = self._failures[mv.key] = self.loop.create_future()
+        try:
+            done, _ = await asyncio.wait({ready, failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            failed.cancel()
+            self._failures.pop(mv.key, None)
+        if ready in done:
+            return
+        if failed in done:
+            rc, text = failed.result()
+            raise NoModelAvailableError(f"a container of model {mv.key} exited with code {rc} before it was "
+                                        f"ready: {text or '(no message)'}")
+        raise NoModelAvailableError(
+            f"model {mv.key}: {self.rpc.count(mv.key)} of {n} containers connected after {timeout:g} s; "
+            f"processes: {self.manager.stats().get(mv.key)}")
+
+    def _container_failed(self, key: str, rc: int, text: str) -> None:
+        from .rpc.messages import EXIT_LOAD_FAILED, EXIT_REJECTED
+
+        fut = self._failures.get(key)
+        if fut is not None and not fut.done() and rc in (EXIT_LOAD_FAILED, EXIT_REJECTED):
+            fut.set_result((rc, text))
+
+    def _reroute(self) -> None:
+        """Point each application at the queue of its linked model's current version."""
+        for name, route in self.processor.routes.items():
+            queue = None
+            for model_name in self.registry.links.get(name, ()):
+                mv = self.registry.models[model_name].current
+                if mv is not None:
+                    queue = self.processor.queues.get(mv.key)
+                    break
+            route.queue = queue
+
+    def _resolve_container(self, model: str, version: str):
+        try:
+            mv = self.registry.get_model_version(model, version)
+        except ClipperError as exc:
+            raise ClipperError(f"model {model}:{version} is not deployed on this frontend ({exc.message})") from None
+        return self.processor.queues[mv.key], mv
+
+    async def apply(self, spec: dict, base_dir: Path | None = None) -> None:
+        """Apply a deployment spec (from :func:`clipper.config.load_config_file`)."""
+        base = Path(base_dir or spec.get("base_dir") or self.base_dir)
+        for a in spec.get("applications", []):
+            await self.register_application(_make(Application, a, "application"))
+        for mdict in spec.get("models", []):
+            mdict = dict(mdict)
+            mdict.setdefault("workdir", str(base))
+            await self.deploy_model(_make(ModelVersion, mdict, "model"))
+        for link in spec.get("links", []):
+            try:
+                await self.link(link["app"], link["model"])
+            except (KeyError, TypeError):
+                raise InvalidConfigError(f"a link must be {{app = ..., model = ...}}, got {link!r}") from None
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "ports": {"query": self.query_port, "admin": self.admin_port, "rpc": self.rpc_port},
+            "connections": len(self.query_server.connections) if self.query_server else 0,
+            "applications": {n: {**a.to_dict(), "linked_models": self.registry.links.get(n, [])}
+                             for n, a in self.registry.applications.items()},
+            "models": {n: {"current_version": m.current_version,
+                           "versions": {v: mv.to_dict() for v, mv in m.versions.items()}}
+                       for n, m in self.registry.models.items()},
+            "replicas": self.rpc.stats(),
+            "processes": self.manager.stats(),
+            **self.processor.stats(),
+        }
+
+
+def _make(cls, data: dict, what: str):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise InvalidConfigError(f"unknown key(s) {sorted(unknown)} for {what}; known: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InvalidConfigError(f"{what} {data.get('name')!r}: {exc}") from None

@@ -1,0 +1,192 @@
+"""The management HTTP API (JSON), on the admin port (default 1338, loopback).
+
+Routes::
+
+    GET  /health                                   {"status": "ok"}
+    GET  /api/v1/status                            everything the frontend knows
+    GET  /api/v1/applications                      registered applications
+    POST /api/v1/applications                      register {name, input_dtype, input_shape, slo_ms, default_output, on_deadline}
+    GET  /api/v1/models                            deployed models and versions
+    POST /api/v1/models                            deploy {name, version, input_dtype, input_shape, entry|command, replicas, max_batch, workdir, env, wait}
+    POST /api/v1/links                             link {app, model}
+    POST /api/v1/models/<name>/<version>/replicas  {replicas}
+
+Errors come back as ``{"error": {"code", "name", "message"}}`` with the same
+codes as the msgpack protocol. HTTP parsing is httptools'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httptools
+
+from ..errors import ClipperError, InternalError, InvalidConfigError, RequestError, UnknownApplicationError
+from .registry import Application, ModelVersion
+
+log = logging.getLogger("clipper.admin")
+
+MAX_BODY_BYTES = 1024 * 1024
+_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+def _status_for(exc: ClipperError) -> int:
+    if isinstance(exc, UnknownApplicationError):
+        return 404
+    if isinstance(exc, RequestError):
+        return 400
+    return 500
+
+
+class _HttpConnection(asyncio.Protocol):
+    def __init__(self, server: "AdminServer") -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self._url = b""
+        self._body = []
+        self._size = 0
+        self._too_large = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reply(400, {"error": {"code": 100, "name": "PROTOCOL_ERROR", "message": "upgrade not supported"}},
+                        close=True)
+        except httptools.HttpParserError as exc:
+            self._reply(400, {"error": {"code": 101, "name": "MALFORMED_FRAME", "message": f"bad HTTP: {exc}"}},
+                        close=True)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._body = []
+        self._size = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > MAX_BODY_BYTES:
+            self._too_large = True
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        path = httptools.parse_url(self._url).path.decode()
+        keep = self.parser.should_keep_alive()
+        if self._too_large:
+            return self._reply(413, {"error": {"code": 105, "name": "LIMIT_EXCEEDED",
+                                               "message": f"body exceeds {MAX_BODY_BYTES} bytes"}}, close=True)
+        body = b"".join(self._body)
+        self.server.loop.create_task(self._handle(method, path, body, keep))
+
+    async def _handle(self, method: str, path: str, body: bytes, keep: bool) -> None:
+        try:
+            data = json.loads(body) if body else {}
+            status, payload = await self.server.route(method, path, data)
+        except json.JSONDecodeError as exc:
+            status, payload = 400, _err(InvalidConfigError(f"body is not JSON: {exc}"))
+        except ClipperError as exc:
+            status, payload = _status_for(exc), _err(exc)
+        except Exception as exc:
+            log.exception("admin request failed")
+            status, payload = 500, _err(InternalError(f"{type(exc).__name__}: {exc}"))
+        self._reply(status, payload, close=not keep)
+
+    def _reply(self, status: int, payload, close: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = json.dumps(payload, default=_json_default).encode()
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        if close:
+            self.transport.close()
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (bytes, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _err(exc: ClipperError) -> dict:
+    return {"error": {"code": exc.code, "name": exc.name, "message": exc.message}}
+
+
+class AdminServer:
+    def __init__(self, frontend) -> None:
+        self.frontend = frontend
+        self.loop = asyncio.get_running_loop()
+        self._server = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await self.loop.create_server(lambda: _HttpConnection(self), host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def route(self, method: str, path: str, data) -> tuple[int, object]:
+        fe = self.frontend
+        parts = [p for p in path.split("/") if p]
+        if parts == ["health"]:
+            return 200, {"status": "ok"}
+        if parts[:2] != ["api", "v1"]:
+            return 404, _err(RequestError(f"no route {method} {path}"))
+        rest = parts[2:]
+        if not isinstance(data, dict):
+            raise InvalidConfigError("the request body must be a JSON object")
+        if rest == ["status"] and method == "GET":
+            return 200, fe.status()
+        if rest == ["applications"]:
+            if method == "GET":
+                return 200, [a.to_dict() for a in fe.registry.applications.values()]
+            if method == "POST":
+                app = await fe.register_application(_make(Application, data, "application"))
+                return 201, app.to_dict()
+        if rest == ["models"]:
+            if method == "GET":
+                return 200, fe.status()["models"]
+            if method == "POST":
+                data = dict(data)
+                wait = bool(data.pop("wait", False))
+                mv = await fe.deploy_model(_make(ModelVersion, data, "model"), wait=wait)
+                return 201, mv.to_dict()
+        if rest == ["links"] and method == "POST":
+            try:
+                app, model = data["app"], data["model"]
+            except KeyError:
+                raise InvalidConfigError("a link needs 'app' and 'model'") from None
+            await fe.link(app, model)
+            return 201, {"app": app, "linked_models": fe.registry.linked_models(app)}
+        if len(rest) == 4 and rest[0] == "models" and rest[3] == "replicas" and method == "POST":
+            n = data.get("replicas")
+            await fe.set_replicas(rest[1], rest[2], n)
+            return 200, {"model": f"{rest[1]}:{rest[2]}", "replicas": n}
+        return 404, _err(RequestError(f"no route {method} {path}"))
+
+
+def _make(cls, data, what):
+    from ..frontend import _make as make
+
+    return make(cls, data, what)

@@ -1,0 +1,165 @@
+"""The local-process container manager: model containers as child processes.
+
+It starts each replica with ``python -m clipper.container``, watches it, and
+restarts it with exponential backoff when it exits. Stopping the manager
+stops every child (SIGTERM, then SIGKILL after a grace period); children also
+ask the kernel to kill them if the frontend dies (``--die-with-parent``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .registry import ModelVersion
+
+log = logging.getLogger("clipper.manager")
+
+__all__ = ["LocalProcessManager"]
+
+
+@dataclass
+class _Slot:
+    """One replica position of a model: the process filling it now, and its history."""
+
+    mv: ModelVersion
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    last_start: float = 0.0
+    stopping: bool = False
+    history: list = field(default_factory=list)
+    stderr_tail: list = field(default_factory=list)  # the last lines the container wrote to stderr
+
+
+class LocalProcessManager:
+    def __init__(self, loop, rpc_address: str, on_exit, *, base_dir: Path | None = None,
+                 backoff_ms: tuple[int, int] = (100, 5000)) -> None:
+        self.loop = loop
+        self.rpc_address = rpc_address
+        self._on_exit = on_exit  # (pid, returncode) -> None
+        self.base_dir = Path(base_dir) if base_dir else Path.cwd()
+        self.backoff_ms = backoff_ms
+        self.slots: dict[str, list[_Slot]] = {}
+        self.on_failure = None  # (model key, return code, stderr tail) -> None
+
+    def argv(self, mv: ModelVersion) -> list[str]:
+        if mv.command:
+            return list(mv.command)
+        return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
+                "--frontend", self.rpc_address, "--die-with-parent",
+                "--input-dtype", mv.input_dtype,
+                *(["--input-shape", ",".join(str(d) for d in mv.input_shape)] if mv.input_shape else [])]
+
+    def manages(self, mv: ModelVersion) -> bool:
+        return bool(mv.entry or mv.command)
+
+    async def ensure(self, mv: ModelVersion) -> None:
+        """Run exactly ``mv.replicas`` containers for ``mv``."""
+        if not self.manages(mv):
+            return
+        slots = self.slots.setdefault(mv.key, [])
+        while len(slots) < mv.replicas:
+            slot = _Slot(mv, len(slots))
+            slots.append(slot)
+            slot.task = self.loop.create_task(self._run(slot))
+        while len(slots) > mv.replicas:
+            await self._stop_slot(slots.pop())
+
+    async def remove(self, key: str) -> None:
+        for slot in self.slots.pop(key, []):
+            await self._stop_slot(slot)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.remove(key) for key in list(self.slots)))
+
+    async def _run(self, slot: _Slot) -> None:
+        mv = slot.mv
+        delay_ms = self.backoff_ms[0]
+        env = dict(os.environ)
+        env.update(mv.env)
+        env["CLIPPER_FRONTEND"] = self.rpc_address
+        cwd = Path(mv.workdir) if mv.workdir else self.base_dir
+        while not slot.stopping:
+            slot.last_start = time.monotonic()
+            try:
+                slot.proc = await asyncio.create_subprocess_exec(*self.argv(mv), cwd=str(cwd), env=env,
+                                                                 stderr=asyncio.subprocess.PIPE,
+                                                                 start_new_session=True)
+            except OSError as exc:
+                log.error("cannot start a container for %s: %s", mv.key, exc)
+                slot.proc = None
+                slot.stderr_tail = [f"cannot start: {exc}"]
+                rc = None
+            else:
+                log.info("started container for %s (pid %d)", mv.key, slot.proc.pid)
+                slot.stderr_tail = []
+                await self._pump_stderr(slot, slot.proc)
+                rc = await slot.proc.wait()
+                self._on_exit(slot.proc.pid, rc)
+            slot.last_exit = rc
+            if self.on_failure is not None and rc not in (0, None) and not slot.stopping:
+                self.on_failure(mv.key, rc, "\n".join(slot.stderr_tail[-5:]))
+            slot.history = (slot.history + [rc])[-10:]
+            if slot.stopping:
+                break
+            slot.restarts += 1
+            if time.monotonic() - slot.last_start > 30:
+                delay_ms = self.backoff_ms[0]  # it ran a good while: not a crash loop
+            log.warning("container for %s exited with %s; restarting in %d ms", mv.key, rc, delay_ms)
+            await asyncio.sleep(delay_ms / 1000)
+            delay_ms = min(delay_ms * 2, self.backoff_ms[1])
+
+    async def _pump_stderr(self, slot: _Slot, proc) -> None:
+        """Pass the container's stderr through, prefixed, and keep its tail."""
+        prefix = f"[{slot.mv.key} pid {proc.pid}] ".encode()
+        out = sys.stderr.buffer
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                return
+            slot.stderr_tail = (slot.stderr_tail + [line.decode("utf-8", "replace").rstrip()])[-20:]
+            try:
+                out.write(prefix + line)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+
+    async def _stop_slot(self, slot: _Slot, grace_s: float = 5.0) -> None:
+        slot.stopping = True
+        proc = slot.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except asyncio.TimeoutError:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await proc.wait()
+        if slot.task is not None:
+            slot.task.cancel()
+            try:
+                await slot.task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def pids(self, key: str) -> list[int]:
+        return [s.proc.pid for s in self.slots.get(key, []) if s.proc is not None and s.proc.returncode is None]
+
+    def stats(self) -> dict:
+        return {key: [{"pid": s.proc.pid if s.proc else None, "restarts": s.restarts, "last_exit": s.last_exit,
+                       "stderr_tail": s.stderr_tail[-3:]}
+                      for s in slots] for key, slots in self.slots.items()}

@@ -1,0 +1,251 @@
+"""The embedded registry: applications, models and their versions, links.
+
+Plain data with validation. The :class:`~clipper.frontend.Frontend` applies
+changes to the running query path; this module only decides what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidConfigError, UnknownApplicationError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RULE = "1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+
+# Application input types: numpy dtypes with a fixed shape, or variable-size bytes / str.
+NUMERIC_DTYPES = {
+    name: np.dtype(name).newbyteorder("<") if np.dtype(name).itemsize > 1 else np.dtype(name)
+    for name in ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                 "float16", "float32", "float64")
+}
+OPAQUE_DTYPES = ("bytes", "str")
+INPUT_DTYPES = tuple(NUMERIC_DTYPES) + OPAQUE_DTYPES
+MAX_SLO_MS = 3_600_000.0
+MAX_REPLICAS = 64
+MAX_BATCH = 65_536
+
+
+def check_name(kind: str, value) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidConfigError(f"{kind} {value!r} is not a valid name: {NAME_RULE}")
+    return value
+
+
+def check_dtype(value) -> str:
+    if value not in INPUT_DTYPES:
+        raise InvalidConfigError(f"input dtype {value!r} is not supported; expected one of {list(INPUT_DTYPES)}")
+    return value
+
+
+def check_shape(dtype: str, value) -> tuple[int, ...]:
+    if dtype in OPAQUE_DTYPES:
+        if value not in (None, (), []):
+            raise InvalidConfigError(f"input shape {value!r} given for dtype {dtype!r}; {dtype} inputs have no shape")
+        return ()
+    if value is None:
+        raise InvalidConfigError(f"dtype {dtype!r} needs an input shape, e.g. [784]")
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise InvalidConfigError(f"input shape {value!r} is not a list of positive integers") from None
+    if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2**31 for d in shape):
+        raise InvalidConfigError(f"input shape {value!r} is not a list of at most 32 positive integers")
+    return shape
+
+
+@dataclass
+class Application:
+    """An application: what queries look like and what it promises.
+
+    ``slo_ms`` is the latency objective: at that deadline a query still
+    without an answer gets ``default_output`` (flagged as a default).
+    """
+
+    name: str
+    input_dtype: str
+    input_shape: tuple[int, ...] = ()
+    slo_ms: float = 100.0
+    default_output: object = None
+    on_deadline: str = "default"  # "default": answer default_output; "error": DEADLINE_EXCEEDED
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("application name", self.name)
+        if self.on_deadline not in ("default", "error"):
+            raise InvalidConfigError(f"on_deadline {self.on_deadline!r} is not 'default' or 'error'")
+        check_dtype(self.input_dtype)
+        self.input_shape = check_shape(self.input_dtype, self.input_shape)
+        slo = self.slo_ms
+        if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not (0 < slo <= MAX_SLO_MS) or math.isnan(slo):
+            raise InvalidConfigError(f"slo_ms {slo!r} is not a number in (0, {MAX_SLO_MS:g}]")
+        self.slo_ms = float(slo)
+
+    @property
+    def np_dtype(self) -> np.dtype | None:
+        return NUMERIC_DTYPES.get(self.input_dtype)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "input_dtype": self.input_dtype,
+            "input_shape": list(self.input_shape),
+            "slo_ms": self.slo_ms,
+            "default_output": self.default_output,
+            "on_deadline": self.on_deadline,
+            "description": self.description,
+        }
+
+
+@dataclass
+class ModelVersion:
+    """One deployed version of a model and how to start its containers.
+
+    Give ``entry`` (``module:function`` or ``path/to/file.py:function`` for the
+    container SDK) or ``command`` (a full argv that starts a container), or
+    neither when containers are started by hand or by another manager.
+    """
+
+    name: str
+    version: str
+    input_dtype: str
+    input_shape: tuple[int, ...] = ()
+    entry: str | None = None
+    command: list[str] | None = None
+    replicas: int = 1
+    max_batch: int = 64
+    workdir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name("model name", self.name)
+        self.version = str(self.version)
+        check_name("model version", self.version)
+        check_dtype(self.input_dtype)
+        self.input_shape = check_shape(self.input_dtype, self.input_shape)
+        if self.entry is not None and self.command is not None:
+            raise InvalidConfigError(f"model {self.key}: give entry or command, not both")
+        if self.entry is not None and (not isinstance(self.entry, str) or ":" not in self.entry):
+            raise InvalidConfigError(f"model entry {self.entry!r} is not of the form module:function")
+        if self.command is not None and (
+            not isinstance(self.command, list) or not self.command or not all(isinstance(a, str) for a in self.command)
+        ):
+            raise InvalidConfigError(f"model command {self.command!r} is not a non-empty list of strings")
+        for label, val, hi in (("replicas", self.replicas, MAX_REPLICAS), ("max_batch", self.max_batch, MAX_BATCH)):
+            lo = 0 if label == "replicas" else 1
+            if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
+                raise InvalidConfigError(f"{label} {val!r} for model {self.key} is not an integer in [{lo}, {hi}]")
+        if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise InvalidConfigError(f"env for model {self.key} must map strings to strings")
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "input_dtype": self.input_dtype,
+            "input_shape": list(self.input_shape),
+            "entry": self.entry,
+            "command": self.command,
+            "replicas": self.replicas,
+            "max_batch": self.max_batch,
+            "workdir": self.workdir,
+            "env": dict(self.env),
+        }
+
+
+@dataclass
+class Model:
+    name: str
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    current_version: str | None = None
+
+    @property
+    def current(self) -> ModelVersion | None:
+        return self.versions.get(self.current_version) if self.current_version else None
+
+
+class Registry:
+    """Applications, models (with versions) and the links between them."""
+
+    def __init__(self) -> None:
+        self.applications: dict[str, Application] = {}
+        self.models: dict[str, Model] = {}
+        self.links: dict[str, list[str]] = {}  # application -> model names
+
+    # -- applications
+    def add_application(self, app: Application) -> Application:
+        if app.name in self.applications:
+            raise InvalidConfigError(f"application {app.name!r} is already registered")
+        self.applications[app.name] = app
+        self.links[app.name] = []
+        return app
+
+    def get_application(self, name: str) -> Application:
+        try:
+            return self.applications[name]
+        except KeyError:
+            raise UnknownApplicationError(f"no application named {name!r} is registered") from None
+
+    def remove_application(self, name: str) -> Application:
+        app = self.get_application(name)
+        del self.applications[name]
+        self.links.pop(name, None)
+        return app
+
+    # -- models
+    def add_model_version(self, mv: ModelVersion, make_current: bool = True) -> ModelVersion:
+        model = self.models.setdefault(mv.name, Model(mv.name))
+        if mv.version in model.versions:
+            raise InvalidConfigError(f"model {mv.key} is already deployed")
+        if model.versions:
+            first = next(iter(model.versions.values()))
+            if (first.input_dtype, first.input_shape) != (mv.input_dtype, mv.input_shape):
+                raise InvalidConfigError(
+                    f"model {mv.key} takes {mv.input_dtype}{list(mv.input_shape)}; "
+                    f"its other versions take {first.input_dtype}{list(first.input_shape)}"
+                )
+        model.versions[mv.version] = mv
+        if make_current or model.current_version is None:
+            model.current_version = mv.version
+        return mv
+
+    def get_model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise InvalidConfigError(f"no model named {name!r} is deployed") from None
+
+    def get_model_version(self, name: str, version: str) -> ModelVersion:
+        model = self.get_model(name)
+        try:
+            return model.versions[str(version)]
+        except KeyError:
+            raise InvalidConfigError(
+                f"model {name!r} has no version {version!r}; it has {sorted(model.versions)}"
+            ) from None
+
+    # -- links
+    def link(self, app_name: str, model_name: str) -> None:
+        app = self.get_application(app_name)
+        model = self.get_model(model_name)
+        mv = model.current
+        if mv is not None and (mv.input_dtype, mv.input_shape) != (app.input_dtype, app.input_shape):
+            raise InvalidConfigError(
+                f"model {model_name!r} takes {mv.input_dtype}{list(mv.input_shape)}; application "
+                f"{app_name!r} sends {app.input_dtype}{list(app.input_shape)}"
+            )
+        links = self.links[app_name]
+        if model_name not in links:
+            links.append(model_name)
+
+    def linked_models(self, app_name: str) -> list[str]:
+        self.get_application(app_name)
+        return list(self.links.get(app_name, ()))

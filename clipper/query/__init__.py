@@ -1,0 +1,1 @@
+"""The query processor and model queues."""

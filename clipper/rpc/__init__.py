@@ -1,0 +1,1 @@
+"""Container RPC: ZeroMQ between the frontend and model containers."""

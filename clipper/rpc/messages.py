@@ -1,0 +1,56 @@
+"""Messages between the frontend and model containers (over ZeroMQ).
+
+Each message is a multipart ZeroMQ message. Its first frame is a small msgpack
+array, the header, whose first element is the message type; a batch or an
+output block follows as a frame of its own, so numeric data is never pickled
+or re-encoded: it travels as the raw bytes of one contiguous numpy buffer.
+
+The frontend binds a ROUTER socket; each container connects a DEALER socket,
+so the ROUTER sees one routing identity frame before the header.
+
+Container -> frontend::
+
+    C_HELLO      [1, rpc_version, {"model", "version", "pid", "input_dtype"?, "input_shape"?, "sdk"}]
+    C_HEARTBEAT  [2]
+    C_RESULT     [3, batch_id, count, encoding, meta]  + payload frame
+    C_ERROR      [4, batch_id, code, message]
+    C_BYE        [5]
+
+Frontend -> container::
+
+    F_WELCOME    [1, replica_id, {"heartbeat_interval_ms", "heartbeat_timeout_ms"}]
+    F_BATCH      [2, batch_id, count, encoding, meta]  + payload frame
+    F_HEARTBEAT  [3]
+    F_REJECT     [4, message]          the container must exit
+    F_REHELLO    [5]                   unknown sender: say C_HELLO again
+
+Encodings of a batch or an output block:
+
+* ``"nd"``: ``meta = [typestr, shape]``; the payload is the raw C-order bytes
+  of an array of that dtype and shape (for a batch, ``shape[0] == count``).
+* ``"mp"``: ``meta = None``; the payload is a msgpack array of ``count``
+  items (numpy arrays inside as EXT_NDARRAY).
+"""
+
+RPC_VERSION = 1
+
+C_HELLO = 1
+C_HEARTBEAT = 2
+C_RESULT = 3
+C_ERROR = 4
+C_BYE = 5
+
+F_WELCOME = 1
+F_BATCH = 2
+F_HEARTBEAT = 3
+F_REJECT = 4
+F_REHELLO = 5
+
+ENC_NDARRAY = "nd"
+ENC_MSGPACK = "mp"
+
+# Exit codes of a container process, so a manager can tell why it stopped.
+EXIT_OK = 0
+EXIT_REJECTED = 2  # the frontend refused the handshake
+EXIT_LOAD_FAILED = 3  # the model could not be loaded
+EXIT_FRONTEND_LOST = 4  # the frontend went away and --exit-on-frontend-loss was set

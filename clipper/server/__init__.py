@@ -1,0 +1,1 @@
+"""The query server: the msgpack TCP port (and, later, REST)."""

@@ -1,0 +1,226 @@
+"""The msgpack query port: an ``asyncio.Protocol`` per client connection.
+
+Frames are split by the native :class:`FrameReader`; each frame is decoded
+and dispatched on its own, so a bad frame gets a typed ERROR and fails only
+that request. Replies are gathered per connection and written once per
+event-loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .. import errors as E
+from .._native import framing
+from ..protocol import wire
+
+log = logging.getLogger("clipper.server")
+
+__all__ = ["QueryServer", "QueryConnection"]
+
+_PREDICT = wire.PREDICT
+_RESULT = wire.RESULT
+_ERROR = wire.ERROR
+
+
+class QueryConnection(asyncio.Protocol):
+    """One client connection on the msgpack port."""
+
+    def __init__(self, server: "QueryServer") -> None:
+        self.server = server
+        self.processor = server.processor
+        self.reader = framing.FrameReader(server.limits.max_frame_bytes)
+        self.unpack = server.unpack
+        self.transport = None
+        self.closed = False
+        self.pending = 0
+        self.version = wire.PROTOCOL_VERSION
+        self._out: list = []
+        self._flush_scheduled = False
+        self._reading_paused = False
+        self.max_pending = server.limits.max_pending_per_connection
+
+    # ------------------------------------------------------------ transport
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        srv = self.server
+        if len(srv.connections) >= srv.limits.max_connections:
+            exc = E.LimitExceededError(
+                f"the server has {len(srv.connections)} open connections; max_connections is {srv.limits.max_connections}")
+            transport.write(framing.pack_frame(wire.pack(wire.error(None, exc))))
+            transport.close()
+            self.closed = True
+            return
+        srv.connections.add(self)
+        transport.set_write_buffer_limits(high=srv.limits.max_write_buffer_bytes)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket
+
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests.
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data) -> None:
+        for item in self.reader.feed(data):
+            if type(item) is int:
+                self._write_error(None, E.FrameTooLargeError(
+                    f"frame of {item} bytes exceeds max_frame_bytes={self.server.limits.max_frame_bytes}"))
+            else:
+                self._on_frame(item)
+
+    # ------------------------------------------------------------ requests
+    def _on_frame(self, body) -> None:
+        try:
+            msg = self.unpack(body)
+        except E.ClipperError as exc:
+            return self._write_error(None, exc)
+        if type(msg) is not list or len(msg) < 2 or type(msg[0]) is not int:
+            return self._write_error(None, E.MalformedFrameError(
+                "a message must be a msgpack array [type, id, ...] with an integer type"))
+        req_id = msg[1]
+        if type(req_id) is not int or req_id < 0:
+            return self._write_error(None, E.MalformedFrameError(f"request id {req_id!r} is not an unsigned integer"))
+        kind = msg[0]
+        try:
+            if kind == _PREDICT:
+                if len(msg) < 4 or type(msg[2]) is not str:
+                    raise E.MalformedFrameError("PREDICT is [1, id, app, input, options?] with app a string")
+                if self.pending >= self.max_pending:
+                    raise E.LimitExceededError(
+                        f"{self.pending} requests are pending on this connection; "
+                        f"max_pending_per_connection is {self.max_pending}")
+                self.pending += 1
+                try:
+                    self.processor.predict(self, req_id, msg[2], msg[3])
+                except BaseException:
+                    self.pending -= 1
+                    raise
+            elif kind == wire.PING:
+                self._write(wire.pong(req_id))
+            elif kind == wire.HELLO:
+                self._on_hello(req_id, msg)
+            elif kind == wire.FEEDBACK:
+                self._on_feedback(req_id, msg)
+            else:
+                raise E.UnknownMessageTypeError(
+                    f"message type {kind} is not a request this server knows; expected one of "
+                    f"{sorted(wire.REQUEST_TYPES)}")
+        except E.ClipperError as exc:
+            self._write_error(req_id, exc)
+        except Exception as exc:  # a bug: fail the request, keep the connection
+            log.exception("internal error on request %s", req_id)
+            self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _on_hello(self, req_id: int, msg: list) -> None:
+        opts = msg[2] if len(msg) > 2 and isinstance(msg[2], dict) else {}
+        offered = opts.get("versions", [wire.PROTOCOL_VERSION])
+        if not isinstance(offered, list):
+            raise E.MalformedFrameError("HELLO versions must be an array of integers")
+        common = [v for v in offered if v in wire.SUPPORTED_VERSIONS]
+        if not common:
+            raise E.UnsupportedVersionError(
+                f"client offers protocol versions {offered}; this server speaks {list(wire.SUPPORTED_VERSIONS)}")
+        self.version = max(common)
+        lim = self.server.limits
+        self._write(wire.hello_ok(req_id, self.version, self.server.server_name, {
+            "max_frame_bytes": lim.max_frame_bytes,
+            "max_input_bytes": lim.max_input_bytes,
+            "max_str_len": lim.max_str_len,
+            "max_array_len": lim.max_array_len,
+            "max_map_len": lim.max_map_len,
+            "max_pending_per_connection": lim.max_pending_per_connection,
+        }))
+
+    def _on_feedback(self, req_id: int, msg: list) -> None:
+        if len(msg) < 5 or type(msg[2]) is not str:
+            raise E.MalformedFrameError("FEEDBACK is [2, id, app, input, label, options?] with app a string")
+        route = self.processor.routes.get(msg[2])
+        if route is None:
+            raise E.UnknownApplicationError(f"no application named {msg[2]!r} is registered")
+        route.check_input(msg[3])
+        # The single-model policy (the only one so far) learns nothing from labels.
+        self._write(wire.feedback_ok(req_id))
+
+    # ------------------------------------------------------------ replies
+    def send_result(self, req_id, query_id, output, is_default, extra) -> None:
+        self.pending -= 1
+        if self.closed:
+            return
+        msg = [_RESULT, req_id, query_id, output, is_default] if extra is None else \
+            [_RESULT, req_id, query_id, output, is_default, extra]
+        try:
+            body = wire.pack(msg)
+        except (TypeError, ValueError, OverflowError) as exc:
+            body = wire.pack(wire.error(req_id, E.ModelError(f"the model's output cannot be encoded: {exc}")))
+        self._queue(framing.pack_frame(body))
+
+    def send_error(self, req_id, exc: E.ClipperError) -> None:
+        self.pending -= 1
+        if not self.closed:
+            self._write_error(req_id, exc)
+
+    def _write_error(self, req_id, exc: E.ClipperError) -> None:
+        self._write([_ERROR, req_id, exc.code, exc.name, exc.message])
+
+    def _write(self, msg) -> None:
+        if not self.closed:
+            self._queue(framing.pack_frame(wire.pack(msg)))
+
+    def _queue(self, frame: bytes) -> None:
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.server.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self.closed:
+            out.clear()
+            return
+        self._out = []
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+
+class QueryServer:
+    """Listens on the msgpack query port."""
+
+    def __init__(self, loop, processor, limits, server_name: str) -> None:
+        self.loop = loop
+        self.processor = processor
+        self.limits = limits
+        self.server_name = server_name
+        self.unpack = wire.make_unpacker(limits.decode_limits())
+        self.connections: set[QueryConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await self.loop.create_server(lambda: QueryConnection(self), host, port, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._server.wait_closed()
+            self._server = None
