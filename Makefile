@@ -1,0 +1,19 @@
+.PHONY: quickstart test compile debug bench clean
+
+quickstart:        ## set up and serve the digits example
+	scripts/quickstart.sh
+
+test:              ## set up and run the whole test suite
+	scripts/test.sh
+
+compile:           ## rebuild the Cython modules in place
+	.venv/bin/python setup.py build_ext --inplace
+
+debug:             ## rebuild with bounds checks and assertions (CLIPPER_DEBUG=1)
+	CLIPPER_DEBUG=1 .venv/bin/python setup.py build_ext --inplace --force
+
+bench:             ## end-to-end benchmarks against the echo floor
+	.venv/bin/python -m bench.run --scenario all
+
+clean:
+	rm -rf build clipper/_native/*.c clipper/_native/*.so *.egg-info

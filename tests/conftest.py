@@ -1,0 +1,159 @@
+"""Fixtures that run the real thing: a frontend on port 0 in its own event-loop
+thread, model containers as real child processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from clipper._native import framing
+from clipper.config import FrontendConfig, Limits
+from clipper.frontend import Frontend
+from clipper.management.registry import Application, ModelVersion
+from clipper.protocol import wire
+
+TESTS = Path(__file__).resolve().parent
+
+
+class RunningFrontend:
+    """A :class:`Frontend` on a uvloop loop in a background thread.
+
+    Any exception the loop reports fails the test at teardown.
+    """
+
+    def __init__(self, config: FrontendConfig) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.loop_errors: list = []
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="frontend-loop", daemon=True)
+        self.thread.start()
+        self.fe = Frontend(config, base_dir=TESTS)
+        self.call(self.fe.start())
+
+    def call(self, coro_or_fn, timeout: float = 60.0):
+        """Run a coroutine (or a plain function) on the frontend's loop and return its result."""
+        if asyncio.iscoroutine(coro_or_fn):
+            return asyncio.run_coroutine_threadsafe(coro_or_fn, self.loop).result(timeout)
+
+        async def run():
+            return coro_or_fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.fe.query_port
+
+    def deploy(self, app: str, fn: str, *, dtype="float32", shape=(4,), slo_ms=10_000.0, replicas=1, max_batch=8,
+               default_output=None, on_deadline="default", env=None, version="1", model=None) -> ModelVersion:
+        """Register ``app``, deploy ``tests/model_zoo.py:fn`` as its model, link, wait for the replicas."""
+        model = model or f"{app}-model"
+        self.call(self.fe.register_application(Application(app, dtype, shape, slo_ms=slo_ms,
+                                                           default_output=default_output,
+                                                           on_deadline=on_deadline)))
+        mv = ModelVersion(model, version, dtype, shape, entry=f"model_zoo.py:{fn}", replicas=replicas,
+                          max_batch=max_batch, env=dict(env or {}))
+        self.call(self.fe.deploy_model(mv))
+        self.call(self.fe.link(app, model))
+        if replicas:
+            self.call(self.fe.wait_ready(model, version, timeout_s=60))
+        return mv
+
+    def replica_pids(self, key: str) -> list[int]:
+        return self.call(lambda: [r.pid for r in self.fe.rpc.replicas.values() if r.key == key])
+
+    def close(self) -> None:
+        try:
+            self.call(self.fe.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def make_config(**limits) -> FrontendConfig:
+    cfg = FrontendConfig(query_port=0, admin_port=0, rpc_port=0, heartbeat_interval_ms=200,
+                         heartbeat_timeout_ms=2000, restart_backoff_ms=(50, 500))
+    for k, v in limits.items():
+        if hasattr(cfg, k):
+            setattr(cfg, k, v)
+        else:
+            setattr(cfg.limits, k, v)
+    return cfg
+
+
+@pytest.fixture
+def frontend_factory():
+    made: list[RunningFrontend] = []
+
+    def make(**overrides) -> RunningFrontend:
+        rf = RunningFrontend(make_config(**overrides))
+        made.append(rf)
+        return rf
+
+    yield make
+    for rf in made:
+        rf.close()
+        assert not rf.loop_errors, f"the frontend's event loop reported errors: {rf.loop_errors}"
+
+
+@pytest.fixture
+def frontend(frontend_factory) -> RunningFrontend:
+    return frontend_factory()
+
+
+class WireConn:
+    """A raw protocol connection for tests that need to send exact bytes."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.reader = framing.FrameReader(1 << 26)
+        self.unpack = wire.make_unpacker()
+        self.backlog: list = []
+
+    def send(self, msg) -> None:
+        self.sock.sendall(framing.pack_frame(wire.pack(msg)))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, n: int, timeout: float = 30.0) -> list:
+        """Receive ``n`` messages, in the order they arrive."""
+        deadline = time.monotonic() + timeout
+        out = self.backlog
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"got {len(out)} of {n} replies: {out}")
+            self.sock.settimeout(left)
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError(f"server closed the connection after {len(out)} of {n} replies")
+            out.extend(self.unpack(f) for f in self.reader.feed(data))
+        self.backlog = out[n:]
+        return out[:n]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def wire_conn():
+    conns = []
+
+    def make(port: int) -> WireConn:
+        c = WireConn(port)
+        conns.append(c)
+        return c
+
+    yield make
+    for c in conns:
+        c.close()

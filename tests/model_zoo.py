@@ -1,0 +1,56 @@
+"""Models the end-to-end tests deploy in real container processes."""
+
+import os
+import time
+
+import numpy as np
+
+
+def row_sum(batch):
+    """One float64 per input: the sum of its elements."""
+    return batch.reshape(len(batch), -1).sum(axis=1).astype(np.float64)
+
+
+def sleep_by_input(batch):
+    """Sleep max(x[0]) seconds, then answer x[0] for each input x.
+
+    Writes its pid and the batch to $CLIPPER_TEST_MARK_DIR (if set) when a
+    batch starts, so a test can see which container holds it.
+    """
+    mark = os.environ.get("CLIPPER_TEST_MARK_DIR")
+    if mark:
+        with open(os.path.join(mark, f"{os.getpid()}.start"), "w") as fh:
+            fh.write(",".join(str(float(x[0])) for x in batch))
+    time.sleep(float(batch[:, 0].max()))
+    return batch[:, 0].astype(np.float64)
+
+
+def raise_on_negative(batch):
+    """Raises for a batch holding an input whose first value is negative."""
+    if (batch[:, 0] < 0).any():
+        raise ValueError(f"negative pixel {float(batch[:, 0].min())}")
+    return batch[:, 0].astype(np.float64)
+
+
+def wrong_count(batch):
+    return np.zeros(len(batch) + 1)
+
+
+def reverse_bytes(batch):
+    """For bytes applications: each input reversed."""
+    return [x[::-1] for x in batch]
+
+
+def describe(batch):
+    """Mixed output kinds: a str, a dict with an array."""
+    return [{"n": int(i), "label": f"row-{i}", "vec": np.arange(3, dtype=np.float32)} for i in range(len(batch))]
+
+
+class Scaled:
+    """A class entry with a load step."""
+
+    def load(self):
+        self.factor = float(os.environ.get("CLIPPER_TEST_FACTOR", "2"))
+
+    def predict(self, batch):
+        return batch.reshape(len(batch), -1)[:, 0] * self.factor

@@ -1,0 +1,169 @@
+"""Every bad input gets a typed error; nothing else on the connection or server breaks."""
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from clipper import errors as E
+from clipper._native import framing
+from clipper.protocol import wire
+
+GOOD = np.arange(4, dtype=np.float32)
+
+
+@pytest.fixture
+def served(frontend_factory):
+    fe = frontend_factory(max_frame_bytes=64 * 1024, max_input_bytes=1024, max_pending_per_connection=1000)
+    fe.deploy("sum", "row_sum")
+    fe.deploy("text", "reverse_bytes", dtype="str", shape=(), model="text-model")
+    return fe
+
+
+def _code(msg):
+    assert msg[0] == wire.ERROR, msg
+    return msg[2]
+
+
+@pytest.mark.parametrize("bad_input, code, words", [
+    (np.arange(5, dtype=np.float32), E.ShapeMismatchError.code, "has shape [5]; application 'sum' expects [4]"),
+    (np.arange(4, dtype=np.float64), E.DTypeMismatchError.code, "has dtype float64; application 'sum' expects float32"),
+    (np.arange(4, dtype=np.int64), E.DTypeMismatchError.code, "int64"),
+    ([1, 2, 3], E.ShapeMismatchError.code, "[3]"),
+    ([[1, 2], [3]], E.InvalidInputError.code, "not a regular array"),
+    (["a", "b", "c", "d"], E.DTypeMismatchError.code, "str"),
+    ("a string", E.InvalidInputError.code, "input is a str"),
+    (None, E.InvalidInputError.code, "NoneType"),
+    ({"x": 1}, E.InvalidInputError.code, "dict"),
+])
+def test_bad_inputs(served, wire_conn, bad_input, code, words):
+    c = wire_conn(served.port)
+    c.send(wire.predict(1, "sum", bad_input))
+    c.send(wire.predict(2, "sum", GOOD))  # the next request on the connection is fine
+    out = {m[1]: m for m in c.recv(2)}
+    assert _code(out[1]) == code
+    assert words in out[1][4]
+    assert out[2][0] == wire.RESULT and out[2][3] == 6.0
+
+
+def test_unknown_application(served, wire_conn):
+    c = wire_conn(served.port)
+    c.send(wire.predict(1, "no-such-app", GOOD))
+    msg = c.recv(1)[0]
+    assert _code(msg) == E.UnknownApplicationError.code and "'no-such-app'" in msg[4]
+
+
+def test_oversized_frame_is_skipped_and_the_stream_stays_in_step(served, wire_conn):
+    c = wire_conn(served.port)
+    big = framing.pack_frame(b"\x00" * (64 * 1024 + 1))
+    c.send_raw(big + framing.pack_frame(wire.pack(wire.predict(7, "sum", GOOD))))
+    first, second = c.recv(2)
+    assert first[1] is None and _code(first) == E.FrameTooLargeError.code
+    assert "65537 bytes exceeds max_frame_bytes=65536" in first[4]
+    assert second[1] == 7 and second[3] == 6.0
+
+
+def test_input_too_large(served, wire_conn):
+    c = wire_conn(served.port)
+    c.send(wire.predict(1, "text", "x" * 2000))
+    assert _code(c.recv(1)[0]) == E.InputTooLargeError.code
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"\xc1", E.MalformedFrameError.code),  # never-used msgpack byte
+    (b"\x93\x01", E.MalformedFrameError.code),  # truncated array
+    (msgpack.packb({"t": 1}), E.MalformedFrameError.code),  # not an array
+    (msgpack.packb([1]), E.MalformedFrameError.code),  # no id
+    (msgpack.packb(["predict", 1]), E.MalformedFrameError.code),  # type not int
+    (msgpack.packb([1, -5, "sum", [1]]), E.MalformedFrameError.code),  # negative id
+    (b"\x91" * 2000 + b"\x90", E.LimitExceededError.code),  # nesting too deep
+    (msgpack.packb([1, 1, "sum", msgpack.ExtType(9, b"x")]), E.MalformedFrameError.code),  # unknown ext
+    (msgpack.packb([1, 1, "sum", msgpack.ExtType(1, b"\x03<f4\x01\x00\x00\x00\x04abc")]), E.MalformedFrameError.code),
+    (msgpack.packb([1, 1, "sum", msgpack.ExtType(1, b"\x03>f4\x01\x00\x00\x00\x01abcd")]), E.MalformedFrameError.code),
+])
+def test_malformed_frames(served, wire_conn, raw, code):
+    c = wire_conn(served.port)
+    c.send_raw(framing.pack_frame(raw))
+    c.send(wire.predict(9, "sum", GOOD))
+    bad, good = c.recv(2)
+    assert bad[1] is None and _code(bad) == code
+    assert good[1] == 9 and good[3] == 6.0
+
+
+def test_attributable_errors_carry_the_request_id(served, wire_conn):
+    c = wire_conn(served.port)
+    c.send([1, 5, 42, GOOD])  # app not a string
+    c.send([1, 6])  # too short
+    c.send([50, 7])  # unknown type
+    out = {m[1]: m for m in c.recv(3)}
+    assert _code(out[5]) == E.MalformedFrameError.code
+    assert _code(out[6]) == E.MalformedFrameError.code
+    assert _code(out[7]) == E.UnknownMessageTypeError.code
+
+
+def test_version_negotiation(served, wire_conn):
+    c = wire_conn(served.port)
+    c.send(wire.hello(1, versions=[7, 8]))
+    c.send(wire.hello(2, versions=[1, 7]))
+    bad, ok = c.recv(2)
+    assert _code(bad) == E.UnsupportedVersionError.code and "[7, 8]" in bad[4]
+    assert ok[0] == wire.HELLO_OK and ok[2]["version"] == 1
+    assert ok[2]["limits"]["max_frame_bytes"] == 64 * 1024
+
+
+def test_ping_and_feedback(served, wire_conn):
+    c = wire_conn(served.port)
+    c.send(wire.ping(3))
+    c.send(wire.feedback(4, "sum", GOOD, 1.0))
+    c.send(wire.feedback(5, "nope", GOOD, 1.0))
+    out = {m[1]: m for m in c.recv(3)}
+    assert out[3][0] == wire.PONG and out[4][0] == wire.FEEDBACK_OK
+    assert _code(out[5]) == E.UnknownApplicationError.code
+
+
+def test_garbage_on_one_connection_leaves_others_alone(served, wire_conn):
+    bad = wire_conn(served.port)
+    good = wire_conn(served.port)
+    bad.send_raw(struct.pack(">I", 10) + b"\xc1" * 10 + b"\xff\xff\xff\xff")  # then an absurd length prefix
+    good.send(wire.predict(1, "sum", GOOD))
+    assert good.recv(1)[0][3] == 6.0
+    assert _code(bad.recv(2)[1]) == E.FrameTooLargeError.code
+
+
+def test_max_pending_per_connection(frontend_factory, wire_conn):
+    fe = frontend_factory(max_pending_per_connection=2)
+    fe.deploy("sleepy", "sleep_by_input", max_batch=1)
+    c = wire_conn(fe.port)
+    slow = np.array([0.3, 0, 0, 0], np.float32)
+    for i in range(3):
+        c.send(wire.predict(i, "sleepy", slow))
+    out = {m[1]: m for m in c.recv(3)}
+    assert _code(out[2]) == E.LimitExceededError.code and "max_pending_per_connection is 2" in out[2][4]
+    assert out[0][0] == out[1][0] == wire.RESULT
+
+
+def test_queue_full(frontend_factory, wire_conn):
+    fe = frontend_factory(max_queue_length=2)
+    fe.deploy("sleepy", "sleep_by_input", max_batch=1)
+    c = wire_conn(fe.port)
+    slow = np.array([0.3, 0, 0, 0], np.float32)
+    for i in range(6):
+        c.send(wire.predict(i, "sleepy", slow))
+    out = [m for m in c.recv(6)]
+    codes = [m[2] for m in out if m[0] == wire.ERROR]
+    assert codes and set(codes) == {E.QueueFullError.code}
+    assert sum(1 for m in out if m[0] == wire.RESULT) >= 2
+
+
+def test_max_connections(frontend_factory, wire_conn):
+    fe = frontend_factory(max_connections=1)
+    fe.deploy("sum", "row_sum")
+    first = wire_conn(fe.port)
+    first.send(wire.ping(1))
+    assert first.recv(1)[0][0] == wire.PONG
+    second = wire_conn(fe.port)
+    msg = second.recv(1)[0]
+    assert _code(msg) == E.LimitExceededError.code and "max_connections is 1" in msg[4]
+    first.send(wire.predict(2, "sum", GOOD))
+    assert first.recv(1)[0][3] == 6.0

@@ -1,0 +1,122 @@
+"""Containers that die or hang lose no query: retried elsewhere, or a clear error."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from clipper import errors as E
+from clipper.protocol import wire
+
+
+def _wait_for(pred, timeout=20.0, what="condition"):
+    """Poll a cheap predicate of the system under test until it holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _holder(frontend, key):
+    """The pid of the replica holding a batch of model ``key``, once one does."""
+    return frontend.call(lambda: next((r.pid for r in frontend.fe.rpc.replicas.values()
+                                       if r.key == key and r.batch is not None), None))
+
+
+def test_killed_mid_batch_is_retried_on_another_replica(frontend, wire_conn, tmp_path):
+    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=2, max_batch=4,
+                         env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    c = wire_conn(frontend.port)
+    x = np.array([0.4, 0, 0, 0], np.float32)
+    for i in range(3):
+        c.send(wire.predict(i, "sleepy", x))
+    victim = _wait_for(lambda: _holder(frontend, mv.key), what="a batch in flight")
+    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
+    os.kill(victim, signal.SIGKILL)
+    out = {m[1]: m for m in c.recv(3, timeout=30)}
+    assert all(m[0] == wire.RESULT and m[3] == pytest.approx(0.4) and not m[4] for m in out.values()), out
+
+
+def test_killed_mid_batch_without_retries_fails_with_a_clear_error(frontend_factory, wire_conn):
+    fe = frontend_factory(max_batch_retries=0)
+    mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)
+    c = wire_conn(fe.port)
+    c.send(wire.predict(1, "sleepy", np.array([5.0, 0, 0, 0], np.float32)))
+    victim = _wait_for(lambda: _holder(fe, mv.key), what="a batch in flight")
+    os.kill(victim, signal.SIGKILL)
+    msg = c.recv(1, timeout=10)[0]
+    assert msg[0] == wire.ERROR and msg[2] == E.ContainerFailedError.code
+    assert f"pid {victim}" in msg[4] and "exited" in msg[4]
+
+
+def test_restarted_container_takes_the_retried_batch(frontend, wire_conn, tmp_path):
+    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "sleepy", np.array([0.2, 0, 0, 0], np.float32)))
+    victim = _wait_for(lambda: _holder(frontend, mv.key), what="a batch in flight")
+    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
+    os.kill(victim, signal.SIGKILL)
+    msg = c.recv(1, timeout=30)[0]
+    assert msg[0] == wire.RESULT and msg[3] == pytest.approx(0.2)
+    new = frontend.replica_pids(mv.key)
+    assert new and victim not in new
+
+
+def test_hung_container_is_dropped_after_the_batch_timeout(frontend_factory, wire_conn):
+    fe = frontend_factory(batch_timeout_ms=500, max_batch_retries=0)
+    mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)
+    c = wire_conn(fe.port)
+    c.send(wire.predict(1, "sleepy", np.array([60.0, 0, 0, 0], np.float32)))
+    msg = c.recv(1, timeout=10)[0]
+    assert msg[0] == wire.ERROR and msg[2] == E.ContainerFailedError.code and "held a batch" in msg[4]
+    # the hung process was killed and replaced
+    fe.call(fe.fe.wait_ready(mv.name, mv.version, timeout_s=30))
+    c.send(wire.predict(2, "sleepy", np.array([0.0, 1, 0, 0], np.float32)))
+    assert c.recv(1)[0][3] == 0.0
+
+
+def test_stopped_frontend_leaves_no_container_behind(frontend_factory):
+    fe = frontend_factory()
+    mv = fe.deploy("sum", "row_sum", replicas=2)
+    pids = fe.replica_pids(mv.key)
+    assert len(pids) == 2
+    fe.close()
+    fe.close = lambda: None  # already closed for the fixture
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    _wait_for(lambda: all(gone(p) for p in pids), timeout=10, what="containers to exit")
+
+
+def test_container_that_cannot_load_fails_the_deploy_clearly(frontend):
+    from clipper.management.registry import Application, ModelVersion
+
+    frontend.call(frontend.fe.register_application(Application("x", "float32", (4,))))
+    mv = ModelVersion("broken", "1", "float32", (4,), entry="model_zoo.py:no_such_function")
+    frontend.call(frontend.fe.deploy_model(mv))
+    with pytest.raises(E.NoModelAvailableError, match="has no attribute 'no_such_function'"):
+        frontend.call(frontend.fe.wait_ready("broken", "1", timeout_s=30))
+
+
+def test_container_of_an_unknown_model_is_rejected(frontend):
+    import subprocess
+    import sys
+
+    from clipper.rpc.messages import EXIT_REJECTED
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "ghost", "--version", "1",
+         "--frontend", f"tcp://127.0.0.1:{frontend.fe.rpc_port}"],
+        cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == EXIT_REJECTED
+    assert "model ghost:1 is not deployed" in proc.stderr
