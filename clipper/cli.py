@@ -124,19 +124,24 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    traffic = st["traffic"]
     print(f"clipper {st['version']}  ports: {st['ports']}  client connections: {st['connections']}")
-    print("applications:")
+    print(f"{'application':20s} {'input':16s} {'slo_ms':>7s} {'requests':>9s} {'answered':>9s} {'defaults':>9s} "
+          f"{'errors':>7s}  models")
     for name, a in st["applications"].items():
-        s = st["applications_stats"].get(name, {}) if "applications_stats" in st else {}
-        print(f"  {name:20s} {a['input_dtype']}{a['input_shape']} slo={a['slo_ms']:g}ms "
-              f"models={a['linked_models']} {s}")
-    print("model queues:")
-    for key, q in st.get("models_stats", {}).items():
-        print(f"  {key:20s} {q}")
-    print("replicas:")
+        t = traffic["applications"].get(name, {})
+        print(f"{name:20s} {a['input_dtype'] + str(a['input_shape']):16s} {a['slo_ms']:7g} {t.get('requests', 0):9d} "
+              f"{t.get('answered', 0):9d} {t.get('defaults', 0):9d} {t.get('errors', 0):7d}  "
+              f"{','.join(a['linked_models']) or '-'}")
+    print(f"{'model queue':20s} {'queued':>7s} {'replicas':>8s} {'batches':>9s} {'mean batch':>10s} "
+          f"{'last batch ms':>13s} {'expired':>8s}")
+    for key, q in traffic["models"].items():
+        print(f"{key:20s} {q['queue_length']:7d} {q['replicas']:8d} {q['batches_sent']:9d} "
+              f"{q['mean_batch_size']:10.2f} {q['last_batch_latency_ms']:13.3f} {q['expired_in_queue']:8d}")
+    print(f"{'replica':8s} {'model':20s} {'pid':>8s} {'busy':>5s} {'max_batch':>9s} {'batches':>9s}")
     for r in st["replicas"]:
-        print(f"  #{r['replica_id']:<4} {r['model']:20s} pid={r['pid']} busy={r['busy']} "
-              f"max_batch={r['max_batch']} batches={r['batches_done']}")
+        print(f"#{r['replica_id']:<7d} {r['model']:20s} {r['pid'] or 0:8d} {str(r['busy']):>5s} "
+              f"{r['max_batch'] or 0:9d} {r['batches_done']:9d}")
     return 0
 
 

@@ -213,7 +213,7 @@ class Frontend:
                        for n, m in self.registry.models.items()},
             "replicas": self.rpc.stats(),
             "processes": self.manager.stats(),
-            **self.processor.stats(),
+            "traffic": self.processor.stats(),
         }
 
 

@@ -13,6 +13,10 @@ from ..rpc import messages as m
 from .runtime import ContainerRuntime, LoadError, load_predictor
 
 
+class StopServing(BaseException):
+    """Raised by the SIGTERM/SIGINT handler to leave the serving loop at once."""
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent (the frontend) dies."""
     try:
@@ -56,9 +60,16 @@ def main(argv=None) -> int:
         return m.EXIT_LOAD_FAILED
     rt = ContainerRuntime(predict, args.name, args.version, args.frontend, input_dtype=args.input_dtype,
                           input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss)
-    signal.signal(signal.SIGTERM, lambda *_: rt.stop())
-    signal.signal(signal.SIGINT, lambda *_: rt.stop())
-    return rt.run()
+    def on_signal(signum, frame):
+        rt.stop()
+        raise StopServing  # interrupts the poll; run() says goodbye to the frontend on the way out
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return rt.run()
+    except StopServing:
+        return m.EXIT_OK
 
 
 if __name__ == "__main__":

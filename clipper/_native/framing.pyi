@@ -1,0 +1,23 @@
+"""Stream framing and batch assembly (Cython; pure twin in framing_py.py)."""
+
+class FrameReader:
+    """Split a byte stream of 4-byte big-endian length-prefixed frames.
+
+    ``feed`` returns one item per frame completed by ``data``: the body
+    (``bytes`` or a ``memoryview`` onto ``data``, valid as long as ``data``),
+    or for a frame longer than ``max_frame_bytes`` its declared length as an
+    ``int``; such a body is skipped without being buffered.
+    """
+
+    max_frame_bytes: int
+    def __init__(self, max_frame_bytes: int) -> None: ...
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview | int]: ...
+
+def pack_frame(body: bytes | bytearray | memoryview) -> bytes:
+    """``body`` prefixed with its 4-byte big-endian length (one copy)."""
+
+def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
+    """Copy each input (exactly ``item_nbytes`` bytes each) once into one buffer."""
