@@ -118,7 +118,7 @@ def unattributed_error(msg) -> E.ClipperError:
 
 
 def error_from_reply(msg: list) -> E.ClipperError:
-    if len(msg) != 5 or type(msg[2]) is not int:
+    if len(msg) < 5 or type(msg[2]) is not int:
         return E.MalformedFrameError(f"the server sent a malformed ERROR: {_short(msg)}")
     message = msg[4] if type(msg[4]) is str else repr(msg[4])
     return E.error_for_code(msg[2], message)
@@ -149,11 +149,12 @@ def to_prediction(msg: list) -> Prediction | E.ClipperError:
     err = check_reply(msg, wire.RESULT)
     if err is not None:
         return err
+    # Elements past the ones defined are ignored (room for later versions).
     n = len(msg)
-    if n not in (5, 6) or type(msg[2]) is not int or type(msg[4]) is not bool:
+    if n < 5 or type(msg[2]) is not int or type(msg[4]) is not bool:
         return E.MalformedFrameError(
             f"RESULT is [65, id, query_id, output, is_default, extra?]; got {_short(msg)}")
-    extra = msg[5] if n == 6 else {}
+    extra = msg[5] if n > 5 else {}
     if type(extra) is not dict:
         return E.MalformedFrameError(f"RESULT extra must be a map; got {_short(extra)}")
     explanation = extra.get("explanation")
@@ -194,9 +195,7 @@ def frame_limit_from(info: dict) -> int | None:
 def check_timeout(timeout) -> float | None:
     if timeout is None:
         return None
-    timeout = float(timeout)
-    if not timeout > 0 or math.isinf(timeout):
-        if math.isinf(timeout):
-            return None
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
-    return timeout
+    value = float(timeout)
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return None if math.isinf(value) else value

@@ -1,0 +1,142 @@
+"""Smoke test of the benchmark tools: the load generator against the echo floor.
+
+A behaviour test of bench/ (the tools run, count and report correctly), not a
+performance assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import LoadgenError, LoadSpec, build_templates, run_load
+from clipper.protocol import wire
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def echo_port(tmp_path_factory):
+    ready = tmp_path_factory.mktemp("echo") / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo_server", "--port", "0", "--ready-file", str(ready)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "echo server did not become ready"
+            time.sleep(0.02)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == proc.pid
+        yield info["query_port"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_template_frames_decode_like_any_client():
+    frames, data_offset = build_templates("digits", 3, "float32", (784,), seed=1)
+    assert len({bytes(f) for f in frames}) == 3  # distinct inputs
+    msg = wire.make_unpacker()(frames[0][4:])
+    assert msg[0] == wire.PREDICT and msg[2] == "digits"
+    assert msg[3].dtype.str == "<f4" and msg[3].shape == (784,)
+    assert len(frames[0]) - data_offset == 784 * 4
+
+
+COMMON_FIELDS = {
+    "mode", "throughput_rps", "completed", "sent", "latency_ms", "errors", "errors_total",
+    "defaults", "unfinished", "loadgen_cpu_s", "loadgen_cpu_cores", "window_s", "warnings",
+}
+LATENCY_FIELDS = {"count", "mean", "p50", "p90", "p99", "p99.9", "max"}
+
+
+def _check_common(r: dict) -> None:
+    assert COMMON_FIELDS <= set(r), COMMON_FIELDS - set(r)
+    assert set(r["latency_ms"]) == LATENCY_FIELDS
+    assert r["errors"] == {} and r["errors_total"] == 0
+    assert r["defaults"] == 0 and r["unfinished"] == 0
+    assert r["completed"] > 0 and r["throughput_rps"] > 0
+    lat = r["latency_ms"]
+    assert lat["count"] > 0
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert r["loadgen_cpu_s"] >= 0
+    json.dumps(r)  # the report is plain JSON
+
+
+def test_closed_loop(echo_port):
+    r = run_load(
+        LoadSpec(port=echo_port, mode="closed", workers=2, connections=2, concurrency=8,
+                 duration_s=1.0, warmup_s=0.2, drain_s=1.0)
+    )
+    _check_common(r)
+    assert r["mode"] == "closed" and r["workers"] == 2
+    assert r["in_flight"] == 16
+    # Every request sent in the window was answered (none are left over).
+    assert r["latency_ms"]["count"] == r["sent"]
+
+
+def test_open_loop(echo_port):
+    rate = 2000.0
+    r = run_load(
+        LoadSpec(port=echo_port, mode="open", workers=1, connections=2, rate=rate, arrivals="uniform",
+                 duration_s=1.0, warmup_s=0.2, drain_s=1.0, unique_inputs=True)
+    )
+    _check_common(r)
+    assert r["mode"] == "open"
+    open_fields = {
+        "rate_rps", "offered_rps", "scheduled", "send_lag_ms", "behind", "behind_reason", "skipped",
+    }
+    assert open_fields <= set(r)
+    # The timetable is honoured: about rate * window requests, all answered.
+    assert r["scheduled"] == pytest.approx(rate * r["window_s"], rel=0.05)
+    assert r["sent"] == r["scheduled"] and r["skipped"] == 0
+    assert r["latency_ms"]["count"] == r["sent"]
+    assert r["throughput_rps"] == pytest.approx(rate, rel=0.1)
+
+
+def test_refused_connection_is_a_clear_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LoadgenError, match="cannot connect"):
+        run_load(LoadSpec(port=port, duration_s=0.5, warmup_s=0, connect_timeout_s=2))
+
+
+def test_runner_floor_scenario(tmp_path):
+    out = tmp_path / "floor.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--scenario", "floor", "--duration", "0.5", "--warmup", "0.1",
+         "--drain", "0.5", "--sweep", "2x4", "--idle-s", "0.2", "--quiet", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert proc.stdout.startswith("floor: ")
+    report = json.loads(out.read_text())
+    assert {"config", "machine", "runs", "summary"} <= set(report)
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["python"]
+    floor = report["runs"][0]["scenarios"]["floor"]["floor"]
+    assert "error" not in floor and floor["exit_code"] is not None
+    assert floor["single"]["in_flight"] == 1
+    assert [m["in_flight"] for m in floor["sweep"]] == [8]
+    assert floor["open"]["fraction_of_best"] == 0.5
+    summary = report["summary"]["floor"]["floor"]
+    assert summary["throughput_rps"] > 0 and summary["p50_at_1_ms"] > 0

@@ -1,0 +1,315 @@
+"""Regenerate the wire-protocol test vectors in this directory.
+
+    python tests/vectors/make_vectors.py            # rewrite the .bin files and vectors.json
+    python tests/vectors/make_vectors.py --check    # exit 1 if anything would change
+
+Each vector is one complete frame (the 4-byte big-endian length, then the
+msgpack body) in ``<name>.bin``, described in ``vectors.json``. The output is
+deterministic: the same source gives byte-identical files.
+
+Descriptions are JSON. Two values JSON cannot carry are written as tagged
+objects:
+
+* ``{"$ndarray": {"dtype": "<f4", "shape": [2, 2], "values": [...]}}`` -- an
+  EXT_NDARRAY array; ``values`` lists the elements in C order (flat);
+* ``{"$bin": "89504e47"}`` -- msgpack bin (bytes), as hex.
+
+Every vector gives the message twice: ``message`` is the msgpack array in
+order, ``fields`` names the same values as docs/protocol.md names them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # run from a checkout without installing
+
+from clipper.protocol import wire  # noqa: E402
+
+# Field names of each message type, in wire order after the type code. A
+# trailing "?" marks the optional last field (absent, never nil, when unused).
+FIELDS = {
+    "HELLO": ("id", "info"),
+    "PREDICT": ("id", "app", "input", "options?"),
+    "FEEDBACK": ("id", "app", "input", "label", "options?"),
+    "PING": ("id",),
+    "HELLO_OK": ("id", "info"),
+    "RESULT": ("id", "query_id", "output", "is_default", "extra?"),
+    "FEEDBACK_OK": ("id",),
+    "PONG": ("id",),
+    "ERROR": ("id", "code", "name", "message"),
+}
+TYPE_CODES = {name: getattr(wire, name) for name in FIELDS}
+CLIENT_TO_SERVER = "client->server"
+SERVER_TO_CLIENT = "server->client"
+
+
+def nd(dtype: str, shape: list, values: list) -> dict:
+    return {"$ndarray": {"dtype": dtype, "shape": shape, "values": values}}
+
+
+def binary(hex_text: str) -> dict:
+    return {"$bin": hex_text}
+
+
+# The vectors. Ids and query ids are illustrative; replies use the ids of the
+# requests they would answer.
+VECTORS = [
+    {
+        "name": "hello",
+        "direction": CLIENT_TO_SERVER,
+        "type": "HELLO",
+        "fields": {"id": 0, "info": {"versions": [1], "client": "example-client/1.0"}},
+        "description": "Opens a connection: the client offers protocol version 1.",
+    },
+    {
+        "name": "hello_ok",
+        "direction": SERVER_TO_CLIENT,
+        "type": "HELLO_OK",
+        "fields": {
+            "id": 0,
+            "info": {
+                "version": 1,
+                "server": "clipper/0.1.0",
+                "limits": {
+                    "max_frame_bytes": 16777216,
+                    "max_input_bytes": 4194304,
+                    "max_str_len": 1048576,
+                    "max_array_len": 1048576,
+                    "max_map_len": 4096,
+                    "max_pending_per_connection": 65536,
+                },
+            },
+        },
+        "description": "The server chose version 1 and states its limits (the defaults).",
+    },
+    {
+        "name": "predict_ndarray_f4",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 1, "app": "digits", "input": nd("<f4", [2, 2], [0.0, 0.5, -1.0, 2.25])},
+        "description": "A query whose input is a 2x2 float32 array (EXT_NDARRAY). "
+        "This is the worked example of docs/protocol.md.",
+    },
+    {
+        "name": "predict_list",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 2, "app": "digits", "input": [[0.5, 1], [2, -3.25]]},
+        "description": "A query whose input is a nested msgpack array of numbers; "
+        "ints are accepted where the application takes floats.",
+    },
+    {
+        "name": "predict_bytes",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 3, "app": "images", "input": binary("89504e470d0a1a0a")},
+        "description": "A query for a 'bytes' application: the input is msgpack bin.",
+    },
+    {
+        "name": "predict_str",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 4, "app": "sentiment", "input": "what a fine day"},
+        "description": "A query for a 'str' application: the input is a msgpack str (UTF-8).",
+    },
+    {
+        "name": "predict_options",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 5, "app": "digits", "input": [1, 2, 3], "options": {"user": "alice"}},
+        "description": "A query with the optional options map.",
+    },
+    {
+        "name": "feedback",
+        "direction": CLIENT_TO_SERVER,
+        "type": "FEEDBACK",
+        "fields": {"id": 6, "app": "digits", "input": nd("<f4", [3], [1.0, 0.0, -1.0]), "label": 7},
+        "description": "The true label (7) of an input.",
+    },
+    {
+        "name": "feedback_ok",
+        "direction": SERVER_TO_CLIENT,
+        "type": "FEEDBACK_OK",
+        "fields": {"id": 6},
+        "description": "The server took the feedback of request 6.",
+    },
+    {
+        "name": "ping",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PING",
+        "fields": {"id": 7},
+        "description": "Liveness check.",
+    },
+    {
+        "name": "pong",
+        "direction": SERVER_TO_CLIENT,
+        "type": "PONG",
+        "fields": {"id": 7},
+        "description": "The answer to PING 7.",
+    },
+    {
+        "name": "result_scalar",
+        "direction": SERVER_TO_CLIENT,
+        "type": "RESULT",
+        "fields": {"id": 1, "query_id": 1001, "output": 7, "is_default": False},
+        "description": "The answer to request 1: the integer 7, from a model. "
+        "This is the worked example of docs/protocol.md.",
+    },
+    {
+        "name": "result_float",
+        "direction": SERVER_TO_CLIENT,
+        "type": "RESULT",
+        "fields": {"id": 5, "query_id": 1005, "output": 0.75, "is_default": False},
+        "description": "A float output (encoded as float64).",
+    },
+    {
+        "name": "result_ndarray",
+        "direction": SERVER_TO_CLIENT,
+        "type": "RESULT",
+        "fields": {
+            "id": 2,
+            "query_id": 1002,
+            "output": nd("<f4", [4], [0.0, 0.25, 0.5, 0.25]),
+            "is_default": False,
+        },
+        "description": "An array output (EXT_NDARRAY), e.g. class probabilities.",
+    },
+    {
+        "name": "result_default",
+        "direction": SERVER_TO_CLIENT,
+        "type": "RESULT",
+        "fields": {
+            "id": 3,
+            "query_id": 1003,
+            "output": -1,
+            "is_default": True,
+            "extra": {"explanation": "no model answered within the 20 ms SLO"},
+        },
+        "description": "The SLO deadline passed: the application's default output, with why.",
+    },
+    {
+        "name": "error_with_id",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": 2,
+            "code": 204,
+            "name": "SHAPE_MISMATCH",
+            "message": "input has shape (2, 2); application 'digits' expects (784,)",
+        },
+        "description": "Request 2 failed: a request-level error.",
+    },
+    {
+        "name": "error_nil_id",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": None,
+            "code": 101,
+            "name": "MALFORMED_FRAME",
+            "message": "frame body is not valid msgpack: Unpack failed: incomplete input",
+        },
+        "description": "The server could not tell which request a frame belonged to "
+        "(nil id); the connection stays usable.",
+    },
+]
+
+
+# ------------------------------------------------------------------ conversion
+def from_json(value):
+    """The Python value (as the reference codec takes it) of a JSON description."""
+    if isinstance(value, dict):
+        if set(value) == {"$ndarray"}:
+            spec = value["$ndarray"]
+            arr = np.array(spec["values"], dtype=np.dtype(spec["dtype"]))
+            return arr.reshape(spec["shape"])
+        if set(value) == {"$bin"}:
+            return bytes.fromhex(value["$bin"])
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
+def message_json(vector: dict) -> list:
+    """The message array (tagged JSON) of a vector, built from its fields."""
+    msg = [TYPE_CODES[vector["type"]]]
+    fields = vector["fields"]
+    for name in FIELDS[vector["type"]]:
+        optional = name.endswith("?")
+        name = name.rstrip("?")
+        if name in fields:
+            msg.append(fields[name])
+        elif not optional:
+            raise KeyError(f"vector {vector['name']!r} lacks field {name!r}")
+    unknown = set(fields) - {n.rstrip("?") for n in FIELDS[vector["type"]]}
+    if unknown:
+        raise KeyError(f"vector {vector['name']!r} has unknown fields {sorted(unknown)}")
+    return msg
+
+
+def encode(vector: dict) -> bytes:
+    """The complete frame of a vector, as the reference codec writes it."""
+    return wire.frame(wire.pack(from_json(message_json(vector))))
+
+
+def render() -> dict[str, bytes]:
+    """Every file this script writes: name -> content."""
+    files = {}
+    entries = []
+    for vector in VECTORS:
+        data = encode(vector)
+        file = f"{vector['name']}.bin"
+        files[file] = data
+        entries.append({
+            "name": vector["name"],
+            "file": file,
+            "direction": vector["direction"],
+            "type": vector["type"],
+            "type_code": TYPE_CODES[vector["type"]],
+            "description": vector["description"],
+            "fields": vector["fields"],
+            "message": message_json(vector),
+            "hex": data.hex(),
+        })
+    doc = {
+        "protocol_version": wire.PROTOCOL_VERSION,
+        "format": "each .bin file is one complete frame: 4-byte big-endian body length, then the "
+        "msgpack body. '$ndarray' = EXT_NDARRAY (values flat, C order); '$bin' = msgpack bin "
+        "as hex. The bytes are the reference encoder's (shortest int and length forms, floats "
+        "as float64, map keys in the order listed); a decoder must accept any valid msgpack "
+        "form of the same message.",
+        "field_order": {name: list(order) for name, order in FIELDS.items()},
+        "vectors": entries,
+    }
+    files["vectors.json"] = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, content in render().items():
+        path = HERE / name
+        if args.check:
+            if not path.exists() or path.read_bytes() != content:
+                stale.append(name)
+        else:
+            path.write_bytes(content)
+    if stale:
+        print("stale test vectors: " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
