@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("CLIPPER_DEBUG", "") not in ("", "0")
 
-NATIVE_MODULES = ["framing"]
+NATIVE_MODULES = ["_framing"]
 
 compile_args = ["-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 if DEBUG:

@@ -4,9 +4,7 @@ thread, model containers as real child processes, real sockets."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 import uvloop
 
 from clipper._native import framing
-from clipper.config import FrontendConfig, Limits
+from clipper.config import FrontendConfig
 from clipper.frontend import Frontend
 from clipper.management.registry import Application, ModelVersion
 from clipper.protocol import wire

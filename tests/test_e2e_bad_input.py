@@ -30,8 +30,8 @@ def _code(msg):
     (np.arange(5, dtype=np.float32), E.ShapeMismatchError.code, "has shape [5]; application 'sum' expects [4]"),
     (np.arange(4, dtype=np.float64), E.DTypeMismatchError.code, "has dtype float64; application 'sum' expects float32"),
     (np.arange(4, dtype=np.int64), E.DTypeMismatchError.code, "int64"),
-    ([1, 2, 3], E.ShapeMismatchError.code, "[3]"),
-    ([[1, 2], [3]], E.InvalidInputError.code, "not a regular array"),
+    ([1, 2, 3], E.ShapeMismatchError.code, "list input has 3 elements in its first dimension"),
+    ([[1, 2], [3], 4, 5], E.InvalidInputError.code, "not a regular array"),
     (["a", "b", "c", "d"], E.DTypeMismatchError.code, "str"),
     ("a string", E.InvalidInputError.code, "input is a str"),
     (None, E.InvalidInputError.code, "NoneType"),
@@ -68,6 +68,19 @@ def test_input_too_large(served, wire_conn):
     c = wire_conn(served.port)
     c.send(wire.predict(1, "text", "x" * 2000))
     assert _code(c.recv(1)[0]) == E.InputTooLargeError.code
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["ndarray", "list"])
+def test_array_input_over_max_input_bytes(served, wire_conn, as_list):
+    # 512 float32 = 2048 bytes > max_input_bytes=1024, whether it travels as an
+    # ndarray or as a list of numbers; refused before any model sees it.
+    served.deploy("wide", "row_sum", shape=(512,), replicas=0)
+    x = np.zeros(512, dtype=np.float32)
+    c = wire_conn(served.port)
+    c.send(wire.predict(1, "wide", x.tolist() if as_list else x))
+    msg = c.recv(1)[0]
+    assert _code(msg) == E.InputTooLargeError.code
+    assert "2048 bytes" in msg[4] and "max_input_bytes=1024" in msg[4]
 
 
 @pytest.mark.parametrize("raw, code", [

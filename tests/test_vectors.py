@@ -11,24 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import clipper._native
 import clipper._native.framing_py as framing_py
 from clipper.config import Limits
 from clipper.errors import error_for_code
 from clipper.protocol import wire
 
 
-
-def _import_native_framing():
-    # Importing the submodule rebinds ``clipper._native.framing``, the switch's
-    # choice (which is framing_py under CLIPPER_NO_EXTENSIONS=1); put it back.
-    chosen = clipper._native.framing
-    module = importlib.import_module("clipper._native.framing")
-    clipper._native.framing = chosen
-    return module
-
-
-framing_native = _import_native_framing()
+framing_native = importlib.import_module("clipper._native._framing")
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 DOC = json.loads((VECTORS_DIR / "vectors.json").read_text())
 VECTORS = DOC["vectors"]

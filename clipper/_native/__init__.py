@@ -2,7 +2,8 @@
 
 Set ``CLIPPER_NO_EXTENSIONS=1`` to load the pure-Python twins instead (for
 debugging, and so the tests can run both). This module is the only place that
-decides.
+decides: the compiled modules carry a leading underscore (``_framing``),
+so ``clipper._native.framing`` is always the chosen implementation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ if NO_EXTENSIONS:
     from . import framing_py as framing
 else:
     try:
-        from . import framing  # type: ignore[no-redef]
+        from . import _framing as framing  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - a broken install
         raise ImportError(
             "clipper's native modules are not built; run `pip install -e .` "

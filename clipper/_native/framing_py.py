@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``clipper._native.framing`` (same API, same behaviour).
+"""Pure-Python twin of ``clipper._native._framing`` (same API, same behaviour).
 
 Loaded instead of the Cython module when ``CLIPPER_NO_EXTENSIONS=1``; the
 tests run both.

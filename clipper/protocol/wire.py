@@ -19,6 +19,7 @@ element is copied.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import msgpack
@@ -99,6 +100,9 @@ ALLOWED_DTYPES = {
     "<f8": np.dtype("<f8"),
 }
 _TYPESTR = {dt: ts.encode() for ts, dt in ALLOWED_DTYPES.items()}
+# numpy refuses shapes whose byte span (zero dims counted as 1) overflows intp,
+# even for zero-size arrays; such a shape is refused as a limit.
+_MAX_SPAN = np.iinfo(np.intp).max
 _DIM = struct.Struct(">I")
 _FRAME_HEADER = struct.Struct(">I")
 
@@ -108,7 +112,8 @@ class DecodeLimits:
     """Limits applied when decoding untrusted msgpack (all configurable).
 
     ``max_frame_bytes`` bounds a whole frame; the others bound what one frame
-    may unpack into. msgpack itself refuses nesting deeper than 1023 levels.
+    may unpack into. Nesting is bounded by msgpack itself: 1024 arrays/maps deep
+    (the message array included) decode, 1025 do not.
     """
 
     max_frame_bytes: int = 16 * 1024 * 1024
@@ -166,8 +171,13 @@ def decode_ndarray(data: bytes) -> np.ndarray:
         raise MalformedFrameError("ndarray extension is truncated inside its shape")
     shape = struct.unpack_from(f">{ndim}I", data, pos)
     count = 1
+    span = dtype.itemsize  # bytes the array would span with its zero dims as 1
     for d in shape:
         count *= d
+        span *= d or 1
+    if span > _MAX_SPAN:
+        raise LimitExceededError(
+            f"ndarray shape {tuple(shape)} of dtype {dtype} is too large to represent")
     if (n - end) != count * dtype.itemsize:
         raise MalformedFrameError(
             f"ndarray of shape {tuple(shape)} and dtype {dtype} needs "
@@ -190,12 +200,24 @@ def _default(obj):
     raise TypeError(f"cannot encode object of type {type(obj).__name__} on the wire")
 
 
-_packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+_local = threading.local()
+
+
+def _new_packer() -> msgpack.Packer:
+    packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+    return packer
 
 
 def pack(obj) -> bytes:
-    """msgpack-encode one message body (numpy arrays become EXT_NDARRAY)."""
-    return _packer.pack(obj)
+    """msgpack-encode one message body (numpy arrays become EXT_NDARRAY).
+
+    Safe to call from several threads: each thread packs with its own Packer.
+    """
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _new_packer()
+    return packer.pack(obj)
 
 
 def frame(body: bytes) -> bytes:
@@ -227,7 +249,7 @@ def make_unpacker(limits: DecodeLimits = DecodeLimits()):
         except ClipperError:
             raise
         except msgpack.StackError:
-            raise LimitExceededError("message nesting is deeper than 1023 levels") from None
+            raise LimitExceededError("message nests arrays/maps more than 1024 levels deep") from None
         except ValueError as exc:
             text = str(exc)
             if "exceeds max" in text:

@@ -90,6 +90,17 @@ class AppRoute:
 
     def _convert_list(self, x: list) -> np.ndarray:
         dt = self.np_dtype
+        shape = self.shape
+        if not shape or len(x) != shape[0]:
+            raise ShapeMismatchError(
+                f"list input has {len(x)} elements in its first dimension; application "
+                f"{self.name!r} expects shape {list(shape)}")
+        nbytes = dt.itemsize
+        for d in shape:
+            nbytes *= d
+        if nbytes > self.max_input_bytes:
+            raise InputTooLargeError(
+                f"input of {nbytes} bytes (as {dt.name}) exceeds max_input_bytes={self.max_input_bytes}")
         try:
             arr = np.array(x)
         except (ValueError, TypeError, OverflowError) as exc:

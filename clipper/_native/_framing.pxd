@@ -1,4 +1,4 @@
-# Header of clipper._native.framing: the stream splitter of the msgpack port
+# Header of clipper._native._framing: the stream splitter of the msgpack port
 # and the batch assembler. Pure-Python twin: framing_py.py.
 
 cdef enum ReaderState:

@@ -75,7 +75,7 @@ cdef class FrameReader:
                             break
                         length = _read_be32(<const uint8_t*>PyByteArray_AS_STRING(self._buf))
                         del self._buf[:]
-                    if length > <uint32_t>self.max_frame_bytes:
+                    if <Py_ssize_t>length > self.max_frame_bytes:
                         out.append(<Py_ssize_t>length)
                         self._set_state(SKIP_BODY, length)
                     elif length == 0:
