@@ -80,6 +80,19 @@ def test_hung_container_is_dropped_after_the_batch_timeout(frontend_factory, wir
     assert c.recv(1)[0][3] == 0.0
 
 
+def test_long_predict_keeps_its_container_alive(frontend_factory, wire_conn):
+    # predict runs inline on the container's main thread; its heartbeat thread
+    # must keep the frontend from taking a 1.2 s predict for a silent container.
+    fe = frontend_factory(heartbeat_interval_ms=100, heartbeat_timeout_ms=400, max_batch_retries=0)
+    mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)
+    before = fe.replica_pids(mv.key)
+    c = wire_conn(fe.port)
+    c.send(wire.predict(1, "sleepy", np.array([1.2, 0, 0, 0], np.float32)))
+    msg = c.recv(1, timeout=10)[0]
+    assert msg[0] == wire.RESULT and msg[3] == pytest.approx(1.2)
+    assert fe.replica_pids(mv.key) == before
+
+
 def test_stopped_frontend_leaves_no_container_behind(frontend_factory):
     fe = frontend_factory()
     mv = fe.deploy("sum", "row_sum", replicas=2)

@@ -5,10 +5,11 @@ A model author writes ``predict(batch) -> outputs`` (or a class with
 
     python -m clipper.container mymodule:predict --name digits --version 1
 
-The main thread owns the ZeroMQ socket: it answers heartbeats, hands batches
-to a worker thread that calls ``predict``, and forwards results. So a long
-``predict`` never silences the heartbeat, and a container that stops
-heartbeating is really stuck or gone.
+The main thread owns the ZeroMQ socket and runs each batch through
+``predict`` inline (no thread hand-off on the hot path). A second thread
+sends heartbeats while a long ``predict`` runs, so a container that stops
+heartbeating is really gone; a ``predict`` that never returns is caught by the
+frontend's batch timeout.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import importlib.util
 import inspect
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,35 +155,53 @@ class ContainerRuntime:
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 5.0
         self.ctx = zmq.Context.instance()
-        self._work: queue.Queue = queue.Queue()
-        self._wake_addr = f"inproc://clipper-worker-{uuid.uuid4().hex}"
+        self._sock = None
+        self._sock_lock = threading.Lock()
+        self._busy = False
+        self._holding = False
+        self._beater_thread = None
         self._stop = threading.Event()
         self.replica_id = None
         self.batches_done = 0
 
-    # ---------------------------------------------------------------- worker
-    def _worker(self) -> None:
-        out = self.ctx.socket(zmq.PAIR)
-        out.connect(self._wake_addr)
+    # ---------------------------------------------------------------- batches
+    def _run_batch(self, header: list, frames) -> list:
+        """Run one batch through ``predict``; return the reply frames."""
+        _, batch_id, count, encoding, meta = header
         try:
-            while True:
-                item = self._work.get()
-                if item is None:
-                    return
-                batch_id, count, encoding, meta, frame = item
-                try:
-                    batch = decode_batch(count, encoding, meta, frame.buffer if hasattr(frame, "buffer") else frame)
-                    outputs = self.predict(batch)
-                    msg = encode_outputs(batch_id, outputs, count)
-                except ModelError as exc:
-                    msg = [msgpack.packb([m.C_ERROR, batch_id, exc.code, exc.message])]
-                except Exception as exc:
-                    text = f"{type(exc).__name__}: {exc}"
-                    log.warning("predict raised on batch %d: %s", batch_id, text)
-                    msg = [msgpack.packb([m.C_ERROR, batch_id, ModelError.code, text])]
-                out.send_multipart(msg, copy=False)
-        finally:
-            out.close(linger=0)
+            frame = frames[1]
+            batch = decode_batch(count, encoding, meta, frame.buffer if hasattr(frame, "buffer") else frame)
+            self._busy = True  # the beater may use the socket until _busy is False again
+            try:
+                outputs = self.predict(batch)
+            finally:
+                self._busy = False
+            return encode_outputs(batch_id, outputs, count)
+        except ModelError as exc:
+            return [msgpack.packb([m.C_ERROR, batch_id, exc.code, exc.message])]
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            log.warning("predict raised on batch %d: %s", batch_id, text)
+            return [msgpack.packb([m.C_ERROR, batch_id, ModelError.code, text])]
+
+    def _beater(self) -> None:
+        """Heartbeats while ``predict`` runs (the main thread beats when idle).
+
+        The main thread holds ``_sock_lock`` whenever it touches the socket and
+        sets ``_busy`` only around ``predict``, when it does not; so this thread
+        uses the socket only while the main thread provably does not (the lock
+        is the memory barrier ZeroMQ asks for when a socket changes threads).
+        """
+        beat = msgpack.packb([m.C_HEARTBEAT])
+        while not self._stop.wait(self.heartbeat_interval):
+            if not self._busy:
+                continue
+            with self._sock_lock:
+                if self._busy and self._sock is not None:
+                    try:
+                        self._sock.send(beat, zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
 
     # ----------------------------------------------------------------- main
     def _connect(self):
@@ -199,85 +216,91 @@ class ContainerRuntime:
         sock.send(msgpack.packb([m.C_HELLO, m.RPC_VERSION, info]))
         return sock
 
+    def _reconnect(self) -> None:
+        self._sock.close(linger=0)
+        self._sock = self._connect()
+
     def run(self) -> int:
-        """Serve until stopped, rejected, or (optionally) the frontend is lost. Returns an exit code."""
-        wake = self.ctx.socket(zmq.PAIR)
-        wake.bind(self._wake_addr)
-        worker = threading.Thread(target=self._worker, name="clipper-predict", daemon=True)
-        worker.start()
-        sock = self._connect()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
+        """Serve until stopped, rejected, or (optionally) the frontend is lost. Returns an exit code.
+
+        Batches run inline on this thread, between socket operations: no
+        hand-off to another thread on the hot path. A daemon thread keeps the
+        heartbeat going while a long ``predict`` runs.
+        """
+        self._sock_lock.acquire()
+        self._holding = True
+        try:
+            self._sock = self._connect()
+            return self._serve()
+        finally:
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                try:
+                    sock.send(msgpack.packb([m.C_BYE]), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                sock.close(linger=100)
+            self._stop.set()
+            if self._holding:
+                self._holding = False
+                self._sock_lock.release()
+
+    def _serve(self) -> int:
+        # Runs with _sock_lock held, letting go of it only around a batch.
+        lock = self._sock_lock
         last_heard = time.monotonic()
         next_beat = last_heard + self.heartbeat_interval
-        code = m.EXIT_OK
-        try:
-            while not self._stop.is_set():
+        while not self._stop.is_set():
+            sock = self._sock
+            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
+            if sock.poll(timeout_ms, zmq.POLLIN):
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                header = msgpack.unpackb(frames[0].bytes)
+                kind = header[0]
+                if kind == m.F_BATCH:
+                    self._holding = False
+                    lock.release()
+                    try:
+                        reply = self._run_batch(header, frames)
+                    finally:
+                        lock.acquire()
+                        self._holding = True
+                    sock.send_multipart(reply, copy=False)
+                    self.batches_done += 1
+                elif kind == m.F_WELCOME:
+                    self.replica_id = header[1]
+                    opts = header[2]
+                    self.heartbeat_interval = opts.get("heartbeat_interval_ms", 1000) / 1000
+                    self.heartbeat_timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
+                    log.info("connected to %s as replica %s", self.frontend, self.replica_id)
+                    if self._beater_thread is None:  # beats at the interval the frontend asked for
+                        self._beater_thread = threading.Thread(
+                            target=self._beater, name="clipper-heartbeat", daemon=True)
+                        self._beater_thread.start()
+                elif kind == m.F_REJECT:
+                    print(f"clipper container {self.name}:{self.version}: frontend rejected it: {header[1]}",
+                          file=sys.stderr, flush=True)
+                    return m.EXIT_REJECTED
+                elif kind == m.F_REHELLO:
+                    self._reconnect()
+                # F_HEARTBEAT: hearing anything is all that counts.
+                now = last_heard = time.monotonic()
+                if now < next_beat:
+                    continue
+            else:
                 now = time.monotonic()
-                timeout_ms = max(0, int((next_beat - now) * 1000)) + 1
-                events = dict(poller.poll(timeout_ms))
-                now = time.monotonic()
-                if wake in events:
-                    while True:
-                        try:
-                            frames = wake.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        sock.send_multipart(frames, copy=False)
-                        self.batches_done += 1
-                if sock in events:
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        last_heard = now
-                        header = msgpack.unpackb(frames[0].bytes)
-                        kind = header[0]
-                        if kind == m.F_BATCH:
-                            _, batch_id, count, encoding, meta = header
-                            self._work.put((batch_id, count, encoding, meta, frames[1]))
-                        elif kind == m.F_WELCOME:
-                            self.replica_id = header[1]
-                            opts = header[2]
-                            self.heartbeat_interval = opts.get("heartbeat_interval_ms", 1000) / 1000
-                            self.heartbeat_timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
-                            log.info("connected to %s as replica %s", self.frontend, self.replica_id)
-                        elif kind == m.F_REJECT:
-                            print(f"clipper container {self.name}:{self.version}: frontend rejected it: {header[1]}",
-                                  file=sys.stderr, flush=True)
-                            return m.EXIT_REJECTED
-                        elif kind == m.F_REHELLO:
-                            poller.unregister(sock)
-                            sock.close(linger=0)
-                            sock = self._connect()
-                            poller.register(sock, zmq.POLLIN)
-                        # F_HEARTBEAT: last_heard is all it updates.
-                if now >= next_beat:
-                    sock.send(msgpack.packb([m.C_HEARTBEAT]))
-                    next_beat = now + self.heartbeat_interval
-                if now - last_heard > self.heartbeat_timeout:
-                    if self.exit_on_frontend_loss:
-                        print(f"clipper container {self.name}:{self.version}: frontend silent; exiting",
-                              file=sys.stderr, flush=True)
-                        return m.EXIT_FRONTEND_LOST
-                    log.warning("frontend silent for %.1f s; reconnecting", now - last_heard)
-                    poller.unregister(sock)
-                    sock.close(linger=0)
-                    sock = self._connect()
-                    poller.register(sock, zmq.POLLIN)
-                    last_heard = now
-        finally:
-            try:
-                sock.send(msgpack.packb([m.C_BYE]), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            self._work.put(None)
-            worker.join(timeout=1.0)
-            sock.close(linger=100)
-            wake.close(linger=0)
-        return code
+            if now >= next_beat:
+                self._sock.send(msgpack.packb([m.C_HEARTBEAT]))
+                next_beat = now + self.heartbeat_interval
+            if now - last_heard > self.heartbeat_timeout:
+                if self.exit_on_frontend_loss:
+                    print(f"clipper container {self.name}:{self.version}: frontend silent; exiting",
+                          file=sys.stderr, flush=True)
+                    return m.EXIT_FRONTEND_LOST
+                log.warning("frontend silent for %.1f s; reconnecting", now - last_heard)
+                self._reconnect()
+                last_heard = now
+        return m.EXIT_OK
 
     def stop(self) -> None:
         self._stop.set()
