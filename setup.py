@@ -4,6 +4,7 @@
 """
 
 import os
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
@@ -11,7 +12,8 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("CLIPPER_DEBUG", "") not in ("", "0")
 
-NATIVE_MODULES = ["_framing"]
+# Every clipper/_native/_NAME.pyx is a compiled module; its pure-Python twin is NAME_py.py.
+NATIVE_MODULES = sorted(p.stem for p in (Path(__file__).parent / "clipper" / "_native").glob("_*.pyx"))
 
 compile_args = ["-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 if DEBUG:
