@@ -78,14 +78,16 @@ def _admin(args):
 
 def cmd_register_app(args) -> int:
     out = _admin(args).register_application(args.name, args.input_dtype, args.input_shape, args.slo_ms,
-                                            json.loads(args.default_output), args.on_deadline)
+                                            json.loads(args.default_output), args.on_deadline,
+                                            cache=not args.no_cache)
     print(json.dumps(out))
     return 0
 
 
 def cmd_deploy(args) -> int:
     out = _admin(args).deploy_model(args.name, args.version, args.input_dtype, args.input_shape, entry=args.entry,
-                                    replicas=args.replicas, max_batch=args.max_batch,
+                                    replicas=args.replicas, max_batch=args.max_batch, batching=args.batching,
+                                    batch_delay_ms=args.batch_delay_ms, latency_budget_ms=args.latency_budget_ms,
                                     workdir=os.path.abspath(args.workdir), wait=not args.no_wait)
     print(json.dumps(out))
     return 0
@@ -133,11 +135,18 @@ def cmd_status(args) -> int:
         print(f"{name:20s} {a['input_dtype'] + str(a['input_shape']):16s} {a['slo_ms']:7g} {t.get('requests', 0):9d} "
               f"{t.get('answered', 0):9d} {t.get('defaults', 0):9d} {t.get('errors', 0):7d}  "
               f"{','.join(a['linked_models']) or '-'}")
-    print(f"{'model queue':20s} {'queued':>7s} {'replicas':>8s} {'batches':>9s} {'mean batch':>10s} "
-          f"{'last batch ms':>13s} {'expired':>8s}")
+    print(f"{'model queue':20s} {'queued':>7s} {'replicas':>8s} {'batching':>8s} {'sizes':>10s} {'batches':>9s} "
+          f"{'mean batch':>10s} {'wait ms':>8s} {'last batch ms':>13s} {'expired':>8s}")
     for key, q in traffic["models"].items():
-        print(f"{key:20s} {q['queue_length']:7d} {q['replicas']:8d} {q['batches_sent']:9d} "
-              f"{q['mean_batch_size']:10.2f} {q['last_batch_latency_ms']:13.3f} {q['expired_in_queue']:8d}")
+        sizes = ",".join(str(n) for n in q["batch_sizes"]) or "-"
+        print(f"{key:20s} {q['queue_length']:7d} {q['replicas']:8d} {q['batching']:>8s} {sizes:>10s} "
+              f"{q['batches_sent']:9d} {q['mean_batch_size']:10.2f} {q['mean_queue_wait_ms']:8.3f} "
+              f"{q['last_batch_latency_ms']:13.3f} {q['expired_in_queue']:8d}")
+    c = traffic.get("cache")
+    if c:
+        print(f"cache: {c['entries']} entries, {c['used_bytes']} of {c['budget_bytes']} bytes, "
+              f"hit ratio {c['hit_ratio']:.3f} ({c['hits']} hits, {c['misses']} misses, {c['joins']} joins, "
+              f"{c['evictions']} evictions)")
     print(f"{'replica':8s} {'model':20s} {'pid':>8s} {'busy':>5s} {'max_batch':>9s} {'batches':>9s}")
     for r in st["replicas"]:
         print(f"#{r['replica_id']:<7d} {r['model']:20s} {r['pid'] or 0:8d} {str(r['busy']):>5s} "
@@ -170,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-ms", type=float, default=100.0)
     s.add_argument("--default-output", default="null", help="JSON value answered at the deadline")
     s.add_argument("--on-deadline", choices=("default", "error"), default="default")
+    s.add_argument("--no-cache", action="store_true", help="never cache this application's predictions")
     admin_opts(s)
     s.set_defaults(func=cmd_register_app)
 
@@ -180,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-dtype", required=True)
     s.add_argument("--input-shape", type=_shape, default=[])
     s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--max-batch", type=int, default=256, help="the largest batch a replica takes")
+    s.add_argument("--batching", choices=("aimd", "quantile", "fixed"), default="aimd",
+                   help="how each replica's batch size is tuned (fixed: always --max-batch)")
+    s.add_argument("--batch-delay-ms", type=float, default=0.0, help="delayed batching timeout (0: off)")
+    s.add_argument("--latency-budget-ms", type=float, default=None,
+                   help="batch latency budget (default: a fraction of the linked applications' SLO)")
     s.add_argument("--workdir", default=".", help="where the container runs (default: here)")
     s.add_argument("--no-wait", action="store_true", help="return before the containers connect")
     admin_opts(s)

@@ -36,6 +36,14 @@ class Limits:
     max_write_buffer_bytes: int = 64 * 1024 * 1024  # unsent replies before reading pauses
     max_queue_length: int = 100_000  # queries waiting in one model's queue
     max_batch_retries: int = 1  # times a batch lost with its container is sent again
+    cache_bytes: int = 32 * 1024 * 1024  # memory budget of the prediction cache (keys, outputs, overhead)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lo = 0 if f.name == "max_batch_retries" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise InvalidConfigError(f"limit {f.name} = {value!r} is not an integer >= {lo}")
 
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(
@@ -66,6 +74,16 @@ class FrontendConfig:
     batch_timeout_ms: int = 30_000  # a batch held longer marks its container hung
     container_start_timeout_ms: int = 60_000
     restart_backoff_ms: tuple[int, int] = (100, 5000)  # first and longest restart delay
+    # A model's batch latency budget, when its deployment gives none: this
+    # fraction of the smallest SLO among the applications it serves. A query
+    # may wait for the batch in flight and then ride the next one, so half the
+    # SLO keeps the worst case within it.
+    batch_budget_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        frac = self.batch_budget_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -47,12 +47,13 @@ class Frontend:
         self._lock = asyncio.Lock()
         self._started = False
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
+        self._next_deployment_id = 1  # names each deployed model version in the prediction cache
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.processor = QueryProcessor(self.loop, cfg.limits.max_input_bytes)
+        self.processor = QueryProcessor(self.loop, cfg.limits.max_input_bytes, cfg.limits.cache_bytes)
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,
@@ -88,6 +89,8 @@ class Frontend:
             await self.manager.close()
         for route in self.processor.routes.values():
             route.close()
+        for queue in self.processor.queues.values():
+            queue.close()
         if self.rpc is not None:
             self.rpc.close()
 
@@ -111,9 +114,13 @@ class Frontend:
         async with self._lock:
             self.registry.add_model_version(mv, make_current=make_current)
             lim = self.config.limits
+            deployment_id = self._next_deployment_id
+            self._next_deployment_id += 1
             self.processor.queues[mv.key] = ModelQueue(
-                mv.key, self.loop, self.rpc.send_batch, max_queue_length=lim.max_queue_length,
-                max_batch_retries=lim.max_batch_retries, default_max_batch=mv.max_batch)
+                mv.key, self.loop, self.rpc.send_batch, deployment_id=deployment_id,
+                max_queue_length=lim.max_queue_length, max_batch_retries=lim.max_batch_retries,
+                max_batch=mv.max_batch, batching=mv.batching, batch_delay_ms=mv.batch_delay_ms,
+                cache=self.processor.cache)
             self._reroute()
             await self.manager.ensure(mv)
         if wait:
@@ -168,7 +175,9 @@ class Frontend:
             fut.set_result((rc, text))
 
     def _reroute(self) -> None:
-        """Point each application at the queue of its linked model's current version."""
+        """Point each application at the queue of its linked model's current version,
+        and give each queue its latency budget."""
+        slo_by_queue: dict[str, float] = {}
         for name, route in self.processor.routes.items():
             queue = None
             for model_name in self.registry.links.get(name, ()):
@@ -177,6 +186,19 @@ class Frontend:
                     queue = self.processor.queues.get(mv.key)
                     break
             route.queue = queue
+            if queue is not None:
+                slo = route.app.slo_ms
+                slo_by_queue[queue.key] = min(slo, slo_by_queue.get(queue.key, slo))
+        for model in self.registry.models.values():
+            for mv in model.versions.values():
+                queue = self.processor.queues.get(mv.key)
+                if queue is None:
+                    continue
+                if mv.latency_budget_ms is not None:
+                    budget_ms = mv.latency_budget_ms
+                else:  # unrouted queues keep the budget of the default SLO
+                    budget_ms = self.config.batch_budget_fraction * slo_by_queue.get(mv.key, 100.0)
+                queue.set_budget(int(budget_ms * 1_000_000))
 
     def _resolve_container(self, model: str, version: str):
         try:

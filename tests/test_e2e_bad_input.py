@@ -160,8 +160,9 @@ def test_queue_full(frontend_factory, wire_conn):
     fe = frontend_factory(max_queue_length=2)
     fe.deploy("sleepy", "sleep_by_input", max_batch=1)
     c = wire_conn(fe.port)
-    slow = np.array([0.3, 0, 0, 0], np.float32)
     for i in range(6):
+        # distinct inputs: equal ones would join one cache entry, not queue
+        slow = np.array([0.3, i, 0, 0], np.float32)
         c.send(wire.predict(i, "sleepy", slow))
     out = [m for m in c.recv(6)]
     codes = [m[2] for m in out if m[0] == wire.ERROR]

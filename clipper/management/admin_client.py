@@ -41,17 +41,19 @@ class AdminClient:
         return self._call("GET", "/api/v1/status")
 
     def register_application(self, name: str, input_dtype: str, input_shape=(), slo_ms: float = 100.0,
-                             default_output=None, on_deadline: str = "default") -> dict:
+                             default_output=None, on_deadline: str = "default", cache: bool = True) -> dict:
         return self._call("POST", "/api/v1/applications", {
             "name": name, "input_dtype": input_dtype, "input_shape": list(input_shape), "slo_ms": slo_ms,
-            "default_output": default_output, "on_deadline": on_deadline})
+            "default_output": default_output, "on_deadline": on_deadline, "cache": cache})
 
     def deploy_model(self, name: str, version: str, input_dtype: str, input_shape=(), *, entry: str | None = None,
-                     command: list[str] | None = None, replicas: int = 1, max_batch: int = 64,
+                     command: list[str] | None = None, replicas: int = 1, max_batch: int = 256,
+                     batching: str = "aimd", batch_delay_ms: float = 0.0, latency_budget_ms: float | None = None,
                      workdir: str | None = None, env: dict | None = None, wait: bool = True) -> dict:
         return self._call("POST", "/api/v1/models", {
             "name": name, "version": str(version), "input_dtype": input_dtype, "input_shape": list(input_shape),
             "entry": entry, "command": command, "replicas": replicas, "max_batch": max_batch,
+            "batching": batching, "batch_delay_ms": batch_delay_ms, "latency_budget_ms": latency_budget_ms,
             "workdir": workdir, "env": env or {}, "wait": wait})
 
     def link_model_to_app(self, app: str, model: str) -> dict:

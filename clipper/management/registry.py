@@ -28,6 +28,8 @@ INPUT_DTYPES = tuple(NUMERIC_DTYPES) + OPAQUE_DTYPES
 MAX_SLO_MS = 3_600_000.0
 MAX_REPLICAS = 64
 MAX_BATCH = 65_536
+BATCHING_MODES = ("aimd", "quantile", "fixed")
+MAX_BATCH_DELAY_MS = 1000.0
 
 
 def check_name(kind: str, value) -> str:
@@ -58,6 +60,16 @@ def check_shape(dtype: str, value) -> tuple[int, ...]:
     return shape
 
 
+def _check_ms(label: str, value, lo: float, hi: float, *, zero_ok: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if ok:
+        ok = (lo <= value <= hi) if zero_ok else (lo < value <= hi)
+    if not ok:
+        bracket = "[" if zero_ok else "("
+        raise InvalidConfigError(f"{label} {value!r} is not a number in {bracket}{lo:g}, {hi:g}]")
+    return float(value)
+
+
 @dataclass
 class Application:
     """An application: what queries look like and what it promises.
@@ -73,9 +85,12 @@ class Application:
     default_output: object = None
     on_deadline: str = "default"  # "default": answer default_output; "error": DEADLINE_EXCEEDED
     description: str = ""
+    cache: bool = True  # look predictions up in the prediction cache (turn off for non-deterministic models)
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
+        if not isinstance(self.cache, bool):
+            raise InvalidConfigError(f"cache {self.cache!r} for application {self.name!r} is not true or false")
         if self.on_deadline not in ("default", "error"):
             raise InvalidConfigError(f"on_deadline {self.on_deadline!r} is not 'default' or 'error'")
         check_dtype(self.input_dtype)
@@ -98,6 +113,7 @@ class Application:
             "default_output": self.default_output,
             "on_deadline": self.on_deadline,
             "description": self.description,
+            "cache": self.cache,
         }
 
 
@@ -108,6 +124,16 @@ class ModelVersion:
     Give ``entry`` (``module:function`` or ``path/to/file.py:function`` for the
     container SDK) or ``command`` (a full argv that starts a container), or
     neither when containers are started by hand or by another manager.
+
+    Batching: each replica's batch size is tuned after every batch by
+    ``batching`` -- ``"aimd"`` (the default), ``"quantile"`` (quantile
+    regression of batch latency on batch size) or ``"fixed"`` -- against the
+    model's latency budget, never above ``max_batch``. The budget is
+    ``latency_budget_ms`` when given, else the frontend derives it from the
+    SLOs of the applications the model serves. ``batch_delay_ms`` > 0 turns on
+    delayed batching: while a free replica's batch is not full and queries are
+    arriving fast enough to fill it, wait up to that long from the oldest
+    queued query's arrival.
     """
 
     name: str
@@ -117,9 +143,12 @@ class ModelVersion:
     entry: str | None = None
     command: list[str] | None = None
     replicas: int = 1
-    max_batch: int = 64
+    max_batch: int = 256
     workdir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    batching: str = "aimd"
+    batch_delay_ms: float = 0.0
+    latency_budget_ms: float | None = None
 
     def __post_init__(self) -> None:
         check_name("model name", self.name)
@@ -141,6 +170,14 @@ class ModelVersion:
                 raise InvalidConfigError(f"{label} {val!r} for model {self.key} is not an integer in [{lo}, {hi}]")
         if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise InvalidConfigError(f"env for model {self.key} must map strings to strings")
+        if self.batching not in BATCHING_MODES:
+            raise InvalidConfigError(
+                f"batching {self.batching!r} for model {self.key} is not one of {list(BATCHING_MODES)}")
+        self.batch_delay_ms = _check_ms(f"batch_delay_ms for model {self.key}", self.batch_delay_ms,
+                                        0.0, MAX_BATCH_DELAY_MS, zero_ok=True)
+        if self.latency_budget_ms is not None:
+            self.latency_budget_ms = _check_ms(f"latency_budget_ms for model {self.key}", self.latency_budget_ms,
+                                               0.0, MAX_SLO_MS, zero_ok=False)
 
     @property
     def key(self) -> str:
@@ -158,6 +195,9 @@ class ModelVersion:
             "max_batch": self.max_batch,
             "workdir": self.workdir,
             "env": dict(self.env),
+            "batching": self.batching,
+            "batch_delay_ms": self.batch_delay_ms,
+            "latency_budget_ms": self.latency_budget_ms,
         }
 
 

@@ -45,6 +45,8 @@ class AppRoute:
         self.answered = 0
         self.defaults = 0
         self.errors = 0
+        self.cache_hits = 0
+        self.cache_joins = 0
         self.configure(app)
 
     def configure(self, app: Application) -> None:
@@ -56,6 +58,7 @@ class AppRoute:
         self.slo_ns = int(app.slo_ms * 1_000_000)
         self.default_output = app.default_output
         self.error_on_deadline = app.on_deadline == "error"
+        self.use_cache = bool(app.cache)
         self.max_input_bytes = self.processor.max_input_bytes
 
     # ------------------------------------------------------------ inputs
@@ -184,6 +187,8 @@ class AppRoute:
             "answered": self.answered,
             "defaults": self.defaults,
             "errors": self.errors,
+            "cache_hits": self.cache_hits,
+            "cache_joins": self.cache_joins,
             "model_queue": self.queue.key if self.queue else None,
         }
 
@@ -195,14 +200,27 @@ def _kind(x) -> str:
 
 
 class QueryProcessor:
-    """Routes queries from connections to model queues and back."""
+    """Routes queries from connections to model queues and back.
 
-    def __init__(self, loop, max_input_bytes: int) -> None:
+    With the prediction cache (``cache_bytes`` > 0) each query of an
+    application that caches is first looked up by (deployment, input bytes):
+    a hit is answered at once; a query whose input is already being computed
+    joins that computation; a miss reserves the entry and goes to the queue.
+    """
+
+    def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0) -> None:
         self.loop = loop
         self.max_input_bytes = max_input_bytes
         self.routes: dict[str, AppRoute] = {}
         self.queues: dict[str, ModelQueue] = {}
         self._next_query_id = 1
+        self.cache = None
+        if cache_bytes > 0:
+            from .._native import cache as _cache
+
+            self.cache = _cache.PredictionCache(cache_bytes)
+            self._HIT = _cache.HIT
+            self._PENDING = _cache.PENDING
 
     def predict(self, conn, req_id: int, app_name, x) -> None:
         """Start answering one query; raises a ClipperError for a request that cannot start."""
@@ -224,11 +242,37 @@ class QueryProcessor:
             conn.send_result(req_id, qid, route.default_output, True,
                              {"explanation": f"application {app_name!r} has no linked model"})
             return
-        queue.submit(q)
+        cache = queue.cache
+        if cache is not None and route.use_cache:
+            status, found = cache.lookup(queue.deployment_id, x, q)
+            if status == self._HIT:
+                route.cache_hits += 1
+                q.done = True
+                route.answered += 1
+                conn.send_result(req_id, qid, found, False, None)
+                return
+            if status == self._PENDING:  # computing already: join it
+                route.cache_joins += 1
+                if found.followers is None:
+                    found.followers = [q]
+                else:
+                    found.followers.append(q)
+                route.track(q)
+                return
+            q.token = found
+            try:
+                queue.submit(q)
+            except ClipperError:
+                q.token = None
+                cache.fail(found)
+                raise
+        else:
+            queue.submit(q)
         route.track(q)
 
     def stats(self) -> dict:
         return {
             "applications": {name: r.stats() for name, r in self.routes.items()},
             "models": {key: q.stats() for key, q in self.queues.items()},
+            "cache": self.cache.stats() if self.cache is not None else None,
         }

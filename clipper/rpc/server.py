@@ -45,7 +45,7 @@ __all__ = ["Replica", "ContainerServer"]
 class Replica:
     """One connected model container."""
 
-    __slots__ = ("ident", "replica_id", "key", "pid", "queue", "batch", "max_batch", "dead",
+    __slots__ = ("ident", "replica_id", "key", "pid", "queue", "batch", "sizer", "dead",
                  "last_seen_ns", "connected_ns", "batches_done")
 
     def __init__(self, ident: bytes, replica_id: int, key: str, pid: int | None, queue):
@@ -55,7 +55,7 @@ class Replica:
         self.pid = pid
         self.queue = queue
         self.batch = None  # the batch in flight, if any
-        self.max_batch = None  # set by the queue; adaptive batching will tune it
+        self.sizer = None  # its batch-size controller, set by the queue
         self.dead = False
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
@@ -241,10 +241,7 @@ class ContainerServer:
         except Exception as exc:
             return self._fail_batch(replica, batch, InternalError(f"cannot decode the outputs of {replica.key}: {exc}"))
         replica.batches_done += 1
-        for q, out in zip(queries, outputs):
-            if not q.done:
-                q.app.finish(q, out)
-        replica.queue.batch_done(replica, batch)
+        replica.queue.deliver(replica, batch, outputs)
 
     def _on_error(self, replica: Replica, header: list) -> None:
         _, batch_id, code, message = header
@@ -257,10 +254,7 @@ class ContainerServer:
         self._fail_batch(replica, batch, exc)
 
     def _fail_batch(self, replica: Replica, batch, exc: ClipperError) -> None:
-        for q in batch.queries:
-            if not q.done:
-                q.app.fail(q, exc)
-        replica.queue.batch_done(replica, batch)
+        replica.queue.fail_batch(replica, batch, exc)
 
     # ------------------------------------------------------------ batches
     def send_batch(self, replica: Replica, batch) -> None:
@@ -360,7 +354,7 @@ class ContainerServer:
             "model": r.key,
             "pid": r.pid,
             "busy": r.batch is not None,
-            "max_batch": r.max_batch,
+            "max_batch": r.sizer.current if r.sizer is not None else None,
             "batches_done": r.batches_done,
             "connected_s": round((now - r.connected_ns) / 1e9, 3),
         } for r in self.replicas.values()]

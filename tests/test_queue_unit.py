@@ -1,0 +1,292 @@
+"""ModelQueue on a real event loop with the real cache and batch sizers.
+
+Replicas are recorders (the RPC layer has its own end-to-end tests); query
+arrival times are set by the test, so delayed batching and deadlines are
+checked without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from clipper._native import cache as cache_mod
+from clipper.errors import ContainerFailedError, DeadlineExceededError, ModelError
+from clipper.query.batching import ModelQueue, Query
+
+MS = 1_000_000
+
+
+class App:
+    """Stands in for an AppRoute: records each query's outcome."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, tuple] = {}
+
+    def finish(self, q, out):
+        self._done(q, ("result", out))
+
+    def fail(self, q, exc):
+        self._done(q, ("error", exc))
+
+    def expire(self, q):
+        self._done(q, ("expired", None))
+
+    def _done(self, q, outcome):
+        assert not q.done, f"query {q.query_id} answered twice"
+        q.done = True
+        self.outcomes[q.query_id] = outcome
+
+
+class Replica:
+    def __init__(self, rid: int) -> None:
+        self.replica_id = rid
+        self.pid = 1000 + rid
+        self.dead = False
+        self.batch = None
+        self.sizer = None
+
+
+class Harness:
+    def __init__(self, *, cache: bool = True, **kw) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.sent: list = []
+        self._waiter = None
+        self.cache = cache_mod.PredictionCache(1 << 20) if cache else None
+        kw.setdefault("max_batch", 8)
+        kw.setdefault("batching", "fixed")
+        self.queue = ModelQueue("m:1", self.loop, self._send, deployment_id=1, max_queue_length=100,
+                                max_batch_retries=1, cache=self.cache, **kw)
+        self.app = App()
+        self._next = 1
+
+    def _send(self, replica, batch):
+        self.sent.append(batch)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(batch)
+
+    def query(self, x, *, age_ms: float = 0.0, slo_ms: float = 10_000.0, lead: bool = True) -> Query:
+        now = time.monotonic_ns() - int(age_ms * MS)
+        q = Query(None, self._next, self._next, self.app, np.asarray(x, np.float32), now, now + int(slo_ms * MS))
+        self._next += 1
+        if self.cache is not None and lead:
+            status, found = self.cache.lookup(1, q.input, q)
+            if status == cache_mod.PENDING:
+                found.followers = (found.followers or []) + [q]
+                return q
+            assert status == cache_mod.MISS
+            q.token = found
+        self.queue.submit(q)
+        return q
+
+    def next_batch(self, timeout: float = 5.0):
+        """Run the loop until the queue sends a batch."""
+        self._waiter = self.loop.create_future()
+        return self.loop.run_until_complete(asyncio.wait_for(self._waiter, timeout))
+
+    def settle(self):
+        """Run the callbacks already scheduled (one loop turn)."""
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    def close(self):
+        self.queue.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def h():
+    made = []
+
+    def make(**kw):
+        made.append(Harness(**kw))
+        return made[-1]
+
+    yield make
+    for x in made:
+        x.close()
+
+
+def test_free_replica_takes_up_to_its_batch_size(h):
+    t = h(max_batch=3)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    qs = [t.query([i]) for i in range(5)]
+    b = t.next_batch()
+    assert b.queries == qs[:3] and r.batch is b
+    t.queue.deliver(r, b, [10.0, 11.0, 12.0])
+    b2 = t.next_batch()
+    assert b2.queries == qs[3:]
+    assert [t.app.outcomes[q.query_id] for q in qs[:3]] == [("result", 10.0), ("result", 11.0), ("result", 12.0)]
+
+
+def test_expired_queries_are_never_sent(h):
+    t = h()
+    r = Replica(1)
+    qs = [t.query([0]), t.query([1], age_ms=50, slo_ms=10), t.query([2])]
+    t.queue.add_replica(r)
+    b = t.next_batch()
+    assert b.queries == [qs[0], qs[2]]
+    assert t.app.outcomes[qs[1].query_id] == ("expired", None)
+    assert t.queue.queries_expired_in_queue == 1
+    # its cache reservation was given back: the same input is a miss again
+    assert t.cache.lookup(1, np.asarray([1], np.float32), None)[0] == cache_mod.MISS
+
+
+def test_expired_leader_hands_its_reservation_to_a_live_follower(h):
+    t = h()
+    r = Replica(1)
+    leader = t.query([7], age_ms=50, slo_ms=10)
+    follower = t.query([7])  # same input: joins the leader's computation
+    assert follower.token is None and leader.followers == [follower]
+    t.queue.add_replica(r)
+    b = t.next_batch()
+    assert b.queries == [follower] and follower.token is not None
+    assert t.app.outcomes[leader.query_id] == ("expired", None)
+    t.queue.deliver(r, b, [70.0])
+    assert t.app.outcomes[follower.query_id] == ("result", 70.0)
+    status, out = t.cache.lookup(1, np.asarray([7], np.float32), None)
+    assert (status, out) == (cache_mod.HIT, 70.0)
+
+
+def test_outputs_reach_followers_and_fill_the_cache_even_when_late(h):
+    t = h()
+    r = Replica(1)
+    t.queue.add_replica(r)
+    leader = t.query([3])
+    b = t.next_batch()
+    follower = t.query([3])
+    leader.app.expire(leader)  # the leader's deadline passed while the batch was out
+    t.queue.deliver(r, b, [np.arange(3.0)])
+    kind, out = t.app.outcomes[follower.query_id]
+    assert kind == "result" and out.tolist() == [0.0, 1.0, 2.0]
+    status, cached = t.cache.lookup(1, np.asarray([3], np.float32), None)
+    assert status == cache_mod.HIT and cached.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_cached_array_rows_do_not_pin_the_batch_buffer(h):
+    t = h()
+    r = Replica(1)
+    t.queue.add_replica(r)
+    q = t.query([4])
+    b = t.next_batch()
+    block = np.arange(20.0).reshape(1, 20)
+    t.queue.deliver(r, b, list(block))
+    _, cached = t.cache.lookup(1, np.asarray([4], np.float32), None)
+    assert cached.base is None and cached.tolist() == block[0].tolist()
+    assert t.app.outcomes[q.query_id][0] == "result"
+
+
+def test_model_error_fails_followers_and_frees_the_entry(h):
+    t = h()
+    r = Replica(1)
+    t.queue.add_replica(r)
+    leader = t.query([5])
+    b = t.next_batch()
+    follower = t.query([5])
+    t.queue.fail_batch(r, b, ModelError("boom"))
+    assert t.app.outcomes[leader.query_id][0] == "error"
+    assert t.app.outcomes[follower.query_id][0] == "error"
+    assert t.cache.lookup(1, np.asarray([5], np.float32), None)[0] == cache_mod.MISS
+
+
+def test_lost_container_requeues_then_fails_with_the_reason(h):
+    t = h()
+    r1, r2 = Replica(1), Replica(2)
+    t.queue.add_replica(r1)
+    q = t.query([6])
+    b = t.next_batch()
+    assert b.replica is r1
+    r1.dead = True
+    t.queue.remove_replica(r1, "exited (return code -9)")
+    t.queue.add_replica(r2)
+    b2 = t.next_batch()
+    assert b2.queries == [q] and b2.replica is r2
+    r2.dead = True
+    t.queue.remove_replica(r2, "exited (return code -9)")  # second loss: no retries left
+    kind, exc = t.app.outcomes[q.query_id]
+    assert kind == "error" and isinstance(exc, ContainerFailedError) and "exited (return code -9)" in exc.message
+    assert t.cache.lookup(1, np.asarray([6], np.float32), None)[0] == cache_mod.MISS
+
+
+def test_fail_all_answers_every_queued_query_and_follower(h):
+    t = h()
+    a, b = t.query([1]), t.query([1])
+    t.queue.fail_all(DeadlineExceededError("model removed"))
+    assert t.app.outcomes[a.query_id][0] == "error" and t.app.outcomes[b.query_id][0] == "error"
+
+
+# ------------------------------------------------------------------ delayed batching
+def test_delay_holds_a_short_batch_while_queries_arrive_fast(h):
+    t = h(max_batch=8, batch_delay_ms=10_000)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.query([0], age_ms=3)
+    t.query([1], age_ms=2)
+    t.query([2], age_ms=1)  # gaps of 1 ms, far under the delay
+    t.settle()
+    assert t.sent == [] and t.queue._delay_timer is not None
+    # filling the batch sends it at once, without waiting for the timer
+    for i in range(5):
+        t.query([10 + i])
+    b = t.next_batch()
+    assert len(b.queries) == 8 and t.queue.delayed_batches == 0
+
+
+def test_delay_timer_sends_what_arrived(h):
+    t = h(max_batch=8, batch_delay_ms=30)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.query([0], age_ms=2)
+    t.query([1], age_ms=1)
+    b = t.next_batch()  # sent by the timer, about 30 ms after the oldest arrival
+    assert len(b.queries) == 2 and t.queue.delayed_batches == 1
+
+
+def test_delay_is_skipped_at_low_load(h):
+    t = h(max_batch=8, batch_delay_ms=10_000)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.query([0], age_ms=60_000, slo_ms=120_000)
+    t.query([1], age_ms=30_000, slo_ms=120_000)  # one query per 30 s: waiting would gather nothing
+    b = t.next_batch()
+    assert len(b.queries) == 2 and t.queue.delayed_batches == 0
+
+
+def test_delay_is_skipped_once_the_oldest_query_waited_long_enough(h):
+    t = h(max_batch=8, batch_delay_ms=5)
+    r = Replica(1)
+    t.query([0], age_ms=21)
+    t.query([1], age_ms=20)
+    t.queue.add_replica(r)  # the oldest query has waited 21 ms > 5 ms: send now
+    b = t.next_batch()
+    assert len(b.queries) == 2 and t.queue.delayed_batches == 0
+
+
+# ------------------------------------------------------------------ batch sizes
+def test_aimd_replica_grows_its_batch_under_the_budget(h):
+    t = h(max_batch=64, batching="aimd", budget_ns=50 * MS)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    assert r.sizer.current == 1
+    sizes = []
+    for i in range(10):
+        for j in range(64):
+            t.query([i * 100 + j], lead=False)
+        b = t.next_batch()
+        sizes.append(len(b.queries))
+        t.queue.deliver(r, b, [0.0] * len(b.queries))  # fast: far under the budget
+        t.queue.fail_all(ModelError("next round"))
+    assert sizes == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert t.queue.stats()["batch_sizes"] == [21]
+
+
+def test_set_budget_reaches_every_replica(h):
+    t = h(max_batch=64, batching="aimd", budget_ns=50 * MS)
+    r1, r2 = Replica(1), Replica(2)
+    t.queue.add_replica(r1)
+    t.queue.add_replica(r2)
+    t.queue.set_budget(7 * MS)
+    assert r1.sizer.budget_ns == r2.sizer.budget_ns == 7 * MS
