@@ -51,19 +51,36 @@ class RunningFrontend:
         return self.fe.query_port
 
     def deploy(self, app: str, fn: str, *, dtype="float32", shape=(4,), slo_ms=10_000.0, replicas=1, max_batch=8,
-               default_output=None, on_deadline="default", env=None, version="1", model=None) -> ModelVersion:
+               default_output=None, on_deadline="default", env=None, version="1", model=None, cache=True,
+               batching="aimd", batch_delay_ms=0.0, latency_budget_ms=None) -> ModelVersion:
         """Register ``app``, deploy ``tests/model_zoo.py:fn`` as its model, link, wait for the replicas."""
         model = model or f"{app}-model"
         self.call(self.fe.register_application(Application(app, dtype, shape, slo_ms=slo_ms,
                                                            default_output=default_output,
-                                                           on_deadline=on_deadline)))
+                                                           on_deadline=on_deadline, cache=cache)))
         mv = ModelVersion(model, version, dtype, shape, entry=f"model_zoo.py:{fn}", replicas=replicas,
-                          max_batch=max_batch, env=dict(env or {}))
+                          max_batch=max_batch, env=dict(env or {}), batching=batching,
+                          batch_delay_ms=batch_delay_ms, latency_budget_ms=latency_budget_ms)
         self.call(self.fe.deploy_model(mv))
         self.call(self.fe.link(app, model))
         if replicas:
             self.call(self.fe.wait_ready(model, version, timeout_s=60))
         return mv
+
+    def stats(self) -> dict:
+        """The query path's figures (QueryProcessor.stats), read on the loop."""
+        return self.call(self.fe.processor.stats)
+
+    def wait_until(self, predicate, timeout: float = 30.0, what: str = "condition"):
+        """Poll the frontend's figures until ``predicate(stats)`` holds (the state lives in another thread)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not hold within {timeout} s; stats: {st}")
+            time.sleep(0.01)
 
     def replica_pids(self, key: str) -> list[int]:
         return self.call(lambda: [r.pid for r in self.fe.rpc.replicas.values() if r.key == key])

@@ -41,6 +41,11 @@ def reverse_bytes(batch):
     return [x[::-1] for x in batch]
 
 
+def shout(batch):
+    """For str applications: each input upper-cased, with its type's name."""
+    return [f"{x.upper()}:{type(x).__name__}" for x in batch]
+
+
 def describe(batch):
     """Mixed output kinds: a str, a dict with an array."""
     return [{"n": int(i), "label": f"row-{i}", "vec": np.arange(3, dtype=np.float32)} for i in range(len(batch))]

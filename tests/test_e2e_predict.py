@@ -51,6 +51,16 @@ def test_bytes_application_and_mixed_outputs(frontend, wire_conn):
     assert desc["label"] == "row-0" and desc["vec"].dtype == np.float32 and list(desc["vec"]) == [0, 1, 2]
 
 
+def test_str_application_batches_travel_as_one_buffer(frontend, wire_conn):
+    frontend.deploy("shout", "shout", dtype="str", shape=(), max_batch=16, batching="fixed")
+    c = wire_conn(frontend.port)
+    words = ["héllo", "", "wörld" * 50] + [f"w{i}" for i in range(30)]
+    for i, w in enumerate(words):
+        c.send(wire.predict(i, "shout", w))
+    out = {m[1]: m for m in c.recv(len(words))}
+    assert [out[i][3] for i in range(len(words))] == [f"{w.upper()}:str" for w in words]
+
+
 def test_pipelining_out_of_order_completion(frontend, wire_conn):
     # Two replicas, batches of one: the slow query holds one replica while the
     # fast ones go through the other, so replies overtake the slow one.

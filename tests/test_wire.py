@@ -386,6 +386,37 @@ def test_assemble_batch_refuses_a_wrong_size(impl):
     assert np.array_equal(np.frombuffer(batch, "<f4"), np.arange(4, dtype="<f4"))
 
 
+@FAST
+@given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=20)), max_size=12))
+def test_assemble_varlen_equals_its_twin_and_splits_back(items):
+    from clipper.container.runtime import split_varlen
+
+    native = framing_native.assemble_varlen(items)
+    pure = framing_py.assemble_varlen(items)
+    assert type(native) is type(pure) is bytearray and native == pure
+    raw = [x.encode() if isinstance(x, str) else x for x in items]
+    offsets = np.frombuffer(native, "<u8", count=len(items) + 1)
+    assert offsets[0] == 0 and list(np.diff(offsets)) == [len(r) for r in raw]
+    assert bytes(native[8 * (len(items) + 1):]) == b"".join(raw)
+    assert split_varlen(native, len(items), False) == raw
+    if all(isinstance(x, str) for x in items):
+        assert split_varlen(native, len(items), True) == items
+
+
+@IMPLS
+def test_assemble_varlen_refuses_other_kinds(impl):
+    with pytest.raises(TypeError, match="bytes or str, not int"):
+        impl.assemble_varlen([b"a", 3])
+
+
+def test_split_varlen_refuses_a_short_payload():
+    from clipper.container.runtime import split_varlen
+
+    buf = framing_native.assemble_varlen([b"abc", b"de"])
+    with pytest.raises(ValueError, match="declares 5 bytes of data and carries 4"):
+        split_varlen(buf[:-1], 2, False)
+
+
 def test_pack_is_safe_from_many_threads():
     # Each thread packs distinct messages at once; every body must decode to
     # exactly what that thread packed (a shared Packer would interleave them).

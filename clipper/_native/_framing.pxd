@@ -16,3 +16,4 @@ cdef class FrameReader:
 
 cpdef bytes pack_frame(object body)
 cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes)
+cpdef bytearray assemble_varlen(list inputs)

@@ -21,3 +21,7 @@ def pack_frame(body: bytes | bytearray | memoryview) -> bytes:
 
 def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
     """Copy each input (exactly ``item_nbytes`` bytes each) once into one buffer."""
+
+def assemble_varlen(inputs: list) -> bytearray:
+    """bytes/str inputs as one buffer: ``len(inputs) + 1`` little-endian uint64
+    offsets, then the data (str as UTF-8); each input copied once."""

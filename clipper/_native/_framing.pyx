@@ -3,9 +3,10 @@
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
     HEADER_BYTES = 4
@@ -145,4 +146,49 @@ cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes):
             memcpy(q + i * item_nbytes, pybuf.buf, item_nbytes)
         finally:
             PyBuffer_Release(&pybuf)
+    return out
+
+
+cdef inline void _store_le64(char* p, uint64_t v) noexcept nogil:
+    cdef int k
+    for k in range(8):
+        p[k] = <char>((v >> (8 * k)) & 0xFF)
+
+
+cpdef bytearray assemble_varlen(list inputs):
+    """Variable-size inputs (bytes or str) as one buffer: offsets, then data.
+
+    The buffer starts with ``len(inputs) + 1`` little-endian uint64 offsets
+    into the data that follows (the first is 0, the last the data's length);
+    item ``i`` is ``data[offsets[i]:offsets[i + 1]]``. A str travels as its
+    UTF-8 bytes. Each input is copied once.
+    """
+    cdef Py_ssize_t count = len(inputs), i, n, total = 0
+    cdef Py_ssize_t head = (count + 1) * 8
+    cdef object x
+    cdef const char* src
+    for i in range(count):
+        x = inputs[i]
+        if type(x) is bytes:
+            total += PyBytes_GET_SIZE(x)
+        elif type(x) is str:
+            PyUnicode_AsUTF8AndSize(x, &n)
+            total += n
+        else:
+            raise TypeError(f"a variable-size batch holds bytes or str, not {type(x).__name__}")
+    cdef bytearray out = PyByteArray_FromStringAndSize(NULL, head + total)
+    cdef char* base = PyByteArray_AS_STRING(out)
+    cdef char* data = base + head
+    cdef uint64_t pos = 0
+    _store_le64(base, 0)
+    for i in range(count):
+        x = inputs[i]
+        if type(x) is bytes:
+            src = PyBytes_AS_STRING(x)
+            n = PyBytes_GET_SIZE(x)
+        else:
+            src = PyUnicode_AsUTF8AndSize(x, &n)
+        memcpy(data + pos, src, n)
+        pos += n
+        _store_le64(base + (i + 1) * 8, pos)
     return out

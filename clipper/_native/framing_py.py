@@ -111,3 +111,28 @@ def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
         out[pos : pos + item_nbytes] = mv
         pos += item_nbytes
     return out
+
+
+def assemble_varlen(inputs: list) -> bytearray:
+    """Variable-size inputs (bytes or str) as one buffer: offsets, then data.
+
+    The buffer starts with ``len(inputs) + 1`` little-endian uint64 offsets
+    into the data that follows (the first is 0, the last the data's length);
+    item ``i`` is ``data[offsets[i]:offsets[i + 1]]``. A str travels as its
+    UTF-8 bytes. Each input is copied once.
+    """
+    parts = []
+    for x in inputs:
+        if type(x) is bytes:
+            parts.append(x)
+        elif type(x) is str:
+            parts.append(x.encode("utf-8"))
+        else:
+            raise TypeError(f"a variable-size batch holds bytes or str, not {type(x).__name__}")
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + len(p))
+    out = bytearray(struct.pack(f"<{len(offsets)}Q", *offsets))
+    for p in parts:
+        out += p
+    return out

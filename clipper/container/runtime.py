@@ -129,7 +129,22 @@ def decode_batch(count: int, encoding: str, meta, payload) -> Any:
         typestr, shape = meta
         arr = np.frombuffer(payload, dtype=wire.ALLOWED_DTYPES[typestr])
         return arr.reshape(shape)
+    if encoding == m.ENC_VARLEN:
+        return split_varlen(payload, count, meta[0] == "str")
     return wire.make_unpacker()(payload)
+
+
+def split_varlen(payload, count: int, as_str: bool) -> list:
+    """The items of a ``"vl"`` batch: ``count + 1`` uint64 offsets, then the data."""
+    head = (count + 1) * 8
+    offsets = np.frombuffer(payload, dtype="<u8", count=count + 1).tolist()
+    data = memoryview(payload)[head:]
+    if len(data) != offsets[-1]:
+        raise ValueError(f"a variable-size batch of {count} items declares {offsets[-1]} bytes of data "
+                         f"and carries {len(data)}")
+    if as_str:
+        return [str(data[a:b], "utf-8") for a, b in zip(offsets, offsets[1:])]
+    return [bytes(data[a:b]) for a, b in zip(offsets, offsets[1:])]
 
 
 class ContainerRuntime:

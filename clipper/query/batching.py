@@ -156,9 +156,9 @@ class ModelQueue:
             wait_total = 0
             while pending and len(queries) < limit:
                 q = pending.popleft()
-                if q.done or q.deadline_ns <= now:
+                if q.done or q.deadline_ns <= now:  # answered at its deadline already, or due now
+                    self.queries_expired_in_queue += 1
                     if not q.done:
-                        self.queries_expired_in_queue += 1
                         q.app.expire(q)
                     heir = self._retire(q)
                     if heir is not None:

@@ -28,6 +28,10 @@ Encodings of a batch or an output block:
 
 * ``"nd"``: ``meta = [typestr, shape]``; the payload is the raw C-order bytes
   of an array of that dtype and shape (for a batch, ``shape[0] == count``).
+* ``"vl"`` (batches of bytes or str inputs): ``meta = ["bytes" | "str"]``;
+  the payload is ``count + 1`` little-endian uint64 offsets followed by the
+  items' bytes, item ``i`` being ``data[offsets[i]:offsets[i+1]]`` (a str as
+  UTF-8).
 * ``"mp"``: ``meta = None``; the payload is a msgpack array of ``count``
   items (numpy arrays inside as EXT_NDARRAY).
 """
@@ -48,6 +52,7 @@ F_REHELLO = 5
 
 ENC_NDARRAY = "nd"
 ENC_MSGPACK = "mp"
+ENC_VARLEN = "vl"
 
 # Exit codes of a container process, so a manager can tell why it stopped.
 EXIT_OK = 0

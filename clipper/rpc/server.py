@@ -29,6 +29,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .._native import framing
 from ..errors import ClipperError, InternalError, ModelError, WrongOutputCountError, error_for_code
 from ..protocol import wire
 from . import messages as m
@@ -262,14 +263,17 @@ class ContainerServer:
         queries = batch.queries
         first = queries[0].input
         n = len(queries)
+        inputs = [q.input for q in queries]
         if isinstance(first, np.ndarray):
-            from .._native import framing
-
-            payload = framing.assemble_batch([q.input for q in queries], first.nbytes)
+            payload = framing.assemble_batch(inputs, first.nbytes)
             meta = [wire._TYPESTR[first.dtype].decode(), [n, *first.shape]]
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_NDARRAY, meta])
+        elif type(first) is bytes or type(first) is str:  # an application's inputs are all one kind
+            payload = framing.assemble_varlen(inputs)
+            header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_VARLEN,
+                                    ["bytes" if type(first) is bytes else "str"]])
         else:
-            payload = wire.pack([q.input for q in queries])
+            payload = wire.pack(inputs)
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_MSGPACK, None])
         self._send(replica.ident, [header, payload])
 

@@ -1,0 +1,163 @@
+"""The prediction cache and adaptive batching end to end: a real frontend,
+real container processes, real sockets."""
+
+import numpy as np
+
+from clipper import errors as E
+from clipper.management.registry import Application, ModelVersion
+from clipper.protocol import wire
+
+
+def vec(*xs) -> np.ndarray:
+    return np.array(list(xs) + [0.0] * (4 - len(xs)), np.float32)
+
+
+def model_stats(st: dict, key: str) -> dict:
+    return st["models"][key]
+
+
+def test_repeated_input_is_answered_from_the_cache(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "sum", vec(1, 2, 3)))
+    first = c.recv(1)[0]
+    c.send(wire.predict(2, "sum", vec(1, 2, 3)))
+    second = c.recv(1)[0]
+    assert first[0] == second[0] == wire.RESULT
+    assert first[3] == second[3] == 6.0 and not second[4]
+    assert first[2] != second[2]  # each query has its own id
+    st = frontend.stats()
+    assert model_stats(st, "sum-model:1")["queries_sent"] == 1
+    assert st["applications"]["sum"]["cache_hits"] == 1
+    assert st["cache"]["hits"] == 1 and st["cache"]["ready"] == 1
+
+
+def test_equal_inputs_in_flight_are_computed_once(frontend, wire_conn):
+    frontend.deploy("sleepy", "sleep_by_input", max_batch=1)
+    c = wire_conn(frontend.port)
+    for i in range(5):
+        c.send(wire.predict(i, "sleepy", vec(0.3, 9)))
+    out = c.recv(5)
+    assert sorted(m[1] for m in out) == list(range(5))
+    assert all(m[0] == wire.RESULT and m[3] == np.float32(0.3) and not m[4] for m in out)
+    st = frontend.stats()
+    assert model_stats(st, "sleepy-model:1")["queries_sent"] == 1
+    assert st["applications"]["sleepy"]["cache_joins"] == 4
+
+
+def test_a_failed_computation_is_not_cached(frontend, wire_conn):
+    frontend.deploy("picky", "raise_on_negative", max_batch=1)
+    c = wire_conn(frontend.port)
+    # three equal queries at once: one computation, all three get its error
+    for i in range(3):
+        c.send(wire.predict(i, "picky", vec(-1)))
+    out = c.recv(3)
+    assert all(m[0] == wire.ERROR and m[2] == E.ModelError.code for m in out)
+    # the failed entry is gone: the same input goes to the model again
+    c.send(wire.predict(9, "picky", vec(-1)))
+    again = c.recv(1)[0]
+    assert again[0] == wire.ERROR and again[2] == E.ModelError.code
+    st = frontend.stats()
+    assert model_stats(st, "picky-model:1")["queries_sent"] == 2
+    assert st["cache"]["fails"] == 2 and st["cache"]["entries"] == 0
+
+
+def test_a_late_result_still_fills_the_cache(frontend, wire_conn):
+    frontend.deploy("sleepy", "sleep_by_input", slo_ms=150, default_output=-1.0)
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "sleepy", vec(0.4)))
+    late = c.recv(1)[0]
+    assert late[0] == wire.RESULT and late[3] == -1.0 and late[4]  # the default, at the deadline
+    frontend.wait_until(lambda st: st["cache"]["fills"] == 1, what="the late result filling the cache")
+    c.send(wire.predict(2, "sleepy", vec(0.4)))
+    hit = c.recv(1)[0]
+    assert hit[0] == wire.RESULT and hit[3] == np.float32(0.4) and not hit[4]
+    assert frontend.stats()["applications"]["sleepy"]["cache_hits"] == 1
+
+
+def test_a_follower_takes_over_from_a_leader_whose_deadline_passed(frontend, wire_conn):
+    # Two applications share one model; the one with the short SLO leads the
+    # computation of an input, the other joins it. The leader's deadline
+    # passes while it is still queued: it is not sent, and the follower
+    # (another application, a long SLO) inherits the computation.
+    frontend.deploy("short", "sleep_by_input", slo_ms=100, default_output=-1.0, max_batch=1,
+                    batching="fixed", model="shared")
+    frontend.call(frontend.fe.register_application(Application("long", "float32", (4,), slo_ms=10_000)))
+    frontend.call(frontend.fe.link("long", "shared"))
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "long", vec(0.4, 1)))  # holds the only replica for 0.4 s
+    frontend.wait_until(lambda st: st["models"]["shared:1"]["queries_sent"] == 1, what="the first batch sent")
+    c.send(wire.predict(2, "short", vec(0.05, 2)))  # queued: leads this input
+    c.send(wire.predict(3, "long", vec(0.05, 2)))  # joins it
+    out = {m[1]: m for m in c.recv(3)}
+    assert out[2][4] and out[2][3] == -1.0  # the short SLO passed: its default
+    assert out[1][3] == np.float32(0.4)
+    assert out[3][0] == wire.RESULT and not out[3][4] and out[3][3] == np.float32(0.05)
+    st = frontend.stats()
+    assert st["models"]["shared:1"]["queries_sent"] == 2  # the expired leader was never sent
+    assert st["applications"]["long"]["cache_joins"] == 1
+    assert st["cache"]["pending"] == 0
+
+
+def test_a_new_version_never_serves_the_old_versions_outputs(frontend, wire_conn):
+    frontend.deploy("scaled", "Scaled", env={"CLIPPER_TEST_FACTOR": "2"}, model="scaler")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "scaled", vec(5)))
+    assert c.recv(1)[0][3] == 10.0
+    v2 = ModelVersion("scaler", "2", "float32", (4,), entry="model_zoo.py:Scaled",
+                      env={"CLIPPER_TEST_FACTOR": "3"})
+    frontend.call(frontend.fe.deploy_model(v2, wait=True, timeout_s=60))
+    c.send(wire.predict(2, "scaled", vec(5)))
+    assert c.recv(1)[0][3] == 15.0
+    st = frontend.stats()
+    assert st["models"]["scaler:1"]["queries_sent"] == 1 and st["models"]["scaler:2"]["queries_sent"] == 1
+
+
+def test_an_application_can_turn_the_cache_off(frontend, wire_conn):
+    frontend.deploy("fresh", "row_sum", cache=False)
+    c = wire_conn(frontend.port)
+    for i in range(3):
+        c.send(wire.predict(i, "fresh", vec(1, 1)))
+        assert c.recv(1)[0][3] == 2.0
+    st = frontend.stats()
+    assert st["models"]["fresh-model:1"]["queries_sent"] == 3
+    assert st["applications"]["fresh"]["cache_hits"] == 0 and st["cache"]["lookups"] == 0
+
+
+def test_expired_queries_are_not_sent_to_the_model(frontend, wire_conn):
+    frontend.deploy("sleepy", "sleep_by_input", slo_ms=100, default_output=-1.0, max_batch=8, batching="fixed")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(0, "sleepy", vec(0.4)))  # holds the replica past every deadline below
+    frontend.wait_until(lambda st: st["models"]["sleepy-model:1"]["queries_sent"] == 1, what="the first batch")
+    for i in range(1, 6):
+        c.send(wire.predict(i, "sleepy", vec(0.0, i)))
+    out = c.recv(6)
+    assert all(m[4] and m[3] == -1.0 for m in out)
+    st = frontend.wait_until(lambda st: st["models"]["sleepy-model:1"]["expired_in_queue"] == 5,
+                             what="the queue dropping the expired queries")
+    assert st["models"]["sleepy-model:1"]["queries_sent"] == 1
+    assert st["cache"]["pending"] == 0  # their reservations were given back
+
+
+def test_aimd_grows_the_batch_size_under_load(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum", max_batch=64, batching="aimd")
+    c = wire_conn(frontend.port)
+    n = 3000
+    for i in range(n):
+        c.send(wire.predict(i, "sum", vec(i)))
+    out = c.recv(n, timeout=60)
+    assert all(m[0] == wire.RESULT for m in out)
+    st = frontend.stats()["models"]["sum-model:1"]
+    assert st["queries_sent"] == n
+    assert st["batch_sizes"][0] > 1 and st["mean_batch_size"] > 1, st
+    assert st["batches_sent"] < n
+
+
+def test_fixed_batching_keeps_its_size(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum", max_batch=4, batching="fixed")
+    c = wire_conn(frontend.port)
+    for i in range(200):
+        c.send(wire.predict(i, "sum", vec(i)))
+    c.recv(200)
+    st = frontend.stats()["models"]["sum-model:1"]
+    assert st["batch_sizes"] == [4] and st["batches_sent"] >= 50
