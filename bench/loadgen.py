@@ -111,6 +111,10 @@ class LoadSpec:
     max_outstanding: int = 200_000  # open loop, per worker: past it requests are skipped
     connect_timeout_s: float = 10.0
     hard_timeout_s: float | None = None  # default: warmup + duration + drain + 30
+    latency_quantiles: int = 0  # > 0: the report gets latency_cdf_ms at this many even steps (plus the tail)
+    # unique_inputs: a number in [0, 65536) stamped into every input of this run, so that two runs
+    # against one server never send the same input either; -1 draws a fresh one per run.
+    stamp_salt: int = -1
 
     def validate(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -127,6 +131,10 @@ class LoadSpec:
             raise ValueError("duration_s must be > 0; warmup_s and drain_s >= 0")
         if self.inputs < 1:
             raise ValueError(f"inputs is {self.inputs}; expected >= 1")
+        if not -1 <= self.stamp_salt < 1 << 16:
+            raise ValueError(f"stamp_salt is {self.stamp_salt}; expected -1 or an integer in [0, 65536)")
+        if self.latency_quantiles < 0:
+            raise ValueError(f"latency_quantiles is {self.latency_quantiles}; expected >= 0")
         if self.unique_inputs and np.dtype(self.dtype) not in (np.float32, np.float64):
             raise ValueError(f"unique_inputs needs a float32 or float64 input, not {self.dtype}")
 
@@ -389,17 +397,21 @@ class _Worker:
 
     def _make_stamp(self):
         # Two input elements carry a per-request counter so no two requests
-        # share an input (a prediction cache then never hits).
+        # share an input (a prediction cache then never hits): the low 24 bits
+        # in the first, the run's salt and the next 8 bits in the second (all
+        # exact in a float32). The salt keeps successive runs against one
+        # server (and its cache) apart.
         fmt = struct.Struct("<ff" if np.dtype(self.spec.dtype) == np.float32 else "<dd")
         pack = fmt.pack_into
         off = self.data_offset
         step = self.spec.workers
         seq = [self.index]
+        salt = max(self.spec.stamp_salt, 0) << 8
 
         def stamp(buf, pos):
             s = seq[0]
             seq[0] = s + step
-            pack(buf, pos + off, float(s & 0xFFFFFF), float(s >> 24))
+            pack(buf, pos + off, float(s & 0xFFFFFF), float(salt | ((s >> 24) & 0xFF)))
 
         return stamp
 
@@ -671,6 +683,22 @@ def _percentiles_ms(values_ns: np.ndarray) -> dict:
     }
 
 
+# The tail quantiles latency_cdf_ms always includes, on top of the even steps.
+CDF_TAIL = (0.995, 0.999, 0.9995, 0.9999)
+
+
+def latency_cdf_ms(values_ns: np.ndarray, steps: int) -> dict:
+    """Quantiles of ``values_ns`` in ms at ``0, 1/steps, ..., 1`` and :data:`CDF_TAIL`.
+
+    Returns ``{"q": [...], "ms": [...]}`` (ascending); empty lists without samples.
+    """
+    if values_ns.size == 0 or steps < 1:
+        return {"q": [], "ms": []}
+    qs = sorted({round(i / steps, 6) for i in range(steps + 1)} | set(CDF_TAIL))
+    vals = np.quantile(values_ns, qs)
+    return {"q": qs, "ms": [round(float(v) / 1e6, 4) for v in vals]}
+
+
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
@@ -705,6 +733,8 @@ def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
     rates = [spec.rate * c / spec.connections for c in conns]
     spec_dict = asdict(spec)
     spec_dict["workers"] = workers
+    if spec.stamp_salt < 0:  # one salt per run, shared by its workers (their counters interleave)
+        spec_dict["stamp_salt"] = int.from_bytes(os.urandom(2), "little")
     spec_dict["shape"] = tuple(spec.shape)
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
@@ -776,6 +806,12 @@ def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
             pipe.close()
     report = _merge(spec, workers, reports)
     report.update(probed)
+    if spec.unique_inputs:
+        report["stamp_salt"] = spec_dict["stamp_salt"]
+    # CLOCK_MONOTONIC ns, so a caller can line other samples up with the window.
+    report["t_start_ns"] = t_start
+    report["window_start_ns"] = t_start + int(spec.warmup_s * 1e9)
+    report["window_end_ns"] = report["window_start_ns"] + int(spec.duration_s * 1e9)
     return report
 
 
@@ -809,6 +845,7 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         "throughput_rps": round(results / window_s, 1),
         "goodput_rps": round(max(0, results - defaults) / window_s, 1),
         "latency_ms": _percentiles_ms(lat),
+        **({"latency_cdf_ms": latency_cdf_ms(lat, spec.latency_quantiles)} if spec.latency_quantiles else {}),
         "errors": dict(sorted(errors.items())),
         "errors_total": sum(errors.values()),
         "errors_in_window": sum(r["errors_in_window"] for r in reports),
@@ -904,6 +941,8 @@ def main(argv=None) -> int:
     ap.add_argument("--send-quantum-us", type=float, default=0.0,
                     help="open loop: wake the sender at most this often (trades send lag for CPU)")
     ap.add_argument("--timeout", type=float, default=None, help="hard timeout, seconds")
+    ap.add_argument("--latency-quantiles", type=int, default=0,
+                    help="report latency_cdf_ms at this many even quantile steps (plus the tail)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = ap.parse_args(argv)
     spec = LoadSpec(
@@ -925,6 +964,7 @@ def main(argv=None) -> int:
         shape=tuple(int(d) for d in args.shape.split(",") if d),
         send_quantum_us=args.send_quantum_us,
         hard_timeout_s=args.timeout,
+        latency_quantiles=args.latency_quantiles,
     )
     try:
         report = run_load(spec)

@@ -140,3 +140,44 @@ def test_runner_floor_scenario(tmp_path):
     assert floor["open"]["fraction_of_best"] == 0.5
     summary = report["summary"]["floor"]["floor"]
     assert summary["throughput_rps"] > 0 and summary["p50_at_1_ms"] > 0
+
+
+# ------------------------------------------------------------ bench.hotpath
+def test_hotpath_variant_is_a_valid_deployment(tmp_path):
+    from bench.hotpath import CHEAP_TOML, write_variant
+    from clipper.config import load_config_file
+
+    dst = write_variant(CHEAP_TOML, tmp_path / "v.toml", model={"batching": "fixed", "max_batch": 1},
+                        application={"cache": False})
+    spec = load_config_file(dst)
+    (model,) = spec["models"]
+    (app,) = spec["applications"]
+    assert model["batching"] == "fixed" and model["max_batch"] == 1
+    assert app["cache"] is False and app["slo_ms"] == 20
+    entry_file = model["entry"].rpartition(":")[0]
+    assert Path(entry_file).is_absolute() and Path(entry_file).is_file()
+    assert model["env"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_hotpath_runner_aimd_vs_quantile(tmp_path):
+    out = tmp_path / "hp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--scenario", "aimd-vs-quantile", "--aq-levels", "1x8",
+         "--duration", "0.6", "--warmup", "0.2", "--drain", "0.5", "--poll-ms", "50", "--quiet",
+         "--out", str(out), "--plots", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=55,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert proc.stdout.startswith("aimd-vs-quantile: aimd ")
+    report = json.loads(out.read_text())
+    res = report["runs"][0]["scenarios"]["aimd-vs-quantile"]
+    for variant in ("aimd", "quantile"):
+        (m,) = res["variants"][variant]["measurements"]
+        assert m["errors_total"] == 0 and m["completed"] > 0 and m["unique_inputs"]
+        assert m["latency_cdf_ms"]["q"][0] == 0 and m["latency_cdf_ms"]["q"][-1] == 1
+        assert m["window"]["queries_sent"] > 0 and m["window"]["cache_hit_ratio"] == 0
+        assert len(m["status_series"]["t_s"]) >= 3
+    summary = report["summary"]["aimd-vs-quantile"]
+    assert summary["aimd"]["goodput_rps"]["median"] > 0
+    assert summary["goodput_ratio"]["per_repeat"][0] > 0
+    assert (tmp_path / "hp_batch_sizes.png").stat().st_size > 0
