@@ -128,6 +128,68 @@ class Variant:
                 "model_overrides": self.model, "application_overrides": self.application}
 
 
+# ------------------------------------------------------- model calibration
+EXPENSIVE_CURVE_SIZES = (1, 2, 4, 8, 16, 32)
+
+_CURVE_CODE = """
+import json, sys, time
+import numpy as np
+from clipper.container.runtime import load_predictor
+entry, sizes, seconds = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], float(sys.argv[3])
+predict = load_predictor(entry)
+rng = np.random.default_rng(0)
+out = []
+for n in sizes:
+    x = rng.random((n, 784), dtype=np.float32)
+    predict(x)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        predict(x)
+        calls += 1
+        t = time.perf_counter() - t0
+        if t >= seconds and calls >= 3:
+            break
+    out.append({"batch_size": n, "calls": calls, "ms_per_call": round(t * 1e3 / calls, 4),
+                "us_per_row": round(t * 1e6 / calls / n, 2)})
+print(json.dumps(out))
+"""
+
+
+def model_curve(toml_path: Path, sizes, seconds_per_size: float) -> dict:
+    """Time a deployment file's model in-process at each batch size (its env, one process).
+
+    Returns ``{"points": [{batch_size, calls, ms_per_call, us_per_row}, ...],
+    "gain_vs_1": {size: rows per second at size / at size 1}}``.
+    """
+    import subprocess
+
+    with open(toml_path, "rb") as fh:
+        (model,) = tomllib.load(fh)["models"]
+    file_part, _, attr = model["entry"].rpartition(":")
+    entry = f"{(toml_path.parent / file_part).resolve()}:{attr}"
+    env = dict(os.environ, **model.get("env", {}))
+    proc = subprocess.run([sys.executable, "-c", _CURVE_CODE, entry, ",".join(map(str, sizes)),
+                           str(seconds_per_size)], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise TargetError(f"model calibration failed: {proc.stderr[-2000:]}")
+    points = json.loads(proc.stdout)
+    base = points[0]["us_per_row"]
+    return {"points": points, "gain_vs_1": {p["batch_size"]: round(base / p["us_per_row"], 3) for p in points}}
+
+
+def _curve_gain_at(curve: dict | None, batch: float | None) -> float | None:
+    """The in-process gain at a (mean) batch size, linear between the measured sizes."""
+    if not curve or not batch:
+        return None
+    pts = sorted((int(k), v) for k, v in curve["gain_vs_1"].items())
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if batch <= x1:
+            return round(y0 + (y1 - y0) * (batch - x0) / (x1 - x0), 3)
+    return pts[-1][1]
+
+
 # -------------------------------------------------------------------- CPU
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of one process (not its children)."""
@@ -485,8 +547,14 @@ def scenario_cheap(ctx: Context) -> dict:
 
 def scenario_expensive(ctx: Context) -> dict:
     mk = lambda name, **model: Variant(name, EXPENSIVE_TOML, "expensive", "svc:1", model=model)  # noqa: E731
-    return _versus(ctx, [mk("adaptive", batching="aimd", max_batch=256), mk("batch1", batching="fixed", max_batch=1)],
-                   ctx.args.expensive_levels, 200.0)
+    out = _versus(ctx, [mk("adaptive", batching="aimd", max_batch=256), mk("batch1", batching="fixed", max_batch=1)],
+                  ctx.args.expensive_levels, 200.0)
+    # What batching can gain at most: the model's own cost per row at each batch size, timed in a
+    # process of its own with no server running. Clipper should gain about as much, and no more.
+    if ctx.args.calibrate_s > 0:
+        ctx.log("  calibrating the model in-process")
+        out["model_curve"] = model_curve(EXPENSIVE_TOML, EXPENSIVE_CURVE_SIZES, ctx.args.calibrate_s)
+    return out
 
 
 def scenario_aimd_vs_quantile(ctx: Context) -> dict:
@@ -597,6 +665,23 @@ def summarize(name: str, per: list[dict], slo_ms: float | None = None) -> dict:
         return {"repeats": 0}
     if name in ("cheap", "expensive"):
         s = _versus_summary(per, "adaptive", "batch1")
+        if name == "expensive":
+            # Clipper's gain over batch size 1 against the model's own in-process gain at the mean
+            # batch size Clipper ran: about 1 means the serving path neither adds nor loses anything.
+            gains, rel = [], []
+            for p in per:
+                best = _best(_m(p, "variants", "adaptive"))
+                g = _curve_gain_at(p.get("model_curve"), _m(best, "window", "mean_batch_size"))
+                gains.append(g)
+            for g, r in zip(gains, s["goodput_ratio"]["per_repeat"]):
+                rel.append(_ratio(r, g))
+            s["model_gain_in_process"] = med(gains)
+            s["clipper_gain_vs_model_gain"] = med(rel)
+            curves = [p.get("model_curve") for p in per if p.get("model_curve")]
+            if curves:
+                s["model_curve_us_per_row"] = {
+                    str(pt["batch_size"]): med([c["points"][i]["us_per_row"] for c in curves])
+                    for i, pt in enumerate(curves[0]["points"])}
         if name == "cheap":
             r = s["goodput_ratio"]["median"]
             p99 = s["adaptive"].get("p99_ms", {}).get("median")
@@ -673,6 +758,10 @@ def summary_line(name: str, s: dict) -> str:
         line += f"; same level: {per_level}"
         if "target_met" in s:
             line += f"; target >= 10x & p99 <= 20 ms {'MET' if s['target_met'] else 'NOT MET'}"
+        if "model_gain_in_process" in s:
+            line += (f"; the model's own in-process gain at that batch size "
+                     f"{_fmt(M(s, 'model_gain_in_process'), '.2f')}x (Clipper/model "
+                     f"{_fmt(M(s, 'clipper_gain_vs_model_gain'), '.2f')})")
         return line + n
     if name == "delay":
         parts = []
@@ -863,6 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-levels", type=parse_sweep, default=parse_sweep("2x32,4x128"),
                     help="closed-loop levels of the cache scenario")
     ap.add_argument("--cache-inputs", type=int, default=16, help="cache scenario: distinct inputs in the pool")
+    ap.add_argument("--calibrate-s", type=float, default=0.5,
+                    help="expensive scenario: seconds to time the model in-process per batch size; 0 skips it")
     ap.add_argument("--poll-ms", type=float, default=100.0, help="admin status() polling interval; 0 turns it off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=120.0)

@@ -244,6 +244,8 @@ def clipper_server(config: Path, tmp: Path, timeout_s: float, clipper_cmd: list[
         "0",
         "--ready-file",
         str(ready),
+        "--state",  # every run starts from fresh policy states
+        str(tmp / f"{tag}-state.sqlite"),
     ]
     return Server("clipper", argv, ready, tmp / f"{tag}-clipper.log", timeout_s)
 

@@ -33,10 +33,12 @@ async def _start(args) -> int:
         cfg = spec["frontend"]
     else:
         cfg = FrontendConfig()
-    for attr in ("host", "query_port", "admin_port", "rpc_port"):
+    for attr in ("host", "query_port", "admin_port", "rpc_port", "state_path"):
         val = getattr(args, attr)
         if val is not None:
             setattr(cfg, attr, val)
+    if cfg.state_path is None:  # durable by default: next to the config file (or here)
+        cfg.state_path = "clipper-state.sqlite"
     fe = Frontend(cfg, base_dir=spec["base_dir"] if spec else Path.cwd())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -77,9 +79,16 @@ def _admin(args):
 
 
 def cmd_register_app(args) -> int:
+    try:
+        options = json.loads(args.policy_options)
+    except json.JSONDecodeError as exc:
+        raise ClipperError(f"--policy-options {args.policy_options!r} is not JSON: {exc}") from None
     out = _admin(args).register_application(args.name, args.input_dtype, args.input_shape, args.slo_ms,
                                             json.loads(args.default_output), args.on_deadline,
-                                            cache=not args.no_cache)
+                                            cache=not args.no_cache, policy=args.policy, policy_options=options,
+                                            output_kind=args.output_kind,
+                                            confidence_threshold=args.confidence_threshold,
+                                            on_low_confidence=args.on_low_confidence)
     print(json.dumps(out))
     return 0
 
@@ -94,7 +103,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_link(args) -> int:
-    print(json.dumps(_admin(args).link_model_to_app(args.app, args.model)))
+    print(json.dumps(_admin(args).link_model_to_app(args.app, args.model, version=args.version)))
     return 0
 
 
@@ -112,12 +121,18 @@ def cmd_predict(args) -> int:
         except json.JSONDecodeError:
             x = args.input  # a plain string input
     with Client(args.host, args.port, timeout=args.timeout) as client:
-        p = client.predict(args.app, x)
+        if args.label is not None:
+            info = client.feedback(args.app, x, json.loads(args.label), user=args.user)
+            print(json.dumps({"feedback": "ok", **(info or {})}))
+            return 0
+        p = client.predict(args.app, x, user=args.user)
     out = p.output.tolist() if hasattr(p.output, "tolist") else p.output
     if isinstance(out, bytes):
         out = out.decode("utf-8", "replace")
     print(json.dumps({"query_id": p.query_id, "output": out, "default": p.is_default,
-                      **({"default_explanation": p.explanation} if p.explanation else {})}))
+                      **({"default_explanation": p.explanation} if p.explanation else {}),
+                      "confidence": p.confidence, "models": list(p.models),
+                      **({"missing": list(p.missing)} if p.missing else {})}))
     return 0
 
 
@@ -166,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin-port", type=int, default=None, help=f"admin API port (default {DEFAULT_ADMIN_PORT})")
     s.add_argument("--rpc-port", type=int, default=None, help=f"container RPC port (default {DEFAULT_RPC_PORT})")
     s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    s.add_argument("--state", dest="state_path", default=None,
+                   help="state store file (policy states), relative to the config file's folder; ':memory:' "
+                        "keeps nothing (default: clipper-state.sqlite there)")
     s.set_defaults(func=cmd_start)
 
     def admin_opts(sp):
@@ -180,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-output", default="null", help="JSON value answered at the deadline")
     s.add_argument("--on-deadline", choices=("default", "error"), default="default")
     s.add_argument("--no-cache", action="store_true", help="never cache this application's predictions")
+    s.add_argument("--policy", default="single", help="selection policy: single, exp3, exp4, ucb1 or module:Class")
+    s.add_argument("--policy-options", default="{}", help='JSON object of policy options, e.g. \'{"eta": 0.1}\'')
+    s.add_argument("--output-kind", default="auto", choices=("auto", "label", "number", "vector", "probabilities"))
+    s.add_argument("--confidence-threshold", type=float, default=0.0)
+    s.add_argument("--on-low-confidence", choices=("flag", "default"), default="flag")
     admin_opts(s)
     s.set_defaults(func=cmd_register_app)
 
@@ -204,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("link", help="link a model to an application")
     s.add_argument("app")
     s.add_argument("model")
+    s.add_argument("--version", default=None, help="stay on this version (default: follow the current one)")
     admin_opts(s)
     s.set_defaults(func=cmd_link)
 
@@ -213,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=DEFAULT_QUERY_PORT)
     s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--user", default=None, help="the user (policy state) the query belongs to")
+    s.add_argument("--label", default=None, help="send feedback with this JSON label instead of a query")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("status", help="show applications, models, replicas and queue figures")

@@ -37,6 +37,9 @@ class Limits:
     max_queue_length: int = 100_000  # queries waiting in one model's queue
     max_batch_retries: int = 1  # times a batch lost with its container is sent again
     cache_bytes: int = 32 * 1024 * 1024  # memory budget of the prediction cache (keys, outputs, overhead)
+    max_user_id_len: int = 256  # characters of options.user (the user a policy state belongs to)
+    max_user_states: int = 100_000  # policy states the store keeps per application (least recent go first)
+    max_user_states_in_memory: int = 10_000  # policy states held in memory per application
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -79,11 +82,24 @@ class FrontendConfig:
     # may wait for the batch in flight and then ride the next one, so half the
     # SLO keeps the worst case within it.
     batch_budget_fraction: float = 0.5
+    # The state store (policy states): a SQLite file, relative to the frontend's
+    # base folder, or None / ":memory:" for one that does not outlive the process.
+    # `clipper start` defaults it to clipper-state.sqlite next to its config file.
+    state_path: str | None = None
+    state_flush_ms: int = 100  # changed policy states are written at most this long after the change
+    feedback_timeout_ms: int = 1000  # feedback waits this long (at least the SLO) for the predictions it needs
 
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
+        if self.state_path is not None and (not isinstance(self.state_path, str) or not self.state_path):
+            raise InvalidConfigError(f"state_path {self.state_path!r} is not a file path (or \":memory:\")")
+        for name in ("state_flush_ms", "feedback_timeout_ms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 3_600_000:
+                raise InvalidConfigError(f"{name} = {v!r} is not an integer in [1, 3600000]")
+
     limits: Limits = field(default_factory=Limits)
 
     @property

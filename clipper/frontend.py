@@ -48,12 +48,20 @@ class Frontend:
         self._started = False
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
         self._next_deployment_id = 1  # names each deployed model version in the prediction cache
+        self.store = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
         cfg = self.config
         self.loop = asyncio.get_running_loop()
-        self.processor = QueryProcessor(self.loop, cfg.limits.max_input_bytes, cfg.limits.cache_bytes)
+        from .store.sqlite import SQLiteStore
+
+        lim = cfg.limits
+        self.store = SQLiteStore(self._state_path())
+        self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
+                                        state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
+                                        max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
+                                        max_user_states_in_memory=lim.max_user_states_in_memory)
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,
@@ -93,6 +101,15 @@ class Frontend:
             queue.close()
         if self.rpc is not None:
             self.rpc.close()
+        self.processor.close()  # saves the policy states not yet written
+        self.store.close()
+
+    def _state_path(self) -> str:
+        path = self.config.state_path
+        if path is None or path == ":memory:":
+            return ":memory:"
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else self.base_dir / p)
 
     async def __aenter__(self) -> "Frontend":
         return await self.start()
@@ -127,10 +144,21 @@ class Frontend:
             await self.wait_ready(mv.name, mv.version, timeout_s=timeout_s)
         return mv
 
-    async def link(self, app_name: str, model_name: str) -> None:
-        """Link a model to an application: its current version answers the application's queries."""
+    async def link(self, app_name: str, model_name: str, version: str | None = None) -> str:
+        """Link a model to an application; returns the link's name.
+
+        Without ``version`` the model's current version answers (and follows
+        rollbacks); with one, that version does. An application with several
+        links asks its selection policy which of them answer each query.
+        """
         async with self._lock:
-            self.registry.link(app_name, model_name)
+            name = self.registry.link(app_name, model_name, version)
+            self._reroute()
+            return name
+
+    async def unlink(self, app_name: str, link_name: str) -> None:
+        async with self._lock:
+            self.registry.unlink(app_name, link_name)
             self._reroute()
 
     async def set_replicas(self, model_name: str, version: str, replicas: int) -> None:
@@ -179,16 +207,16 @@ class Frontend:
         and give each queue its latency budget."""
         slo_by_queue: dict[str, float] = {}
         for name, route in self.processor.routes.items():
-            queue = None
-            for model_name in self.registry.links.get(name, ()):
-                mv = self.registry.models[model_name].current
-                if mv is not None:
-                    queue = self.processor.queues.get(mv.key)
-                    break
-            route.queue = queue
-            if queue is not None:
-                slo = route.app.slo_ms
-                slo_by_queue[queue.key] = min(slo, slo_by_queue.get(queue.key, slo))
+            links = []
+            for link_name in self.registry.links.get(name, ()):
+                mv = self.registry.resolve_link(link_name)
+                links.append((link_name, self.processor.queues.get(mv.key) if mv is not None else None))
+            route.set_links(links)
+            served = [route.queue] if route.simple else [q for _, q in links]
+            for queue in served:
+                if queue is not None:
+                    slo = route.app.slo_ms
+                    slo_by_queue[queue.key] = min(slo, slo_by_queue.get(queue.key, slo))
         for model in self.registry.models.values():
             for mv in model.versions.values():
                 queue = self.processor.queues.get(mv.key)
@@ -218,9 +246,9 @@ class Frontend:
             await self.deploy_model(_make(ModelVersion, mdict, "model"))
         for link in spec.get("links", []):
             try:
-                await self.link(link["app"], link["model"])
+                await self.link(link["app"], link["model"], link.get("version"))
             except (KeyError, TypeError):
-                raise InvalidConfigError(f"a link must be {{app = ..., model = ...}}, got {link!r}") from None
+                raise InvalidConfigError(f"a link must be {{app = ..., model = ..., version = ...?}}, got {link!r}") from None
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:

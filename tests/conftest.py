@@ -67,6 +67,31 @@ class RunningFrontend:
             self.call(self.fe.wait_ready(model, version, timeout_s=60))
         return mv
 
+    def deploy_ensemble(self, app: str, models: list[tuple], *, policy: str = "exp4", dtype="float32", shape=(4,),
+                        slo_ms=10_000.0, default_output=None, on_deadline="default", cache=True, max_batch=8,
+                        **app_kw) -> list[str]:
+        """Register ``app`` with ``policy``; deploy and link each ``(model, fn, env)`` (version "1").
+
+        Returns the model keys, in link order, once every replica is connected.
+        """
+        self.call(self.fe.register_application(Application(
+            app, dtype, shape, slo_ms=slo_ms, default_output=default_output, on_deadline=on_deadline,
+            cache=cache, policy=policy, **app_kw)))
+        keys = []
+        for model, fn, env in models:
+            mv = ModelVersion(model, "1", dtype, shape, entry=f"model_zoo.py:{fn}", max_batch=max_batch,
+                              env=dict(env or {}))
+            self.call(self.fe.deploy_model(mv))
+            self.call(self.fe.link(app, model))
+            keys.append(mv.key)
+        for model, _, _ in models:
+            self.call(self.fe.wait_ready(model, "1", timeout_s=60))
+        return keys
+
+    def state(self, app: str, user: str = "") -> dict:
+        """The policy state of ``app`` for ``user``, read on the loop."""
+        return self.call(lambda: self.fe.processor.routes[app].states.get(user))
+
     def stats(self) -> dict:
         """The query path's figures (QueryProcessor.stats), read on the loop."""
         return self.call(self.fe.processor.stats)
@@ -86,6 +111,8 @@ class RunningFrontend:
         return self.call(lambda: [r.pid for r in self.fe.rpc.replicas.values() if r.key == key])
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return
         try:
             self.call(self.fe.stop())
         finally:

@@ -59,3 +59,22 @@ class Scaled:
 
     def predict(self, batch):
         return batch.reshape(len(batch), -1)[:, 0] * self.factor
+
+
+def constant(batch):
+    """Every input gets the integer $CLIPPER_TEST_CONST, after sleeping $CLIPPER_TEST_SLEEP_S (default 0)."""
+    delay = float(os.environ.get("CLIPPER_TEST_SLEEP_S", "0"))
+    if delay:
+        time.sleep(delay)
+    return np.full(len(batch), int(os.environ.get("CLIPPER_TEST_CONST", "0")), dtype=np.int64)
+
+
+def first_as_label(batch):
+    """Each input's first value as an integer label (right whenever the label is x[0])."""
+    return batch.reshape(len(batch), -1)[:, 0].astype(np.int64)
+
+
+def fixed_probabilities(batch):
+    """Every input gets the probability vector $CLIPPER_TEST_PROBS (comma-separated)."""
+    p = np.array([float(v) for v in os.environ["CLIPPER_TEST_PROBS"].split(",")], dtype=np.float64)
+    return np.tile(p, (len(batch), 1))

@@ -97,7 +97,8 @@ class _ScriptedConnection(asyncio.Protocol):
             return
         if kind == wire.FEEDBACK:
             if msg[2] == "echo":
-                self.reply(wire.feedback_ok(rid))
+                opts = msg[5] if len(msg) > 5 else {}
+                self.reply(wire.feedback_ok(rid, {"models": ["m:1"], "user": opts["user"]} if opts else None))
             else:
                 self.reply(wire.error(rid, E.UnknownApplicationError(f"no application {msg[2]!r}")))
             return
@@ -349,7 +350,9 @@ def test_default_result_carries_explanation(server):
 
 def test_feedback_and_ping(server):
     with Client("127.0.0.1", server.port) as client:
-        assert client.feedback("echo", [1.0, 2.0], 3) is None
+        assert client.feedback("echo", [1.0, 2.0], 3) == {}  # a FEEDBACK_OK without info
+        assert client.feedback("echo", [1.0], 2, user="alice") == {"models": ["m:1"], "user": "alice"}
+        assert server.received[-1][5] == {"user": "alice"}
         with pytest.raises(E.UnknownApplicationError):
             client.feedback("nope", [1.0], 0)
         rtt = client.ping()

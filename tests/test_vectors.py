@@ -84,7 +84,7 @@ def build_with_wire(vector) -> list:
     if kind == "RESULT":
         return wire.result(f["id"], f["query_id"], f["output"], f["is_default"], f.get("extra"))
     if kind == "FEEDBACK_OK":
-        return wire.feedback_ok(f["id"])
+        return wire.feedback_ok(f["id"], f.get("info"))
     if kind == "PONG":
         return wire.pong(f["id"])
     if kind == "ERROR":

@@ -23,13 +23,14 @@ from ._common import (
     check_reply,
     check_timeout,
     client_limits,
+    feedback_info,
     frame_limit_from,
     reply_id,
     to_prediction,
     unattributed_error,
     window_from,
 )
-from ._sync import _check_app, _opts
+from ._sync import _check_app, _make_opts
 
 __all__ = ["AsyncClient", "ClientProtocol"]
 
@@ -267,7 +268,8 @@ class AsyncClient:
         return self._proto.lost is not None or self._proto._closing_by_client
 
     async def predict(
-        self, app: str, x: Any, timeout: float | None = None, *, options: Mapping | None = None
+        self, app: str, x: Any, timeout: float | None = None, *, options: Mapping | None = None,
+        user: str | None = None,
     ) -> Prediction:
         """Ask application ``app`` for a prediction on input ``x``.
 
@@ -279,7 +281,7 @@ class AsyncClient:
         _check_app(app)
         self._check_open()
         rid = self._encoder.new_id()
-        data = self._encoder.frame(wire.predict(rid, app, x, _opts(options)), "query")
+        data = self._encoder.frame(wire.predict(rid, app, x, _make_opts(options, user)), "query")
         result = to_prediction(await self._call(rid, data, self._timeout(timeout)))
         if isinstance(result, E.ClipperError):
             raise result
@@ -292,6 +294,7 @@ class AsyncClient:
         timeout: float | None = None,
         *,
         options: Mapping | None = None,
+        user: str | None = None,
     ) -> list[Prediction | E.ClipperError]:
         """Ask for a prediction on each input of ``xs``, all pipelined.
 
@@ -305,7 +308,7 @@ class AsyncClient:
         _check_app(app)
         self._check_open()
         timeout = self._timeout(timeout)
-        opts = _opts(options)
+        opts = _make_opts(options, user)
         encoder = self._encoder
         requests = []
         for i, x in enumerate(xs):
@@ -368,17 +371,23 @@ class AsyncClient:
         timeout: float | None = None,
         *,
         options: Mapping | None = None,
-    ) -> None:
-        """Tell application ``app`` the true ``label`` of input ``x``; returns
-        once the server acknowledged it. Raises like :meth:`predict`."""
+        user: str | None = None,
+    ) -> dict:
+        """Tell application ``app`` the true ``label`` of input ``x`` (for
+        ``user``'s policy state); returns what FEEDBACK_OK said once the server
+        has learned from it (see :meth:`Client.feedback`). Raises like
+        :meth:`predict`."""
         _check_app(app)
         self._check_open()
         rid = self._encoder.new_id()
-        data = self._encoder.frame(wire.feedback(rid, app, x, label, _opts(options)), "feedback")
+        data = self._encoder.frame(wire.feedback(rid, app, x, label, _make_opts(options, user)), "feedback")
         reply = await self._call(rid, data, self._timeout(timeout))
-        err = check_reply(reply, wire.FEEDBACK_OK)
-        if err is not None:
-            raise err
+        if isinstance(reply, E.ClipperError):
+            raise reply
+        info = feedback_info(reply)
+        if isinstance(info, E.ClipperError):
+            raise info
+        return info
 
     async def ping(self, timeout: float | None = None) -> float:
         """Send PING, wait for PONG; return the round trip in seconds."""

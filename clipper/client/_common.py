@@ -32,10 +32,19 @@ class Prediction:
         output: the prediction: a number, string, bytes, list, or a read-only
             numpy array when the model returned an array.
         is_default: true when the application's default output was returned
-            because no model answered in time (see ``explanation``).
+            (no model answered in time, or the answer's confidence was below
+            the application's threshold; see ``explanation``).
         explanation: why the default output was returned, else ``None``.
-        extra: every optional field the server sent (``explanation``, and in
-            later versions ``confidence`` and ``models``).
+        extra: every optional field the server sent (``explanation``,
+            ``confidence``, ``models``, ``missing``, ``low_confidence``, ...).
+        confidence: the agreement among the models that answered, in [0, 1]
+            (1 for a single model; ``None`` if the server did not say).
+        models: the model versions (``name:version``) whose answers made
+            ``output``.
+        missing: the selected models that did not answer in time, each as
+            ``"name:version (reason)"``.
+        low_confidence: the confidence was below the application's
+            ``confidence_threshold``.
     """
 
     query_id: int
@@ -43,6 +52,10 @@ class Prediction:
     is_default: bool
     explanation: str | None = None
     extra: dict = field(default_factory=dict)
+    confidence: float | None = None
+    models: tuple = ()
+    missing: tuple = ()
+    low_confidence: bool = False
 
 
 # --------------------------------------------------------------------- encoding
@@ -160,7 +173,36 @@ def to_prediction(msg: list) -> Prediction | E.ClipperError:
     explanation = extra.get("explanation")
     if explanation is not None and type(explanation) is not str:
         explanation = str(explanation)
-    return Prediction(msg[2], msg[3], msg[4], explanation, extra)
+    confidence = extra.get("confidence")
+    if confidence is not None and (type(confidence) not in (int, float) or isinstance(confidence, bool)):
+        confidence = None
+    models = extra.get("models")
+    missing = extra.get("missing")
+    return Prediction(msg[2], msg[3], msg[4], explanation, extra,
+                      None if confidence is None else float(confidence),
+                      tuple(models) if type(models) is list else (),
+                      tuple(missing) if type(missing) is list else (),
+                      extra.get("low_confidence") is True)
+
+
+def feedback_info(msg: list) -> dict | E.ClipperError:
+    """The info map of a FEEDBACK_OK (``{}`` when it has none), or the exception."""
+    err = check_reply(msg, wire.FEEDBACK_OK)
+    if err is not None:
+        return err
+    info = msg[2] if len(msg) > 2 else {}
+    return info if type(info) is dict else {}
+
+
+def user_options(options, user) -> dict | None:
+    """Request options with ``user`` merged in (``options`` is a Mapping or None)."""
+    if user is None:
+        return None if options is None else dict(options)
+    if type(user) is not str:
+        raise TypeError(f"user must be a str, got {type(user).__name__}")
+    out = {} if options is None else dict(options)
+    out["user"] = user
+    return out
 
 
 def check_hello_ok(msg: list, offered) -> dict:

@@ -23,10 +23,12 @@ from ._common import (
     check_reply,
     check_timeout,
     client_limits,
+    feedback_info,
     frame_limit_from,
     reply_id,
     to_prediction,
     unattributed_error,
+    user_options,
     window_from,
 )
 
@@ -129,7 +131,8 @@ class Client:
         return self._closed
 
     def predict(
-        self, app: str, x: Any, timeout: float | None = None, *, options: Mapping | None = None
+        self, app: str, x: Any, timeout: float | None = None, *, options: Mapping | None = None,
+        user: str | None = None,
     ) -> Prediction:
         """Ask application ``app`` for a prediction on input ``x``.
 
@@ -137,7 +140,9 @@ class Client:
         application's), a (nested) list of numbers, ``bytes`` or ``str``,
         whichever the application takes. ``timeout`` overrides the client's
         default for this call. ``options`` is an optional map of request
-        options (see docs/protocol.md).
+        options (see docs/protocol.md); ``user`` names the end user whose
+        selection-policy state the query uses (sent as ``options["user"]``;
+        None: the application's shared state).
 
         Returns a :class:`Prediction`; raises the server's error as its
         :mod:`clipper.errors` class, ``ClientTimeoutError`` or
@@ -148,7 +153,7 @@ class Client:
         with self._lock:
             self._check_open()
             rid = self._encoder.new_id()
-            data = self._encoder.frame(wire.predict(rid, app, x, _opts(options)), "query")
+            data = self._encoder.frame(wire.predict(rid, app, x, _make_opts(options, user)), "query")
             reply = self._exchange([(rid, data)], timeout)[rid]
         result = reply if isinstance(reply, E.ClipperError) else to_prediction(reply)
         if isinstance(result, E.ClipperError):
@@ -162,6 +167,7 @@ class Client:
         timeout: float | None = None,
         *,
         options: Mapping | None = None,
+        user: str | None = None,
     ) -> list[Prediction | E.ClipperError]:
         """Ask for a prediction on each input of ``xs``, all pipelined.
 
@@ -179,7 +185,7 @@ class Client:
         """
         _check_app(app)
         timeout = self._timeout(timeout)
-        opts = _opts(options)
+        opts = _make_opts(options, user)
         with self._lock:
             self._check_open()
             encoder = self._encoder
@@ -202,20 +208,29 @@ class Client:
         timeout: float | None = None,
         *,
         options: Mapping | None = None,
-    ) -> None:
+        user: str | None = None,
+    ) -> dict:
         """Tell application ``app`` the true ``label`` of input ``x``.
 
-        Returns once the server acknowledged it (FEEDBACK_OK); raises like
-        :meth:`predict`.
+        ``user`` names whose policy state learns from it (None: the
+        application's shared state). Returns once the server has updated the
+        state (FEEDBACK_OK) with what it said: ``{"models": [...], "missing":
+        [...]}`` (the models whose predictions the policy learned from, and
+        those that did not answer), or ``{}``. Raises like :meth:`predict`.
         """
         _check_app(app)
         timeout = self._timeout(timeout)
         with self._lock:
             self._check_open()
             rid = self._encoder.new_id()
-            data = self._encoder.frame(wire.feedback(rid, app, x, label, _opts(options)), "feedback")
+            data = self._encoder.frame(wire.feedback(rid, app, x, label, _make_opts(options, user)), "feedback")
             reply = self._exchange([(rid, data)], timeout)[rid]
-        _raise_unless(reply, wire.FEEDBACK_OK)
+        if isinstance(reply, E.ClipperError):
+            raise reply
+        info = feedback_info(reply)
+        if isinstance(info, E.ClipperError):
+            raise info
+        return info
 
     def ping(self, timeout: float | None = None) -> float:
         """Send PING, wait for PONG; return the round trip in seconds."""
@@ -418,9 +433,7 @@ def _check_app(app) -> None:
         raise TypeError(f"the application name must be a str, got {type(app).__name__}")
 
 
-def _opts(options) -> dict | None:
-    if options is None:
-        return None
-    if not isinstance(options, Mapping):
+def _make_opts(options, user=None) -> dict | None:
+    if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping, got {type(options).__name__}")
-    return dict(options)
+    return user_options(options, user)

@@ -41,10 +41,17 @@ class AdminClient:
         return self._call("GET", "/api/v1/status")
 
     def register_application(self, name: str, input_dtype: str, input_shape=(), slo_ms: float = 100.0,
-                             default_output=None, on_deadline: str = "default", cache: bool = True) -> dict:
+                             default_output=None, on_deadline: str = "default", cache: bool = True, *,
+                             policy: str = "single", policy_options: dict | None = None, output_kind: str = "auto",
+                             loss: str | None = None, confidence_threshold: float = 0.0,
+                             on_low_confidence: str = "flag") -> dict:
+        """Register an application; ``policy`` and what follows configure its model selection
+        (see :class:`clipper.Application`)."""
         return self._call("POST", "/api/v1/applications", {
             "name": name, "input_dtype": input_dtype, "input_shape": list(input_shape), "slo_ms": slo_ms,
-            "default_output": default_output, "on_deadline": on_deadline, "cache": cache})
+            "default_output": default_output, "on_deadline": on_deadline, "cache": cache, "policy": policy,
+            "policy_options": policy_options or {}, "output_kind": output_kind, "loss": loss,
+            "confidence_threshold": confidence_threshold, "on_low_confidence": on_low_confidence})
 
     def deploy_model(self, name: str, version: str, input_dtype: str, input_shape=(), *, entry: str | None = None,
                      command: list[str] | None = None, replicas: int = 1, max_batch: int = 256,
@@ -56,8 +63,12 @@ class AdminClient:
             "batching": batching, "batch_delay_ms": batch_delay_ms, "latency_budget_ms": latency_budget_ms,
             "workdir": workdir, "env": env or {}, "wait": wait})
 
-    def link_model_to_app(self, app: str, model: str) -> dict:
-        return self._call("POST", "/api/v1/links", {"app": app, "model": model})
+    def link_model_to_app(self, app: str, model: str, version: str | None = None) -> dict:
+        """Link ``model`` (its current version, or ``version`` when given) to ``app``."""
+        body = {"app": app, "model": model}
+        if version is not None:
+            body["version"] = str(version)
+        return self._call("POST", "/api/v1/links", body)
 
     def set_num_replicas(self, name: str, version: str, replicas: int) -> dict:
         return self._call("POST", f"/api/v1/models/{name}/{version}/replicas", {"replicas": replicas})

@@ -8,7 +8,7 @@ Routes::
     POST /api/v1/applications                      register {name, input_dtype, input_shape, slo_ms, default_output, on_deadline}
     GET  /api/v1/models                            deployed models and versions
     POST /api/v1/models                            deploy {name, version, input_dtype, input_shape, entry|command, replicas, max_batch, workdir, env, wait}
-    POST /api/v1/links                             link {app, model}
+    POST /api/v1/links                             link {app, model, version?}
     POST /api/v1/models/<name>/<version>/replicas  {replicas}
 
 Errors come back as ``{"error": {"code", "name", "message"}}`` with the same
@@ -177,8 +177,11 @@ class AdminServer:
                 app, model = data["app"], data["model"]
             except KeyError:
                 raise InvalidConfigError("a link needs 'app' and 'model'") from None
-            await fe.link(app, model)
-            return 201, {"app": app, "linked_models": fe.registry.linked_models(app)}
+            version = data.get("version")
+            if version is not None and not isinstance(version, str):
+                raise InvalidConfigError(f"link version {version!r} is not a string")
+            link = await fe.link(app, model, version)
+            return 201, {"app": app, "link": link, "linked_models": fe.registry.linked_models(app)}
         if len(rest) == 4 and rest[0] == "models" and rest[3] == "replicas" and method == "POST":
             n = data.get("replicas")
             await fe.set_replicas(rest[1], rest[2], n)

@@ -86,11 +86,18 @@ class Application:
     on_deadline: str = "default"  # "default": answer default_output; "error": DEADLINE_EXCEEDED
     description: str = ""
     cache: bool = True  # look predictions up in the prediction cache (turn off for non-deterministic models)
+    policy: str = "single"  # selection policy: single, exp3, exp4, ucb1, or "module:Class"
+    policy_options: dict = field(default_factory=dict)  # e.g. {eta = 0.1}; see clipper.selection
+    output_kind: str = "auto"  # auto, label, number, vector, probabilities: how answers combine
+    loss: str | None = None  # zero_one, probability, absolute; None: the output kind's default
+    confidence_threshold: float = 0.0  # below it a response is marked low_confidence
+    on_low_confidence: str = "flag"  # "flag": answer and mark it; "default": answer the default output
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
         if not isinstance(self.cache, bool):
             raise InvalidConfigError(f"cache {self.cache!r} for application {self.name!r} is not true or false")
+        self._check_selection()
         if self.on_deadline not in ("default", "error"):
             raise InvalidConfigError(f"on_deadline {self.on_deadline!r} is not 'default' or 'error'")
         check_dtype(self.input_dtype)
@@ -99,6 +106,29 @@ class Application:
         if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not (0 < slo <= MAX_SLO_MS) or math.isnan(slo):
             raise InvalidConfigError(f"slo_ms {slo!r} is not a number in (0, {MAX_SLO_MS:g}]")
         self.slo_ms = float(slo)
+
+    def _check_selection(self) -> None:
+        from ..selection.combine import check_output_kind
+        from ..selection.policy import make_policy
+
+        where = f"for application {self.name!r}"
+        check_output_kind(self.output_kind)
+        if self.policy_options is None:
+            self.policy_options = {}
+        if not isinstance(self.policy_options, dict) or not all(isinstance(k, str) for k in self.policy_options):
+            raise InvalidConfigError(f"policy_options {self.policy_options!r} {where} is not a table of option = value")
+        if self.on_low_confidence not in ("flag", "default"):
+            raise InvalidConfigError(f"on_low_confidence {self.on_low_confidence!r} {where} is not 'flag' or 'default'")
+        t = self.confidence_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0 <= t <= 1:
+            raise InvalidConfigError(f"confidence_threshold {t!r} {where} is not a number in [0, 1]")
+        self.confidence_threshold = float(t)
+        # Build the policy once over a stand-in model: checks its name, options and loss now.
+        try:
+            make_policy(self.policy, ["model"], output_kind=self.output_kind, loss=self.loss,
+                        options=self.policy_options)
+        except InvalidConfigError as exc:
+            raise InvalidConfigError(f"{exc.message} ({where})") from None
 
     @property
     def np_dtype(self) -> np.dtype | None:
@@ -114,6 +144,12 @@ class Application:
             "on_deadline": self.on_deadline,
             "description": self.description,
             "cache": self.cache,
+            "policy": self.policy,
+            "policy_options": dict(self.policy_options),
+            "output_kind": self.output_kind,
+            "loss": self.loss,
+            "confidence_threshold": self.confidence_threshold,
+            "on_low_confidence": self.on_low_confidence,
         }
 
 
@@ -273,18 +309,45 @@ class Registry:
             ) from None
 
     # -- links
-    def link(self, app_name: str, model_name: str) -> None:
+    def link(self, app_name: str, model_name: str, version: str | None = None) -> str:
+        """Link a model to an application; returns the link's name.
+
+        Without ``version`` the link follows the model's current version
+        (its name is the model's); with one it stays on that version (its
+        name is ``model:version``), so an application can link several
+        versions of one model.
+        """
         app = self.get_application(app_name)
+        if version is None and isinstance(model_name, str) and ":" in model_name:
+            model_name, _, version = model_name.partition(":")
         model = self.get_model(model_name)
-        mv = model.current
+        mv = model.current if version is None else self.get_model_version(model_name, version)
         if mv is not None and (mv.input_dtype, mv.input_shape) != (app.input_dtype, app.input_shape):
             raise InvalidConfigError(
                 f"model {model_name!r} takes {mv.input_dtype}{list(mv.input_shape)}; application "
                 f"{app_name!r} sends {app.input_dtype}{list(app.input_shape)}"
             )
+        name = model_name if version is None else f"{model_name}:{version}"
         links = self.links[app_name]
-        if model_name not in links:
-            links.append(model_name)
+        if name not in links:
+            links.append(name)
+        return name
+
+    def unlink(self, app_name: str, link_name: str) -> None:
+        self.get_application(app_name)
+        links = self.links[app_name]
+        if link_name not in links:
+            raise InvalidConfigError(f"application {app_name!r} has no linked model {link_name!r}; "
+                                     f"it has {links}")
+        links.remove(link_name)
+
+    def resolve_link(self, link_name: str) -> ModelVersion | None:
+        """The model version a link points at now (None: no current version)."""
+        name, _, version = link_name.partition(":")
+        model = self.models.get(name)
+        if model is None:
+            return None
+        return model.versions.get(version) if version else model.current
 
     def linked_models(self, app_name: str) -> list[str]:
         self.get_application(app_name)

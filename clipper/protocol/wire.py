@@ -295,8 +295,8 @@ def result(req_id: int, query_id: int, output, is_default: bool, extra: dict | N
     return msg
 
 
-def feedback_ok(req_id: int) -> list:
-    return [FEEDBACK_OK, req_id]
+def feedback_ok(req_id: int, info: dict | None = None) -> list:
+    return [FEEDBACK_OK, req_id, info] if info else [FEEDBACK_OK, req_id]
 
 
 def pong(req_id: int) -> list:

@@ -40,7 +40,7 @@ class Query:
     """One predict request on its way through the frontend."""
 
     __slots__ = ("conn", "req_id", "query_id", "app", "input", "arrival_ns", "deadline_ns", "done", "attempts",
-                 "token", "followers")
+                 "token", "followers", "part")
 
     def __init__(self, conn, req_id, query_id, app, x, arrival_ns, deadline_ns):
         self.conn = conn  # the connection that gets the answer (send_result / send_error)
@@ -54,6 +54,7 @@ class Query:
         self.attempts = 0  # times sent to a container
         self.token = None  # the cache reservation this query leads, if any
         self.followers = None  # queries that joined that reservation
+        self.part = 0  # in a Fanout (several models answer one request): this model's index
 
 
 class Batch:

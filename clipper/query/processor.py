@@ -1,16 +1,35 @@
 """The query processor: from a validated request to an answer.
 
 For each application an :class:`AppRoute` checks inputs against the
-application's type, sends queries to the model queue of its linked model,
-and holds the application's deadlines: a query still unanswered at
-``arrival + slo_ms`` gets the default output (or a deadline error, per the
-application), so no query ever waits forever. Deadlines are kept in arrival
-order per application, so one timer per application suffices.
+application's type, asks its selection policy which linked models answer,
+sends the query to those models' queues (through the prediction cache) and
+holds the application's deadlines: at ``arrival + slo_ms`` whatever has not
+answered is left out (straggler mitigation) and the policy combines what
+arrived; with no answer at all the query gets the default output (or a
+deadline error, per the application). No query ever waits forever.
+
+Two paths:
+
+* **one model** (the ``single`` policy): a query is one :class:`Query` in one
+  model queue; the route itself receives its outcome. This is the hot path
+  and allocates nothing beyond the query.
+* **several models** (every other policy): a :class:`Fanout` stands for the
+  client's request and receives the outcome of one sub-query per selected
+  model; it answers when the last one is in, or at the deadline.
+
+Feedback goes the second way too: the policy names the models whose
+predictions it needs (from the cache when it holds them, else the models
+compute them), and its ``observe`` turns label and predictions into the
+user's new state.
+
+Deadlines are kept in arrival order per application (all share one SLO), so
+one timer per application suffices; feedback has a deque of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 
@@ -21,15 +40,146 @@ from ..errors import (
     DeadlineExceededError,
     DTypeMismatchError,
     InputTooLargeError,
+    InternalError,
     InvalidInputError,
+    LimitExceededError,
+    ModelError,
     NoModelAvailableError,
     ShapeMismatchError,
     UnknownApplicationError,
 )
 from ..management.registry import Application
+from ..selection.policies import MISSING
+from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue, Query
 
-__all__ = ["AppRoute", "QueryProcessor"]
+log = logging.getLogger("clipper.query")
+
+__all__ = ["AppRoute", "QueryProcessor", "Fanout"]
+
+_QUEUED = object()  # _submit: the query waits for its model
+
+
+class Deadlines:
+    """Items with a ``deadline_ns`` and a ``done`` flag, due in the order they were added.
+
+    One timer for all of them; ``on_due(item)`` runs for each item still not
+    done at its deadline.
+    """
+
+    __slots__ = ("loop", "on_due", "items", "_timer")
+
+    def __init__(self, loop, on_due) -> None:
+        self.loop = loop
+        self.on_due = on_due
+        self.items: deque = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def track(self, item) -> None:
+        self.items.append(item)
+        if self._timer is None:
+            self._arm(item.deadline_ns)
+
+    def _arm(self, deadline_ns: int) -> None:
+        delay = (deadline_ns - time.monotonic_ns()) / 1e9
+        self._timer = self.loop.call_at(self.loop.time() + max(delay, 0.0), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.monotonic_ns()
+        dq = self.items
+        while dq:
+            item = dq[0]
+            if item.done:
+                dq.popleft()
+            elif item.deadline_ns <= now + 500_000:  # within the timer's resolution
+                dq.popleft()
+                self.on_due(item)
+            else:
+                self._arm(item.deadline_ns)
+                return
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Fanout:
+    """One client request answered by several models (a query, or feedback).
+
+    The sub-queries (one :class:`Query` per model, ``part`` = its index) have
+    this object as their ``app``: the queues and the cache report each
+    model's outcome here through :meth:`finish`, :meth:`fail` and
+    :meth:`expire`.
+    """
+
+    __slots__ = ("conn", "req_id", "query_id", "route", "input", "arrival_ns", "deadline_ns", "done", "user",
+                 "state", "names", "keys", "outputs", "errors", "remaining", "subs", "label", "is_feedback")
+
+    def __init__(self, conn, req_id, query_id, route, x, arrival_ns, deadline_ns, user, state, names, keys,
+                 label=None, is_feedback=False):
+        self.conn = conn
+        self.req_id = req_id
+        self.query_id = query_id
+        self.route = route
+        self.input = x
+        self.arrival_ns = arrival_ns
+        self.deadline_ns = deadline_ns
+        self.done = False
+        self.user = user
+        self.state = state  # the user's policy state when the query arrived
+        self.names = names  # the selected models, as linked
+        self.keys = keys  # their deployed versions (name:version), or None without a queue
+        n = len(names)
+        self.outputs = [MISSING] * n
+        self.errors: list = [None] * n
+        self.remaining = n
+        self.subs: list = []
+        self.label = label
+        self.is_feedback = is_feedback
+
+    # -- outcomes of the sub-queries
+    def finish(self, sub, output) -> None:
+        if sub.done:
+            return
+        sub.done = True
+        self.outputs[sub.part] = output
+        self._part_done()
+
+    def fail(self, sub, exc: ClipperError) -> None:
+        if sub.done:
+            return
+        sub.done = True
+        self.errors[sub.part] = exc
+        self._part_done()
+
+    def expire(self, sub) -> None:
+        """The sub-query's deadline passed in its queue (the fanout's own deadline is due too)."""
+        if sub.done:
+            return
+        sub.done = True
+        self._part_done()
+
+    def _part_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.done:
+            self.route.complete(self, at_deadline=False)
+
+    def close_parts(self) -> None:
+        """Stop waiting: sub-queries still queued are dropped (late answers still fill the cache)."""
+        for sub in self.subs:
+            sub.done = True
+
+    def missing(self) -> list[str]:
+        """What did not answer: ``"key (reason)"`` per model."""
+        out = []
+        for i, name in enumerate(self.names):
+            if self.outputs[i] is MISSING:
+                key = self.keys[i] or name
+                err = self.errors[i]
+                out.append(f"{key} ({err.name}: {err.message})" if err is not None else f"{key} (no answer in time)")
+        return out
 
 
 class AppRoute:
@@ -38,15 +188,25 @@ class AppRoute:
     def __init__(self, app: Application, processor: "QueryProcessor") -> None:
         self.processor = processor
         self.loop = processor.loop
-        self.queue: ModelQueue | None = None
-        self.deadlines: deque[Query] = deque()
-        self._timer: asyncio.TimerHandle | None = None
+        self.queue: ModelQueue | None = None  # the single-model path's queue
+        self.links: list[tuple[str, ModelQueue | None]] = []  # (linked model, its queue) in link order
+        self.queue_by_name: dict[str, ModelQueue | None] = {}
+        self.policy: Policy | None = None
+        self.states = None  # StateTable, for policies that learn
+        self.simple = True
+        self.single_extra: dict | None = None
+        self.deadlines = Deadlines(self.loop, self.expire)
+        self.feedback_deadlines = Deadlines(self.loop, self._feedback_due)
         self.requests = 0
         self.answered = 0
         self.defaults = 0
         self.errors = 0
         self.cache_hits = 0
         self.cache_joins = 0
+        self.partial = 0  # answered at the deadline without some selected model
+        self.low_confidence = 0
+        self.feedback = 0
+        self.feedback_partial = 0
         self.configure(app)
 
     def configure(self, app: Application) -> None:
@@ -56,10 +216,37 @@ class AppRoute:
         self.shape = tuple(app.input_shape)
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
+        self.feedback_ns = max(self.slo_ns, self.processor.feedback_timeout_ns)
         self.default_output = app.default_output
         self.error_on_deadline = app.on_deadline == "error"
         self.use_cache = bool(app.cache)
         self.max_input_bytes = self.processor.max_input_bytes
+        self.threshold = app.confidence_threshold
+        self.default_on_low_confidence = app.on_low_confidence == "default"
+        self.set_links(self.links, force=True)
+
+    def set_links(self, links: list[tuple[str, ModelQueue | None]], force: bool = False) -> None:
+        """The linked models (and the queues of their deployed versions) changed."""
+        names = [n for n, _ in links]
+        rebuild = force or self.policy is None or self.policy.models != names
+        self.links = list(links)
+        self.queue_by_name = dict(links)
+        app = self.app
+        self.simple = app.policy == "single"
+        # The single-model path serves the first linked model that has a deployed version.
+        self.queue = next((q for _, q in links if q is not None), None) if self.simple else None
+        self.single_extra = {"confidence": 1.0, "models": [self.queue.key]} if self.queue is not None else None
+        if not rebuild:
+            return
+        if not names:
+            self.policy = None
+            return
+        self.policy = make_policy(app.policy, names, output_kind=app.output_kind, loss=app.loss,
+                                  options=app.policy_options)
+        if self.policy.learns:
+            self.states = self.processor.state_table(self.name, self.policy, self.states)
+        else:
+            self.states = None
 
     # ------------------------------------------------------------ inputs
     def check_input(self, x):
@@ -121,13 +308,13 @@ class AppRoute:
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
 
-    # ------------------------------------------------------------ outcomes
+    # ------------------------------------------------------------ outcomes (single-model path)
     def finish(self, q: Query, output) -> None:
         if q.done:
             return
         q.done = True
         self.answered += 1
-        q.conn.send_result(q.req_id, q.query_id, output, False, None)
+        q.conn.send_result(q.req_id, q.query_id, output, False, self.single_extra)
 
     def fail(self, q: Query, exc: ClipperError) -> None:
         if q.done:
@@ -136,61 +323,151 @@ class AppRoute:
         self.errors += 1
         q.conn.send_error(q.req_id, exc)
 
-    def give_default(self, q: Query, explanation: str) -> None:
+    def give_default(self, q, explanation: str, missing: list | None = None) -> None:
         if q.done:
             return
         q.done = True
-        self.defaults += 1
-        q.conn.send_result(q.req_id, q.query_id, self.default_output, True, {"explanation": explanation})
+        self._send_default(q, explanation, missing)
 
-    def expire(self, q: Query) -> None:
-        """The query's deadline passed without an answer."""
+    def _send_default(self, q, explanation: str, missing: list | None) -> None:
+        self.defaults += 1
+        extra = {"explanation": explanation, "confidence": 0.0, "models": []}
+        if missing:
+            extra["missing"] = missing
+        q.conn.send_result(q.req_id, q.query_id, self.default_output, True, extra)
+
+    def expire(self, q) -> None:
+        """The query's deadline passed."""
+        if type(q) is Fanout:
+            self.complete(q, at_deadline=True)
+            return
         if self.error_on_deadline:
             self.fail(q, DeadlineExceededError(
                 f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}"))
         else:
-            self.give_default(q, f"no answer within the {self.slo_ns / 1e6:g} ms SLO")
+            key = self.queue.key if self.queue is not None else "the model"
+            self.give_default(q, f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
+                              [f"{key} (no answer in time)"])
 
-    # ------------------------------------------------------------ deadlines
-    def track(self, q: Query) -> None:
-        self.deadlines.append(q)
-        if self._timer is None:
-            self._arm(q.deadline_ns)
+    def track(self, q) -> None:
+        self.deadlines.track(q)
 
-    def _arm(self, deadline_ns: int) -> None:
-        delay = (deadline_ns - time.monotonic_ns()) / 1e9
-        self._timer = self.loop.call_at(self.loop.time() + max(delay, 0.0), self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        self._timer = None
-        now = time.monotonic_ns()
-        dq = self.deadlines
-        while dq:
-            q = dq[0]
-            if q.done:
-                dq.popleft()
-            elif q.deadline_ns <= now + 500_000:  # within the timer's resolution
-                dq.popleft()
-                self.expire(q)
-            else:
-                self._arm(q.deadline_ns)
+    # ------------------------------------------------------------ outcomes (several models)
+    def complete(self, f: Fanout, at_deadline: bool) -> None:
+        """Every selected model has answered or failed, or the deadline came: answer ``f``."""
+        if f.done:
+            return
+        f.done = True
+        f.close_parts()
+        if not at_deadline and time.monotonic_ns() >= f.deadline_ns - 500_000:
+            at_deadline = True  # the last part expired in its queue: the deadline came all the same
+        if f.is_feedback:
+            return self._complete_feedback(f, at_deadline)
+        got = {}
+        used = []
+        for i, name in enumerate(f.names):
+            out = f.outputs[i]
+            if out is not MISSING:
+                got[name] = out
+                used.append(f.keys[i])
+        missing = f.missing()
+        if not got:
+            errors = [e for e in f.errors if e is not None]
+            if self.error_on_deadline:
+                self.errors += 1
+                if not at_deadline and errors:
+                    exc = errors[0] if len(errors) == 1 else ModelError(
+                        "no selected model could answer: " + "; ".join(missing))
+                else:
+                    exc = DeadlineExceededError(
+                        f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}: "
+                        + "; ".join(missing))
+                f.conn.send_error(f.req_id, exc)
                 return
+            why = "no selected model answered within the SLO" if at_deadline else "no selected model could answer"
+            self._send_default(f, f"{why} ({self.slo_ns / 1e6:g} ms): " + "; ".join(missing), missing)
+            return
+        try:
+            output, confidence = self.policy.combine(f.state, f.input, got)
+            confidence = float(confidence)
+        except ClipperError as exc:
+            self.errors += 1
+            f.conn.send_error(f.req_id, ModelError(f"the answers of {used} cannot be combined: {exc.message}"))
+            return
+        except Exception as exc:  # a policy's bug fails this query only
+            log.exception("policy %s failed to combine", self.policy.name)
+            self.errors += 1
+            f.conn.send_error(f.req_id, InternalError(
+                f"policy {self.policy.name!r} failed to combine: {type(exc).__name__}: {exc}"))
+            return
+        extra = {"confidence": confidence, "models": used}
+        if missing:
+            extra["missing"] = missing
+            self.partial += 1
+        if confidence < self.threshold:
+            self.low_confidence += 1
+            extra["low_confidence"] = True
+            if self.default_on_low_confidence:
+                self.defaults += 1
+                extra["explanation"] = (f"confidence {confidence:.3g} is below the application's "
+                                        f"confidence_threshold {self.threshold:g}")
+                extra["combined_output"] = output
+                f.conn.send_result(f.req_id, f.query_id, self.default_output, True, extra)
+                return
+        self.answered += 1
+        f.conn.send_result(f.req_id, f.query_id, output, False, extra)
+
+    def _feedback_due(self, f: Fanout) -> None:
+        self.complete(f, at_deadline=True)
+
+    def _complete_feedback(self, f: Fanout, at_deadline: bool) -> None:
+        preds = {name: f.outputs[i] for i, name in enumerate(f.names)}
+        missing = f.missing()
+        if missing:
+            self.feedback_partial += 1
+        try:
+            state = self.states.get(f.user)
+            new = self.policy.observe(state, f.input, f.label, preds)
+            if not isinstance(new, dict):
+                raise InternalError(f"policy {self.policy.name!r} returned a {type(new).__name__} as its state; "
+                                    f"a state is a dict")
+            self.states.put(f.user, new)
+        except ClipperError as exc:
+            f.conn.send_error(f.req_id, exc)
+            return
+        except Exception as exc:
+            log.exception("policy %s failed to observe", self.policy.name)
+            f.conn.send_error(f.req_id, InternalError(
+                f"policy {self.policy.name!r} failed to learn from feedback: {type(exc).__name__}: {exc}"))
+            return
+        info = {"models": [f.keys[i] for i, o in enumerate(f.outputs) if o is not MISSING]}
+        if missing:
+            info["missing"] = missing
+        f.conn.send_feedback_ok(f.req_id, info)
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadlines.close()
+        self.feedback_deadlines.close()
 
     def stats(self) -> dict:
-        return {
+        out = {
             "requests": self.requests,
             "answered": self.answered,
             "defaults": self.defaults,
             "errors": self.errors,
             "cache_hits": self.cache_hits,
             "cache_joins": self.cache_joins,
+            "partial": self.partial,
+            "low_confidence": self.low_confidence,
+            "feedback": self.feedback,
+            "feedback_partial": self.feedback_partial,
+            "policy": self.app.policy,
+            "models": [[n, q.key if q is not None else None] for n, q in self.links],
             "model_queue": self.queue.key if self.queue else None,
         }
+        if self.states is not None:
+            out["states"] = self.states.stats()
+        return out
 
 
 def _kind(x) -> str:
@@ -206,9 +483,15 @@ class QueryProcessor:
     application that caches is first looked up by (deployment, input bytes):
     a hit is answered at once; a query whose input is already being computed
     joins that computation; a miss reserves the entry and goes to the queue.
+
+    ``store`` keeps the policies' per-user states (a
+    :class:`~clipper.store.StateStore`); changed states are written in one
+    transaction at most every ``state_flush_ms``.
     """
 
-    def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0) -> None:
+    def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0, *, store=None,
+                 state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
+                 max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000) -> None:
         self.loop = loop
         self.max_input_bytes = max_input_bytes
         self.routes: dict[str, AppRoute] = {}
@@ -221,58 +504,238 @@ class QueryProcessor:
             self.cache = _cache.PredictionCache(cache_bytes)
             self._HIT = _cache.HIT
             self._PENDING = _cache.PENDING
+        if store is None:
+            from ..store.sqlite import SQLiteStore
 
-    def predict(self, conn, req_id: int, app_name, x) -> None:
+            store = SQLiteStore(":memory:")
+        self.store = store
+        self.state_flush_s = state_flush_ms / 1000
+        self.feedback_timeout_ns = int(feedback_timeout_ms * 1_000_000)
+        self.max_user_id_len = max_user_id_len
+        self.max_user_states = max_user_states
+        self.max_user_states_in_memory = max_user_states_in_memory
+        self._tables: dict[str, object] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.state_flushes = 0
+        self.state_flush_errors = 0
+
+    # ------------------------------------------------------------ states
+    def state_table(self, app_name: str, policy: Policy, old=None):
+        """The StateTable of an application for ``policy`` (``old`` is reset when there is one)."""
+        from ..store.states import StateTable
+
+        table = self._tables.get(app_name)
+        if table is not None:
+            self.flush_states()  # what the old policy learned is saved before memory is reset
+        if table is None:
+            table = StateTable(self.store, app_name, policy.name, policy.init, max_in_memory=self.max_user_states_in_memory,
+                               max_states=self.max_user_states, on_dirty=self._states_dirty)
+            self._tables[app_name] = table
+        else:
+            table.reset(policy.name, policy.init)
+        return table
+
+    def drop_states(self, app_name: str) -> None:
+        table = self._tables.pop(app_name, None)
+        if table is not None:
+            table.drop()
+        else:
+            self.store.delete_namespace(f"policy/{app_name}")
+
+    def _states_dirty(self) -> None:
+        if self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(self.state_flush_s, self.flush_states)
+
+    def flush_states(self) -> None:
+        """Write every changed state to the store (one transaction)."""
+        self._flush_timer = None
+        items = []
+        for table in self._tables.values():
+            items += table.take_dirty()
+        if not items:
+            return
+        try:
+            self.store.save_many(items)
+            self.state_flushes += 1
+            for table in self._tables.values():
+                table.trim_if_due()
+        except Exception:
+            self.state_flush_errors += 1
+            log.exception("saving %d policy states failed", len(items))
+
+    def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self.flush_states()
+
+    # ------------------------------------------------------------ requests
+    def _user(self, options) -> str:
+        if options is None:
+            return ""
+        if type(options) is not dict:
+            raise InvalidInputError(f"options is a {type(options).__name__}; expected a map")
+        user = options.get("user")
+        if user is None:
+            return ""
+        if type(user) is not str:
+            raise InvalidInputError(f"options.user is a {type(user).__name__}; expected a str")
+        if len(user) > self.max_user_id_len:
+            raise LimitExceededError(f"options.user has {len(user)} characters; max_user_id_len is "
+                                     f"{self.max_user_id_len}")
+        return user
+
+    def _route(self, app_name) -> AppRoute:
+        route = self.routes.get(app_name)
+        if route is None:
+            raise UnknownApplicationError(f"no application named {app_name!r} is registered")
+        return route
+
+    def predict(self, conn, req_id: int, app_name, x, options=None) -> None:
         """Start answering one query; raises a ClipperError for a request that cannot start."""
         route = self.routes.get(app_name)
         if route is None:
             raise UnknownApplicationError(f"no application named {app_name!r} is registered")
         route.requests += 1
         x = route.check_input(x)
+        if not route.simple:
+            return self._predict_selected(conn, req_id, route, x, self._user(options))
+        if options is not None:
+            self._user(options)  # validated, though the single-model policy keeps no state
         now = time.monotonic_ns()
         qid = self._next_query_id
         self._next_query_id = qid + 1
-        q = Query(conn, req_id, qid, route, x, now, now + route.slo_ns)
         queue = route.queue
         if queue is None:
-            if route.error_on_deadline:
-                raise NoModelAvailableError(f"application {app_name!r} has no linked model")
-            q.done = True  # answered right here
-            route.defaults += 1
-            conn.send_result(req_id, qid, route.default_output, True,
-                             {"explanation": f"application {app_name!r} has no linked model"})
+            self._no_model(conn, req_id, qid, route)
             return
-        cache = queue.cache
-        if cache is not None and route.use_cache:
-            status, found = cache.lookup(queue.deployment_id, x, q)
-            if status == self._HIT:
-                route.cache_hits += 1
-                q.done = True
-                route.answered += 1
-                conn.send_result(req_id, qid, found, False, None)
-                return
-            if status == self._PENDING:  # computing already: join it
-                route.cache_joins += 1
-                if found.followers is None:
-                    found.followers = [q]
-                else:
-                    found.followers.append(q)
-                route.track(q)
-                return
-            q.token = found
+        q = Query(conn, req_id, qid, route, x, now, now + route.slo_ns)
+        out = self._submit(route, queue, q, route.use_cache)
+        if out is _QUEUED:
+            route.track(q)
+            return
+        q.done = True  # a cache hit
+        route.answered += 1
+        conn.send_result(req_id, qid, out, False, route.single_extra)
+
+    def _no_model(self, conn, req_id, qid, route: AppRoute) -> None:
+        if route.error_on_deadline:
+            raise NoModelAvailableError(f"application {route.name!r} has no linked model with a deployed version")
+        route.defaults += 1
+        conn.send_result(req_id, qid, route.default_output, True,
+                         {"explanation": f"application {route.name!r} has no linked model with a deployed version",
+                          "confidence": 0.0, "models": []})
+
+    def _predict_selected(self, conn, req_id, route: AppRoute, x, user: str) -> None:
+        now = time.monotonic_ns()
+        qid = self._next_query_id
+        self._next_query_id = qid + 1
+        policy = route.policy
+        if policy is None:
+            return self._no_model(conn, req_id, qid, route)
+        state = route.states.get(user) if route.states is not None else None
+        names = self._selection(route, policy.select(state, x), "select")
+        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.slo_ns, user, state, names,
+                             [_key(route, n) for n in names]), route.deadlines)
+
+    def _selection(self, route: AppRoute, names, what: str) -> list[str]:
+        """Check what a policy's select (or feedback_models) returned."""
+        try:
+            names = list(names)
+        except TypeError:
+            names = None
+        if names is None or any(n not in route.queue_by_name for n in names) or len(set(names)) != len(names):
+            raise InternalError(f"policy {route.policy.name!r}: {what} returned {names!r}; expected distinct "
+                                f"models among {list(route.queue_by_name)}")
+        return names
+
+    def _fan_out(self, f: Fanout, deadlines: Deadlines) -> None:
+        route = f.route
+        use_cache = route.use_cache
+        for i, name in enumerate(f.names):
+            queue = route.queue_by_name[name]
+            if queue is None:
+                f.errors[i] = NoModelAvailableError(f"model {name!r} has no deployed version")
+                f.remaining -= 1
+                continue
+            sub = Query(f, f.req_id, f.query_id, f, f.input, f.arrival_ns, f.deadline_ns)
+            sub.part = i
+            f.subs.append(sub)
             try:
-                queue.submit(q)
-            except ClipperError:
-                q.token = None
-                cache.fail(found)
-                raise
+                out = self._submit(route, queue, sub, use_cache)
+            except ClipperError as exc:  # e.g. that model's queue is full: this part fails, not the query
+                sub.done = True
+                f.errors[i] = exc
+                f.remaining -= 1
+                continue
+            if out is not _QUEUED:
+                sub.done = True
+                f.outputs[i] = out
+                f.remaining -= 1
+        if f.remaining <= 0:
+            route.complete(f, at_deadline=False)
         else:
+            deadlines.track(f)
+
+    def _submit(self, route: AppRoute, queue: ModelQueue, q: Query, use_cache: bool):
+        """Send ``q`` on its way to ``queue``: its output on a cache hit, else ``_QUEUED``.
+
+        Through the cache: a hit answers now; a query whose input is being
+        computed joins that computation; a miss reserves the entry and queues.
+        """
+        cache = queue.cache
+        if cache is None or not use_cache:
             queue.submit(q)
-        route.track(q)
+            return _QUEUED
+        status, found = cache.lookup(queue.deployment_id, q.input, q)
+        if status == self._HIT:
+            route.cache_hits += 1
+            return found
+        if status == self._PENDING:  # computing already: join it
+            route.cache_joins += 1
+            if found.followers is None:
+                found.followers = [q]
+            else:
+                found.followers.append(q)
+            return _QUEUED
+        q.token = found
+        try:
+            queue.submit(q)
+        except ClipperError:
+            q.token = None
+            cache.fail(found)
+            raise
+        return _QUEUED
+
+    def feedback(self, conn, req_id: int, app_name, x, label, options=None) -> None:
+        """Learn from a label: the policy's observe on the predictions it needs; answers FEEDBACK_OK."""
+        route = self._route(app_name)
+        x = route.check_input(x)
+        user = self._user(options)
+        route.feedback += 1
+        policy = route.policy
+        if policy is None:
+            raise NoModelAvailableError(f"application {route.name!r} has no linked model with a deployed version")
+        if not policy.learns:
+            conn.send_feedback_ok(req_id, None)
+            return
+        state = route.states.get(user)
+        names = self._selection(route, policy.feedback_models(state, x), "feedback_models")
+        now = time.monotonic_ns()
+        qid = self._next_query_id
+        self._next_query_id = qid + 1
+        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.feedback_ns, user, state, names,
+                             [_key(route, n) for n in names], label=label, is_feedback=True),
+                      route.feedback_deadlines)
 
     def stats(self) -> dict:
         return {
             "applications": {name: r.stats() for name, r in self.routes.items()},
             "models": {key: q.stats() for key, q in self.queues.items()},
             "cache": self.cache.stats() if self.cache is not None else None,
+            "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors},
         }
+
+
+def _key(route: AppRoute, name: str) -> str | None:
+    q = route.queue_by_name.get(name)
+    return q.key if q is not None else None

@@ -103,13 +103,9 @@ class QueryConnection(asyncio.Protocol):
             if kind == _PREDICT:
                 if len(msg) < 4 or type(msg[2]) is not str:
                     raise E.MalformedFrameError("PREDICT is [1, id, app, input, options?] with app a string")
-                if self.pending >= self.max_pending:
-                    raise E.LimitExceededError(
-                        f"{self.pending} requests are pending on this connection; "
-                        f"max_pending_per_connection is {self.max_pending}")
-                self.pending += 1
+                self._admit()
                 try:
-                    self.processor.predict(self, req_id, msg[2], msg[3])
+                    self.processor.predict(self, req_id, msg[2], msg[3], msg[4] if len(msg) > 4 else None)
                 except BaseException:
                     self.pending -= 1
                     raise
@@ -128,6 +124,14 @@ class QueryConnection(asyncio.Protocol):
         except Exception as exc:  # a bug: fail the request, keep the connection
             log.exception("internal error on request %s", req_id)
             self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _admit(self) -> None:
+        """Count one more request awaiting its reply, within max_pending_per_connection."""
+        if self.pending >= self.max_pending:
+            raise E.LimitExceededError(
+                f"{self.pending} requests are pending on this connection; "
+                f"max_pending_per_connection is {self.max_pending}")
+        self.pending += 1
 
     def _on_hello(self, req_id: int, msg: list) -> None:
         opts = msg[2] if len(msg) > 2 and isinstance(msg[2], dict) else {}
@@ -152,12 +156,12 @@ class QueryConnection(asyncio.Protocol):
     def _on_feedback(self, req_id: int, msg: list) -> None:
         if len(msg) < 5 or type(msg[2]) is not str:
             raise E.MalformedFrameError("FEEDBACK is [2, id, app, input, label, options?] with app a string")
-        route = self.processor.routes.get(msg[2])
-        if route is None:
-            raise E.UnknownApplicationError(f"no application named {msg[2]!r} is registered")
-        route.check_input(msg[3])
-        # The single-model policy (the only one so far) learns nothing from labels.
-        self._write(wire.feedback_ok(req_id))
+        self._admit()
+        try:
+            self.processor.feedback(self, req_id, msg[2], msg[3], msg[4], msg[5] if len(msg) > 5 else None)
+        except BaseException:
+            self.pending -= 1
+            raise
 
     # ------------------------------------------------------------ replies
     def send_result(self, req_id, query_id, output, is_default, extra) -> None:
@@ -171,6 +175,11 @@ class QueryConnection(asyncio.Protocol):
         except (TypeError, ValueError, OverflowError) as exc:
             body = wire.pack(wire.error(req_id, E.ModelError(f"the model's output cannot be encoded: {exc}")))
         self._queue(framing.pack_frame(body))
+
+    def send_feedback_ok(self, req_id, info: dict | None) -> None:
+        self.pending -= 1
+        if not self.closed:
+            self._write(wire.feedback_ok(req_id, info))
 
     def send_error(self, req_id, exc: E.ClipperError) -> None:
         self.pending -= 1

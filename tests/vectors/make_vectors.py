@@ -41,7 +41,7 @@ FIELDS = {
     "PING": ("id",),
     "HELLO_OK": ("id", "info"),
     "RESULT": ("id", "query_id", "output", "is_default", "extra?"),
-    "FEEDBACK_OK": ("id",),
+    "FEEDBACK_OK": ("id", "info?"),
     "PONG": ("id",),
     "ERROR": ("id", "code", "name", "message"),
 }
@@ -141,6 +141,20 @@ VECTORS = [
         "description": "The server took the feedback of request 6.",
     },
     {
+        "name": "feedback_user",
+        "direction": CLIENT_TO_SERVER,
+        "type": "FEEDBACK",
+        "fields": {"id": 8, "app": "digits", "input": [1, 2, 3], "label": 3, "options": {"user": "alice"}},
+        "description": "Feedback for the policy state of user alice.",
+    },
+    {
+        "name": "feedback_ok_info",
+        "direction": SERVER_TO_CLIENT,
+        "type": "FEEDBACK_OK",
+        "fields": {"id": 8, "info": {"models": ["logreg:1", "svm:2"], "missing": ["knn:1 (no answer in time)"]}},
+        "description": "Feedback 8 was learned from two models' predictions; a third did not answer in time.",
+    },
+    {
         "name": "ping",
         "direction": CLIENT_TO_SERVER,
         "type": "PING",
@@ -193,6 +207,21 @@ VECTORS = [
             "extra": {"explanation": "no model answered within the 20 ms SLO"},
         },
         "description": "The SLO deadline passed: the application's default output, with why.",
+    },
+    {
+        "name": "result_ensemble",
+        "direction": SERVER_TO_CLIENT,
+        "type": "RESULT",
+        "fields": {
+            "id": 4,
+            "query_id": 1004,
+            "output": 3,
+            "is_default": False,
+            "extra": {"confidence": 0.5, "models": ["logreg:1", "svm:2"],
+                      "missing": ["knn:1 (no answer in time)"]},
+        },
+        "description": "Two of three selected models answered by the deadline and disagreed: the policy's "
+        "combined answer, its confidence, which models answered and which were left out.",
     },
     {
         "name": "error_with_id",

@@ -1,0 +1,46 @@
+"""The interface every state store implements."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+__all__ = ["StateStore"]
+
+
+class StateStore:
+    """Values (bytes) under ``(namespace, key)``, with a recency order per namespace.
+
+    Namespaces group what belongs together (``policy/<application>`` holds the
+    policy states of one application, keyed by user) so it can be counted,
+    trimmed and deleted at once. Calls are synchronous and short; the frontend
+    batches writes (:meth:`save_many`) so one commit carries many updates.
+    """
+
+    def load(self, namespace: str, key: str) -> bytes | None:
+        """The value under ``(namespace, key)``, or None."""
+        raise NotImplementedError
+
+    def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
+        """Store every ``(namespace, key, value)`` atomically, each as the most recent of its namespace."""
+        raise NotImplementedError
+
+    def delete(self, namespace: str, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Remove a whole namespace; returns how many values it held."""
+        raise NotImplementedError
+
+    def count(self, namespace: str) -> int:
+        raise NotImplementedError
+
+    def trim(self, namespace: str, keep: int) -> int:
+        """Keep only the ``keep`` most recently saved values of ``namespace``; returns how many went."""
+        raise NotImplementedError
+
+    def keys(self, namespace: str, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` keys of ``namespace``, most recently saved first."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
