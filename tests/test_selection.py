@@ -288,3 +288,45 @@ def test_state_table_lru_write_behind_and_bounds(tmp_path):
     t.drop()
     assert store.count("policy/app") == 0
     store.close()
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("save"), st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from("uvwxyz"),
+                                                  st.binary(max_size=8)), max_size=4)),
+    st.tuples(st.just("trim"), st.sampled_from(["a", "b"]), st.integers(0, 5)),
+    st.tuples(st.just("delete"), st.sampled_from(["a", "b"]), st.sampled_from("uvwxyz")),
+    st.tuples(st.just("drop"), st.sampled_from(["a", "b"])),
+), max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_sqlite_store_matches_a_reference_model(seq):
+    store = SQLiteStore(":memory:")
+    ref: dict[str, dict[str, tuple[int, bytes]]] = {"a": {}, "b": {}}  # ns -> key -> (recency, value)
+    clock = 0
+    for op in seq:
+        if op[0] == "save":
+            store.save_many(op[1])
+            for ns, key, value in op[1]:
+                clock += 1
+                ref[ns][key] = (clock, value)
+        elif op[0] == "trim":
+            _, ns, keep = op
+            gone = store.trim(ns, keep)
+            newest = sorted(ref[ns].items(), key=lambda kv: -kv[1][0])
+            assert gone == max(0, len(newest) - keep)
+            ref[ns] = dict(newest[:keep])
+        elif op[0] == "delete":
+            _, ns, key = op
+            assert store.delete(ns, key) == (key in ref[ns])
+            ref[ns].pop(key, None)
+        else:
+            assert store.delete_namespace(op[1]) == len(ref[op[1]])
+            ref[op[1]] = {}
+        for ns in ("a", "b"):
+            assert store.count(ns) == len(ref[ns])
+            assert store.keys(ns) == [k for k, _ in sorted(ref[ns].items(), key=lambda kv: -kv[1][0])]
+            for key, (_, value) in ref[ns].items():
+                assert store.load(ns, key) == value
+    store.close()

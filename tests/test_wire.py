@@ -441,3 +441,30 @@ def test_pack_is_safe_from_many_threads():
     for th in threads:
         th.join()
     assert failures == []
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+
+
+@IMPLS
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), json_like, st.booleans(),
+       st.none() | st.dictionaries(st.text(max_size=8), json_like, max_size=4))
+def test_result_frame_is_the_packed_message(impl, req_id, query_id, output, is_default, extra):
+    msg = [wire.RESULT, req_id, query_id, output, is_default] + ([] if extra is None else [extra])
+    expected = framing_py.pack_frame(wire.pack(msg))
+    got = impl.result_frame(req_id, query_id, wire.pack(output), is_default,
+                            None if extra is None else wire.pack(extra))
+    assert got == expected
+    assert wire.make_unpacker()(got[4:]) == msg
+
+
+def test_packed_extra_is_a_dict_carrying_its_encoding():
+    e = wire.PackedExtra(confidence=1.0, models=["m:1"])
+    assert e == {"confidence": 1.0, "models": ["m:1"]} and e.packed == wire.pack({"confidence": 1.0, "models": ["m:1"]})
+    assert wire.pack([1, e]) == wire.pack([1, dict(e)])

@@ -1,3 +1,5 @@
+from libc.stdint cimport uint64_t
+
 # Header of clipper._native._framing: the stream splitter of the msgpack port
 # and the batch assembler. Pure-Python twin: framing_py.py.
 
@@ -15,5 +17,7 @@ cdef class FrameReader:
     cdef void _set_state(self, ReaderState state, Py_ssize_t need)
 
 cpdef bytes pack_frame(object body)
+cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body, bint is_default,
+                         object extra_body)
 cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes)
 cpdef bytearray assemble_varlen(list inputs)

@@ -19,6 +19,11 @@ class FrameReader:
 def pack_frame(body: bytes | bytearray | memoryview) -> bytes:
     """``body`` prefixed with its 4-byte big-endian length (one copy)."""
 
+def result_frame(req_id: int, query_id: int, output_body: bytes, is_default: bool,
+                 extra_body: bytes | None) -> bytes:
+    """The frame of ``[65, req_id, query_id, output, is_default, extra?]`` from the
+    msgpack-encoded ``output_body`` and ``extra_body`` (None: no extra)."""
+
 def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
     """Copy each input (exactly ``item_nbytes`` bytes each) once into one buffer."""
 

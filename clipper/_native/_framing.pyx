@@ -127,6 +127,77 @@ cpdef bytes pack_frame(object body):
     return out
 
 
+cdef inline Py_ssize_t _put_uint(char* q, uint64_t v) noexcept nogil:
+    # msgpack's shortest form of an unsigned integer (what msgpack-python writes)
+    cdef int k, n
+    if v < 0x80:
+        q[0] = <char>v
+        return 1
+    if v <= 0xFF:
+        q[0] = <char>0xcc
+        n = 1
+    elif v <= 0xFFFF:
+        q[0] = <char>0xcd
+        n = 2
+    elif v <= <uint64_t>4294967295:
+        q[0] = <char>0xce
+        n = 4
+    else:
+        q[0] = <char>0xcf
+        n = 8
+    for k in range(n):
+        q[1 + k] = <char>((v >> (8 * (n - 1 - k))) & 0xFF)
+    return 1 + n
+
+
+cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body, bint is_default,
+                         object extra_body):
+    """The frame of ``[RESULT, req_id, query_id, output, is_default, extra?]``, in one allocation.
+
+    ``output_body`` and ``extra_body`` are already msgpack-encoded (``extra_body``
+    None: the message has five elements). Byte for byte what
+    ``pack_frame(msgpack.packb([65, req_id, query_id, output, is_default, extra]))`` gives.
+    """
+    cdef Py_buffer out_buf, extra_buf
+    cdef bint has_extra = extra_body is not None
+    cdef Py_ssize_t n, pos
+    cdef bytes frame
+    cdef char* q
+    PyObject_GetBuffer(output_body, &out_buf, PyBUF_SIMPLE)
+    try:
+        if has_extra:
+            PyObject_GetBuffer(extra_body, &extra_buf, PyBUF_SIMPLE)
+        try:
+            # array header + type + two uints (9 bytes each at most) + output + bool + extra
+            n = 2 + 9 + 9 + out_buf.len + 1 + (extra_buf.len if has_extra else 0)
+            frame = PyBytes_FromStringAndSize(NULL, n + HEADER_BYTES)
+            q = PyBytes_AS_STRING(frame)
+            pos = HEADER_BYTES
+            q[pos] = <char>(0x96 if has_extra else 0x95)
+            q[pos + 1] = <char>0x41
+            pos += 2
+            pos += _put_uint(q + pos, req_id)
+            pos += _put_uint(q + pos, query_id)
+            memcpy(q + pos, out_buf.buf, out_buf.len)
+            pos += out_buf.len
+            q[pos] = <char>(0xc3 if is_default else 0xc2)
+            pos += 1
+            if has_extra:
+                memcpy(q + pos, extra_buf.buf, extra_buf.len)
+                pos += extra_buf.len
+        finally:
+            if has_extra:
+                PyBuffer_Release(&extra_buf)
+    finally:
+        PyBuffer_Release(&out_buf)
+    n = pos - HEADER_BYTES
+    q[0] = <char>((n >> 24) & 0xFF)
+    q[1] = <char>((n >> 16) & 0xFF)
+    q[2] = <char>((n >> 8) & 0xFF)
+    q[3] = <char>(n & 0xFF)
+    return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
+
+
 cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes):
     """Copy each input's bytes once into one contiguous buffer.
 

@@ -96,6 +96,29 @@ def pack_frame(body) -> bytes:
     return _HEADER.pack(len(body)) + bytes(body)
 
 
+def _uint(v: int) -> bytes:
+    if v < 0x80:
+        return bytes((v,))
+    for code, n in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if v < 1 << (8 * n):
+            return bytes((code,)) + v.to_bytes(n, "big")
+    raise OverflowError(f"{v} does not fit in 64 bits")
+
+
+def result_frame(req_id: int, query_id: int, output_body, is_default: bool, extra_body) -> bytes:
+    """The frame of ``[RESULT, req_id, query_id, output, is_default, extra?]``.
+
+    ``output_body`` and ``extra_body`` are already msgpack-encoded (``extra_body``
+    None: the message has five elements).
+    """
+    if req_id < 0 or query_id < 0:
+        raise OverflowError("request and query ids are unsigned")
+    body = b"".join((b"\x96\x41" if extra_body is not None else b"\x95\x41", _uint(req_id), _uint(query_id),
+                     bytes(output_body), b"\xc3" if is_default else b"\xc2",
+                     bytes(extra_body) if extra_body is not None else b""))
+    return pack_frame(body)
+
+
 def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
     """Copy each input's bytes once into one contiguous buffer.
 

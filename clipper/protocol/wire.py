@@ -208,6 +208,25 @@ def _new_packer() -> msgpack.Packer:
     return packer
 
 
+class PackedExtra(dict):
+    """A RESULT ``extra`` map sent with many answers (a route's constant one), encoded once.
+
+    It is a dict for everyone else (the REST interface, tests); the msgpack
+    port sends ``packed``. Do not change it after it is made.
+    """
+
+    __slots__ = ("packed",)
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.packed = _new_packer().pack(dict(self))
+
+
+def new_packer() -> msgpack.Packer:
+    """A Packer for one thread (the event loop's): numpy arrays become EXT_NDARRAY."""
+    return msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+
+
 def pack(obj) -> bytes:
     """msgpack-encode one message body (numpy arrays become EXT_NDARRAY).
 

@@ -22,6 +22,8 @@ __all__ = ["QueryServer", "QueryConnection"]
 _PREDICT = wire.PREDICT
 _RESULT = wire.RESULT
 _ERROR = wire.ERROR
+_PackedExtra = wire.PackedExtra
+_result_frame = framing.result_frame
 
 
 class QueryConnection(asyncio.Protocol):
@@ -32,6 +34,7 @@ class QueryConnection(asyncio.Protocol):
         self.processor = server.processor
         self.reader = framing.FrameReader(server.limits.max_frame_bytes)
         self.unpack = server.unpack
+        self.pack = server.packer.pack
         self.transport = None
         self.closed = False
         self.pending = 0
@@ -168,13 +171,16 @@ class QueryConnection(asyncio.Protocol):
         self.pending -= 1
         if self.closed:
             return
-        msg = [_RESULT, req_id, query_id, output, is_default] if extra is None else \
-            [_RESULT, req_id, query_id, output, is_default, extra]
+        pack = self.pack
         try:
-            body = wire.pack(msg)
+            # The message's frame in one native step; a route's constant extra is encoded already.
+            frame = _result_frame(req_id, query_id, pack(output), is_default,
+                                  None if extra is None else extra.packed if type(extra) is _PackedExtra
+                                  else pack(extra))
         except (TypeError, ValueError, OverflowError) as exc:
-            body = wire.pack(wire.error(req_id, E.ModelError(f"the model's output cannot be encoded: {exc}")))
-        self._queue(framing.pack_frame(body))
+            frame = framing.pack_frame(pack(wire.error(req_id, E.ModelError(
+                f"the model's output cannot be encoded: {exc}"))))
+        self._queue(frame)
 
     def send_feedback_ok(self, req_id, info: dict | None) -> None:
         self.pending -= 1
@@ -218,6 +224,7 @@ class QueryServer:
         self.limits = limits
         self.server_name = server_name
         self.unpack = wire.make_unpacker(limits.decode_limits())
+        self.packer = wire.new_packer()  # used on the event loop's thread only
         self.connections: set[QueryConnection] = set()
         self._server: asyncio.AbstractServer | None = None
 

@@ -1,0 +1,84 @@
+"""Micro benchmark of the msgpack query path for cache hits, against the echo floor's.
+
+Run with ``python -m pytest bench/micro/test_query_path_bench.py -p no:cacheprovider
+--benchmark-enable --benchmark-only``. Each round feeds ``FRAMES`` pipelined
+PREDICT frames (784 float32 inputs, all cache hits) to one connection's
+``data_received``, with a transport that discards what is written: what the
+frontend spends per query between the socket read and the socket write,
+without the event loop and the kernel. Divide a round by ``FRAMES``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import uvloop
+
+from bench.echo_server import EchoProtocol
+from clipper._native import framing
+from clipper.config import Limits
+from clipper.management.registry import Application
+from clipper.protocol import wire
+from clipper.query.batching import ModelQueue
+from clipper.query.processor import AppRoute, QueryProcessor
+from clipper.server.query_server import QueryConnection, QueryServer
+
+FRAMES = 1000
+
+
+class NullTransport:
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data) -> None:
+        self.written += len(data)
+
+    def get_extra_info(self, name):
+        return None
+
+    def set_write_buffer_limits(self, high=None) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def frames() -> bytes:
+    x = np.random.default_rng(0).random(784, dtype=np.float32)
+    return b"".join(framing.pack_frame(wire.pack(wire.predict(i, "cheap", x))) for i in range(FRAMES)), x
+
+
+def test_cache_hit_path(benchmark, frames):
+    data, x = frames
+    loop = uvloop.new_event_loop()
+    try:
+        lim = Limits()
+        proc = QueryProcessor(loop, lim.max_input_bytes, lim.cache_bytes)
+        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20), proc)
+        proc.routes["cheap"] = route
+        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
+                           max_batch_retries=1, max_batch=8, cache=proc.cache)
+        route.set_links([("m", queue)])
+        _, token = proc.cache.lookup(1, x, None)
+        proc.cache.fill(token, 3)
+        conn = QueryConnection(QueryServer(loop, proc, lim, "bench"))
+        conn.transport = NullTransport()
+
+        def run():
+            conn.data_received(data)
+            conn._flush()
+
+        benchmark.extra_info["frames_per_round"] = FRAMES
+        benchmark(run)
+        assert route.cache_hits >= FRAMES and conn.pending == 0 and conn.transport.written > 0
+    finally:
+        loop.close()
+
+
+def test_echo_floor_path(benchmark, frames):
+    data, _ = frames
+    proto = EchoProtocol(wire.make_unpacker(), itertools.count())
+    proto.connection_made(NullTransport())
+    benchmark.extra_info["frames_per_round"] = FRAMES
+    benchmark(proto.data_received, data)
+    assert proto._transport.written > 0

@@ -1,0 +1,385 @@
+"""The REST query interface: HTTP/1.1 + JSON on the frontend's event loop (default port 1337).
+
+Compatible with the original Clipper's query frontend, plus what the
+selection layer adds::
+
+    POST /<app>/predict   {"input": x, "user"?: str}
+                          -> {"query_id", "output", "default", "default_explanation"?,
+                              "confidence", "models", "missing"?, "low_confidence"?}
+    POST /<app>/predict   {"input_batch": [x, ...], "user"?: str}
+                          -> {"batch_predictions": [{...} or {"error": {...}}, ...]}
+    POST /<app>/update    {"input": x, "label": y, "user"?: str}  -> {"ok": true, "models", "missing"?}
+    GET  /healthz         {"status": "ok"}: the frontend is serving
+    GET  /readyz          200 when every application has a linked model with a connected
+                          replica, else 503 with the ones that have none
+
+Inputs: a (nested) list of numbers for numeric applications (integers are
+accepted where floats are expected), a string for ``str`` applications, and
+base64 for ``bytes`` applications. Outputs: arrays become lists, bytes
+base64. Every error is ``{"error": {"code", "name", "message"}}`` with the
+codes of the msgpack protocol; the HTTP status follows the branch (404 for an
+unknown application, 400 for a bad request, 413 for a body over the limit,
+503 when no model can answer, 500 for internal faults). One bad request
+fails that request; the connection goes on (except after a request httptools
+cannot parse, which closes it).
+
+Requests on one connection are answered in order (HTTP/1.1 pipelining); each
+is parsed by httptools, never by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections import deque
+
+import httptools
+import numpy as np
+
+from .. import errors as E
+
+log = logging.getLogger("clipper.rest")
+
+__all__ = ["RestServer"]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+_SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExceededError)
+
+
+def http_status(exc: E.ClipperError) -> int:
+    if isinstance(exc, E.UnknownApplicationError):
+        return 404
+    if isinstance(exc, E.FrameTooLargeError):
+        return 413
+    if isinstance(exc, (E.RequestError, E.ProtocolError)):
+        return 400
+    if isinstance(exc, _SERVING_UNAVAILABLE):
+        return 503
+    if isinstance(exc, E.ServingError):
+        return 500
+    return 500
+
+
+def error_body(exc: E.ClipperError) -> dict:
+    return {"error": {"code": exc.code, "name": exc.name, "message": exc.message}}
+
+
+def _to_json(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_dumps = json.JSONEncoder(default=_to_json, allow_nan=False, separators=(",", ":")).encode
+
+
+def result_json(query_id, output, is_default, extra) -> dict:
+    out = {"query_id": query_id, "output": output, "default": bool(is_default)}
+    if extra:
+        if "explanation" in extra:
+            out["default_explanation"] = extra["explanation"]
+        for k in ("confidence", "models", "missing", "low_confidence", "combined_output"):
+            if k in extra:
+                out[k] = extra[k]
+    return out
+
+
+class _Reply:
+    """The answer to one HTTP request: complete when its ``waiting`` answers are in.
+
+    It stands in for a connection to the query processor (``send_result``,
+    ``send_error``, ``send_feedback_ok``); ``req_id`` is the item's index in
+    the request (0 for a single input).
+    """
+
+    __slots__ = ("conn", "keep_alive", "status", "payload", "items", "waiting", "batch", "feedback", "sent")
+
+    def __init__(self, conn: "RestConnection", keep_alive: bool) -> None:
+        self.conn = conn
+        self.keep_alive = keep_alive
+        self.status = 200
+        self.payload = None
+        self.items: list = []
+        self.waiting = 0
+        self.batch = False
+        self.feedback = False
+        self.sent = False
+
+    def finish(self, status: int, payload) -> None:
+        self.status, self.payload, self.waiting = status, payload, 0
+        self.conn.flush()
+
+    # -- the query processor's view
+    def send_result(self, req_id, query_id, output, is_default, extra) -> None:
+        self.items[req_id] = result_json(query_id, output, is_default, extra)
+        self._one_done()
+
+    def send_error(self, req_id, exc: E.ClipperError) -> None:
+        self.items[req_id] = exc
+        self._one_done()
+
+    def send_feedback_ok(self, req_id, info) -> None:
+        self.items[req_id] = {"ok": True, **(info or {})}
+        self._one_done()
+
+    def _one_done(self) -> None:
+        self.conn.in_flight -= 1
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self._compose()
+            self.conn.flush()
+
+    def _compose(self) -> None:
+        if self.batch:
+            self.payload = {"batch_predictions": [error_body(x) if isinstance(x, E.ClipperError) else x
+                                                  for x in self.items]}
+            self.status = 200
+            return
+        item = self.items[0]
+        if isinstance(item, E.ClipperError):
+            self.status, self.payload = http_status(item), error_body(item)
+        else:
+            self.status, self.payload = 200, item
+
+
+class RestConnection(asyncio.Protocol):
+    """One HTTP client connection."""
+
+    def __init__(self, server: "RestServer") -> None:
+        self.server = server
+        self.processor = server.processor
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport = None
+        self.closed = False
+        self.replies: deque[_Reply] = deque()
+        self.in_flight = 0  # queries of this connection awaiting answers
+        self._url = b""
+        self._body: list = []
+        self._size = 0
+        self._too_large = False
+        self._reading_paused = False
+
+    # ------------------------------------------------------------ transport
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        srv = self.server
+        if len(srv.connections) >= srv.limits.max_connections:
+            exc = E.LimitExceededError(f"the server has {len(srv.connections)} open connections; "
+                                       f"max_connections is {srv.limits.max_connections}")
+            transport.write(_http(503, error_body(exc), False))
+            transport.close()
+            self.closed = True
+            return
+        srv.connections.add(self)
+        transport.set_write_buffer_limits(high=srv.limits.max_write_buffer_bytes)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fatal(E.ProtocolError("HTTP upgrade is not supported"))
+        except httptools.HttpParserError as exc:
+            self._fatal(E.MalformedFrameError(f"the request is not valid HTTP/1.1: {exc}"))
+
+    def _fatal(self, exc: E.ClipperError) -> None:
+        """A request httptools cannot parse: answer it after those before it, then close."""
+        r = _Reply(self, keep_alive=False)
+        self.replies.append(r)
+        r.finish(http_status(exc), error_body(exc))
+
+    # ------------------------------------------------------------ httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._body = []
+        self._size = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.server.max_body_bytes:
+            self._too_large = True
+            self._body = []
+        elif not self._too_large:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        reply = _Reply(self, self.parser.should_keep_alive())
+        self.replies.append(reply)
+        try:
+            self._handle(reply)
+        except E.ClipperError as exc:
+            reply.finish(http_status(exc), error_body(exc))
+        except Exception as exc:  # a bug: fail this request, keep the connection
+            log.exception("internal error on a REST request")
+            err = E.InternalError(f"{type(exc).__name__}: {exc}")
+            reply.finish(500, error_body(err))
+
+    # ------------------------------------------------------------ requests
+    def _handle(self, reply: _Reply) -> None:
+        method = self.parser.get_method()
+        try:
+            path = httptools.parse_url(self._url).path.decode("utf-8")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            raise E.MalformedFrameError(f"the request target {self._url[:200]!r} is not a valid URL") from None
+        parts = [p for p in path.split("/") if p]
+        if parts in (["healthz"], ["health"]):
+            return reply.finish(200, {"status": "ok"})
+        if parts == ["readyz"]:
+            not_ready = self.server.not_ready()
+            return reply.finish(503 if not_ready else 200,
+                                {"ready": not not_ready, **({"not_ready": not_ready} if not_ready else {})})
+        if len(parts) != 2 or parts[1] not in ("predict", "update"):
+            return reply.finish(404, error_body(E.RequestError(
+                f"no route {method.decode()} {path}; expected POST /<app>/predict or POST /<app>/update")))
+        if method != b"POST":
+            return reply.finish(405, error_body(E.RequestError(f"{path} takes POST, not {method.decode()}")))
+        if self._too_large:
+            raise E.FrameTooLargeError(f"the request body exceeds max_frame_bytes={self.server.max_body_bytes}")
+        app_name = parts[0]
+        route = self.processor.routes.get(app_name)
+        if route is None:
+            raise E.UnknownApplicationError(f"no application named {app_name!r} is registered")
+        data = self._json_body()
+        user = data.get("user")
+        options = None if user is None else {"user": user}
+        if parts[1] == "update":
+            return self._update(reply, route, app_name, data, options)
+        if "input_batch" in data:
+            xs = data["input_batch"]
+            if type(xs) is not list:
+                raise E.InvalidInputError(f"input_batch is a {type(xs).__name__}; expected a JSON array of inputs")
+            reply.batch = True
+        elif "input" in data:
+            xs = [data["input"]]
+        else:
+            raise E.InvalidInputError("the body needs \"input\" (one input) or \"input_batch\" (a list of inputs)")
+        limit = self.server.limits.max_pending_per_connection
+        if self.in_flight + len(xs) > limit:
+            raise E.LimitExceededError(f"{self.in_flight} queries of this connection are in flight and the request "
+                                       f"adds {len(xs)}; max_pending_per_connection is {limit}")
+        reply.items = [None] * len(xs)
+        if not xs:
+            return reply.finish(200, {"batch_predictions": []})
+        reply.waiting = len(xs)
+        self.in_flight += len(xs)
+        for i, x in enumerate(xs):
+            try:
+                self.processor.predict(reply, i, app_name, self._input(route, x), options)
+            except E.ClipperError as exc:
+                reply.send_error(i, exc)
+
+    def _update(self, reply: _Reply, route, app_name: str, data: dict, options) -> None:
+        if "input" not in data or "label" not in data:
+            raise E.InvalidInputError("an update needs \"input\" and \"label\"")
+        reply.feedback = True
+        reply.items = [None]
+        reply.waiting = 1
+        self.in_flight += 1
+        try:
+            self.processor.feedback(reply, 0, app_name, self._input(route, data["input"]), data["label"], options)
+        except E.ClipperError as exc:
+            reply.send_error(0, exc)
+
+    def _json_body(self) -> dict:
+        body = b"".join(self._body)
+        try:
+            data = json.loads(body) if body else None
+        except (ValueError, RecursionError) as exc:
+            raise E.InvalidInputError(f"the body is not JSON: {exc}") from None
+        if type(data) is not dict:
+            raise E.InvalidInputError(f"the body must be a JSON object, not {type(data).__name__}")
+        return data
+
+    @staticmethod
+    def _input(route, x):
+        """JSON to the application's input type: base64 for bytes applications."""
+        if route.opaque == "bytes":
+            if type(x) is not str:
+                raise E.InvalidInputError(f"input is a {type(x).__name__}; application {route.name!r} takes bytes, "
+                                          f"sent as a base64 string")
+            try:
+                return base64.b64decode(x, validate=True)
+            except (binascii.Error, ValueError):
+                raise E.InvalidInputError("input is not valid base64") from None
+        return x
+
+    # ------------------------------------------------------------ replies
+    def flush(self) -> None:
+        """Write every finished reply at the head of the queue, in request order."""
+        out = []
+        close = False
+        replies = self.replies
+        while replies and replies[0].waiting <= 0 and replies[0].payload is not None:
+            r = replies.popleft()
+            try:
+                out.append(_http(r.status, r.payload, r.keep_alive))
+            except (TypeError, ValueError) as exc:  # an output JSON cannot carry (NaN, an odd object)
+                err = E.ModelError(f"the answer cannot be encoded as JSON: {exc}")
+                out.append(_http(500, error_body(err), r.keep_alive))
+            if not r.keep_alive:
+                close = True
+                replies.clear()
+                break
+        if out and not self.closed:
+            self.transport.write(b"".join(out))
+            if close:
+                self.transport.close()
+                self.closed = True
+
+
+def _http(status: int, payload, keep_alive: bool) -> bytes:
+    body = _dumps(payload).encode("utf-8")
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n")
+    return head.encode("latin-1") + body
+
+
+class RestServer:
+    """Listens for REST queries on the frontend's loop."""
+
+    def __init__(self, loop, processor, limits, not_ready) -> None:
+        self.loop = loop
+        self.processor = processor
+        self.limits = limits
+        self.max_body_bytes = limits.max_frame_bytes
+        self.not_ready = not_ready  # () -> list of applications without a connected replica
+        self.connections: set[RestConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await self.loop.create_server(lambda: RestConnection(self), host, port, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._server.wait_closed()
+            self._server = None
