@@ -242,6 +242,10 @@ def clipper_server(config: Path, tmp: Path, timeout_s: float, clipper_cmd: list[
         "0",
         "--rpc-port",
         "0",
+        "--rest-port",
+        "0",
+        "--metrics-port",
+        "0",
         "--ready-file",
         str(ready),
         "--state",  # every run starts from fresh policy states

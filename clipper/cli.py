@@ -11,7 +11,15 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_ADMIN_PORT, DEFAULT_QUERY_PORT, DEFAULT_RPC_PORT, FrontendConfig, load_config_file
+from .config import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_QUERY_PORT,
+    DEFAULT_REST_PORT,
+    DEFAULT_RPC_PORT,
+    FrontendConfig,
+    load_config_file,
+)
 from .errors import ClipperError
 
 
@@ -33,7 +41,7 @@ async def _start(args) -> int:
         cfg = spec["frontend"]
     else:
         cfg = FrontendConfig()
-    for attr in ("host", "query_port", "admin_port", "rpc_port", "state_path"):
+    for attr in ("host", "query_port", "rest_port", "admin_port", "metrics_port", "rpc_port", "state_path"):
         val = getattr(args, attr)
         if val is not None:
             setattr(cfg, attr, val)
@@ -52,10 +60,12 @@ async def _start(args) -> int:
                 mv = model.current
                 if mv is not None and mv.replicas > 0 and fe.manager.manages(mv):
                     await fe.wait_ready(mv.name, mv.version)
-        ports = {"query_port": fe.query_port, "admin_port": fe.admin_port, "rpc_port": fe.rpc_port,
+        ports = {"query_port": fe.query_port, "rest_port": fe.rest_port, "admin_port": fe.admin_port,
+                 "metrics_port": fe.metrics_port, "rpc_port": fe.rpc_port,
                  "pid": os.getpid()}
-        print(f"clipper ready: msgpack queries on {cfg.host}:{fe.query_port}, admin API on "
-              f"{cfg.host}:{fe.admin_port}, containers on {cfg.rpc_host}:{fe.rpc_port}", flush=True)
+        print(f"clipper ready: msgpack queries on {cfg.host}:{fe.query_port}, REST on {cfg.host}:{fe.rest_port}, "
+              f"admin API on {cfg.host}:{fe.admin_port}, metrics on {cfg.host}:{fe.metrics_port}, "
+              f"containers on {cfg.rpc_host}:{fe.rpc_port}", flush=True)
         if args.ready_file:
             tmp = Path(args.ready_file + ".tmp")
             tmp.write_text(json.dumps(ports))
@@ -107,6 +117,42 @@ def cmd_link(args) -> int:
     return 0
 
 
+def cmd_unlink(args) -> int:
+    print(json.dumps(_admin(args).unlink_model_from_app(args.app, args.model, version=args.version)))
+    return 0
+
+
+def cmd_unregister_app(args) -> int:
+    print(json.dumps(_admin(args).unregister_application(args.name)))
+    return 0
+
+
+def cmd_delete_model(args) -> int:
+    print(json.dumps(_admin(args).delete_model(args.name, args.version)))
+    return 0
+
+
+def cmd_set_version(args) -> int:
+    print(json.dumps(_admin(args).set_model_version(args.name, args.version)))
+    return 0
+
+
+def cmd_replicas(args) -> int:
+    admin = _admin(args)
+    if args.count is not None:
+        print(json.dumps(admin.set_num_replicas(args.name, args.version, args.count)))
+    else:
+        print(json.dumps(admin.get_model_info(args.name, args.version)["replicas"], indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    admin = _admin(args)
+    out = admin.get_all_apps() if args.what == "apps" else admin.get_all_models()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_predict(args) -> int:
     import numpy as np
 
@@ -137,18 +183,49 @@ def cmd_predict(args) -> int:
 
 
 def cmd_status(args) -> int:
-    st = _admin(args).status()
+    admin = _admin(args)
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(admin.status(), indent=2))
         return 0
+    if not args.watch:
+        _print_status(admin.status(), None, 0.0)
+        return 0
+    import time
+
+    prev, prev_t = None, 0.0
+    try:
+        while True:
+            st = admin.status()
+            now = time.monotonic()
+            sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: a live table
+            _print_status(st, prev, now - prev_t if prev else 0.0)
+            sys.stdout.flush()
+            prev, prev_t = st, now
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _rate(st, prev, dt, app, field) -> str:
+    if prev is None or dt <= 0:
+        return "-"
+    a = st["traffic"]["applications"].get(app, {}).get(field, 0)
+    b = prev["traffic"]["applications"].get(app, {}).get(field, 0)
+    return f"{(a - b) / dt:,.0f}"
+
+
+def _print_status(st: dict, prev: dict | None, dt: float) -> None:
     traffic = st["traffic"]
-    print(f"clipper {st['version']}  ports: {st['ports']}  client connections: {st['connections']}")
-    print(f"{'application':20s} {'input':16s} {'slo_ms':>7s} {'requests':>9s} {'answered':>9s} {'defaults':>9s} "
-          f"{'errors':>7s}  models")
+    print(f"clipper {st['version']}  ports: {st['ports']}  client connections: {st['connections']} msgpack, "
+          f"{st.get('rest_connections', 0)} REST")
+    print(f"{'application':20s} {'input':16s} {'slo_ms':>7s} {'policy':>7s} {'req/s':>8s} {'requests':>9s} "
+          f"{'answered':>9s} {'defaults':>9s} {'errors':>7s} {'p99 ms':>7s}  models")
     for name, a in st["applications"].items():
         t = traffic["applications"].get(name, {})
-        print(f"{name:20s} {a['input_dtype'] + str(a['input_shape']):16s} {a['slo_ms']:7g} {t.get('requests', 0):9d} "
-              f"{t.get('answered', 0):9d} {t.get('defaults', 0):9d} {t.get('errors', 0):7d}  "
+        p99 = t.get("latency_p99_ms")
+        print(f"{name:20s} {a['input_dtype'] + str(a['input_shape']):16s} {a['slo_ms']:7g} {a.get('policy', '-'):>7s} "
+              f"{_rate(st, prev, dt, name, 'requests'):>8s} {t.get('requests', 0):9d} {t.get('answered', 0):9d} "
+              f"{t.get('defaults', 0):9d} {t.get('errors', 0):7d} {'-' if p99 is None else format(p99, '.2f'):>7s}  "
               f"{','.join(a['linked_models']) or '-'}")
     print(f"{'model queue':20s} {'queued':>7s} {'replicas':>8s} {'batching':>8s} {'sizes':>10s} {'batches':>9s} "
           f"{'mean batch':>10s} {'wait ms':>8s} {'last batch ms':>13s} {'expired':>8s}")
@@ -178,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML deployment file (frontend, applications, models, links)")
     s.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     s.add_argument("--query-port", type=int, default=None, help=f"msgpack query port (default {DEFAULT_QUERY_PORT})")
+    s.add_argument("--rest-port", type=int, default=None, help=f"REST (HTTP/JSON) query port (default {DEFAULT_REST_PORT})")
     s.add_argument("--admin-port", type=int, default=None, help=f"admin API port (default {DEFAULT_ADMIN_PORT})")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help=f"Prometheus metrics port (default {DEFAULT_METRICS_PORT})")
     s.add_argument("--rpc-port", type=int, default=None, help=f"container RPC port (default {DEFAULT_RPC_PORT})")
     s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     s.add_argument("--state", dest="state_path", default=None,
@@ -231,6 +311,42 @@ def build_parser() -> argparse.ArgumentParser:
     admin_opts(s)
     s.set_defaults(func=cmd_link)
 
+    s = sub.add_parser("unlink", help="unlink a model from an application")
+    s.add_argument("app")
+    s.add_argument("model")
+    s.add_argument("--version", default=None, help="the pinned version's link")
+    admin_opts(s)
+    s.set_defaults(func=cmd_unlink)
+
+    s = sub.add_parser("unregister-app", help="remove an application (its endpoint, links, policy states)")
+    s.add_argument("name")
+    admin_opts(s)
+    s.set_defaults(func=cmd_unregister_app)
+
+    s = sub.add_parser("delete-model", help="delete a model version, or a whole model")
+    s.add_argument("name")
+    s.add_argument("version", nargs="?", default=None)
+    admin_opts(s)
+    s.set_defaults(func=cmd_delete_model)
+
+    s = sub.add_parser("set-version", help="make a version the model's current one (roll back or forward)")
+    s.add_argument("name")
+    s.add_argument("version")
+    admin_opts(s)
+    s.set_defaults(func=cmd_set_version)
+
+    s = sub.add_parser("replicas", help="show a model version's replicas, or set how many run")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("count", nargs="?", type=int, default=None)
+    admin_opts(s)
+    s.set_defaults(func=cmd_replicas)
+
+    s = sub.add_parser("list", help="list applications or models")
+    s.add_argument("what", choices=("apps", "models"))
+    admin_opts(s)
+    s.set_defaults(func=cmd_list)
+
     s = sub.add_parser("predict", help="send one query over the msgpack protocol")
     s.add_argument("app")
     s.add_argument("input", help="JSON input, or @file.npy / @file.json")
@@ -243,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show applications, models, replicas and queue figures")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true", help="a live table, redrawn every --interval seconds")
+    s.add_argument("--interval", type=float, default=1.0)
     admin_opts(s)
     s.set_defaults(func=cmd_status)
     return p

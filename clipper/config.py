@@ -69,7 +69,9 @@ class FrontendConfig:
 
     host: str = "127.0.0.1"
     query_port: int | None = DEFAULT_QUERY_PORT
+    rest_port: int | None = DEFAULT_REST_PORT  # HTTP/JSON queries
     admin_port: int | None = DEFAULT_ADMIN_PORT
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # Prometheus text format
     rpc_host: str = "127.0.0.1"
     rpc_port: int = DEFAULT_RPC_PORT
     heartbeat_interval_ms: int = 1000  # frontend <-> container heartbeats

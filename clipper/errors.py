@@ -29,6 +29,7 @@ __all__ = [
     "ShapeMismatchError",
     "InputTooLargeError",
     "InvalidConfigError",
+    "UnknownModelError",
     "ServingError",
     "ModelError",
     "WrongOutputCountError",
@@ -160,6 +161,13 @@ class InvalidConfigError(RequestError, ValueError):
 
     code = 206
     name = "INVALID_CONFIG"
+
+
+class UnknownModelError(InvalidConfigError, LookupError):
+    """A management request names a model or version that is not deployed."""
+
+    code = 207
+    name = "UNKNOWN_MODEL"
 
 
 # -------------------------------------------------------------- serving faults

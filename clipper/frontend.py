@@ -40,15 +40,21 @@ class Frontend:
         self.rpc: ContainerServer | None = None
         self.manager: LocalProcessManager | None = None
         self.query_server: QueryServer | None = None
+        self.rest = None
         self.admin = None
+        self.metrics = None
         self.query_port: int | None = None
+        self.rest_port: int | None = None
         self.admin_port: int | None = None
+        self.metrics_port: int | None = None
         self.rpc_port: int | None = None
         self._lock = asyncio.Lock()
         self._started = False
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
         self._next_deployment_id = 1  # names each deployed model version in the prediction cache
         self.store = None
+        self._scratch = None  # a temporary folder (closures of a frontend without a state file)
+        self._restoring = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
@@ -75,14 +81,25 @@ class Frontend:
         self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}")
         if cfg.query_port is not None:
             self.query_port = await self.query_server.start(cfg.host, cfg.query_port)
+        if cfg.rest_port is not None:
+            from .server.rest import RestServer
+
+            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready)
+            self.rest_port = await self.rest.start(cfg.host, cfg.rest_port)
+        if cfg.metrics_port is not None:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self)
+            self.metrics_port = await self.metrics.start(cfg.host, cfg.metrics_port)
         if cfg.admin_port is not None:
             from .management.admin_http import AdminServer
 
             self.admin = AdminServer(self)
             self.admin_port = await self.admin.start(cfg.host, cfg.admin_port)
         self._started = True
-        log.info("clipper frontend: query port %s, admin port %s, container RPC %s",
-                 self.query_port, self.admin_port, rpc_addr)
+        await self._restore_registry()
+        log.info("clipper frontend: msgpack port %s, REST port %s, admin port %s, metrics port %s, container RPC %s",
+                 self.query_port, self.rest_port, self.admin_port, self.metrics_port, rpc_addr)
         return self
 
     async def stop(self) -> None:
@@ -91,6 +108,10 @@ class Frontend:
         self._started = False
         if self.admin is not None:
             await self.admin.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.rest is not None:
+            await self.rest.close()
         if self.query_server is not None:
             await self.query_server.close()
         if self.manager is not None:
@@ -103,6 +124,52 @@ class Frontend:
             self.rpc.close()
         self.processor.close()  # saves the policy states not yet written
         self.store.close()
+
+    # ------------------------------------------------------------ the registry across restarts
+    _REGISTRY_NS = "registry"
+
+    def _save_registry(self) -> None:
+        """Keep the registry in the state store (after every change; a few kB of JSON)."""
+        if self._restoring or self.store is None:
+            return
+        import json
+
+        self.store.save_many([(self._REGISTRY_NS, "snapshot", json.dumps(self.registry.snapshot()).encode())])
+
+    async def _restore_registry(self) -> None:
+        """Bring back what the state store remembers: applications, model versions, links."""
+        import json
+
+        raw = self.store.load(self._REGISTRY_NS, "snapshot")
+        if raw is None:
+            return
+        try:
+            snap = json.loads(raw)
+        except ValueError:
+            log.error("the registry saved in %s is not JSON; starting empty", self.store)
+            return
+        self._restoring = True
+        try:
+            for a in snap.get("applications", []):
+                await self._restore_step(self.register_application, _make(Application, a, "application"))
+            for m in snap.get("models", []):
+                for v in m.get("versions", []):
+                    mv = _make(ModelVersion, v, "model")
+                    await self._restore_step(self.deploy_model, mv, make_current=v["version"] == m.get("current_version"))
+            for app, names in snap.get("links", {}).items():
+                for link in names:
+                    await self._restore_step(self.link, app, link)
+        finally:
+            self._restoring = False
+        self._save_registry()
+        log.info("restored %d applications and %d models from %s", len(self.registry.applications),
+                 len(self.registry.models), self.store)
+
+    async def _restore_step(self, fn, *args, **kw) -> None:
+        try:
+            await fn(*args, **kw)
+        except ClipperError as exc:  # one bad entry (say, a model file that is gone) does not stop the rest
+            log.error("cannot restore %s: %s", args[0] if args else fn.__name__, exc.message)
 
     def _state_path(self) -> str:
         path = self.config.state_path
@@ -123,26 +190,130 @@ class Frontend:
         async with self._lock:
             self.registry.add_application(app)
             self.processor.routes[app.name] = AppRoute(app, self.processor)
+            self._reroute()
+            self._save_registry()
+            return app
+
+    async def unregister_application(self, name: str) -> Application:
+        """Remove an application: its endpoint, links and policy states. Queries in flight still get answers."""
+        async with self._lock:
+            app = self.registry.remove_application(name)
+            route = self.processor.routes.pop(name, None)
+            if route is not None:
+                route.close()
+            self.processor.drop_states(name)
+            self._reroute()
+            self._save_registry()
             return app
 
     async def deploy_model(self, mv: ModelVersion, *, make_current: bool = True, wait: bool = False,
                            timeout_s: float | None = None) -> ModelVersion:
-        """Deploy a model version and start its containers (if it has an entry or command)."""
+        """Deploy a model version and start its containers (if it has an entry or command).
+
+        With ``wait``, return once its replicas have connected; if its
+        containers cannot start (the entry does not load, a closure's Python
+        or cloudpickle version does not match), the deployment is removed
+        again and the error names why.
+        """
         async with self._lock:
-            self.registry.add_model_version(mv, make_current=make_current)
-            lim = self.config.limits
-            deployment_id = self._next_deployment_id
-            self._next_deployment_id += 1
-            self.processor.queues[mv.key] = ModelQueue(
-                mv.key, self.loop, self.rpc.send_batch, deployment_id=deployment_id,
-                max_queue_length=lim.max_queue_length, max_batch_retries=lim.max_batch_retries,
-                max_batch=mv.max_batch, batching=mv.batching, batch_delay_ms=mv.batch_delay_ms,
-                cache=self.processor.cache)
+            self._add_version(mv, make_current)
             self._reroute()
+            self._save_registry()
             await self.manager.ensure(mv)
-        if wait:
-            await self.wait_ready(mv.name, mv.version, timeout_s=timeout_s)
+        if wait and mv.replicas > 0 and self.manager.manages(mv):
+            try:
+                await self.wait_ready(mv.name, mv.version, timeout_s=timeout_s)
+            except NoModelAvailableError:
+                await self.delete_model(mv.name, mv.version)
+                raise
         return mv
+
+    def _add_version(self, mv: ModelVersion, make_current: bool) -> None:
+        self.registry.add_model_version(mv, make_current=make_current)
+        lim = self.config.limits
+        deployment_id = self._next_deployment_id  # a fresh one: a redeployed version never meets old cache entries
+        self._next_deployment_id += 1
+        self.processor.queues[mv.key] = ModelQueue(
+            mv.key, self.loop, self.rpc.send_batch, deployment_id=deployment_id,
+            max_queue_length=lim.max_queue_length, max_batch_retries=lim.max_batch_retries,
+            max_batch=mv.max_batch, batching=mv.batching, batch_delay_ms=mv.batch_delay_ms,
+            cache=self.processor.cache)
+
+    async def deploy_closure(self, name: str, version: str, blob: bytes, input_dtype: str, input_shape=(),
+                             **kw) -> ModelVersion:
+        """Deploy a Python closure serialized by :func:`clipper.container.closure.dump_closure`.
+
+        The blob is checked and saved under the state folder; its containers
+        run ``closure:<file>``. Other keywords are :class:`ModelVersion`'s.
+        """
+        from .container.closure import closure_info
+
+        info = closure_info(blob)  # raises InvalidConfigError for a blob that is not a closure
+        wait = kw.pop("wait", True)
+        folder = self._closure_dir()
+        path = folder / f"{name}-{version}-{info['sha256'][:16]}.closure"
+        path.write_bytes(blob)
+        mv = ModelVersion(name, version, input_dtype, input_shape, entry=f"closure:{path}",
+                          closure={**info, "path": str(path)}, **kw)
+        return await self.deploy_model(mv, wait=bool(wait))
+
+    def _closure_dir(self) -> Path:
+        state = self._state_path()
+        base = Path(state).parent if state != ":memory:" else Path(self._scratch_dir())
+        folder = base / "clipper-closures"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _scratch_dir(self) -> str:
+        if self._scratch is None:
+            import tempfile
+
+            self._scratch = tempfile.mkdtemp(prefix="clipper-")
+        return self._scratch
+
+    async def delete_model(self, name: str, version: str | None = None) -> list[str]:
+        """Remove one version (or, without ``version``, the whole model and its links).
+
+        Its containers stop, queries waiting for it fail with NO_MODEL_AVAILABLE,
+        its cache entries go, and applications re-route at once. Returns the
+        removed versions' keys.
+        """
+        async with self._lock:
+            if version is None:
+                model = self.registry.get_model(name)
+                mvs = list(model.versions.values())
+                self.registry.remove_model(name)
+            else:
+                mvs = [self.registry.remove_model_version(name, str(version))]
+                if not self.registry.models[name].versions:  # its last version: the model goes too
+                    self.registry.remove_model(name)
+            self._reroute()
+            self._save_registry()
+            for mv in mvs:
+                await self._retire(mv, f"model {mv.key} was deleted")
+            return [mv.key for mv in mvs]
+
+    async def _retire(self, mv: ModelVersion, reason: str) -> None:
+        await self.manager.remove(mv.key)  # no restarts from now on
+        queue = self.processor.queues.pop(mv.key, None)
+        self.rpc.drop_model(mv.key, reason)
+        if queue is not None:
+            queue.fail_all(NoModelAvailableError(reason))
+            queue.close()
+            if self.processor.cache is not None:
+                self.processor.cache.invalidate(queue.deployment_id)
+
+    async def set_model_version(self, name: str, version: str) -> ModelVersion:
+        """Make ``version`` the current one (roll back or forward).
+
+        Applications following the model send their next query to it; queries
+        already queued for the previous version are still answered by it.
+        """
+        async with self._lock:
+            mv = self.registry.set_current(name, str(version))
+            self._reroute()
+            self._save_registry()
+            return mv
 
     async def link(self, app_name: str, model_name: str, version: str | None = None) -> str:
         """Link a model to an application; returns the link's name.
@@ -154,18 +325,21 @@ class Frontend:
         async with self._lock:
             name = self.registry.link(app_name, model_name, version)
             self._reroute()
+            self._save_registry()
             return name
 
     async def unlink(self, app_name: str, link_name: str) -> None:
         async with self._lock:
             self.registry.unlink(app_name, link_name)
             self._reroute()
+            self._save_registry()
 
     async def set_replicas(self, model_name: str, version: str, replicas: int) -> None:
         async with self._lock:
             mv = self.registry.get_model_version(model_name, version)
             probe = ModelVersion(mv.name, mv.version, mv.input_dtype, mv.input_shape, replicas=replicas)
             mv.replicas = probe.replicas
+            self._save_registry()
             await self.manager.ensure(mv)
 
     async def wait_ready(self, model_name: str, version: str | None = None, replicas: int | None = None,
@@ -238,12 +412,19 @@ class Frontend:
     async def apply(self, spec: dict, base_dir: Path | None = None) -> None:
         """Apply a deployment spec (from :func:`clipper.config.load_config_file`)."""
         base = Path(base_dir or spec.get("base_dir") or self.base_dir)
+        # What the state store brought back stays as it is (it may have been changed since through
+        # the admin API); the file adds what is not there yet.
         for a in spec.get("applications", []):
-            await self.register_application(_make(Application, a, "application"))
+            app = _make(Application, a, "application")
+            if app.name not in self.registry.applications:
+                await self.register_application(app)
         for mdict in spec.get("models", []):
             mdict = dict(mdict)
             mdict.setdefault("workdir", str(base))
-            await self.deploy_model(_make(ModelVersion, mdict, "model"))
+            mv = _make(ModelVersion, mdict, "model")
+            known = self.registry.models.get(mv.name)
+            if known is None or mv.version not in known.versions:
+                await self.deploy_model(mv)
         for link in spec.get("links", []):
             try:
                 await self.link(link["app"], link["model"], link.get("version"))
@@ -251,11 +432,24 @@ class Frontend:
                 raise InvalidConfigError(f"a link must be {{app = ..., model = ..., version = ...?}}, got {link!r}") from None
 
     # ------------------------------------------------------------ status
+    def not_ready(self) -> list[str]:
+        """Applications that cannot answer from a model now: ``"app: why"`` each (empty: ready)."""
+        out = []
+        for name, route in self.processor.routes.items():
+            queues = [q for _, q in route.links if q is not None]
+            if not queues:
+                out.append(f"{name}: no linked model with a deployed version")
+            elif not any(q.replicas for q in queues):
+                out.append(f"{name}: no connected replica of {', '.join(q.key for q in queues)}")
+        return out
+
     def status(self) -> dict:
         return {
             "version": __version__,
-            "ports": {"query": self.query_port, "admin": self.admin_port, "rpc": self.rpc_port},
+            "ports": {"query": self.query_port, "rest": self.rest_port, "admin": self.admin_port,
+                      "metrics": self.metrics_port, "rpc": self.rpc_port},
             "connections": len(self.query_server.connections) if self.query_server else 0,
+            "rest_connections": len(self.rest.connections) if self.rest else 0,
             "applications": {n: {**a.to_dict(), "linked_models": self.registry.links.get(n, [])}
                              for n, a in self.registry.applications.items()},
             "models": {n: {"current_version": m.current_version,

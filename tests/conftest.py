@@ -122,7 +122,7 @@ class RunningFrontend:
 
 
 def make_config(**limits) -> FrontendConfig:
-    cfg = FrontendConfig(query_port=0, admin_port=0, rpc_port=0, heartbeat_interval_ms=200,
+    cfg = FrontendConfig(query_port=0, rest_port=0, admin_port=0, metrics_port=0, rpc_port=0, heartbeat_interval_ms=200,
                          heartbeat_timeout_ms=2000, restart_backoff_ms=(50, 500))
     for k, v in limits.items():
         if hasattr(cfg, k):

@@ -28,7 +28,7 @@ def impl_env(request):
 def _start(tmp_path, env, *extra):
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen([sys.executable, "-m", "clipper", "start", "--query-port", "0", "--admin-port", "0",
-                             "--rpc-port", "0", "--ready-file", str(ready),
+                             "--rpc-port", "0", "--rest-port", "0", "--metrics-port", "0", "--ready-file", str(ready),
                              "--state", str(tmp_path / "state.sqlite"), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -169,8 +169,9 @@ def test_policy_state_survives_a_frontend_restart(frontend_factory, tmp_path):
     before = first.state("durable", "carol")
     assert before["updates"] == 4
     first.close()  # saves what is not saved yet
-    second = frontend_factory(state_path=path)
-    second.deploy_ensemble("durable", models, output_kind="label")
+    second = frontend_factory(state_path=path)  # brings back the registry (and starts the containers) too
+    for model, _, _ in models:
+        second.call(second.fe.wait_ready(model, "1", timeout_s=60))
     assert second.state("durable", "carol") == before
     assert second.state("durable", "dave")["updates"] == 0
 

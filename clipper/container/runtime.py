@@ -76,12 +76,17 @@ def _import_entry(entry: str):
 def load_predictor(entry_or_obj) -> Callable[[Any], Any]:
     """Turn an entry point into a ``predict(batch)`` callable.
 
-    ``entry_or_obj`` is ``"module:attr"``, ``"path/file.py:attr"``, or the
-    object itself. A class is instantiated with no arguments, its ``load()``
+    ``entry_or_obj`` is ``"module:attr"``, ``"path/file.py:attr"``,
+    ``"closure:path"`` (a cloudpickle closure file), or the object itself. A class is instantiated with no arguments, its ``load()``
     (if any) is called once, and its ``predict`` method is used; a function
     is used as it is.
     """
-    obj = _import_entry(entry_or_obj) if isinstance(entry_or_obj, str) else entry_or_obj
+    if isinstance(entry_or_obj, str) and entry_or_obj.startswith("closure:"):
+        from .closure import load_closure
+
+        obj = load_closure(entry_or_obj[len("closure:"):])
+    else:
+        obj = _import_entry(entry_or_obj) if isinstance(entry_or_obj, str) else entry_or_obj
     if inspect.isclass(obj):
         try:
             inst = obj()
@@ -93,6 +98,8 @@ def load_predictor(entry_or_obj) -> Callable[[Any], Any]:
         if not callable(fn):
             raise LoadError(f"class {obj.__name__} has no predict(batch) method")
         return fn
+    if not callable(obj) and callable(getattr(obj, "predict", None)):
+        return obj.predict  # an object (say, an unpickled closure's model) with a predict method
     if not callable(obj):
         raise LoadError(f"{entry_or_obj!r} is neither a function nor a class")
     return obj

@@ -6,13 +6,25 @@ import json
 import urllib.error
 import urllib.request
 
+from urllib.parse import quote
+
 from ..errors import ConnectionClosedError, error_for_code
 
-__all__ = ["AdminClient"]
+__all__ = ["AdminClient", "ClipperConnection"]
+
+
+def _seg(part: str) -> str:
+    return quote(str(part), safe="")
 
 
 class AdminClient:
-    """Talks to a frontend's admin port (default ``127.0.0.1:1338``)."""
+    """Talks to a frontend's admin port (default ``127.0.0.1:1338``).
+
+    The method names follow the original Clipper's ``ClipperConnection``
+    (``register_application``, ``deploy_model``, ``link_model_to_app``,
+    ``set_model_version``, ``set_num_replicas``, ``get_linked_models``, ...).
+    Errors raise the :mod:`clipper.errors` class of the code the API sent.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1338, timeout: float = 120.0) -> None:
         self.base = f"http://{host}:{port}"
@@ -70,8 +82,76 @@ class AdminClient:
             body["version"] = str(version)
         return self._call("POST", "/api/v1/links", body)
 
+    def unlink_model_from_app(self, app: str, model: str, version: str | None = None) -> dict:
+        """Remove the link of ``model`` (or of its pinned ``version``) from ``app``."""
+        body = {"app": app, "model": model}
+        if version is not None:
+            body["version"] = str(version)
+        return self._call("DELETE", "/api/v1/links", body)
+
+    def unregister_application(self, name: str) -> dict:
+        """Remove an application: its endpoint, its links and its policy states."""
+        return self._call("DELETE", f"/api/v1/applications/{_seg(name)}")
+
+    def get_all_apps(self) -> list[dict]:
+        return self._call("GET", "/api/v1/applications")
+
+    def get_app_info(self, name: str) -> dict:
+        return self._call("GET", f"/api/v1/applications/{_seg(name)}")
+
+    def get_all_models(self) -> dict:
+        return self._call("GET", "/api/v1/models")
+
+    def get_model_info(self, name: str, version: str | None = None) -> dict:
+        """A model (its versions and current version), or one version with its replicas and processes."""
+        path = f"/api/v1/models/{_seg(name)}" + ("" if version is None else f"/{_seg(str(version))}")
+        return self._call("GET", path)
+
+    def delete_model(self, name: str, version: str | None = None) -> dict:
+        """Delete one version, or the whole model (and its links) without ``version``."""
+        path = f"/api/v1/models/{_seg(name)}" + ("" if version is None else f"/{_seg(str(version))}")
+        return self._call("DELETE", path)
+
+    def delete_model_version(self, name: str, version: str) -> dict:
+        return self.delete_model(name, version)
+
+    def set_model_version(self, name: str, version: str) -> dict:
+        """Make ``version`` the model's current version (roll back or forward)."""
+        return self._call("POST", f"/api/v1/models/{_seg(name)}/current", {"version": str(version)})
+
+    def deploy_python_closure(self, name: str, version: str, func, input_dtype: str, input_shape=(), *,
+                              replicas: int = 1, max_batch: int = 256, batching: str = "aimd",
+                              batch_delay_ms: float = 0.0, latency_budget_ms: float | None = None,
+                              env: dict | None = None, wait: bool = True) -> dict:
+        """Deploy ``func`` (a function or closure taking a batch, or an object with ``predict``).
+
+        It is serialized here with cloudpickle, with this Python's and
+        cloudpickle's versions; a container whose versions differ refuses it at
+        start and the deploy fails with a message naming the mismatch.
+        """
+        import base64
+
+        from ..container.closure import dump_closure
+
+        blob = dump_closure(func)
+        return self._call("POST", "/api/v1/models", {
+            "name": name, "version": str(version), "input_dtype": input_dtype, "input_shape": list(input_shape),
+            "closure": base64.b64encode(blob).decode("ascii"), "replicas": replicas, "max_batch": max_batch,
+            "batching": batching, "batch_delay_ms": batch_delay_ms, "latency_budget_ms": latency_budget_ms,
+            "env": env or {}, "wait": wait})
+
+    def get_replicas(self) -> dict:
+        """Connected replicas (``replicas``) and the container processes the manager runs (``processes``)."""
+        return self._call("GET", "/api/v1/replicas")
+
+    def get_num_replicas(self, name: str, version: str) -> int:
+        return len(self.get_model_info(name, version)["replicas"])
+
     def set_num_replicas(self, name: str, version: str, replicas: int) -> dict:
         return self._call("POST", f"/api/v1/models/{name}/{version}/replicas", {"replicas": replicas})
 
     def get_linked_models(self, app: str) -> list[str]:
         return self.status()["applications"][app]["linked_models"]
+
+
+ClipperConnection = AdminClient  # the original Clipper's name for it

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidConfigError, UnknownApplicationError
+from ..errors import InvalidConfigError, UnknownApplicationError, UnknownModelError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 NAME_RULE = "1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
@@ -185,6 +185,9 @@ class ModelVersion:
     batching: str = "aimd"
     batch_delay_ms: float = 0.0
     latency_budget_ms: float | None = None
+    # A closure deployed with cloudpickle: where its file is and what made it
+    # ({"python", "cloudpickle", "sha256"}); its entry is "closure:<file>".
+    closure: dict | None = None
 
     def __post_init__(self) -> None:
         check_name("model name", self.name)
@@ -234,6 +237,7 @@ class ModelVersion:
             "batching": self.batching,
             "batch_delay_ms": self.batch_delay_ms,
             "latency_budget_ms": self.latency_budget_ms,
+            "closure": dict(self.closure) if self.closure else None,
         }
 
 
@@ -293,18 +297,52 @@ class Registry:
             model.current_version = mv.version
         return mv
 
+    def remove_model_version(self, name: str, version: str) -> ModelVersion:
+        """Forget one version; if it was current, the model has no current version until one is set."""
+        mv = self.get_model_version(name, version)
+        model = self.models[name]
+        del model.versions[mv.version]
+        if model.current_version == mv.version:
+            model.current_version = None
+        pinned = f"{name}:{mv.version}"
+        for links in self.links.values():  # a link pinned to this version goes with it
+            links[:] = [n for n in links if n != pinned]
+        return mv
+
+    def remove_model(self, name: str) -> Model:
+        """Forget a model and every link to it."""
+        model = self.get_model(name)
+        del self.models[name]
+        for links in self.links.values():
+            links[:] = [n for n in links if n.partition(":")[0] != name]
+        return model
+
+    def set_current(self, name: str, version: str) -> ModelVersion:
+        mv = self.get_model_version(name, version)
+        self.models[name].current_version = mv.version
+        return mv
+
+    def snapshot(self) -> dict:
+        """Everything, as plain data (what the state store keeps across restarts)."""
+        return {
+            "applications": [a.to_dict() for a in self.applications.values()],
+            "models": [{"name": m.name, "current_version": m.current_version,
+                        "versions": [mv.to_dict() for mv in m.versions.values()]} for m in self.models.values()],
+            "links": {app: list(names) for app, names in self.links.items()},
+        }
+
     def get_model(self, name: str) -> Model:
         try:
             return self.models[name]
         except KeyError:
-            raise InvalidConfigError(f"no model named {name!r} is deployed") from None
+            raise UnknownModelError(f"no model named {name!r} is deployed") from None
 
     def get_model_version(self, name: str, version: str) -> ModelVersion:
         model = self.get_model(name)
         try:
             return model.versions[str(version)]
         except KeyError:
-            raise InvalidConfigError(
+            raise UnknownModelError(
                 f"model {name!r} has no version {version!r}; it has {sorted(model.versions)}"
             ) from None
 

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .._native import batcher as _batcher
+from ..metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, Histogram
 from ..errors import ClipperError, ContainerFailedError, QueueFullError
 
 __all__ = ["Query", "Batch", "ModelQueue"]
@@ -102,6 +103,8 @@ class ModelQueue:
         self.wait_ns_max = 0
         self.last_batch_size = 0
         self.last_batch_latency_ns = 0
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+        self.batch_latency = Histogram(LATENCY_BUCKETS_S)
 
     # ------------------------------------------------------------ queries
     def submit(self, q: Query) -> None:
@@ -316,6 +319,8 @@ class ModelQueue:
         latency = time.monotonic_ns() - batch.sent_ns
         self.last_batch_size = n
         self.last_batch_latency_ns = latency
+        self.batch_sizes.observe(n)
+        self.batch_latency.observe_ns(latency)
         if observe:
             replica.sizer.observe(n, latency)
         if not replica.dead:

@@ -49,6 +49,7 @@ from ..errors import (
     UnknownApplicationError,
 )
 from ..management.registry import Application
+from ..metrics import LATENCY_BUCKETS_S, Histogram
 from ..protocol.wire import PackedExtra
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
@@ -208,6 +209,7 @@ class AppRoute:
         self.low_confidence = 0
         self.feedback = 0
         self.feedback_partial = 0
+        self.latency = Histogram(LATENCY_BUCKETS_S)  # arrival to answer, every outcome
         self.configure(app)
 
     def configure(self, app: Application) -> None:
@@ -316,6 +318,7 @@ class AppRoute:
             return
         q.done = True
         self.answered += 1
+        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
         q.conn.send_result(q.req_id, q.query_id, output, False, self.single_extra)
 
     def fail(self, q: Query, exc: ClipperError) -> None:
@@ -323,12 +326,14 @@ class AppRoute:
             return
         q.done = True
         self.errors += 1
+        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
         q.conn.send_error(q.req_id, exc)
 
     def give_default(self, q, explanation: str, missing: list | None = None) -> None:
         if q.done:
             return
         q.done = True
+        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
         self._send_default(q, explanation, missing)
 
     def _send_default(self, q, explanation: str, missing: list | None) -> None:
@@ -365,6 +370,7 @@ class AppRoute:
             at_deadline = True  # the last part expired in its queue: the deadline came all the same
         if f.is_feedback:
             return self._complete_feedback(f, at_deadline)
+        self.latency.observe_ns(time.monotonic_ns() - f.arrival_ns)
         got = {}
         used = []
         for i, name in enumerate(f.names):
@@ -466,10 +472,16 @@ class AppRoute:
             "policy": self.app.policy,
             "models": [[n, q.key if q is not None else None] for n, q in self.links],
             "model_queue": self.queue.key if self.queue else None,
+            "latency_p50_ms": _ms(self.latency.quantile(0.5)),
+            "latency_p99_ms": _ms(self.latency.quantile(0.99)),
         }
         if self.states is not None:
             out["states"] = self.states.stats()
         return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _kind(x) -> str:
@@ -623,6 +635,7 @@ class QueryProcessor:
         if status == self._HIT:
             route.cache_hits += 1
             route.answered += 1
+            route.latency.count_fast()  # answered within this turn of the loop: the first bucket
             conn.send_result(req_id, qid, found, False, route.single_extra)
             return
         now = time.monotonic_ns()

@@ -1,0 +1,246 @@
+"""Management through its three faces (HTTP API with the admin client, the CLI, the Frontend itself),
+on real frontends and real containers: deploy, roll back under load, delete, restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from clipper import errors as E
+from clipper.client import Client
+from clipper.management.admin_client import AdminClient, ClipperConnection
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def admin(frontend) -> AdminClient:
+    return AdminClient("127.0.0.1", frontend.fe.admin_port, timeout=60)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {[p for p in pids if alive(p)]} still run")
+        time.sleep(0.05)
+
+
+def test_admin_client_covers_every_operation(frontend):
+    a = admin(frontend)
+    assert ClipperConnection is AdminClient
+    a.register_application("sum", "float32", [4], slo_ms=5000, policy="exp4", output_kind="number")
+    assert a.get_app_info("sum")["policy"] == "exp4"
+    with pytest.raises(E.InvalidConfigError, match="already registered"):
+        a.register_application("sum", "float32", [4])
+    with pytest.raises(E.InvalidConfigError, match="slo_ms"):
+        a.register_application("other", "float32", [4], slo_ms=-1)
+    a.deploy_model("summer", "1", "float32", [4], entry="model_zoo.py:row_sum", workdir=str(TESTS), wait=True)
+    a.deploy_model("summer", "2", "float32", [4], entry="model_zoo.py:Scaled", workdir=str(TESTS),
+                   env={"CLIPPER_TEST_FACTOR": "10"}, wait=True)
+    assert a.get_model_info("summer")["current_version"] == "2"
+    assert a.link_model_to_app("sum", "summer")["linked_models"] == ["summer"]
+    x = np.array([1, 2, 3, 4], np.float32)
+    with Client("127.0.0.1", frontend.port) as c:
+        assert c.predict("sum", x).output == 10.0  # v2: 10 * x[0]
+        assert a.set_model_version("summer", "1") == {"model": "summer", "current_version": "1"}
+        assert c.predict("sum", x).output == 10.0  # v1: the sum, 1 + 2 + 3 + 4
+        x2 = np.array([2, 2, 2, 2], np.float32)
+        assert c.predict("sum", x2).output == 8.0
+        a.set_model_version("summer", "2")
+        assert c.predict("sum", x2).output == 20.0
+    info = a.get_model_info("summer", "2")
+    assert info["current"] is True and len(info["replicas"]) == 1 and a.get_num_replicas("summer", "2") == 1
+    a.set_num_replicas("summer", "2", 2)
+    frontend.call(frontend.fe.wait_ready("summer", "2", replicas=2, timeout_s=60))
+    assert a.get_num_replicas("summer", "2") == 2
+    assert {r["model"] for r in a.get_replicas()["replicas"]} == {"summer:1", "summer:2"}
+    assert a.unlink_model_from_app("sum", "summer")["linked_models"] == []
+    assert a.link_model_to_app("sum", "summer", version="1")["link"] == "summer:1"
+    with pytest.raises(E.UnknownModelError):
+        a.get_model_info("nope")
+    with pytest.raises(E.UnknownModelError, match="has no version '9'"):
+        a.set_model_version("summer", "9")
+    with pytest.raises(E.UnknownApplicationError):
+        a.unregister_application("nope")
+    assert [x["name"] for x in a.get_all_apps()] == ["sum"]
+    assert set(a.get_all_models()) == {"summer"}
+    assert a.delete_model("summer", "1") == {"removed": ["summer:1"]}
+    assert a.get_linked_models("sum") == []  # the link pinned to the deleted version went with it
+    with Client("127.0.0.1", frontend.port) as c:
+        p = c.predict("sum", x)
+        assert p.is_default and "no linked model" in p.explanation
+    assert a.unregister_application("sum") == {"removed": "sum"}
+    assert a.get_all_apps() == []
+
+
+def test_delete_leaves_nothing_behind(frontend):
+    frontend.deploy("gone", "row_sum", replicas=2)
+    fe = frontend.fe
+    pids = frontend.replica_pids("gone-model:1")
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+    with Client("127.0.0.1", frontend.port) as c:
+        c.predict("gone", np.ones(4, np.float32))
+    assert frontend.stats()["cache"]["entries"] == 1
+    a = admin(frontend)
+    a.delete_model("gone-model")
+    wait_gone(pids)
+    st = frontend.stats()
+    assert "gone-model:1" not in st["models"] and st["cache"]["entries"] == 0
+    assert frontend.replica_pids("gone-model:1") == [] and frontend.call(lambda: fe.manager.stats()) == {}
+    assert a.get_linked_models("gone") == []
+    a.unregister_application("gone")
+    with Client("127.0.0.1", frontend.port) as c:
+        with pytest.raises(E.UnknownApplicationError):
+            c.predict("gone", np.ones(4, np.float32))
+    # the same names again: nothing of the old deployment answers
+    frontend.deploy("gone", "Scaled", env={"CLIPPER_TEST_FACTOR": "7"})
+    with Client("127.0.0.1", frontend.port) as c:
+        assert c.predict("gone", np.ones(4, np.float32)).output == 7.0
+
+
+def test_rollback_under_load_loses_no_query(frontend):
+    a = admin(frontend)
+    a.register_application("roll", "float32", [4], slo_ms=10_000)
+    for v, factor in (("1", "1"), ("2", "2")):
+        a.deploy_model("m", v, "float32", [4], entry="model_zoo.py:Scaled", workdir=str(TESTS),
+                       env={"CLIPPER_TEST_FACTOR": factor}, wait=True)
+    a.link_model_to_app("roll", "m")
+    stop = threading.Event()
+    answers: list = []
+    errors: list = []
+
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with Client("127.0.0.1", frontend.port, timeout=30) as c:
+            while not stop.is_set():
+                xs = [np.array([v, 0, 0, 0], np.float32) for v in rng.integers(1, 1000, 32)]
+                for x, p in zip(xs, c.predict_many("roll", xs)):
+                    if isinstance(p, Exception) or p.is_default:
+                        errors.append(p)
+                    else:
+                        answers.append((float(x[0]), p.output))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 90
+        for i in range(6):
+            while len(answers) < 200 * (i + 1):  # switch once the load has made progress
+                assert time.monotonic() < deadline and all(t.is_alive() for t in threads), errors[:3]
+                time.sleep(0.01)
+            a.set_model_version("m", "1" if i % 2 == 0 else "2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert errors == []
+    assert len(answers) >= 1200
+    ratios = {out / x for x, out in answers}
+    assert ratios == {1.0, 2.0}  # every answer came whole from one version or the other
+
+
+def test_closure_deploys_and_a_version_mismatch_fails_fast(frontend):
+    a = admin(frontend)
+    a.register_application("clo", "float32", [4], slo_ms=10_000)
+    offset = 100.0
+
+    def predict(batch):  # a closure over `offset`
+        return batch.reshape(len(batch), -1).sum(axis=1) + offset
+
+    out = a.deploy_python_closure("closure-model", "1", predict, "float32", [4])
+    assert out["closure"]["python"].count(".") == 2 and out["closure"]["cloudpickle"]
+    a.link_model_to_app("clo", "closure-model")
+    with Client("127.0.0.1", frontend.port) as c:
+        assert c.predict("clo", np.ones(4, np.float32)).output == 104.0
+    # a closure made by another Python: the container refuses it and the deploy says why, at once
+    from clipper.container.closure import dump_closure
+
+    doc = msgpack.unpackb(dump_closure(predict), raw=False)
+    doc["python"] = "3.6.15"
+    blob = msgpack.packb(doc, use_bin_type=True)
+    t0 = time.monotonic()
+    with pytest.raises(E.NoModelAvailableError, match=r"serialized with Python 3\.6\.15 \(this container runs"):
+        a._call("POST", "/api/v1/models", {"name": "old", "version": "1", "input_dtype": "float32",
+                                           "input_shape": [4], "closure": base64.b64encode(blob).decode(),
+                                           "wait": True})
+    assert time.monotonic() - t0 < 30
+    assert "old" not in a.get_all_models()  # the failed deployment left nothing
+    with pytest.raises(E.InvalidConfigError, match="not a clipper-closure"):
+        a._call("POST", "/api/v1/models", {"name": "junk", "version": "1", "input_dtype": "float32",
+                                           "input_shape": [4], "closure": base64.b64encode(b"junk").decode()})
+
+
+def test_registry_and_states_survive_a_restart(frontend_factory, tmp_path):
+    path = str(tmp_path / "state.sqlite")
+    first = frontend_factory(state_path=path)
+    a = admin(first)
+    a.register_application("keep", "float32", [4], slo_ms=5000, policy="exp4", output_kind="label")
+    a.deploy_model("right", "1", "float32", [4], entry="model_zoo.py:first_as_label", workdir=str(TESTS), wait=True)
+    a.deploy_model("wrong", "1", "float32", [4], entry="model_zoo.py:constant", workdir=str(TESTS), wait=True)
+    a.link_model_to_app("keep", "right")
+    a.link_model_to_app("keep", "wrong")
+    with Client("127.0.0.1", first.port) as c:
+        c.feedback("keep", np.array([3, 0, 0, 0], np.float32), 3)
+    state = first.state("keep")
+    first.close()
+    second = frontend_factory(state_path=path)
+    for m in ("right", "wrong"):
+        second.call(second.fe.wait_ready(m, "1", timeout_s=60))
+    b = admin(second)
+    assert b.get_linked_models("keep") == ["right", "wrong"] and b.get_app_info("keep")["policy"] == "exp4"
+    assert second.state("keep") == state
+    with Client("127.0.0.1", second.port) as c:
+        p = c.predict("keep", np.array([5, 0, 0, 0], np.float32))
+    assert p.output == 5 and set(p.models) == {"right:1", "wrong:1"}
+
+
+def _cli(port: int, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipper", *args, "--admin-port", str(port)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=dict(os.environ))
+
+
+def test_cli_covers_the_operations(frontend):
+    port = frontend.fe.admin_port
+    r = _cli(port, "register-app", "cli", "--input-dtype", "float32", "--input-shape", "4", "--policy", "exp4",
+             "--policy-options", '{"eta": 0.5}', "--output-kind", "number")
+    assert r.returncode == 0, r.stderr
+    for v in ("1", "2"):
+        r = _cli(port, "deploy", "cm", v, "model_zoo.py:row_sum", "--input-dtype", "float32", "--input-shape", "4",
+                 "--workdir", "tests")
+        assert r.returncode == 0, r.stderr
+    assert _cli(port, "link", "cli", "cm").returncode == 0
+    assert _cli(port, "link", "cli", "cm", "--version", "1").returncode == 0
+    apps = json.loads(_cli(port, "list", "apps").stdout)
+    assert apps[0]["linked_models"] == ["cm", "cm:1"] and apps[0]["policy_options"] == {"eta": 0.5}
+    assert json.loads(_cli(port, "set-version", "cm", "1").stdout)["current_version"] == "1"
+    assert json.loads(_cli(port, "replicas", "cm", "2", "2").stdout)["replicas"] == 2
+    frontend.call(frontend.fe.wait_ready("cm", "2", replicas=2, timeout_s=60))
+    assert len(json.loads(_cli(port, "replicas", "cm", "2").stdout)) == 2
+    assert json.loads(_cli(port, "unlink", "cli", "cm", "--version", "1").stdout)["linked_models"] == ["cm"]
+    assert json.loads(_cli(port, "delete-model", "cm", "2").stdout)["removed"] == ["cm:2"]
+    assert set(json.loads(_cli(port, "list", "models").stdout)["cm"]["versions"]) == {"1"}
+    r = _cli(port, "status")
+    assert r.returncode == 0 and "cli" in r.stdout and "exp4" in r.stdout
+    r = _cli(port, "set-version", "cm", "7")
+    assert r.returncode == 1 and "UNKNOWN_MODEL" in r.stderr
+    assert json.loads(_cli(port, "unregister-app", "cli").stdout) == {"removed": "cli"}
