@@ -204,6 +204,7 @@ def scenario_ensemble(args, tmp: Path) -> dict:
     names = [a["name"] for a in apps]
     errors = {a: np.zeros(n, np.int8) for a in names}
     conf = np.zeros(n)
+    agree = np.zeros(n, np.int64)  # how many of the single models said what the ensemble said
 
     async def drive(port: int) -> None:
         from clipper.client import AsyncClient
@@ -215,6 +216,7 @@ def scenario_ensemble(args, tmp: Path) -> dict:
                 for a, p in zip(names, preds):
                     errors[a][t] = _err(p, y)
                 conf[t] = preds[-1].confidence
+                agree[t] = sum(p.output == preds[-1].output for p in preds[:-1])
                 await c.feedback("exp4", x, y)
 
     with Frontend(args, tmp, "ensemble", cfg) as fe:
@@ -238,7 +240,14 @@ def scenario_ensemble(args, tmp: Path) -> dict:
         sel = (conf >= lo) & (conf < hi)
         buckets[f"[{lo:g}, {min(hi, 1):g}{']' if hi > 1 else ')'}"] = {
             "share": round(float(sel.mean()), 4), "error": round(float(e4[sel].mean()), 4) if sel.any() else None}
+    by_agreement = {}
+    k = len(ENSEMBLE_MODELS)
+    for a in range(k, -1, -1):
+        sel = agree == a
+        if sel.any():
+            by_agreement[f"{a}/{k}"] = {"share": round(float(sel.mean()), 4), "error": round(float(e4[sel].mean()), 4)}
     return {"queries": n, "models": list(ENSEMBLE_MODELS), "train_n": args.train_n, "elapsed_s": round(elapsed, 1),
+            "by_models_agreeing": by_agreement,
             "single_error": singles, "best_single": best, "best_single_error": singles[best],
             "ensemble_error": round(float(e4.mean()), 4),
             "ensemble_error_second_half": round(float(e4[n // 2:].mean()), 4),
@@ -399,20 +408,15 @@ def make_plots(report: dict, plot_dir: Path, prefix: str) -> list[str]:
         ax1.set_ylabel("error")
         ax1.set_title("Error of each model alone and of the ensemble", fontsize=10)
         ax1.tick_params(axis="x", rotation=30)
-        levels = list(r["by_confidence_level"])
-        sure = [r["by_confidence_level"][lv]["confident_error"] or 0 for lv in levels]
-        unsure = [r["by_confidence_level"][lv]["unsure_error"] or 0 for lv in levels]
-        xs = np.arange(len(levels))
-        ax2.bar(xs - 0.2, sure, 0.4, label="confident (confidence >= level)")
-        ax2.bar(xs + 0.2, unsure, 0.4, label="unsure")
-        for i, lv in enumerate(levels):
-            ax2.text(xs[i] - 0.2, sure[i], f"{r['by_confidence_level'][lv]['confident_share']:.0%}", ha="center",
-                     va="bottom", fontsize=8)
-        ax2.set_xticks(xs, [f">= {lv}" for lv in levels])
-        ax2.set_xlabel("confidence level (share of queries above it on the bars)")
-        ax2.set_ylabel("error")
-        ax2.set_title("Ensemble error of confident and unsure answers", fontsize=10)
-        ax2.legend(fontsize=8)
+        groups = list(r["by_models_agreeing"])
+        errs = [r["by_models_agreeing"][g]["error"] for g in groups]
+        bars = ax2.bar(groups, errs, color=["C0" if i == 0 else "C1" for i in range(len(groups))])
+        for b, g in zip(bars, groups):
+            ax2.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r['by_models_agreeing'][g]['share']:.1%} "
+                     f"of queries", ha="center", va="bottom", fontsize=8)
+        ax2.set_xlabel("models agreeing with the ensemble's answer")
+        ax2.set_ylabel("ensemble error")
+        ax2.set_title("Ensemble error by agreement: confident (all agree) against unsure answers", fontsize=10)
         save(fig, "ensemble")
 
     runs = [r for r in sc.get("stragglers", []) if "by_k" in r]

@@ -90,6 +90,9 @@ class FrontendConfig:
     state_path: str | None = None
     state_flush_ms: int = 100  # changed policy states are written at most this long after the change
     feedback_timeout_ms: int = 1000  # feedback waits this long (at least the SLO) for the predictions it needs
+    # A query still unanswered at SLO minus this margin (at most a tenth of the SLO) is answered
+    # then from what has arrived, so timer ticks and a busy loop do not push the answer past the SLO.
+    deadline_margin_ms: float = 2.0
 
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction
@@ -97,6 +100,9 @@ class FrontendConfig:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
         if self.state_path is not None and (not isinstance(self.state_path, str) or not self.state_path):
             raise InvalidConfigError(f"state_path {self.state_path!r} is not a file path (or \":memory:\")")
+        m = self.deadline_margin_ms
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1000:
+            raise InvalidConfigError(f"deadline_margin_ms {m!r} is not a number in [0, 1000]")
         for name in ("state_flush_ms", "feedback_timeout_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 3_600_000:

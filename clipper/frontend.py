@@ -67,7 +67,8 @@ class Frontend:
         self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
-                                        max_user_states_in_memory=lim.max_user_states_in_memory)
+                                        max_user_states_in_memory=lim.max_user_states_in_memory,
+                                        deadline_margin_ms=cfg.deadline_margin_ms)
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,

@@ -330,3 +330,19 @@ def test_sqlite_store_matches_a_reference_model(seq):
             for key, (_, value) in ref[ns].items():
                 assert store.load(ns, key) == value
     store.close()
+
+
+def test_answers_are_planned_a_margin_before_the_slo():
+    import uvloop
+
+    from clipper.query.processor import AppRoute, QueryProcessor
+
+    loop = uvloop.new_event_loop()
+    try:
+        proc = QueryProcessor(loop, 1024, 0, deadline_margin_ms=2.0)
+        assert AppRoute(Application("a", "float32", [2], slo_ms=20), proc).answer_ns == 18_000_000
+        assert AppRoute(Application("b", "float32", [2], slo_ms=5), proc).answer_ns == 4_500_000  # a tenth at most
+        none = QueryProcessor(loop, 1024, 0, deadline_margin_ms=0.0)
+        assert AppRoute(Application("c", "float32", [2], slo_ms=20), none).answer_ns == 20_000_000
+    finally:
+        loop.close()

@@ -219,6 +219,11 @@ class AppRoute:
         self.shape = tuple(app.input_shape)
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
+        # What is not answered by arrival + answer_ns is answered then, from what has arrived: a
+        # margin before the SLO absorbs the timer's millisecond ticks and a busy loop, so the
+        # answer still leaves within the SLO.
+        margin = min(self.processor.deadline_margin_ns, self.slo_ns // 10)
+        self.answer_ns = self.slo_ns - margin
         self.feedback_ns = max(self.slo_ns, self.processor.feedback_timeout_ns)
         self.default_output = app.default_output
         self.error_on_deadline = app.on_deadline == "error"
@@ -505,8 +510,10 @@ class QueryProcessor:
 
     def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0, *, store=None,
                  state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
-                 max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000) -> None:
+                 max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
+                 deadline_margin_ms: float = 2.0) -> None:
         self.loop = loop
+        self.deadline_margin_ns = int(deadline_margin_ms * 1_000_000)
         self.max_input_bytes = max_input_bytes
         self.routes: dict[str, AppRoute] = {}
         self.queues: dict[str, ModelQueue] = {}
@@ -626,7 +633,7 @@ class QueryProcessor:
         cache = queue.cache
         if cache is None or not route.use_cache:
             now = time.monotonic_ns()
-            q = Query(conn, req_id, qid, route, x, now, now + route.slo_ns)
+            q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
             queue.submit(q)
             route.track(q)
             return
@@ -639,7 +646,7 @@ class QueryProcessor:
             conn.send_result(req_id, qid, found, False, route.single_extra)
             return
         now = time.monotonic_ns()
-        q = Query(conn, req_id, qid, route, x, now, now + route.slo_ns)
+        q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
         if status == self._PENDING:  # computing already: join it
             route.cache_joins += 1
             if found.followers is None:
@@ -674,7 +681,7 @@ class QueryProcessor:
             return self._no_model(conn, req_id, qid, route)
         state = route.states.get(user) if route.states is not None else None
         names = self._selection(route, policy.select(state, x), "select")
-        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.slo_ns, user, state, names,
+        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 
     def _selection(self, route: AppRoute, names, what: str) -> list[str]:
