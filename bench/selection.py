@@ -295,7 +295,9 @@ def scenario_stragglers(args, tmp: Path) -> dict:
             await asyncio.gather(*(worker(True, stop) for _ in range(args.concurrency)))
         a = np.asarray(lat) / 1e6
         m = np.asarray(miss)
+        slo = variants["mitigation"]
         return {"answers": len(lat), "throughput_rps": round(len(lat) / args.duration, 1),
+                "share_over_slo": round(float((a > slo).mean()), 4),
                 "p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
                 "p99.9_ms": round(float(np.percentile(a, 99.9)), 3), "max_ms": round(float(a.max()), 3),
                 "mean_missing_share": round(float(m.mean()), 4),
@@ -310,13 +312,42 @@ def scenario_stragglers(args, tmp: Path) -> dict:
         for k in ks:
             row = {}
             for v in variants:
-                row[v] = asyncio.run(measure(fe.port, f"k{k}-{v}", k))
+                app_name = f"k{k}-{v}"
+                before = server_latency(fe.info["metrics_port"], app_name)
+                row[v] = asyncio.run(measure(fe.port, app_name, k))
+                row[v]["server_side"] = server_side_shares(before, server_latency(fe.info["metrics_port"], app_name),
+                                                           (0.02, 0.025))
                 r = row[v]
                 log(args, f"    k={k} {v}: {r['throughput_rps']:.0f} req/s p50 {r['p50_ms']:.2f} "
                           f"p99 {r['p99_ms']:.2f} ms; missing {r['mean_missing_share']:.1%} of the ensemble; "
                           f"defaults {r['defaults']}")
             out["by_k"][str(k)] = row
     return out
+
+
+def server_latency(port: int, app_name: str) -> dict:
+    """The frontend's own latency histogram of one application: ``{le: cumulative count}``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "clipper_app_latency_seconds":
+            for sm in fam.samples:
+                if sm.name.endswith("_bucket") and sm.labels.get("app") == app_name:
+                    out[float(sm.labels["le"])] = sm.value
+    return out
+
+
+def server_side_shares(before: dict, after: dict, bounds) -> dict:
+    """Of the answers between two scrapes, the share the frontend sent within each bound (seconds)."""
+    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    if not total:
+        return {}
+    return {f"within_{b * 1000:g}ms": round((after.get(b, 0) - before.get(b, 0)) / total, 4) for b in bounds}
 
 
 RUNNERS = {"failure": scenario_failure, "ensemble": scenario_ensemble, "stragglers": scenario_stragglers}

@@ -21,7 +21,7 @@ log = logging.getLogger("clipper.metrics")
 __all__ = ["Histogram", "LATENCY_BUCKETS_S", "BATCH_SIZE_BUCKETS", "FrontendCollector", "MetricsServer"]
 
 # Query latency: from the query's arrival to its answer.
-LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                      5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 65536)
 
