@@ -66,10 +66,10 @@ def parse_wrk(text: str) -> dict:
 def run_wrk(args, port: int, app: str, body: str, tmp: Path) -> dict:
     script = tmp / "post.lua"
     script.write_text(LUA % body)
-    argv = [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{args.duration}s",
+    argv = [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{max(1, round(args.duration))}s",
             "--latency", "-s", str(script), f"http://127.0.0.1:{port}/{app}/predict"]
     if args.warmup > 0:
-        subprocess.run([*argv[:5], "-d", f"{args.warmup}s", *argv[7:]], capture_output=True, timeout=120)
+        subprocess.run([*argv[:5], "-d", f"{max(1, round(args.warmup))}s", *argv[7:]], capture_output=True, timeout=120)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 120)

@@ -82,3 +82,35 @@ def test_echo_floor_path(benchmark, frames):
     benchmark.extra_info["frames_per_round"] = FRAMES
     benchmark(proto.data_received, data)
     assert proto._transport.written > 0
+
+
+def test_rest_cache_hit_path(benchmark, frames):
+    """The same, over REST: ``FRAMES`` pipelined HTTP requests with a JSON body of 784 numbers."""
+    import json
+
+    from clipper.server.rest import RestConnection, RestServer
+
+    _, x = frames
+    loop = uvloop.new_event_loop()
+    try:
+        lim = Limits()
+        proc = QueryProcessor(loop, lim.max_input_bytes, lim.cache_bytes)
+        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20), proc)
+        proc.routes["cheap"] = route
+        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
+                           max_batch_retries=1, max_batch=8, cache=proc.cache)
+        route.set_links([("m", queue)])
+        values = [round(float(v), 6) for v in x]
+        _, token = proc.cache.lookup(1, np.array(values, np.float32), None)
+        proc.cache.fill(token, 3)
+        body = json.dumps({"input": values}).encode()
+        req = (b"POST /cheap/predict HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = req * (FRAMES // 10)
+        conn = RestConnection(RestServer(loop, proc, lim, lambda: []))
+        conn.connection_made(NullTransport())
+        benchmark.extra_info["requests_per_round"] = FRAMES // 10
+        benchmark(conn.data_received, data)
+        assert route.cache_hits >= FRAMES // 10 and conn.transport.written > 0
+    finally:
+        loop.close()
