@@ -376,6 +376,9 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `clipper status | head`: the reader has gone, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

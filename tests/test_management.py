@@ -244,3 +244,52 @@ def test_cli_covers_the_operations(frontend):
     r = _cli(port, "set-version", "cm", "7")
     assert r.returncode == 1 and "UNKNOWN_MODEL" in r.stderr
     assert json.loads(_cli(port, "unregister-app", "cli").stdout) == {"removed": "cli"}
+
+
+def test_a_container_started_by_hand_reconnects_after_a_frontend_restart(frontend_factory, tmp_path):
+    import socket
+
+    from clipper.management.registry import Application, ModelVersion
+
+    with socket.socket() as s:  # a port both frontends bind, one after the other
+        s.bind(("127.0.0.1", 0))
+        rpc_port = s.getsockname()[1]
+    path = str(tmp_path / "state.sqlite")
+    first = frontend_factory(state_path=path, rpc_port=rpc_port)
+    first.call(first.fe.register_application(Application("byhand", "float32", [4], slo_ms=5000)))
+    first.call(first.fe.deploy_model(ModelVersion("hand", "1", "float32", [4])))  # no entry: not managed
+    first.call(first.fe.link("byhand", "hand"))
+    proc = subprocess.Popen([sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "hand",
+                             "--version", "1", "--frontend", f"tcp://127.0.0.1:{rpc_port}"], cwd=TESTS,
+                            stderr=subprocess.DEVNULL)
+    try:
+        first.call(first.fe.wait_ready("hand", "1", timeout_s=60))
+        with Client("127.0.0.1", first.port) as c:
+            assert c.predict("byhand", np.ones(4, np.float32)).output == 4.0
+        first.close()
+        second = frontend_factory(state_path=path, rpc_port=rpc_port)
+        # the registry came back; the container notices the silence and says hello again by itself
+        second.call(second.fe.wait_ready("hand", "1", timeout_s=60))
+        with Client("127.0.0.1", second.port) as c:
+            assert c.predict("byhand", np.full(4, 2, np.float32)).output == 8.0
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_status_table_shows_rates_between_two_snapshots(capsys):
+    from clipper.cli import _print_status
+
+    def snap(n):
+        return {"version": "x", "ports": {}, "connections": 1, "rest_connections": 0,
+                "applications": {"a": {"input_dtype": "float32", "input_shape": [4], "slo_ms": 20, "policy": "exp4",
+                                       "linked_models": ["m"]}},
+                "traffic": {"applications": {"a": {"requests": n, "answered": n, "defaults": 0, "errors": 0,
+                                                   "latency_p99_ms": 2.5}},
+                            "models": {}, "cache": None},
+                "replicas": []}
+
+    _print_status(snap(300), snap(100), 2.0)
+    out = capsys.readouterr().out
+    assert "exp4" in out and " 100 " in out and "2.50" in out
