@@ -64,7 +64,7 @@ async def _start(args) -> int:
                  "metrics_port": fe.metrics_port, "rpc_port": fe.rpc_port,
                  "pid": os.getpid()}
         print(f"clipper ready: msgpack queries on {cfg.host}:{fe.query_port}, REST on {cfg.host}:{fe.rest_port}, "
-              f"admin API on {cfg.host}:{fe.admin_port}, metrics on {cfg.host}:{fe.metrics_port}, "
+              f"admin API on {cfg.admin_host}:{fe.admin_port}, metrics on {cfg.host}:{fe.metrics_port}, "
               f"containers on {cfg.rpc_host}:{fe.rpc_port}", flush=True)
         if args.ready_file:
             tmp = Path(args.ready_file + ".tmp")

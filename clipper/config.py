@@ -67,7 +67,8 @@ class FrontendConfig:
     listener.
     """
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where the query (msgpack, REST) and metrics ports listen
+    admin_host: str = "127.0.0.1"  # the management API: loopback unless asked otherwise
     query_port: int | None = DEFAULT_QUERY_PORT
     rest_port: int | None = DEFAULT_REST_PORT  # HTTP/JSON queries
     admin_port: int | None = DEFAULT_ADMIN_PORT

@@ -96,7 +96,7 @@ class Frontend:
             from .management.admin_http import AdminServer
 
             self.admin = AdminServer(self)
-            self.admin_port = await self.admin.start(cfg.host, cfg.admin_port)
+            self.admin_port = await self.admin.start(cfg.admin_host, cfg.admin_port)
         self._started = True
         await self._restore_registry()
         log.info("clipper frontend: msgpack port %s, REST port %s, admin port %s, metrics port %s, container RPC %s",

@@ -142,6 +142,8 @@ def test_update_sends_feedback_to_the_policy(frontend):
         status, out = h.post("/learn/update", {"input": [3, 0, 0, 0], "label": 3, "user": "ann"})
         assert status == 200 and out["ok"] is True and out["models"] == ["right:1", "wrong:1"]
         assert frontend.state("learn", "ann")["logw"]["wrong"] == pytest.approx(-0.2)
+        status, out = h.post("/learn/update", {"uid": 7, "input": [2, 0, 0, 0], "label": 2})  # the original's key
+        assert status == 200 and frontend.state("learn", "7")["logw"]["wrong"] == pytest.approx(-0.2)
         status, out = h.post("/learn/predict", {"input": [5, 0, 0, 0], "user": "ann"})
         assert status == 200 and out["output"] == 5 and 0.5 < out["confidence"] < 1
     finally:

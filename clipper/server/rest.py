@@ -272,6 +272,8 @@ class RestConnection(asyncio.Protocol):
             raise E.UnknownApplicationError(f"no application named {app_name!r} is registered")
         data = self._json_body()
         user = data.get("user")
+        if user is None and isinstance(data.get("uid"), (int, str)) and not isinstance(data.get("uid"), bool):
+            user = str(data["uid"])  # the original Clipper's name for it
         options = None if user is None else {"user": user}
         if parts[1] == "update":
             return self._update(reply, route, app_name, data, options)
