@@ -94,6 +94,9 @@ class FrontendConfig:
     # A query still unanswered at SLO minus this margin (at most a tenth of the SLO) is answered
     # then from what has arrived, so timer ticks and a busy loop do not push the answer past the SLO.
     deadline_margin_ms: float = 2.0
+    # ... plus what the frontend measures: answers made at the deadline that leave late (a loaded
+    # machine) move the planned answer earlier, to at most a quarter of the SLO before it.
+    adaptive_deadline_margin: bool = True
 
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction

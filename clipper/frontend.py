@@ -68,7 +68,8 @@ class Frontend:
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
                                         max_user_states_in_memory=lim.max_user_states_in_memory,
-                                        deadline_margin_ms=cfg.deadline_margin_ms)
+                                        deadline_margin_ms=cfg.deadline_margin_ms,
+                                        adaptive_margin=cfg.adaptive_deadline_margin)
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,

@@ -346,3 +346,30 @@ def test_answers_are_planned_a_margin_before_the_slo():
         assert AppRoute(Application("c", "float32", [2], slo_ms=20), none).answer_ns == 20_000_000
     finally:
         loop.close()
+
+
+def test_late_answers_move_the_planned_answer_earlier_within_a_quarter_of_the_slo():
+    import uvloop
+
+    from clipper.query.processor import AppRoute, QueryProcessor
+
+    loop = uvloop.new_event_loop()
+    try:
+        route = AppRoute(Application("a", "float32", [2], slo_ms=20), QueryProcessor(loop, 1024, 0))
+        for _ in range(32):
+            route._note_lateness(-300_000)  # early answers count as on time
+        assert route.answer_ns == 18_000_000
+        for _ in range(320):
+            route._note_lateness(1_000_000)  # a loaded machine: answers leave 1 ms late
+        # margin = 2 ms configured + twice the smoothed 1 ms lateness
+        assert abs(route.answer_ns - 16_000_000) < 50_000
+        for _ in range(3200):
+            route._note_lateness(50_000_000)
+        assert route.answer_ns == 15_000_000  # never more than a quarter of the SLO early
+        fixed = AppRoute(Application("b", "float32", [2], slo_ms=20),
+                         QueryProcessor(loop, 1024, 0, adaptive_margin=False))
+        for _ in range(320):
+            fixed._note_lateness(5_000_000)
+        assert fixed.answer_ns == 18_000_000
+    finally:
+        loop.close()

@@ -66,14 +66,16 @@ class Deadlines:
     """Items with a ``deadline_ns`` and a ``done`` flag, due in the order they were added.
 
     One timer for all of them; ``on_due(item)`` runs for each item still not
-    done at its deadline.
+    done at its deadline, and ``on_late(ns)`` (if given) then learns how long
+    after its deadline that item was answered.
     """
 
-    __slots__ = ("loop", "on_due", "items", "_timer")
+    __slots__ = ("loop", "on_due", "on_late", "items", "_timer")
 
-    def __init__(self, loop, on_due) -> None:
+    def __init__(self, loop, on_due, on_late=None) -> None:
         self.loop = loop
         self.on_due = on_due
+        self.on_late = on_late
         self.items: deque = deque()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -97,6 +99,8 @@ class Deadlines:
             elif item.deadline_ns <= now + 500_000:  # within the timer's resolution
                 dq.popleft()
                 self.on_due(item)
+                if self.on_late is not None:
+                    self.on_late(time.monotonic_ns() - item.deadline_ns)
             else:
                 self._arm(item.deadline_ns)
                 return
@@ -197,7 +201,9 @@ class AppRoute:
         self.states = None  # StateTable, for policies that learn
         self.simple = True
         self.single_extra: dict | None = None
-        self.deadlines = Deadlines(self.loop, self.expire)
+        self.deadlines = Deadlines(self.loop, self.expire, self._note_lateness)
+        self.late_ewma_ns = 0.0  # how late answers made at the deadline leave, smoothed
+        self._late_notes = 0
         self.feedback_deadlines = Deadlines(self.loop, self._feedback_due)
         self.requests = 0
         self.answered = 0
@@ -222,8 +228,8 @@ class AppRoute:
         # What is not answered by arrival + answer_ns is answered then, from what has arrived: a
         # margin before the SLO absorbs the timer's millisecond ticks and a busy loop, so the
         # answer still leaves within the SLO.
-        margin = min(self.processor.deadline_margin_ns, self.slo_ns // 10)
-        self.answer_ns = self.slo_ns - margin
+        self.base_margin_ns = min(self.processor.deadline_margin_ns, self.slo_ns // 10)
+        self.answer_ns = self.slo_ns - self.base_margin_ns
         self.feedback_ns = max(self.slo_ns, self.processor.feedback_timeout_ns)
         self.default_output = app.default_output
         self.error_on_deadline = app.on_deadline == "error"
@@ -364,6 +370,22 @@ class AppRoute:
     def track(self, q) -> None:
         self.deadlines.track(q)
 
+    def _note_lateness(self, late_ns: int) -> None:
+        """An answer made at its deadline left ``late_ns`` after it: plan the next ones earlier.
+
+        The margin before the SLO is the configured one plus twice the smoothed
+        lateness (a busy loop, a loaded machine), at most a quarter of the SLO;
+        it is re-planned every 32 such answers, in steps small enough that the
+        deadline queue stays in order within a fraction of a millisecond.
+        """
+        if not self.processor.adaptive_margin:
+            return
+        self.late_ewma_ns += 0.1 * (max(late_ns, 0) - self.late_ewma_ns)
+        self._late_notes += 1
+        if self._late_notes % 32 == 0:
+            margin = min(self.base_margin_ns + 2 * int(self.late_ewma_ns), self.slo_ns // 4)
+            self.answer_ns = self.slo_ns - margin
+
     # ------------------------------------------------------------ outcomes (several models)
     def complete(self, f: Fanout, at_deadline: bool) -> None:
         """Every selected model has answered or failed, or the deadline came: answer ``f``."""
@@ -477,6 +499,7 @@ class AppRoute:
             "policy": self.app.policy,
             "models": [[n, q.key if q is not None else None] for n, q in self.links],
             "model_queue": self.queue.key if self.queue else None,
+            "answer_margin_ms": round((self.slo_ns - self.answer_ns) / 1e6, 3),
             "latency_p50_ms": _ms(self.latency.quantile(0.5)),
             "latency_p99_ms": _ms(self.latency.quantile(0.99)),
         }
@@ -511,9 +534,10 @@ class QueryProcessor:
     def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0, *, store=None,
                  state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
-                 deadline_margin_ms: float = 2.0) -> None:
+                 deadline_margin_ms: float = 2.0, adaptive_margin: bool = True) -> None:
         self.loop = loop
         self.deadline_margin_ns = int(deadline_margin_ms * 1_000_000)
+        self.adaptive_margin = adaptive_margin
         self.max_input_bytes = max_input_bytes
         self.routes: dict[str, AppRoute] = {}
         self.queues: dict[str, ModelQueue] = {}
