@@ -180,3 +180,17 @@ def test_pipelined_requests_are_answered_in_order_and_garbage_closes_only_its_co
         assert h.post("/sum/predict", {"input": [1, 1, 1, 1]})[1]["output"] == 4.0
     finally:
         h.close()
+
+
+def test_no_model_to_answer_is_503_for_an_application_that_wants_errors(frontend):
+    from clipper.management.registry import Application
+
+    frontend.call(frontend.fe.register_application(Application("lonely", "float32", [4], on_deadline="error")))
+    h = Http(frontend.fe.rest_port)
+    try:
+        status, out = h.post("/lonely/predict", {"input": [1, 2, 3, 4]})
+        assert status == 503 and out["error"]["code"] == E.NoModelAvailableError.code
+        status, out = h.post("/lonely/predict", {"input_batch": [[1, 2, 3, 4]]})
+        assert status == 200 and out["batch_predictions"][0]["error"]["code"] == E.NoModelAvailableError.code
+    finally:
+        h.close()
