@@ -194,3 +194,22 @@ def test_no_model_to_answer_is_503_for_an_application_that_wants_errors(frontend
         assert status == 200 and out["batch_predictions"][0]["error"]["code"] == E.NoModelAvailableError.code
     finally:
         h.close()
+
+
+def test_a_connection_past_max_connections_gets_503_and_the_first_goes_on(frontend_factory):
+    fe = frontend_factory(max_connections=1)
+    fe.deploy("sum", "row_sum")
+    first = Http(fe.fe.rest_port)
+    try:
+        assert first.post("/sum/predict", {"input": [1, 1, 1, 1]})[1]["output"] == 4.0
+        with socket.create_connection(("127.0.0.1", fe.fe.rest_port), timeout=30) as s:
+            reply = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 503") and b"max_connections is 1" in reply
+        assert first.post("/sum/predict", {"input": [2, 2, 2, 2]})[1]["output"] == 8.0
+    finally:
+        first.close()

@@ -1,1 +1,1 @@
-"""The query server: the msgpack TCP port (and, later, REST)."""
+"""The query servers: the msgpack TCP port (query_server) and REST (rest), one base (_connection)."""

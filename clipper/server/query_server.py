@@ -13,6 +13,7 @@ import logging
 
 from .. import errors as E
 from .._native import framing
+from ._connection import ClientConnection
 from ..protocol import wire
 
 log = logging.getLogger("clipper.server")
@@ -26,37 +27,29 @@ _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
 
 
-class QueryConnection(asyncio.Protocol):
+class QueryConnection(ClientConnection):
     """One client connection on the msgpack port."""
 
     def __init__(self, server: "QueryServer") -> None:
-        self.server = server
+        super().__init__(server)
         self.processor = server.processor
         self.reader = framing.FrameReader(server.limits.max_frame_bytes)
         self.unpack = server.unpack
         self.pack = server.packer.pack
-        self.transport = None
-        self.closed = False
         self.pending = 0
         self.version = wire.PROTOCOL_VERSION
         self._out: list = []
         self._flush_scheduled = False
-        self._reading_paused = False
         self.max_pending = server.limits.max_pending_per_connection
 
     # ------------------------------------------------------------ transport
+    def refusal(self, exc: E.ClipperError) -> bytes:
+        return framing.pack_frame(wire.pack(wire.error(None, exc)))
+
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        srv = self.server
-        if len(srv.connections) >= srv.limits.max_connections:
-            exc = E.LimitExceededError(
-                f"the server has {len(srv.connections)} open connections; max_connections is {srv.limits.max_connections}")
-            transport.write(framing.pack_frame(wire.pack(wire.error(None, exc))))
-            transport.close()
-            self.closed = True
+        super().connection_made(transport)
+        if self.closed:
             return
-        srv.connections.add(self)
-        transport.set_write_buffer_limits(high=srv.limits.max_write_buffer_bytes)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -65,21 +58,6 @@ class QueryConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self.server.connections.discard(self)
-
-    def pause_writing(self) -> None:
-        # The client does not read its answers: stop reading its requests.
-        if not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
     def data_received(self, data) -> None:
         for item in self.reader.feed(data):

@@ -40,6 +40,7 @@ import numpy as np
 import orjson
 
 from .. import errors as E
+from ._connection import ClientConnection
 
 log = logging.getLogger("clipper.rest")
 
@@ -156,50 +157,23 @@ class _Reply:
             self.status, self.payload = 200, item
 
 
-class RestConnection(asyncio.Protocol):
+class RestConnection(ClientConnection):
     """One HTTP client connection."""
 
     def __init__(self, server: "RestServer") -> None:
-        self.server = server
+        super().__init__(server)
         self.processor = server.processor
         self.parser = httptools.HttpRequestParser(self)
-        self.transport = None
-        self.closed = False
         self.replies: deque[_Reply] = deque()
         self.in_flight = 0  # queries of this connection awaiting answers
         self._url = b""
         self._body: list = []
         self._size = 0
         self._too_large = False
-        self._reading_paused = False
 
     # ------------------------------------------------------------ transport
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        srv = self.server
-        if len(srv.connections) >= srv.limits.max_connections:
-            exc = E.LimitExceededError(f"the server has {len(srv.connections)} open connections; "
-                                       f"max_connections is {srv.limits.max_connections}")
-            transport.write(_http(503, error_body(exc), False))
-            transport.close()
-            self.closed = True
-            return
-        srv.connections.add(self)
-        transport.set_write_buffer_limits(high=srv.limits.max_write_buffer_bytes)
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        self.server.connections.discard(self)
-
-    def pause_writing(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resume_reading()
+    def refusal(self, exc: E.ClipperError) -> bytes:
+        return _http(503, error_body(exc), False)
 
     def data_received(self, data) -> None:
         try:

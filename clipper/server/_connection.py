@@ -1,0 +1,58 @@
+"""What every client connection of the frontend shares: the connection limit and flow control."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .. import errors as E
+
+__all__ = ["ClientConnection"]
+
+
+class ClientConnection(asyncio.Protocol):
+    """Base of the msgpack and REST connections.
+
+    ``server`` has ``connections`` (a set) and ``limits``. A connection past
+    ``max_connections`` gets ``refusal(exc)`` written and is closed; a client
+    that does not read its answers stops being read once
+    ``max_write_buffer_bytes`` of them wait (no unbounded buffering).
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.transport = None
+        self.closed = False
+        self._reading_paused = False
+
+    def refusal(self, exc: E.ClipperError) -> bytes:
+        """The bytes that tell a client it is over the connection limit."""
+        raise NotImplementedError
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        srv = self.server
+        limits = srv.limits
+        if len(srv.connections) >= limits.max_connections:
+            transport.write(self.refusal(E.LimitExceededError(
+                f"the server has {len(srv.connections)} open connections; "
+                f"max_connections is {limits.max_connections}")))
+            transport.close()
+            self.closed = True
+            return
+        srv.connections.add(self)
+        transport.set_write_buffer_limits(high=limits.max_write_buffer_bytes)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests.
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
