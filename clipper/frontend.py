@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from . import __version__
@@ -151,27 +152,46 @@ class Frontend:
             log.error("the registry saved in %s is not JSON; starting empty", self.store)
             return
         self._restoring = True
+        failed = 0
         try:
             for a in snap.get("applications", []):
-                await self._restore_step(self.register_application, _make(Application, a, "application"))
+                failed += not await self._restore_step(
+                    f"application {a.get('name')!r}",
+                    lambda a=a: self.register_application(_make(Application, a, "application")))
             for m in snap.get("models", []):
                 for v in m.get("versions", []):
-                    mv = _make(ModelVersion, v, "model")
-                    await self._restore_step(self.deploy_model, mv, make_current=v["version"] == m.get("current_version"))
+                    failed += not await self._restore_step(
+                        f"model {m.get('name')}:{v.get('version')}",
+                        lambda v=v: self.deploy_model(_make(ModelVersion, v, "model"), make_current=False))
+                model = self.registry.models.get(m.get("name"))
+                current = m.get("current_version")
+                if model is not None:  # as saved: None stays None
+                    model.current_version = current if current in model.versions else None
             for app, names in snap.get("links", {}).items():
                 for link in names:
-                    await self._restore_step(self.link, app, link)
+                    failed += not await self._restore_step(f"link {app} -> {link}", lambda a=app, n=link: self.link(a, n))
+            self._reroute()
         finally:
             self._restoring = False
+        if failed:
+            # Keep what could not come back, so that a later change does not overwrite it for good.
+            key = f"snapshot-unrestored-{int(time.time())}"
+            self.store.save_many([(self._REGISTRY_NS, key, raw)])
+            log.error("%d registry entries could not be restored; the saved registry is kept under %r in %s",
+                      failed, key, self.store)
         self._save_registry()
         log.info("restored %d applications and %d models from %s", len(self.registry.applications),
                  len(self.registry.models), self.store)
 
-    async def _restore_step(self, fn, *args, **kw) -> None:
+    async def _restore_step(self, what: str, make) -> bool:
         try:
-            await fn(*args, **kw)
-        except ClipperError as exc:  # one bad entry (say, a model file that is gone) does not stop the rest
-            log.error("cannot restore %s: %s", args[0] if args else fn.__name__, exc.message)
+            await make()
+            return True
+        except ClipperError as exc:  # one bad entry (say, a policy module that is gone) does not stop the rest
+            log.error("cannot restore %s: %s", what, exc.message)
+        except Exception as exc:
+            log.exception("cannot restore %s: %s: %s", what, type(exc).__name__, exc)
+        return False
 
     def _state_path(self) -> str:
         path = self.config.state_path
@@ -197,12 +217,15 @@ class Frontend:
             return app
 
     async def unregister_application(self, name: str) -> Application:
-        """Remove an application: its endpoint, links and policy states. Queries in flight still get answers."""
+        """Remove an application: its endpoint, links and policy states.
+
+        Queries of it still waiting are answered now (default output or error), not left behind.
+        """
         async with self._lock:
             app = self.registry.remove_application(name)
             route = self.processor.routes.pop(name, None)
             if route is not None:
-                route.close()
+                route.close(drain=True)
             self.processor.drop_states(name)
             self._reroute()
             self._save_registry()
@@ -217,17 +240,24 @@ class Frontend:
         or cloudpickle version does not match), the deployment is removed
         again and the error names why.
         """
+        waits = wait and mv.replicas > 0 and self.manager.manages(mv)
         async with self._lock:
-            self._add_version(mv, make_current)
+            known = self.registry.models.get(mv.name)
+            # With wait, a new version of a model that is serving becomes current only once it is
+            # ready: applications keep the old one meanwhile, and keep it if the new one fails.
+            switch_later = waits and make_current and known is not None and known.current_version is not None
+            self._add_version(mv, make_current and not switch_later)
             self._reroute()
             self._save_registry()
             await self.manager.ensure(mv)
-        if wait and mv.replicas > 0 and self.manager.manages(mv):
+        if waits:
             try:
                 await self.wait_ready(mv.name, mv.version, timeout_s=timeout_s)
             except NoModelAvailableError:
                 await self.delete_model(mv.name, mv.version)
                 raise
+            if switch_later:
+                await self.set_model_version(mv.name, mv.version)
         return mv
 
     def _add_version(self, mv: ModelVersion, make_current: bool) -> None:
@@ -250,6 +280,13 @@ class Frontend:
         """
         from .container.closure import closure_info
 
+        from .management.registry import check_name
+
+        check_name("model name", name)  # before they name a file
+        check_name("model version", str(version))
+        known = self.registry.models.get(name)
+        if known is not None and str(version) in known.versions:
+            raise InvalidConfigError(f"model {name}:{version} is already deployed")
         info = closure_info(blob)  # raises InvalidConfigError for a blob that is not a closure
         wait = kw.pop("wait", True)
         folder = self._closure_dir()

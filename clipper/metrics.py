@@ -257,6 +257,8 @@ class _MetricsConnection(asyncio.Protocol):
         self._url = b""
 
     def on_url(self, url: bytes) -> None:
+        if len(self._url) + len(url) > 8192:  # a bounded request target: httptools stops, 400, close
+            raise ValueError("the request target exceeds 8192 bytes")
         self._url += url
 
     def on_message_complete(self) -> None:

@@ -206,3 +206,18 @@ def test_linking_two_versions_of_one_model(frontend):
     with Client("127.0.0.1", frontend.port) as c:
         p = c.predict("ab", np.array([1, 0, 0, 0], np.float32))
     assert p.output == pytest.approx(3.5) and list(p.models) == ["scaled:1", "scaled:2"]
+
+
+def test_a_query_whose_application_loses_its_links_still_gets_an_answer(frontend, wire_conn):
+    from clipper.protocol import wire
+
+    frontend.deploy_ensemble("orphaned", [("quick", "constant", const(1)),
+                                          ("late", "constant", const(2, CLIPPER_TEST_SLEEP_S=3))],
+                             slo_ms=600, output_kind="label", cache=False, on_deadline="error")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "orphaned", X))
+    frontend.wait_until(lambda s: s["models"]["late:1"]["queries_sent"] >= 1, what="both models asked")
+    frontend.call(frontend.fe.unlink("orphaned", "quick"))
+    frontend.call(frontend.fe.unlink("orphaned", "late"))
+    (msg,) = c.recv(1, timeout=10)
+    assert msg[0] == wire.ERROR and msg[1] == 1 and msg[2] == E.NoModelAvailableError.code

@@ -293,3 +293,89 @@ def test_status_table_shows_rates_between_two_snapshots(capsys):
     _print_status(snap(300), snap(100), 2.0)
     out = capsys.readouterr().out
     assert "exp4" in out and " 100 " in out and "2.50" in out
+
+
+def test_a_failed_deploy_keeps_the_version_that_was_serving(frontend):
+    a = admin(frontend)
+    frontend.deploy("keepv1", "row_sum", model="kept")
+    with pytest.raises(E.NoModelAvailableError, match="exited with code 3"):
+        a.deploy_model("kept", "2", "float32", [4], entry="model_zoo.py:no_such_function", workdir=str(TESTS),
+                       wait=True)
+    info = a.get_model_info("kept")
+    assert info["current_version"] == "1" and set(info["versions"]) == {"1"}
+    with Client("127.0.0.1", frontend.port) as c:
+        p = c.predict("keepv1", np.ones(4, np.float32))
+    assert p.output == 4.0 and p.models == ("kept:1",)
+
+
+def test_unregistering_answers_the_queries_still_waiting(frontend):
+    frontend.deploy("leaving", "sleep_by_input", slo_ms=20_000, default_output=-1.0, cache=False)
+    with Client("127.0.0.1", frontend.port, timeout=30) as c:
+        c.predict("leaving", np.array([0.0, 0, 0, 0], np.float32))  # warm
+        done = {}
+
+        def ask():
+            t0 = time.monotonic()
+            done["p"] = c.predict("leaving", np.array([5.0, 0, 0, 0], np.float32))
+            done["s"] = time.monotonic() - t0
+
+        t = threading.Thread(target=ask)
+        t.start()
+        frontend.wait_until(lambda s: s["models"]["leaving-model:1"]["queries_sent"] >= 2, what="the slow query sent")
+        admin(frontend).unregister_application("leaving")
+        t.join(10)
+    assert not t.is_alive() and done["p"].is_default and done["s"] < 4.0
+
+
+def test_answers_name_the_version_that_made_them_across_a_switch(frontend):
+    a = admin(frontend)
+    a.register_application("sw", "float32", [4], slo_ms=20_000, cache=False)
+    a.deploy_model("swm", "1", "float32", [4], entry="model_zoo.py:sleep_by_input", workdir=str(TESTS), wait=True)
+    a.deploy_model("swm", "2", "float32", [4], entry="model_zoo.py:row_sum", workdir=str(TESTS), wait=True,
+                   )
+    a.set_model_version("swm", "1")
+    a.link_model_to_app("sw", "swm")
+    with Client("127.0.0.1", frontend.port, timeout=30) as c:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("p", c.predict("sw", np.array([1.0, 0, 0, 0], np.float32))))
+        t.start()
+        frontend.wait_until(lambda s: s["models"]["swm:1"]["queries_sent"] >= 1, what="the query sent to v1")
+        a.set_model_version("swm", "2")
+        t.join(30)
+        later = c.predict("sw", np.array([1.0, 0, 0, 0], np.float32))
+    assert out["p"].models == ("swm:1",) and out["p"].output == 1.0
+    assert later.models == ("swm:2",) and later.output == 1.0
+
+
+def test_closure_names_are_checked_before_any_file_is_written(frontend, tmp_path):
+    a = admin(frontend)
+    with pytest.raises(E.InvalidConfigError, match="is not a valid name"):
+        a.deploy_python_closure("../escape", "1", lambda b: b, "float32", [4])
+    assert not list(Path(frontend.fe._closure_dir()).parent.glob("escape*"))
+    assert not list(Path(frontend.fe._closure_dir()).glob("*escape*"))
+
+
+def test_restore_keeps_what_it_cannot_bring_back_and_no_current_stays_none(frontend_factory, tmp_path):
+    mod = tmp_path / "gone_policy_mod.py"
+    mod.write_text("from clipper.selection.policies import SingleModel\nclass P(SingleModel):\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    path = str(tmp_path / "state.sqlite")
+    try:
+        first = frontend_factory(state_path=path)
+        a = admin(first)
+        a.register_application("odd", "float32", [4], policy="gone_policy_mod:P")
+        a.register_application("plain", "float32", [4])
+        a.deploy_model("vv", "1", "float32", [4], entry="model_zoo.py:row_sum", workdir=str(TESTS), wait=True)
+        a.deploy_model("vv", "2", "float32", [4], entry="model_zoo.py:row_sum", workdir=str(TESTS), wait=True)
+        a.delete_model("vv", "2")  # the current one: vv has no current version now
+        assert a.get_model_info("vv")["current_version"] is None
+        first.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("gone_policy_mod", None)
+    second = frontend_factory(state_path=path)  # the policy module is gone: start anyway
+    b = admin(second)
+    assert [x["name"] for x in b.get_all_apps()] == ["plain"]
+    assert b.get_model_info("vv")["current_version"] is None
+    kept = second.call(lambda: second.fe.store.keys("registry"))
+    assert any(k.startswith("snapshot-unrestored-") for k in kept)

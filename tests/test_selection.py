@@ -271,7 +271,7 @@ def test_state_table_lru_write_behind_and_bounds(tmp_path):
         t.put(f"u{i}", {"logw": {"a": -float(i), "b": 0.0}, "updates": i})
     assert len(t.lru) == 3 and len(t.dirty) == 6 and len(dirty_calls) == 1  # one flush is asked for
     assert t.get("u0")["updates"] == 0  # evicted from memory, still unsaved: found in dirty
-    store.save_many(t.take_dirty())
+    store.save_many(t.take_dirty()[0])
     assert not t.dirty and store.count("policy/app") == 6
     t2 = StateTable(store, "app", "exp4", p.init, max_in_memory=3, max_states=20)
     assert t2.get("u4") == {"logw": {"a": -4.0, "b": 0.0}, "updates": 4} and t2.loads == 1
@@ -282,7 +282,7 @@ def test_state_table_lru_write_behind_and_bounds(tmp_path):
     # bounded: the store keeps max_states per application, least recently saved go first
     for i in range(40):
         t.put(f"v{i}", {"logw": {}, "updates": i})
-        store.save_many(t.take_dirty())
+        store.save_many(t.take_dirty()[0])
         t.trim_if_due()
     assert store.count("policy/app") <= 20 + 16 and "v39" in store.keys("policy/app", 1)
     t.drop()

@@ -87,6 +87,8 @@ class _HttpConnection(asyncio.Protocol):
         self._too_large = False
 
     def on_url(self, url: bytes) -> None:
+        if len(self._url) + len(url) > 8192:  # a bounded request target: httptools stops, 400, close
+            raise ValueError("the request target exceeds 8192 bytes")
         self._url += url
 
     def on_body(self, body: bytes) -> None:

@@ -41,7 +41,7 @@ class Query:
     """One predict request on its way through the frontend."""
 
     __slots__ = ("conn", "req_id", "query_id", "app", "input", "arrival_ns", "deadline_ns", "done", "attempts",
-                 "token", "followers", "part")
+                 "token", "followers", "part", "extra")
 
     def __init__(self, conn, req_id, query_id, app, x, arrival_ns, deadline_ns):
         self.conn = conn  # the connection that gets the answer (send_result / send_error)
@@ -56,6 +56,7 @@ class Query:
         self.token = None  # the cache reservation this query leads, if any
         self.followers = None  # queries that joined that reservation
         self.part = 0  # in a Fanout (several models answer one request): this model's index
+        self.extra = None  # single-model path: the RESULT extra naming the version it was sent to
 
 
 class Batch:

@@ -60,6 +60,7 @@ log = logging.getLogger("clipper.query")
 __all__ = ["AppRoute", "QueryProcessor", "Fanout"]
 
 _QUEUED = object()  # _submit: the query waits for its model
+_MARGIN_STEP_NS = 250_000  # the adaptive deadline margin moves at most this much per re-plan
 
 
 class Deadlines:
@@ -98,12 +99,28 @@ class Deadlines:
                 dq.popleft()
             elif item.deadline_ns <= now + 500_000:  # within the timer's resolution
                 dq.popleft()
-                self.on_due(item)
+                try:
+                    self.on_due(item)
+                except Exception:  # a bug answering one item must not strand the ones after it
+                    log.exception("answering an item at its deadline failed")
+                    continue
                 if self.on_late is not None:
                     self.on_late(time.monotonic_ns() - item.deadline_ns)
             else:
                 self._arm(item.deadline_ns)
                 return
+
+    def drain(self) -> None:
+        """Answer every item still waiting, now (its owner is going away)."""
+        self.close()
+        dq = self.items
+        while dq:
+            item = dq.popleft()
+            if not item.done:
+                try:
+                    self.on_due(item)
+                except Exception:
+                    log.exception("answering an item of a closing owner failed")
 
     def close(self) -> None:
         if self._timer is not None:
@@ -330,7 +347,7 @@ class AppRoute:
         q.done = True
         self.answered += 1
         self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
-        q.conn.send_result(q.req_id, q.query_id, output, False, self.single_extra)
+        q.conn.send_result(q.req_id, q.query_id, output, False, q.extra)
 
     def fail(self, q: Query, exc: ClipperError) -> None:
         if q.done:
@@ -363,7 +380,8 @@ class AppRoute:
             self.fail(q, DeadlineExceededError(
                 f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}"))
         else:
-            key = self.queue.key if self.queue is not None else "the model"
+            extra = q.extra or self.single_extra
+            key = extra["models"][0] if extra else "the model"
             self.give_default(q, f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
                               [f"{key} (no answer in time)"])
 
@@ -383,8 +401,10 @@ class AppRoute:
         self.late_ewma_ns += 0.1 * (max(late_ns, 0) - self.late_ewma_ns)
         self._late_notes += 1
         if self._late_notes % 32 == 0:
-            margin = min(self.base_margin_ns + 2 * int(self.late_ewma_ns), self.slo_ns // 4)
-            self.answer_ns = self.slo_ns - margin
+            target = min(self.base_margin_ns + 2 * int(self.late_ewma_ns), self.slo_ns // 4)
+            margin = self.slo_ns - self.answer_ns
+            step = max(-_MARGIN_STEP_NS, min(_MARGIN_STEP_NS, target - margin))
+            self.answer_ns = self.slo_ns - (margin + step)
 
     # ------------------------------------------------------------ outcomes (several models)
     def complete(self, f: Fanout, at_deadline: bool) -> None:
@@ -422,18 +442,24 @@ class AppRoute:
             why = "no selected model answered within the SLO" if at_deadline else "no selected model could answer"
             self._send_default(f, f"{why} ({self.slo_ns / 1e6:g} ms): " + "; ".join(missing), missing)
             return
+        policy = self.policy
+        if policy is None:  # the application lost its links while this query waited
+            self.errors += 1
+            f.conn.send_error(f.req_id, NoModelAvailableError(
+                f"application {self.name!r} has no linked model any more"))
+            return
         try:
-            output, confidence = self.policy.combine(f.state, f.input, got)
+            output, confidence = policy.combine(f.state, f.input, got)
             confidence = float(confidence)
         except ClipperError as exc:
             self.errors += 1
             f.conn.send_error(f.req_id, ModelError(f"the answers of {used} cannot be combined: {exc.message}"))
             return
         except Exception as exc:  # a policy's bug fails this query only
-            log.exception("policy %s failed to combine", self.policy.name)
+            log.exception("policy %s failed to combine", policy.name)
             self.errors += 1
             f.conn.send_error(f.req_id, InternalError(
-                f"policy {self.policy.name!r} failed to combine: {type(exc).__name__}: {exc}"))
+                f"policy {policy.name!r} failed to combine: {type(exc).__name__}: {exc}"))
             return
         extra = {"confidence": confidence, "models": used}
         if missing:
@@ -460,27 +486,36 @@ class AppRoute:
         missing = f.missing()
         if missing:
             self.feedback_partial += 1
+        policy, states = self.policy, self.states
+        if policy is None or states is None:  # the links or the policy changed while this feedback waited
+            f.conn.send_error(f.req_id, NoModelAvailableError(
+                f"application {self.name!r} no longer has a learning policy over linked models"))
+            return
         try:
-            state = self.states.get(f.user)
-            new = self.policy.observe(state, f.input, f.label, preds)
+            state = states.get(f.user)
+            new = policy.observe(state, f.input, f.label, preds)
             if not isinstance(new, dict):
-                raise InternalError(f"policy {self.policy.name!r} returned a {type(new).__name__} as its state; "
+                raise InternalError(f"policy {policy.name!r} returned a {type(new).__name__} as its state; "
                                     f"a state is a dict")
-            self.states.put(f.user, new)
+            states.put(f.user, new)
         except ClipperError as exc:
             f.conn.send_error(f.req_id, exc)
             return
         except Exception as exc:
-            log.exception("policy %s failed to observe", self.policy.name)
+            log.exception("policy %s failed to observe", policy.name)
             f.conn.send_error(f.req_id, InternalError(
-                f"policy {self.policy.name!r} failed to learn from feedback: {type(exc).__name__}: {exc}"))
+                f"policy {policy.name!r} failed to learn from feedback: {type(exc).__name__}: {exc}"))
             return
         info = {"models": [f.keys[i] for i, o in enumerate(f.outputs) if o is not MISSING]}
         if missing:
             info["missing"] = missing
         f.conn.send_feedback_ok(f.req_id, info)
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """Stop the timers; with ``drain``, answer what still waits now (the application is going away)."""
+        if drain:
+            self.deadlines.drain()
+            self.feedback_deadlines.drain()
         self.deadlines.close()
         self.feedback_deadlines.close()
 
@@ -594,24 +629,37 @@ class QueryProcessor:
     def flush_states(self) -> None:
         """Write every changed state to the store (one transaction)."""
         self._flush_timer = None
-        items = []
+        items, taken = [], []
         for table in self._tables.values():
-            items += table.take_dirty()
+            its, tk = table.take_dirty()
+            items += its
+            if tk:
+                taken.append((table, tk))
         if not items:
             return
         try:
             self.store.save_many(items)
-            self.state_flushes += 1
-            for table in self._tables.values():
-                table.trim_if_due()
         except Exception:
             self.state_flush_errors += 1
-            log.exception("saving %d policy states failed", len(items))
+            log.exception("saving %d policy states failed; trying again in %g s", len(items), self.state_flush_s)
+            for table, tk in taken:
+                table.give_back(tk)
+            self._states_dirty()
+            return
+        self.state_flushes += 1
+        for table in self._tables.values():
+            try:
+                table.trim_if_due()
+            except Exception:
+                log.exception("trimming the policy states of %s failed", table.namespace)
 
     def close(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         self.flush_states()
+        if self._flush_timer is not None:  # the last save failed: nothing more can be done now
+            self._flush_timer.cancel()
+            self._flush_timer = None
 
     # ------------------------------------------------------------ requests
     def _user(self, options) -> str:
@@ -658,6 +706,7 @@ class QueryProcessor:
         if cache is None or not route.use_cache:
             now = time.monotonic_ns()
             q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
+            q.extra = route.single_extra  # names the version it was sent to, even after a switch
             queue.submit(q)
             route.track(q)
             return
@@ -671,6 +720,7 @@ class QueryProcessor:
             return
         now = time.monotonic_ns()
         q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
+        q.extra = route.single_extra
         if status == self._PENDING:  # computing already: join it
             route.cache_joins += 1
             if found.followers is None:

@@ -120,6 +120,8 @@ class Exp3(_Weighted):
     def probabilities(self, state) -> list[float]:
         w = self.weights(state)
         total = sum(w)
+        if not total > 0:  # cannot happen with min_weight > 0; with 0, weights may underflow
+            w, total = [1.0] * len(w), float(len(w))
         g = self.options["gamma"]
         k = len(w)
         return [(1 - g) * wi / total + g / k for wi in w]

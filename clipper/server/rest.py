@@ -48,6 +48,7 @@ __all__ = ["RestServer"]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
+MAX_URL_BYTES = 8192  # the request target; past it the request fails and the connection closes
 _SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExceededError)
 
 
@@ -180,6 +181,9 @@ class RestConnection(ClientConnection):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fatal(E.ProtocolError("HTTP upgrade is not supported"))
+        except httptools.HttpParserCallbackError as exc:  # a callback refused (a limit)
+            cause = exc.__context__
+            self._fatal(cause if isinstance(cause, E.ClipperError) else E.MalformedFrameError(str(exc)))
         except httptools.HttpParserError as exc:
             self._fatal(E.MalformedFrameError(f"the request is not valid HTTP/1.1: {exc}"))
 
@@ -197,6 +201,8 @@ class RestConnection(ClientConnection):
         self._too_large = False
 
     def on_url(self, url: bytes) -> None:
+        if len(self._url) + len(url) > MAX_URL_BYTES:
+            raise E.LimitExceededError(f"the request target exceeds {MAX_URL_BYTES} bytes")  # httptools stops
         self._url += url
 
     def on_body(self, body: bytes) -> None:
@@ -274,6 +280,9 @@ class RestConnection(ClientConnection):
                 self.processor.predict(reply, i, app_name, self._input(route, x), options)
             except E.ClipperError as exc:
                 reply.send_error(i, exc)
+            except Exception as exc:  # a bug fails this item only, and its count goes back
+                log.exception("internal error on a REST query")
+                reply.send_error(i, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _update(self, reply: _Reply, route, app_name: str, data: dict, options) -> None:
         if "input" not in data or "label" not in data:
@@ -286,6 +295,9 @@ class RestConnection(ClientConnection):
             self.processor.feedback(reply, 0, app_name, self._input(route, data["input"]), data["label"], options)
         except E.ClipperError as exc:
             reply.send_error(0, exc)
+        except Exception as exc:
+            log.exception("internal error on a REST update")
+            reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _json_body(self) -> dict:
         body = b"".join(self._body)

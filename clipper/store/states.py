@@ -16,10 +16,14 @@ from typing import Callable
 
 import msgpack
 
+import logging
+
 from ..errors import InternalError
 from .base import StateStore
 
 __all__ = ["StateTable", "encode_state", "decode_state"]
+
+log = logging.getLogger("clipper.store")
 
 
 def encode_state(policy_name: str, state: dict) -> bytes:
@@ -58,6 +62,7 @@ class StateTable:
         self.lru: OrderedDict[str, dict] = OrderedDict()
         self.dirty: dict[str, dict] = {}
         self._saved_since_trim = 0
+        self.unstorable = 0
         # figures
         self.loads = 0
         self.fresh = 0
@@ -108,14 +113,30 @@ class StateTable:
             lru.popitem(last=False)  # a dirty one stays in self.dirty until it is saved
             self.evicted_from_memory += 1
 
-    def take_dirty(self) -> list[tuple[str, str, bytes]]:
-        """The changed states as store items; they count as saved from now on."""
+    def take_dirty(self) -> tuple[list[tuple[str, str, bytes]], dict]:
+        """The changed states as store items, and what was taken (for :meth:`give_back`).
+
+        A state msgpack cannot carry (a policy's bug) is logged and left out:
+        it stays in memory but is never written.
+        """
         if not self.dirty:
-            return []
-        items = [(self.namespace, user, encode_state(self.policy_name, s)) for user, s in self.dirty.items()]
-        self.dirty = {}
+            return [], {}
+        taken, self.dirty = self.dirty, {}
+        items = []
+        for user, state in taken.items():
+            try:
+                items.append((self.namespace, user, encode_state(self.policy_name, state)))
+            except InternalError as exc:
+                self.unstorable += 1
+                log.error("application %s, user %r: %s", self.namespace, user, exc.message)
         self._saved_since_trim += len(items)
-        return items
+        return items, taken
+
+    def give_back(self, taken: dict) -> None:
+        """Saving what :meth:`take_dirty` returned failed: keep those states for the next try
+        (unless they changed again since)."""
+        for user, state in taken.items():
+            self.dirty.setdefault(user, state)
 
     def trim_if_due(self) -> None:
         """After saves: keep the store within ``max_states`` (checked every tenth of it)."""
@@ -131,4 +152,5 @@ class StateTable:
 
     def stats(self) -> dict:
         return {"in_memory": len(self.lru), "unsaved": len(self.dirty), "loads": self.loads, "fresh": self.fresh,
-                "updates": self.updates, "evicted_from_memory": self.evicted_from_memory, "trimmed": self.trimmed}
+                "updates": self.updates, "evicted_from_memory": self.evicted_from_memory, "trimmed": self.trimmed,
+                "unstorable": self.unstorable}
