@@ -783,7 +783,8 @@ def summary_line(name: str, s: dict) -> str:
 
 
 # -------------------------------------------------------------------- plots
-def make_plots(report: dict, plot_dir: Path, prefix: str) -> list[str]:
+def load_pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) when it is not installed."""
     try:
         import matplotlib
 
@@ -791,6 +792,13 @@ def make_plots(report: dict, plot_dir: Path, prefix: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         print(f"no plots: {exc} (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
+def make_plots(report: dict, plot_dir: Path, prefix: str) -> list[str]:
+    plt = load_pyplot()
+    if plt is None:
         return []
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .hotpath import _toml_value
+from .hotpath import _toml_value, load_pyplot
 from .run import REPO, TargetError, clipper_server, machine_info
 
 EXAMPLES = REPO / "containers" / "examples"
@@ -390,13 +390,8 @@ def summary_lines(report: dict) -> list[str]:
 
 # -------------------------------------------------------------------- plots
 def make_plots(report: dict, plot_dir: Path, prefix: str) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        print(f"no plots: {exc} (pip install -e '.[bench]')", file=sys.stderr)
+    plt = load_pyplot()
+    if plt is None:
         return []
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -48,20 +48,26 @@ def frames() -> bytes:
     return b"".join(framing.pack_frame(wire.pack(wire.predict(i, "cheap", x))) for i in range(FRAMES)), x
 
 
+def hit_processor(loop, key) -> tuple[QueryProcessor, AppRoute]:
+    """A processor with application "cheap" on one model queue, whose cache holds ``key``."""
+    lim = Limits()
+    proc = QueryProcessor(loop, lim.max_input_bytes, lim.cache_bytes)
+    route = AppRoute(Application("cheap", "float32", [784], slo_ms=20), proc)
+    proc.routes["cheap"] = route
+    queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
+                       max_batch_retries=1, max_batch=8, cache=proc.cache)
+    route.set_links([("m", queue)])
+    _, token = proc.cache.lookup(1, key, None)
+    proc.cache.fill(token, 3)
+    return proc, route
+
+
 def test_cache_hit_path(benchmark, frames):
     data, x = frames
     loop = uvloop.new_event_loop()
     try:
-        lim = Limits()
-        proc = QueryProcessor(loop, lim.max_input_bytes, lim.cache_bytes)
-        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20), proc)
-        proc.routes["cheap"] = route
-        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
-                           max_batch_retries=1, max_batch=8, cache=proc.cache)
-        route.set_links([("m", queue)])
-        _, token = proc.cache.lookup(1, x, None)
-        proc.cache.fill(token, 3)
-        conn = QueryConnection(QueryServer(loop, proc, lim, "bench"))
+        proc, route = hit_processor(loop, x)
+        conn = QueryConnection(QueryServer(loop, proc, Limits(), "bench"))
         conn.transport = NullTransport()
 
         def run():
@@ -93,21 +99,13 @@ def test_rest_cache_hit_path(benchmark, frames):
     _, x = frames
     loop = uvloop.new_event_loop()
     try:
-        lim = Limits()
-        proc = QueryProcessor(loop, lim.max_input_bytes, lim.cache_bytes)
-        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20), proc)
-        proc.routes["cheap"] = route
-        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
-                           max_batch_retries=1, max_batch=8, cache=proc.cache)
-        route.set_links([("m", queue)])
         values = [round(float(v), 6) for v in x]
-        _, token = proc.cache.lookup(1, np.array(values, np.float32), None)
-        proc.cache.fill(token, 3)
+        proc, route = hit_processor(loop, np.array(values, np.float32))
         body = json.dumps({"input": values}).encode()
         req = (b"POST /cheap/predict HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         data = req * (FRAMES // 10)
-        conn = RestConnection(RestServer(loop, proc, lim, lambda: []))
+        conn = RestConnection(RestServer(loop, proc, Limits(), lambda: []))
         conn.connection_made(NullTransport())
         benchmark.extra_info["requests_per_round"] = FRAMES // 10
         benchmark(conn.data_received, data)

@@ -6,7 +6,33 @@ import asyncio
 
 from .. import errors as E
 
-__all__ = ["ClientConnection"]
+__all__ = ["ClientConnection", "ClientServer"]
+
+
+class ClientServer:
+    """A listening socket on the frontend's loop whose connections are ``connection_class(self)``.
+
+    Subclasses set ``connection_class`` and, before :meth:`start`, ``loop``,
+    ``limits`` and ``connections`` (a set the connections keep themselves in).
+    """
+
+    connection_class: type = None
+    _server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (``port`` 0 binds a free one)."""
+        self._server = await self.loop.create_server(lambda: self.connection_class(self), host, port, backlog=1024)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._server.wait_closed()
+            self._server = None
 
 
 class ClientConnection(asyncio.Protocol):

@@ -8,12 +8,11 @@ event-loop iteration.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from .. import errors as E
 from .._native import framing
-from ._connection import ClientConnection
+from ._connection import ClientConnection, ClientServer
 from ..protocol import wire
 
 log = logging.getLogger("clipper.server")
@@ -193,8 +192,10 @@ class QueryConnection(ClientConnection):
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
-class QueryServer:
+class QueryServer(ClientServer):
     """Listens on the msgpack query port."""
+
+    connection_class = QueryConnection
 
     def __init__(self, loop, processor, limits, server_name: str) -> None:
         self.loop = loop
@@ -204,17 +205,3 @@ class QueryServer:
         self.unpack = wire.make_unpacker(limits.decode_limits())
         self.packer = wire.new_packer()  # used on the event loop's thread only
         self.connections: set[QueryConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        self._server = await self.loop.create_server(lambda: QueryConnection(self), host, port, backlog=1024)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for conn in list(self.connections):
-                if conn.transport is not None:
-                    conn.transport.close()
-            await self._server.wait_closed()
-            self._server = None

@@ -29,7 +29,6 @@ is parsed by httptools, never by hand.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -40,7 +39,7 @@ import numpy as np
 import orjson
 
 from .. import errors as E
-from ._connection import ClientConnection
+from ._connection import ClientConnection, ClientServer
 
 log = logging.getLogger("clipper.rest")
 
@@ -353,8 +352,10 @@ def _http(status: int, payload, keep_alive: bool) -> bytes:
     return head.encode("latin-1") + body
 
 
-class RestServer:
+class RestServer(ClientServer):
     """Listens for REST queries on the frontend's loop."""
+
+    connection_class = RestConnection
 
     def __init__(self, loop, processor, limits, not_ready) -> None:
         self.loop = loop
@@ -363,17 +364,3 @@ class RestServer:
         self.max_body_bytes = limits.max_frame_bytes
         self.not_ready = not_ready  # () -> list of applications without a connected replica
         self.connections: set[RestConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        self._server = await self.loop.create_server(lambda: RestConnection(self), host, port, backlog=1024)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for conn in list(self.connections):
-                if conn.transport is not None:
-                    conn.transport.close()
-            await self._server.wait_closed()
-            self._server = None
