@@ -98,6 +98,22 @@ class FrontendConfig:
     # machine) move the planned answer earlier, to at most a quarter of the SLO before it.
     adaptive_deadline_margin: bool = True
 
+    # ---- the trust boundary (docs/security.md)
+    # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key
+    # issued for its model) or "none" (loopback benchmarking only; refused off loopback).
+    rpc_security: str = "curve"
+    # The admin API's bearer token: this file (0600), created at the first start; default
+    # admin-token in the state folder. Binding the admin API off loopback needs TLS.
+    admin_token_file: str | None = None
+    admin_tls_cert_file: str | None = None  # PEM certificate chain for the admin port
+    admin_tls_key_file: str | None = None
+    admin_allowed_hosts: list = field(default_factory=list)  # Host header names accepted besides the bound ones
+    # TLS on the query ports (msgpack and REST): PEM certificate chain and key files.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Per-application API keys on the query ports (REST Authorization: Bearer, msgpack HELLO api_key).
+    require_api_keys: bool = False
+
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:

@@ -30,6 +30,10 @@ __all__ = [
     "InputTooLargeError",
     "InvalidConfigError",
     "UnknownModelError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "UnsupportedMediaTypeError",
+    "MisdirectedRequestError",
     "ServingError",
     "ModelError",
     "WrongOutputCountError",
@@ -168,6 +172,38 @@ class UnknownModelError(InvalidConfigError, LookupError):
 
     code = 207
     name = "UNKNOWN_MODEL"
+
+
+class AuthenticationError(RequestError):
+    """The request carries no credential, or one this server does not know
+    (a missing or wrong API key or admin token). HTTP 401."""
+
+    code = 208
+    name = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(RequestError):
+    """The credential is valid but does not grant this request (an API key
+    used for an application it does not name). HTTP 403."""
+
+    code = 209
+    name = "PERMISSION_DENIED"
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """An HTTP request whose ``Content-Type`` is not ``application/json``
+    where JSON is required (the admin API refuses browser "simple requests"). HTTP 415."""
+
+    code = 210
+    name = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class MisdirectedRequestError(RequestError):
+    """An HTTP request whose ``Host`` header names another server than the one
+    it reached (a DNS-rebinding page, or a wrong address). HTTP 421."""
+
+    code = 211
+    name = "MISDIRECTED_REQUEST"
 
 
 # -------------------------------------------------------------- serving faults
