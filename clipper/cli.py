@@ -41,7 +41,8 @@ async def _start(args) -> int:
         cfg = spec["frontend"]
     else:
         cfg = FrontendConfig()
-    for attr in ("host", "query_port", "rest_port", "admin_port", "metrics_port", "rpc_port", "state_path"):
+    for attr in ("host", "query_port", "rest_port", "admin_port", "metrics_port", "rpc_port", "state_path",
+                 "rpc_host", "admin_host", "rpc_security"):
         val = getattr(args, attr)
         if val is not None:
             setattr(cfg, attr, val)
@@ -85,7 +86,34 @@ def cmd_start(args) -> int:
 def _admin(args):
     from .management.admin_client import AdminClient
 
-    return AdminClient(args.host, args.admin_port)
+    return AdminClient(args.host, args.admin_port, token_file=args.token_file,
+                       tls=True if args.tls else None, cafile=args.cafile)
+
+
+def cmd_container_credentials(args) -> int:
+    from .security.container_keys import save_credentials
+
+    doc = _admin(args).issue_container_credentials(args.name, args.version, frontend=args.frontend,
+                                                   label=args.label)
+    out = args.out or f"{args.name}{'' if args.version is None else '-' + args.version}.credentials"
+    save_credentials(out, doc)
+    print(json.dumps({"id": doc["id"], "model": doc["model"], "version": doc["version"], "file": os.path.abspath(out),
+                      "frontend": doc["frontend"]}))
+    print(f"start the container with: python -m clipper.container ENTRY --name {args.name} --version "
+          f"{args.version or 'VERSION'} --credentials {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_revoke_credentials(args) -> int:
+    print(json.dumps(_admin(args).revoke_container_credentials(args.id)))
+    return 0
+
+
+def cmd_rotate_admin_token(args) -> int:
+    admin = _admin(args)
+    token = admin.rotate_admin_token()
+    print(json.dumps({"rotated": True, **({"token": token} if args.show else {})}))
+    return 0
 
 
 def cmd_register_app(args) -> int:
@@ -148,7 +176,12 @@ def cmd_replicas(args) -> int:
 
 def cmd_list(args) -> int:
     admin = _admin(args)
-    out = admin.get_all_apps() if args.what == "apps" else admin.get_all_models()
+    if args.what == "apps":
+        out = admin.get_all_apps()
+    elif args.what == "models":
+        out = admin.get_all_models()
+    else:
+        out = admin.list_container_credentials()
     print(json.dumps(out, indent=2))
     return 0
 
@@ -260,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help=f"Prometheus metrics port (default {DEFAULT_METRICS_PORT})")
     s.add_argument("--rpc-port", type=int, default=None, help=f"container RPC port (default {DEFAULT_RPC_PORT})")
+    s.add_argument("--rpc-host", default=None, help="address the container RPC listens on (default 127.0.0.1)")
+    s.add_argument("--admin-host", default=None,
+                   help="address the admin API listens on (default 127.0.0.1; off loopback it needs TLS)")
+    s.add_argument("--rpc-security", choices=("curve", "none"), default=None,
+                   help="container RPC security (default curve; none only on loopback, for benchmarks)")
     s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     s.add_argument("--state", dest="state_path", default=None,
                    help="state store file (policy states), relative to the config file's folder; ':memory:' "
@@ -269,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     def admin_opts(sp):
         sp.add_argument("--host", default="127.0.0.1")
         sp.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT)
+        sp.add_argument("--token-file", default=None,
+                        help="file holding the admin token (default: $CLIPPER_ADMIN_TOKEN, "
+                             "$CLIPPER_ADMIN_TOKEN_FILE, else what a frontend on this machine published)")
+        sp.add_argument("--tls", action="store_true", help="speak HTTPS to the admin API")
+        sp.add_argument("--cafile", default=None, help="CA (or self-signed certificate) that signed the admin "
+                                                      "API's certificate")
 
     s = sub.add_parser("register-app", help="register an application")
     s.add_argument("name")
@@ -342,8 +386,29 @@ def build_parser() -> argparse.ArgumentParser:
     admin_opts(s)
     s.set_defaults(func=cmd_replicas)
 
-    s = sub.add_parser("list", help="list applications or models")
-    s.add_argument("what", choices=("apps", "models"))
+    s = sub.add_parser("container-credentials",
+                       help="issue credentials for a container started by hand (written to a 0600 file)")
+    s.add_argument("name", help="the model the container may serve")
+    s.add_argument("version", nargs="?", default=None, help="only this version (default: any version)")
+    s.add_argument("-o", "--out", default=None, help="where to write them (default NAME[-VERSION].credentials)")
+    s.add_argument("--frontend", default=None,
+                   help="the RPC address the container dials, e.g. tcp://frontend.example:7000")
+    s.add_argument("--label", default="", help="a note kept with them (who, where)")
+    admin_opts(s)
+    s.set_defaults(func=cmd_container_credentials)
+
+    s = sub.add_parser("revoke-credentials", help="revoke container credentials: their containers are dropped")
+    s.add_argument("id")
+    admin_opts(s)
+    s.set_defaults(func=cmd_revoke_credentials)
+
+    s = sub.add_parser("rotate-admin-token", help="replace the admin API's token (the old one stops working)")
+    s.add_argument("--show", action="store_true", help="print the new token (for remote operators)")
+    admin_opts(s)
+    s.set_defaults(func=cmd_rotate_admin_token)
+
+    s = sub.add_parser("list", help="list applications, models or container credentials")
+    s.add_argument("what", choices=("apps", "models", "credentials"))
     admin_opts(s)
     s.set_defaults(func=cmd_list)
 

@@ -40,6 +40,8 @@ class Limits:
     max_user_id_len: int = 256  # characters of options.user (the user a policy state belongs to)
     max_user_states: int = 100_000  # policy states the store keeps per application (least recent go first)
     max_user_states_in_memory: int = 10_000  # policy states held in memory per application
+    # One message from a model container (a batch's outputs); a larger one disconnects the container.
+    max_rpc_message_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -102,6 +104,9 @@ class FrontendConfig:
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key
     # issued for its model) or "none" (loopback benchmarking only; refused off loopback).
     rpc_security: str = "curve"
+    # How the local manager's children connect: "ipc" (a Unix socket in a private folder, PLAIN
+    # credentials: the kernel keeps it private, nothing is encrypted per message) or "tcp" (CURVE).
+    local_rpc_transport: str = "ipc"
     # The admin API's bearer token: this file (0600), created at the first start; default
     # admin-token in the state folder. Binding the admin API off loopback needs TLS.
     admin_token_file: str | None = None
@@ -129,6 +134,29 @@ class FrontendConfig:
                 raise InvalidConfigError(f"{name} = {v!r} is not an integer in [1, 3600000]")
 
     limits: Limits = field(default_factory=Limits)
+
+    def check_security(self) -> None:
+        """Refuse settings that would open a port without its credential (called at start)."""
+        from .security.net import is_loopback_host
+
+        if self.rpc_security not in ("curve", "none"):
+            raise InvalidConfigError(f"rpc_security {self.rpc_security!r} is not one of 'curve', 'none'")
+        if self.local_rpc_transport not in ("ipc", "tcp"):
+            raise InvalidConfigError(f"local_rpc_transport {self.local_rpc_transport!r} is not 'ipc' or 'tcp'")
+        if self.rpc_security == "none" and not is_loopback_host(self.rpc_host):
+            raise InvalidConfigError(
+                f"rpc_security = \"none\" lets any process that reaches the container RPC serve models; it is "
+                f"allowed on loopback only, and rpc_host is {self.rpc_host!r}")
+        if bool(self.admin_tls_cert_file) != bool(self.admin_tls_key_file):
+            raise InvalidConfigError("admin TLS needs both admin_tls_cert_file and admin_tls_key_file")
+        if (self.admin_port is not None and not is_loopback_host(self.admin_host)
+                and not self.admin_tls_cert_file):
+            raise InvalidConfigError(
+                f"the admin API can run code on this machine; bound to {self.admin_host!r} (off loopback) it "
+                f"needs TLS: set admin_tls_cert_file and admin_tls_key_file (or keep admin_host on loopback)")
+        hosts = self.admin_allowed_hosts
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and 0 < len(h) <= 253 for h in hosts):
+            raise InvalidConfigError(f"admin_allowed_hosts {hosts!r} is not a list of host names")
 
     @property
     def rpc_address(self) -> str:

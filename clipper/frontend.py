@@ -54,33 +54,51 @@ class Frontend:
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
         self._next_deployment_id = 1  # names each deployed model version in the prediction cache
         self.store = None
-        self._scratch = None  # a temporary folder (closures of a frontend without a state file)
+        self._scratch = None  # a temporary folder (closures and secrets of a frontend without a state file)
+        self._ipc_dir = None  # the private folder of the local containers' Unix socket
+        self.keyring = None
         self._restoring = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
         cfg = self.config
+        cfg.check_security()
         self.loop = asyncio.get_running_loop()
+        from .security.container_keys import ContainerKeyring
         from .store.sqlite import SQLiteStore
 
         lim = cfg.limits
         self.store = SQLiteStore(self._state_path())
+        self.keyring = ContainerKeyring.open(cfg.rpc_security, self.secrets_dir())
+        self.keyring.attach_store(self.store)
         self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
                                         max_user_states_in_memory=lim.max_user_states_in_memory,
                                         deadline_margin_ms=cfg.deadline_margin_ms,
                                         adaptive_margin=cfg.adaptive_deadline_margin)
+        ipc_dir = None
+        if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":
+            import tempfile
+
+            # A Unix socket path has a 107-byte limit: a short private folder (mkdtemp makes it 0700).
+            ipc_dir = self._ipc_dir = tempfile.mkdtemp(prefix="clipper-rpc-")
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,
-                                   batch_timeout_ms=cfg.batch_timeout_ms)
+                                   batch_timeout_ms=cfg.batch_timeout_ms, keyring=self.keyring, ipc_dir=ipc_dir,
+                                   max_message_bytes=lim.max_rpc_message_bytes)
         self.rpc.start()
         self.rpc_port = self.rpc.port
         rpc_addr = f"tcp://{cfg.rpc_host}:{self.rpc_port}"
-        self.manager = LocalProcessManager(self.loop, rpc_addr, self.rpc.process_exited, base_dir=self.base_dir,
+        local_addr, mechanism = self.rpc.local_endpoint
+        if local_addr.startswith("tcp://"):
+            local_addr = rpc_addr  # the bound name, not the address ZeroMQ resolved it to
+        self.manager = LocalProcessManager(self.loop, local_addr, self._process_exited, keyring=self.keyring,
+                                           mechanism=mechanism, base_dir=self.base_dir,
                                            backoff_ms=cfg.restart_backoff_ms)
         self.manager.on_failure = self._container_failed
+        self.rpc.on_hung = self._replica_hung
         self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}")
         if cfg.query_port is not None:
             self.query_port = await self.query_server.start(cfg.host, cfg.query_port)
@@ -127,6 +145,12 @@ class Frontend:
             self.rpc.close()
         self.processor.close()  # saves the policy states not yet written
         self.store.close()
+        import shutil
+
+        for folder in (self._ipc_dir, self._scratch):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._ipc_dir = self._scratch = None
 
     # ------------------------------------------------------------ the registry across restarts
     _REGISTRY_NS = "registry"
@@ -303,6 +327,24 @@ class Frontend:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def secrets_dir(self) -> Path:
+        """Where the frontend keeps its credentials: ``clipper-secrets/`` (0700) beside the state file,
+        or in a temporary folder for a frontend whose state is not kept."""
+        state = self._state_path()
+        base = Path(state).parent if state != ":memory:" else Path(self._scratch_dir())
+        return base / "clipper-secrets"
+
+    def _process_exited(self, grant, returncode) -> None:
+        """The manager saw a child exit: its credentials go, and with them its replica."""
+        if self.keyring is not None and self.keyring.get(grant.id) is grant:
+            self.keyring.revoke(grant.id, f"exited (return code {returncode})")
+
+    def _replica_hung(self, replica) -> None:
+        """A replica held a batch too long and was dropped; stop its process if the manager started it."""
+        grant = replica.grant
+        if grant is not None and grant.origin == "manager" and self.manager is not None:
+            self.manager.kill(grant)
+
     def _scratch_dir(self) -> str:
         if self._scratch is None:
             import tempfile
@@ -330,6 +372,11 @@ class Frontend:
             self._save_registry()
             for mv in mvs:
                 await self._retire(mv, f"model {mv.key} was deleted")
+            # Credentials issued for what is gone go too (a redeploy under the name needs new ones).
+            if version is None or name not in self.registry.models:
+                self.keyring.revoke_model(name, None, f"model {name} was deleted")
+            else:
+                self.keyring.revoke_model(name, str(version), f"model {name}:{version} was deleted")
             return [mv.key for mv in mvs]
 
     async def _retire(self, mv: ModelVersion, reason: str) -> None:
@@ -341,6 +388,48 @@ class Frontend:
             queue.close()
             if self.processor.cache is not None:
                 self.processor.cache.invalidate(queue.deployment_id)
+
+    # ------------------------------------------------------------ container credentials
+    def issue_container_credentials(self, model: str, version: str | None = None, *, frontend: str | None = None,
+                                    label: str = "") -> dict:
+        """Credentials for a container started by hand (anywhere) to serve ``model`` (``version``, if given).
+
+        Returns the credentials document (the secret key is in it, and only
+        there: the frontend keeps the public half). ``frontend`` is the RPC
+        address the container should dial, written into the document.
+        """
+        m = self.registry.get_model(model)
+        if version is not None:
+            self.registry.get_model_version(model, str(version))
+        if self.keyring.mode != "curve":
+            raise InvalidConfigError("this frontend runs with rpc_security = \"none\": containers need no "
+                                     "credentials (and get no protection)")
+        if frontend is not None and (not isinstance(frontend, str) or not frontend.startswith("tcp://")
+                                     or len(frontend) > 1024):
+            raise InvalidConfigError(f"frontend {frontend!r} is not an address like tcp://HOST:{self.rpc_port}")
+        from .security.container_keys import ContainerCredentials
+
+        grant, secret = self.keyring.issue(m.name, None if version is None else str(version), label=label)
+        return ContainerCredentials.document(grant, secret, self.keyring.public_key,
+                                             frontend or self._public_rpc_address())
+
+    def revoke_container_credentials(self, credential_id: str) -> dict:
+        """Revoke operator-issued credentials: the replicas holding them are dropped and told to exit."""
+        grant = self.keyring.get(credential_id)
+        if grant is None or grant.origin != "operator":
+            raise InvalidConfigError(f"no container credentials with id {credential_id!r} "
+                                     f"(see GET /api/v1/container-credentials)")
+        return self.keyring.revoke(credential_id).describe()
+
+    def _public_rpc_address(self) -> str:
+        host = self.config.rpc_host
+        if not host or host in ("0.0.0.0", "::", "*"):  # a wildcard: the name others know this machine by
+            import socket
+
+            host = socket.getfqdn()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"tcp://{host}:{self.rpc_port}"
 
     async def set_model_version(self, name: str, version: str) -> ModelVersion:
         """Make ``version`` the current one (roll back or forward).
@@ -495,6 +584,7 @@ class Frontend:
                            "versions": {v: mv.to_dict() for v, mv in m.versions.items()}}
                        for n, m in self.registry.models.items()},
             "replicas": self.rpc.stats(),
+            "security": self.rpc.security_stats(),
             "processes": self.manager.stats(),
             "traffic": self.processor.stats(),
         }

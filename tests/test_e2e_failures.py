@@ -119,17 +119,3 @@ def test_container_that_cannot_load_fails_the_deploy_clearly(frontend):
     frontend.call(frontend.fe.deploy_model(mv))
     with pytest.raises(E.NoModelAvailableError, match="has no attribute 'no_such_function'"):
         frontend.call(frontend.fe.wait_ready("broken", "1", timeout_s=30))
-
-
-def test_container_of_an_unknown_model_is_rejected(frontend):
-    import subprocess
-    import sys
-
-    from clipper.rpc.messages import EXIT_REJECTED
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "ghost", "--version", "1",
-         "--frontend", f"tcp://127.0.0.1:{frontend.fe.rpc_port}"],
-        cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=30)
-    assert proc.returncode == EXIT_REJECTED
-    assert "model ghost:1 is not deployed" in proc.stderr

@@ -259,9 +259,14 @@ def test_a_container_started_by_hand_reconnects_after_a_frontend_restart(fronten
     first.call(first.fe.register_application(Application("byhand", "float32", [4], slo_ms=5000)))
     first.call(first.fe.deploy_model(ModelVersion("hand", "1", "float32", [4])))  # no entry: not managed
     first.call(first.fe.link("byhand", "hand"))
+    # an operator's credentials, kept (public half) in the state store: the second frontend knows them too
+    from clipper.security.container_keys import save_credentials
+
+    creds = tmp_path / "hand.credentials"
+    save_credentials(creds, admin(first).issue_container_credentials("hand", "1"))
     proc = subprocess.Popen([sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "hand",
-                             "--version", "1", "--frontend", f"tcp://127.0.0.1:{rpc_port}"], cwd=TESTS,
-                            stderr=subprocess.DEVNULL)
+                             "--version", "1", "--frontend", f"tcp://127.0.0.1:{rpc_port}",
+                             "--credentials", str(creds)], cwd=TESTS, stderr=subprocess.DEVNULL)
     try:
         first.call(first.fe.wait_ready("hand", "1", timeout_s=60))
         with Client("127.0.0.1", first.port) as c:

@@ -1,4 +1,11 @@
-"""``python -m clipper.container ENTRY --name N --version V [--frontend ADDR]``."""
+"""``python -m clipper.container ENTRY --name N --version V [--frontend ADDR] [--credentials FILE]``.
+
+Credentials come from ``--credentials FILE``, else from the environment:
+``CLIPPER_CREDENTIALS_FILE`` (a path) or ``CLIPPER_CREDENTIALS`` (the JSON
+itself, how the local manager hands them to its children). Both variables are
+removed from the environment once read, so the model's code and the
+processes it starts do not inherit them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ import os
 import signal
 import sys
 
+from ..errors import ClipperError
 from ..rpc import messages as m
+from ..security.container_keys import ContainerCredentials
 from .runtime import ContainerRuntime, LoadError, load_predictor
 
 
@@ -29,13 +38,29 @@ def _die_with_parent() -> None:
         pass
 
 
+def _credentials(path: str | None) -> ContainerCredentials | None:
+    """The credentials this container presents, from the file given or the environment."""
+    inline = os.environ.pop("CLIPPER_CREDENTIALS", None)
+    env_file = os.environ.pop("CLIPPER_CREDENTIALS_FILE", None)
+    if path:
+        return ContainerCredentials.load(path)
+    if env_file:
+        return ContainerCredentials.load(env_file)
+    if inline:
+        return ContainerCredentials.loads(inline)
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clipper.container", description="Serve a model to a Clipper frontend.")
     p.add_argument("entry", help="module:function, module:Class, or path/to/file.py:function")
     p.add_argument("--name", required=True, help="model name as deployed in the frontend")
     p.add_argument("--version", required=True, help="model version as deployed in the frontend")
-    p.add_argument("--frontend", default=os.environ.get("CLIPPER_FRONTEND", "tcp://127.0.0.1:7000"),
-                   help="the frontend's container RPC address (default tcp://127.0.0.1:7000)")
+    p.add_argument("--frontend", default=None,
+                   help="the frontend's container RPC address (default: the credentials' frontend, else "
+                        "$CLIPPER_FRONTEND, else tcp://127.0.0.1:7000)")
+    p.add_argument("--credentials", default=None,
+                   help="container credentials file (from `clipper container-credentials NAME [VERSION]`)")
     p.add_argument("--input-dtype", default=None, help="the input dtype this model expects (checked at handshake)")
     p.add_argument("--input-shape", default=None, help="the input shape, comma separated, e.g. 784 or 28,28")
     p.add_argument("--exit-on-frontend-loss", action="store_true",
@@ -53,13 +78,27 @@ def main(argv=None) -> int:
         except ValueError:
             p.error(f"--input-shape {args.input_shape!r} is not a comma-separated list of integers")
     try:
+        credentials = _credentials(args.credentials)
+    except ClipperError as exc:
+        print(f"clipper container {args.name}:{args.version}: {exc.message}", file=sys.stderr, flush=True)
+        return m.EXIT_REJECTED
+    if credentials is not None and (credentials.model != args.name
+                                    or credentials.version not in (None, args.version)):
+        print(f"clipper container {args.name}:{args.version}: its credentials were issued for model "
+              f"{credentials.model}{'' if credentials.version is None else ':' + credentials.version}",
+              file=sys.stderr, flush=True)
+        return m.EXIT_REJECTED
+    frontend = (args.frontend or (credentials.frontend if credentials is not None else None)
+                or os.environ.get("CLIPPER_FRONTEND") or "tcp://127.0.0.1:7000")
+    try:
         predict = load_predictor(args.entry)
     except LoadError as exc:
         print(f"clipper container {args.name}:{args.version}: cannot load {args.entry!r}: {exc}",
               file=sys.stderr, flush=True)
         return m.EXIT_LOAD_FAILED
-    rt = ContainerRuntime(predict, args.name, args.version, args.frontend, input_dtype=args.input_dtype,
-                          input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss)
+    rt = ContainerRuntime(predict, args.name, args.version, frontend, input_dtype=args.input_dtype,
+                          input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss,
+                          credentials=credentials)
     def on_signal(signum, frame):
         rt.stop()
         raise StopServing  # interrupts the poll; run() says goodbye to the frontend on the way out

@@ -10,6 +10,13 @@ The main thread owns the ZeroMQ socket and runs each batch through
 sends heartbeats while a long ``predict`` runs, so a container that stops
 heartbeating is really gone; a ``predict`` that never returns is caught by the
 frontend's batch timeout.
+
+Credentials (docs/security.md): a frontend with ``rpc_security = "curve"``
+completes a handshake only with a container that holds credentials issued
+for its model (``--credentials FILE``; the local manager hands its children
+theirs). Until its first handshake succeeds the runtime watches the socket's
+handshake events, so a refused credential ends the process with a message
+that says why instead of a silent retry loop.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 import zmq
 
 from ..errors import ModelError, WrongOutputCountError
+from ..security.container_keys import ContainerCredentials
 from ..protocol import wire
 from ..rpc import messages as m
 
@@ -166,8 +174,12 @@ class ContainerRuntime:
         input_dtype: str | None = None,
         input_shape: list[int] | None = None,
         exit_on_frontend_loss: bool = False,
+        credentials: ContainerCredentials | None = None,
     ) -> None:
         self.predict = predict
+        self.credentials = credentials
+        self._monitor = None  # handshake events, until the first handshake succeeds
+        self._poller = None
         self.name = name
         self.version = str(version)
         self.frontend = frontend
@@ -226,11 +238,22 @@ class ContainerRuntime:
                         pass
 
     # ----------------------------------------------------------------- main
+    _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                         | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
     def _connect(self):
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.credentials is not None:
+            self.credentials.apply(sock)
+        self._monitor = sock.get_monitor_socket(self._HANDSHAKE_EVENTS)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         sock.connect(self.frontend)
         info = {"model": self.name, "version": self.version, "pid": os.getpid(), "sdk": "clipper-container/0.1"}
+        if self.credentials is not None:
+            info["credential_id"] = self.credentials.id
         if self.input_dtype is not None:
             info["input_dtype"] = self.input_dtype
         if self.input_shape is not None:
@@ -239,8 +262,38 @@ class ContainerRuntime:
         return sock
 
     def _reconnect(self) -> None:
+        self._stop_monitor()
         self._sock.close(linger=0)
         self._sock = self._connect()
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = self._poller = None
+
+    def _handshake_event(self) -> int | None:
+        """Read one handshake event; an exit code if the frontend refused this container."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(self._monitor)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._stop_monitor()  # from here on, only the frontend's own messages matter
+            return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = ("refused this container's credentials (revoked, or issued by another frontend)"
+                   if self.credentials is not None else "refused this container")
+        elif self.credentials is None:
+            why = ("requires credentials: start the container with --credentials FILE "
+                   "(made by `clipper container-credentials MODEL [VERSION]`)")
+        else:
+            why = "does not speak the security mechanism of these credentials (is its rpc_security \"none\"?)"
+        print(f"clipper container {self.name}:{self.version}: the frontend at {self.frontend} {why}",
+              file=sys.stderr, flush=True)
+        return m.EXIT_REJECTED
 
     def run(self) -> int:
         """Serve until stopped, rejected, or (optionally) the frontend is lost. Returns an exit code.
@@ -255,6 +308,8 @@ class ContainerRuntime:
             self._sock = self._connect()
             return self._serve()
         finally:
+            if self._sock is not None:
+                self._stop_monitor()
             sock, self._sock = self._sock, None
             if sock is not None:
                 try:
@@ -275,7 +330,16 @@ class ContainerRuntime:
         while not self._stop.is_set():
             sock = self._sock
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
-            if sock.poll(timeout_ms, zmq.POLLIN):
+            if self._poller is not None:  # still waiting for the first handshake
+                ready = dict(self._poller.poll(timeout_ms))
+                if self._monitor in ready:
+                    rc = self._handshake_event()
+                    if rc is not None:
+                        return rc
+                ready = sock in ready
+            else:
+                ready = sock.poll(timeout_ms, zmq.POLLIN)
+            if ready:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 header = msgpack.unpackb(frames[0].bytes)
                 kind = header[0]

@@ -24,25 +24,57 @@ class AdminClient:
     (``register_application``, ``deploy_model``, ``link_model_to_app``,
     ``set_model_version``, ``set_num_replicas``, ``get_linked_models``, ...).
     Errors raise the :mod:`clipper.errors` class of the code the API sent.
+
+    Credentials: the admin API asks for a bearer token. On the frontend's
+    machine the client finds it by itself (the frontend publishes where its
+    token file is); elsewhere pass ``token`` or ``token_file``, or set
+    ``CLIPPER_ADMIN_TOKEN`` / ``CLIPPER_ADMIN_TOKEN_FILE``. ``tls`` (default:
+    what the local frontend published, else off) speaks HTTPS, verifying the
+    server against the system's CAs plus ``cafile``.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1338, timeout: float = 120.0) -> None:
-        self.base = f"http://{host}:{port}"
+    def __init__(self, host: str = "127.0.0.1", port: int = 1338, timeout: float = 120.0, *,
+                 token: str | None = None, token_file: str | None = None, tls: bool | None = None,
+                 cafile: str | None = None) -> None:
+        from ..security.admin_token import discover, resolve_client_token
+        from ..security.net import is_loopback_host
+
+        self.host, self.port = host, int(port)
         self.timeout = timeout
+        # What a frontend of this machine published is used only for that frontend: a token never
+        # goes to another host that happens to listen on the same port number.
+        published = discover(self.port)
+        local = is_loopback_host(host) or (published is not None and published.get("host") == host)
+        self._token, self._token_source, info = resolve_client_token(self.port, token, token_file, local=local)
+        published_cert = info.get("tls_cert_file") if info else None
+        if tls is None:
+            tls = bool(published_cert)
+        self._ssl = None
+        if tls:
+            from ..security.tls import client_context
+
+            self._ssl = client_context(cafile or published_cert)
+        netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.base = f"{'https' if tls else 'http'}://{netloc}:{self.port}"
 
     def _call(self, method: str, path: str, body=None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             try:
                 err = json.loads(exc.read())["error"]
             except Exception:
                 raise ConnectionClosedError(f"admin API answered HTTP {exc.code} without a JSON error") from None
-            raise error_for_code(int(err["code"]), err["message"]) from None
+            message = err["message"]
+            if exc.code == 401:
+                message += f" (this client took its token from {self._token_source})"
+            raise error_for_code(int(err["code"]), message) from None
         except urllib.error.URLError as exc:
             raise ConnectionClosedError(f"cannot reach the admin API at {self.base}: {exc.reason}") from None
 
@@ -148,7 +180,38 @@ class AdminClient:
         return len(self.get_model_info(name, version)["replicas"])
 
     def set_num_replicas(self, name: str, version: str, replicas: int) -> dict:
-        return self._call("POST", f"/api/v1/models/{name}/{version}/replicas", {"replicas": replicas})
+        return self._call("POST", f"/api/v1/models/{_seg(name)}/{_seg(version)}/replicas", {"replicas": replicas})
+
+    def issue_container_credentials(self, model: str, version: str | None = None, *, frontend: str | None = None,
+                                    label: str = "") -> dict:
+        """Credentials for a container started by hand to serve ``model`` (one ``version``, if given).
+
+        The returned document holds the secret key: save it with
+        :func:`clipper.security.container_keys.save_credentials` (0600) and
+        start the container with ``--credentials FILE``. ``frontend`` is the
+        RPC address the container dials (default: the frontend's own view).
+        """
+        body = {"model": model, "label": label}
+        if version is not None:
+            body["version"] = str(version)
+        if frontend is not None:
+            body["frontend"] = frontend
+        return self._call("POST", "/api/v1/container-credentials", body)
+
+    def list_container_credentials(self) -> list[dict]:
+        return self._call("GET", "/api/v1/container-credentials")
+
+    def revoke_container_credentials(self, credential_id: str) -> dict:
+        """Revoke credentials: containers holding them are dropped and told to exit."""
+        return self._call("DELETE", f"/api/v1/container-credentials/{_seg(credential_id)}")
+
+    def rotate_admin_token(self) -> str:
+        """Replace the admin token (the frontend writes the new one to its token file); returns it.
+
+        This client goes on with the new token."""
+        token = self._call("POST", "/api/v1/admin-token/rotate", {})["token"]
+        self._token, self._token_source = token, "the rotation it made"
+        return token
 
     def get_linked_models(self, app: str) -> list[str]:
         return self.status()["applications"][app]["linked_models"]

@@ -1,5 +1,21 @@
 """The management HTTP API (JSON), on the admin port (default 1338, loopback).
 
+Whoever reaches this API can run code on the machine (a deployment names a
+command; a policy names a module), so every request proves itself
+(docs/security.md):
+
+* ``Authorization: Bearer <token>``: the token in the frontend's token file
+  (0600; see :mod:`clipper.security.admin_token`), else 401.
+* ``Content-Type: application/json`` on every request that is not a GET, else
+  415: no browser "simple request" (a form, ``text/plain``) gets through.
+* a ``Host`` header naming the address the request reached (or a name in
+  ``admin_allowed_hosts``), else 421: a page whose name was rebound to this
+  machine's address (DNS rebinding) is refused.
+* no CORS headers, ever: browsers keep other sites' pages from reading answers.
+* bound off loopback, TLS (Python's ``ssl`` on the asyncio server) as well.
+
+``GET /health`` needs no token (a liveness probe); it checks ``Host`` too.
+
 Routes::
 
     GET    /health                                   {"status": "ok"}
@@ -18,6 +34,11 @@ Routes::
     POST   /api/v1/models/<name>/<version>/replicas  {replicas}
     POST   /api/v1/links                             link {app, model, version?}
     DELETE /api/v1/links                             unlink {app, model, version?}
+    POST   /api/v1/container-credentials             {model, version?, frontend?, label?} -> credentials (secret
+                                                     key included, shown this once)
+    GET    /api/v1/container-credentials             issued credentials (no secrets)
+    DELETE /api/v1/container-credentials/<id>        revoke: its replicas are dropped and told to exit
+    POST   /api/v1/admin-token/rotate                a new token (written to the token file); the old one stops
 
 Errors come back as ``{"error": {"code", "name", "message"}}`` with the same
 codes as the msgpack protocol. HTTP parsing is httptools'.
@@ -26,34 +47,68 @@ codes as the msgpack protocol. HTTP parsing is httptools'.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 
 import httptools
 
 from ..errors import (
+    AuthenticationError,
     ClipperError,
     InternalError,
     InvalidConfigError,
+    MisdirectedRequestError,
     RequestError,
     UnknownApplicationError,
     UnknownModelError,
+    UnsupportedMediaTypeError,
 )
 from .registry import Application, ModelVersion
 
 log = logging.getLogger("clipper.admin")
 
 MAX_BODY_BYTES = 1024 * 1024
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 500: "Internal Server Error"}
+MAX_HEADER_BYTES = 16384  # all header names and values of one request
+MAX_HEADERS = 100
+_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
+            421: "Misdirected Request", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+_WANTED = {b"host": "host", b"content-type": "content-type", b"authorization": "authorization"}
 
 
 def _status_for(exc: ClipperError) -> int:
     if isinstance(exc, (UnknownApplicationError, UnknownModelError)):
         return 404
+    if isinstance(exc, AuthenticationError):
+        return 401
+    if isinstance(exc, UnsupportedMediaTypeError):
+        return 415
+    if isinstance(exc, MisdirectedRequestError):
+        return 421
     if isinstance(exc, RequestError):
         return 400
     return 500
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``Host`` header -> (lower-case host without brackets, port or None); None if malformed."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            return None
+        host, rest = v[1:end], v[end + 1:]
+    else:
+        host, sep, port = v.partition(":")
+        rest = ":" + port if sep else ""
+    if not host:
+        return None
+    if not rest:
+        return host, None
+    if rest[0] != ":" or not rest[1:].isdigit() or len(rest) > 6:
+        return None
+    return host, int(rest[1:])
 
 
 class _HttpConnection(asyncio.Protocol):
@@ -61,13 +116,23 @@ class _HttpConnection(asyncio.Protocol):
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
+        self.hosts: frozenset = frozenset()
+        self._reset()
+
+    def _reset(self) -> None:
         self._url = b""
         self._body = []
         self._size = 0
         self._too_large = False
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._header_count = 0
+        self._headers_overflow = False
+        self._refusal: ClipperError | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.hosts = self.server.hosts_for(transport.get_extra_info("sockname"))
 
     def data_received(self, data) -> None:
         try:
@@ -76,22 +141,40 @@ class _HttpConnection(asyncio.Protocol):
             self._reply(400, {"error": {"code": 100, "name": "PROTOCOL_ERROR", "message": "upgrade not supported"}},
                         close=True)
         except httptools.HttpParserError as exc:
+            if self._headers_overflow:
+                return self._reply(431, {"error": {"code": 105, "name": "LIMIT_EXCEEDED", "message": (
+                    f"request headers exceed {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} fields")}}, close=True)
             self._reply(400, {"error": {"code": 101, "name": "MALFORMED_FRAME", "message": f"bad HTTP: {exc}"}},
                         close=True)
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self._url = b""
-        self._body = []
-        self._size = 0
-        self._too_large = False
+        self._reset()
 
     def on_url(self, url: bytes) -> None:
         if len(self._url) + len(url) > 8192:  # a bounded request target: httptools stops, 400, close
             raise ValueError("the request target exceeds 8192 bytes")
         self._url += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        self._header_count += 1
+        if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
+            self._headers_overflow = True
+            raise ValueError("request headers too large")
+        key = _WANTED.get(name.lower())
+        if key is not None:
+            if key in self._headers:  # two Host or Authorization headers: ambiguous, refuse
+                self._refusal = RequestError(f"the {key} header appears more than once")
+            self._headers[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if self._refusal is None:
+            self._refusal = self.server.refusal(self.parser.get_method(), self._url, self._headers, self.hosts)
+
     def on_body(self, body: bytes) -> None:
+        if self._refusal is not None:
+            return  # a refused request's body is not kept
         self._size += len(body)
         if self._size > MAX_BODY_BYTES:
             self._too_large = True
@@ -100,12 +183,18 @@ class _HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
-        path = httptools.parse_url(self._url).path.decode()
         keep = self.parser.should_keep_alive()
+        if self._refusal is not None:
+            exc = self._refusal
+            headers = {"WWW-Authenticate": 'Bearer realm="clipper-admin"'} if isinstance(exc, AuthenticationError) \
+                else None
+            return self._reply(_status_for(exc), _err(exc), close=not keep or _status_for(exc) == 421,
+                               headers=headers)
+        path = httptools.parse_url(self._url).path.decode("utf-8", "replace")
         if self._too_large:
             return self._reply(413, {"error": {"code": 105, "name": "LIMIT_EXCEEDED",
                                                "message": f"body exceeds {MAX_BODY_BYTES} bytes"}}, close=True)
-        body = b"".join(self._body)
+        body = b"".join(self._body) if method not in ("GET", "HEAD") else b""
         self.server.loop.create_task(self._handle(method, path, body, keep))
 
     async def _handle(self, method: str, path: str, body: bytes, keep: bool) -> None:
@@ -121,12 +210,14 @@ class _HttpConnection(asyncio.Protocol):
             status, payload = 500, _err(InternalError(f"{type(exc).__name__}: {exc}"))
         self._reply(status, payload, close=not keep)
 
-    def _reply(self, status: int, payload, close: bool = False) -> None:
+    def _reply(self, status: int, payload, close: bool = False, headers: dict | None = None) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         body = json.dumps(payload, default=_json_default).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
+                f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
         self.transport.write(head.encode() + body)
         if close:
             self.transport.close()
@@ -150,18 +241,87 @@ def _err(exc: ClipperError) -> dict:
 
 class AdminServer:
     def __init__(self, frontend) -> None:
+        from ..security.admin_token import AdminToken
+
         self.frontend = frontend
         self.loop = asyncio.get_running_loop()
         self._server = None
+        self.port: int | None = None
+        self.tls = False
+        cfg = frontend.config
+        self.token = AdminToken(cfg.admin_token_file or frontend.secrets_dir() / "admin-token")
+        self._published = None
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await self.loop.create_server(lambda: _HttpConnection(self), host, port)
-        return self._server.sockets[0].getsockname()[1]
+        cfg = self.frontend.config
+        ssl_ctx = None
+        if cfg.admin_tls_cert_file:
+            from ..security.tls import server_context
+
+            ssl_ctx = server_context(cfg.admin_tls_cert_file, cfg.admin_tls_key_file, "the admin API")
+            self.tls = True
+        self._server = await self.loop.create_server(lambda: _HttpConnection(self), host, port, ssl=ssl_ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        from ..security.admin_token import publish
+
+        self._published = publish(host, self.port, self.token.path, cfg.admin_tls_cert_file)
+        return self.port
 
     async def close(self) -> None:
+        from ..security.admin_token import unpublish
+
+        unpublish(self._published)
+        self._published = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    # ------------------------------------------------------------ who may ask
+    def hosts_for(self, sockname) -> frozenset:
+        """The ``Host`` names accepted on a connection that reached ``sockname``."""
+        names = {h.lower() for h in self.frontend.config.admin_allowed_hosts}
+        bound = (self.frontend.config.admin_host or "").lower()
+        if bound and bound not in ("0.0.0.0", "::", "*"):
+            names.add(bound.strip("[]"))
+        if sockname:
+            try:
+                addr = ipaddress.ip_address(sockname[0].split("%", 1)[0])
+            except ValueError:
+                addr = None
+            if addr is not None:
+                if getattr(addr, "ipv4_mapped", None) is not None:
+                    addr = addr.ipv4_mapped
+                names.add(str(addr))
+                if addr.is_loopback:
+                    names.update(("localhost", "127.0.0.1", "::1"))
+        return frozenset(names)
+
+    def refusal(self, method: bytes, url: bytes, headers: dict, hosts: frozenset) -> ClipperError | None:
+        """Why a request must be refused before it is read further (None: it may go on)."""
+        host = headers.get("host")
+        parsed = split_host(host) if host is not None else None
+        default_port = 443 if self.tls else 80
+        if parsed is None or parsed[0] not in hosts or (parsed[1] or default_port) != self.port:
+            return MisdirectedRequestError(
+                f"Host {host!r} does not name this admin API (port {self.port}); accepted: "
+                f"{sorted(hosts)} (more with the admin_allowed_hosts setting)")
+        if url.split(b"?", 1)[0] in (b"/health", b"/health/"):
+            return None
+        if method not in (b"GET", b"HEAD"):
+            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                return UnsupportedMediaTypeError(
+                    f"Content-Type {headers.get('content-type')!r} is refused; the admin API takes "
+                    "application/json only")
+        auth = headers.get("authorization", "")
+        scheme, _, presented = auth.strip().partition(" ")
+        if scheme.lower() != "bearer" or not self.token.check(presented.strip().encode("latin-1")):
+            return AuthenticationError(
+                "the admin API needs `Authorization: Bearer <token>`"
+                + (" and this token is not it" if auth else "")
+                + f"; the token is in {self.token.path} on the frontend's machine (clients there find it "
+                "by themselves; elsewhere set CLIPPER_ADMIN_TOKEN or --token-file)")
+        return None
 
     async def route(self, method: str, path: str, data) -> tuple[int, object]:
         fe = self.frontend
@@ -178,6 +338,11 @@ class AdminServer:
             return 200, fe.status()
         if rest == ["replicas"] and method == "GET":
             return 200, {"replicas": fe.rpc.stats(), "processes": fe.manager.stats()}
+        # -- credentials
+        if rest == ["admin-token", "rotate"] and method == "POST":
+            return 200, {"token": self.token.rotate(), "token_file": str(self.token.path)}
+        if rest[:1] == ["container-credentials"]:
+            return self._credentials(method, rest, data)
         # -- applications
         if rest == ["applications"]:
             if method == "GET":
@@ -235,6 +400,26 @@ class AdminServer:
             await fe.unlink(app, model if version is None else f"{model}:{version}")
             return 200, {"app": app, "linked_models": fe.registry.linked_models(app)}
         return 404, _err(RequestError(f"no route {method} {path}"))
+
+    def _credentials(self, method: str, rest: list, data: dict) -> tuple[int, object]:
+        fe = self.frontend
+        if len(rest) == 1 and method == "GET":
+            return 200, fe.keyring.operator_grants()
+        if len(rest) == 1 and method == "POST":
+            unknown = set(data) - {"model", "version", "frontend", "label"}
+            if unknown:
+                raise InvalidConfigError(f"unknown key(s) {sorted(unknown)}; known: frontend, label, model, version")
+            model, version = data.get("model"), data.get("version")
+            if not isinstance(model, str):
+                raise InvalidConfigError(f"model {model!r} is not a model name")
+            if version is not None and (not isinstance(version, (str, int)) or isinstance(version, bool)):
+                raise InvalidConfigError(f"version {version!r} is not a model version")
+            doc = fe.issue_container_credentials(model, None if version is None else str(version),
+                                                 frontend=data.get("frontend"), label=data.get("label", ""))
+            return 201, doc
+        if len(rest) == 2 and method == "DELETE":
+            return 200, {"revoked": fe.revoke_container_credentials(rest[1])}
+        return 404, _err(RequestError(f"no route {method} /api/v1/{'/'.join(rest)}"))
 
     def _app(self, name: str) -> dict:
         fe = self.frontend

@@ -4,11 +4,19 @@ It starts each replica with ``python -m clipper.container``, watches it, and
 restarts it with exponential backoff when it exits. Stopping the manager
 stops every child (SIGTERM, then SIGKILL after a grace period); children also
 ask the kernel to kill them if the frontend dies (``--die-with-parent``).
+
+Each process it starts gets credentials of its own, issued for its model
+version just before the start and revoked when the process exits (in the
+environment variable ``CLIPPER_CREDENTIALS``, which the container SDK reads
+and removes). The frontend thus knows which process a replica is without
+believing any pid a container claims, and the manager signals only processes
+it started, through the handles it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..security.container_keys import ContainerCredentials
 from .registry import ModelVersion
 
 log = logging.getLogger("clipper.manager")
@@ -36,16 +45,19 @@ class _Slot:
     last_exit: int | None = None
     last_start: float = 0.0
     stopping: bool = False
+    grant: object = None  # the credentials of the process running now
     history: list = field(default_factory=list)
     stderr_tail: list = field(default_factory=list)  # the last lines the container wrote to stderr
 
 
 class LocalProcessManager:
-    def __init__(self, loop, rpc_address: str, on_exit, *, base_dir: Path | None = None,
-                 backoff_ms: tuple[int, int] = (100, 5000)) -> None:
+    def __init__(self, loop, rpc_address: str, on_exit, *, keyring, mechanism: str = "curve",
+                 base_dir: Path | None = None, backoff_ms: tuple[int, int] = (100, 5000)) -> None:
         self.loop = loop
-        self.rpc_address = rpc_address
-        self._on_exit = on_exit  # (pid, returncode) -> None
+        self.rpc_address = rpc_address  # where children connect (a Unix socket or TCP)
+        self.keyring = keyring
+        self.mechanism = mechanism  # how children prove their credentials: "plain", "curve" or "none"
+        self._on_exit = on_exit  # (grant, returncode) -> None
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
         self.backoff_ms = backoff_ms
         self.slots: dict[str, list[_Slot]] = {}
@@ -90,6 +102,11 @@ class LocalProcessManager:
         cwd = Path(mv.workdir) if mv.workdir else self.base_dir
         while not slot.stopping:
             slot.last_start = time.monotonic()
+            grant, secret = self.keyring.issue(mv.name, mv.version, origin="manager", mechanism=self.mechanism,
+                                               label=f"local replica {slot.index} of {mv.key}")
+            slot.grant = grant
+            env["CLIPPER_CREDENTIALS"] = json.dumps(ContainerCredentials.document(
+                grant, secret, self.keyring.public_key, self.rpc_address))
             try:
                 slot.proc = await asyncio.create_subprocess_exec(*self.argv(mv), cwd=str(cwd), env=env,
                                                                  stderr=asyncio.subprocess.PIPE,
@@ -99,12 +116,16 @@ class LocalProcessManager:
                 slot.proc = None
                 slot.stderr_tail = [f"cannot start: {exc}"]
                 rc = None
+                self._on_exit(grant, rc)
             else:
+                grant.pid = slot.proc.pid
                 log.info("started container for %s (pid %d)", mv.key, slot.proc.pid)
                 slot.stderr_tail = []
-                await self._pump_stderr(slot, slot.proc)
-                rc = await slot.proc.wait()
-                self._on_exit(slot.proc.pid, rc)
+                try:
+                    await self._pump_stderr(slot, slot.proc)
+                    rc = await slot.proc.wait()
+                finally:
+                    self._on_exit(grant, slot.proc.returncode)
             slot.last_exit = rc
             if self.on_failure is not None and rc not in (0, None) and not slot.stopping:
                 self.on_failure(mv.key, rc, "\n".join(slot.stderr_tail[-5:]))
@@ -155,6 +176,25 @@ class LocalProcessManager:
                 await slot.task
             except (asyncio.CancelledError, Exception):
                 pass
+
+    def kill(self, grant) -> bool:
+        """SIGKILL the process started with ``grant`` (and its process group), if it still runs.
+
+        Only through this manager's own handle: a process it did not start, or
+        one that has exited (its pid may belong to someone else by now), is
+        never signalled. The restart loop then starts a fresh one.
+        """
+        for slots in self.slots.values():
+            for slot in slots:
+                proc = slot.proc
+                if slot.grant is grant and proc is not None and proc.returncode is None:
+                    log.warning("killing the hung container of %s (pid %d)", slot.mv.key, proc.pid)
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)  # its group: it leads a session of its own
+                    except ProcessLookupError:
+                        pass
+                    return True
+        return False
 
     def pids(self, key: str) -> list[int]:
         return [s.proc.pid for s in self.slots.get(key, []) if s.proc is not None and s.proc.returncode is None]

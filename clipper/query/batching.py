@@ -257,8 +257,8 @@ class ModelQueue:
         replica.batch = None
         if batch is not None:
             self._requeue_or_fail(batch, ContainerFailedError(
-                f"the container of model {self.key} (replica {replica.replica_id}, pid {replica.pid}) "
-                f"{reason} while it held this query"))
+                f"the container of model {self.key} (replica {replica.replica_id}"
+                f"{'' if replica.pid is None else f', pid {replica.pid}'}) {reason} while it held this query"))
 
     def _requeue_or_fail(self, batch: Batch, exc: ClipperError) -> None:
         retry = []

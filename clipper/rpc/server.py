@@ -1,4 +1,4 @@
-"""The frontend's side of the container RPC: one ZeroMQ ROUTER socket.
+"""The frontend's side of the container RPC: ZeroMQ ROUTER sockets, one per transport.
 
 Containers connect (DEALER), introduce themselves with C_HELLO and become
 :class:`Replica` objects of their model version's queue. Batches go out as a
@@ -7,12 +7,28 @@ fresh buffer per batch, never reused, so ZeroMQ may read it for as long as it
 needs (it holds a reference until sent). Results come back the same way and
 are viewed with ``np.frombuffer`` on the received frame.
 
+Trust (docs/security.md): nothing a container says about itself is believed.
+With ``rpc_security = "curve"`` every handshake is checked by the ZAP handler
+of :mod:`clipper.security.container_keys`; a peer without a credential never
+completes one. Every message then carries its credential's id (ZeroMQ's
+``User-Id``), and a hello is accepted only for the model (and version) that
+credential was issued for. The hello's other fields (pid, dtype, shape, sdk,
+protocol version) are validated, typed and bounded; a bad one gets F_REJECT
+and changes nothing else. A claimed pid is only shown, never signalled: a
+replica that hangs is dropped, told to exit, and, if the local manager
+started it, killed through the manager's own process handle.
+
+Two transports may serve at once: TCP (``rpc_port``, CURVE: encrypted) for
+containers anywhere, and a Unix socket in a private folder (PLAIN: the kernel
+keeps it private, no per-message cryptography) for the local manager's
+children.
+
 Liveness: heartbeats both ways every ``heartbeat_interval_ms``; a container
 silent for ``heartbeat_timeout_ms``, holding a batch longer than
 ``batch_timeout_ms``, or whose process the manager saw exit, is dropped, and
 its batch in flight is retried on another replica or failed.
 
-The socket is driven by the event loop: ``add_reader`` on ZeroMQ's
+Each socket is driven by the event loop: ``add_reader`` on ZeroMQ's
 edge-triggered FD, drained until ``EVENTS`` has no POLLIN, and re-checked
 after every send (a send can consume the edge).
 """
@@ -20,8 +36,8 @@ after every send (a send can consume the edge).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 import time
 from typing import Callable
 
@@ -31,7 +47,9 @@ import zmq
 
 from .._native import framing
 from ..errors import ClipperError, InternalError, ModelError, WrongOutputCountError, error_for_code
+from ..management.registry import INPUT_DTYPES, NAME_RE, NAME_RULE
 from ..protocol import wire
+from ..security.container_keys import ZAP_DOMAIN
 from . import messages as m
 
 log = logging.getLogger("clipper.rpc")
@@ -42,18 +60,31 @@ _NOBLOCK = int(zmq.NOBLOCK)
 
 __all__ = ["Replica", "ContainerServer"]
 
+# Bounds of a header frame (hello, result, error, heartbeat): small by construction.
+MAX_HEADER_BYTES = 65536
+MAX_ERROR_MESSAGE_CHARS = 4096
+MAX_SHAPE_DIMS = 32
+MAX_PID = 2**31 - 1
+_unpack_header = functools.partial(
+    msgpack.unpackb, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
+    max_array_len=MAX_SHAPE_DIMS + 8, max_map_len=32, max_ext_len=0)
+
 
 class Replica:
     """One connected model container."""
 
-    __slots__ = ("ident", "replica_id", "key", "pid", "queue", "batch", "sizer", "dead",
-                 "last_seen_ns", "connected_ns", "batches_done")
+    __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "sizer",
+                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk")
 
-    def __init__(self, ident: bytes, replica_id: int, key: str, pid: int | None, queue):
+    def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
+        self.channel = channel
         self.ident = ident
         self.replica_id = replica_id
         self.key = key
-        self.pid = pid
+        self.grant = grant  # the credential it proved (None only with rpc_security = "none" and no credential)
+        self.claimed_pid = None  # what its hello says: shown, never acted on
+        self.peer = None  # the address its connection comes from
+        self.sdk = None
         self.queue = queue
         self.batch = None  # the batch in flight, if any
         self.sizer = None  # its batch-size controller, set by the queue
@@ -61,82 +92,200 @@ class Replica:
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
 
+    @property
+    def pid(self) -> int | None:
+        """The process id the local manager knows for it (None for a container it did not start)."""
+        grant = self.grant
+        return grant.pid if grant is not None and grant.origin == "manager" else None
+
     def __repr__(self) -> str:
-        return f"<Replica {self.replica_id} {self.key} pid={self.pid}>"
+        where = f"pid {self.pid}" if self.pid is not None else f"from {self.peer or '?'}"
+        return f"<Replica {self.replica_id} {self.key} {where}>"
+
+
+class _Channel:
+    """One ROUTER socket and the replicas connected through it."""
+
+    __slots__ = ("name", "sock", "fd", "endpoint", "secure", "replicas", "check_scheduled")
+
+    def __init__(self, name: str, sock: zmq.Socket, secure: bool) -> None:
+        self.name = name  # "tcp" or "ipc"
+        self.sock = sock
+        self.fd = sock.getsockopt(zmq.FD)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.secure = secure  # messages carry a User-Id set by the ZAP handler
+        self.replicas: dict[bytes, Replica] = {}
+        self.check_scheduled = False
+
+
+class HelloError(ClipperError):
+    """A hello that cannot be accepted (sent back in F_REJECT)."""
+
+
+def parse_hello(header) -> dict:
+    """Check a C_HELLO header; returns its info with every field typed and bounded."""
+    if type(header) is not list or len(header) != 3:
+        raise HelloError("a hello is [1, rpc_version, info]")
+    version, info = header[1], header[2]
+    if type(version) is not int or version != m.RPC_VERSION:
+        raise HelloError(f"container RPC version {version!r} is not supported; this frontend speaks {m.RPC_VERSION}")
+    if type(info) is not dict:
+        raise HelloError("a hello's info is a map")
+    out = {}
+    for field in ("model", "version"):
+        value = info.get(field)
+        if type(value) is not str or not NAME_RE.match(value):
+            raise HelloError(f"hello {field} {value!r} is not a {field} name ({NAME_RULE})")
+        out[field] = value
+    pid = info.get("pid")
+    if pid is not None and (type(pid) is not int or not 0 < pid <= MAX_PID):
+        raise HelloError(f"hello pid {pid!r} is not a process id (an integer in 1..{MAX_PID})")
+    out["pid"] = pid
+    dtype = info.get("input_dtype")
+    if dtype is not None and (type(dtype) is not str or dtype not in INPUT_DTYPES):
+        raise HelloError(f"hello input_dtype {dtype!r} is not one of {list(INPUT_DTYPES)}")
+    out["input_dtype"] = dtype
+    shape = info.get("input_shape")
+    if shape is not None:
+        if (type(shape) is not list or len(shape) > MAX_SHAPE_DIMS
+                or any(type(d) is not int or not 0 <= d <= MAX_PID for d in shape)):
+            raise HelloError(f"hello input_shape {shape!r} is not a list of at most {MAX_SHAPE_DIMS} "
+                             "non-negative integers")
+        shape = tuple(shape)
+    out["input_shape"] = shape
+    for field, limit in (("sdk", 128), ("credential_id", 64)):
+        value = info.get(field)
+        if value is not None and (type(value) is not str or len(value) > limit):
+            raise HelloError(f"hello {field} is not a string of at most {limit} characters")
+        out[field] = value
+    return out
 
 
 class ContainerServer:
     """Accepts model containers and carries batches to them."""
 
     def __init__(self, loop, address: str, resolve: Callable, *, heartbeat_interval_ms: int,
-                 heartbeat_timeout_ms: int, batch_timeout_ms: int) -> None:
+                 heartbeat_timeout_ms: int, batch_timeout_ms: int, keyring=None, ipc_dir: str | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
         self.loop = loop
         self.address = address
-        self._resolve = resolve  # (model, version, info) -> ModelQueue; raises ClipperError to reject
+        self._resolve = resolve  # (model, version) -> (ModelQueue, ModelVersion); raises ClipperError to reject
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.heartbeat_timeout_ns = heartbeat_timeout_ms * 1_000_000
         self.batch_timeout_ns = batch_timeout_ms * 1_000_000
+        self.keyring = keyring
+        self.secure = keyring is not None and keyring.mode == "curve"
+        self.ipc_dir = ipc_dir if self.secure else None
+        self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context()
-        self.sock: zmq.Socket | None = None
-        self.replicas: dict[bytes, Replica] = {}
+        self.channels: list[_Channel] = []
+        self.tcp: _Channel | None = None
+        self.ipc: _Channel | None = None
         self._next_replica_id = 1
-        self._check_scheduled = False
         self._hb_timer: asyncio.TimerHandle | None = None
         self._waiters: list[tuple[str, int, asyncio.Future]] = []
         self._unpack = wire.make_unpacker()
         self.on_replica_change: Callable | None = None
-        self.endpoint = None
-        self.rejected = 0
+        self.on_hung: Callable | None = None  # (replica) -> None: stop its process, if the manager started it
+        self.rejected = 0  # hellos refused
+        self.ignored = 0  # messages from peers with no (or a revoked) credential, or malformed
+        if keyring is not None:
+            keyring.on_revoke = self._on_revoke
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> str:
+        """Bind the sockets; returns the TCP endpoint."""
+        if self.keyring is not None:
+            self.keyring.start_authenticator(self.ctx)
+        addr = self.address
+        if addr.endswith(":0"):
+            addr = addr[:-2] + ":*"
+        self.tcp = self._bind("tcp", addr, "curve" if self.secure else None)
+        if self.ipc_dir is not None:
+            self.ipc = self._bind("ipc", f"ipc://{self.ipc_dir}/rpc.sock", "plain")
+        self._schedule_check_all()
+        return self.tcp.endpoint
+
+    def _bind(self, name: str, addr: str, mechanism: str | None) -> _Channel:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        addr = self.address
-        if addr.endswith(":0"):
-            addr = addr[:-2] + ":*"
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)  # a larger message disconnects its sender
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)  # a peer that does not finish its handshake is cut off
+        if mechanism == "curve":
+            sock.curve_server = True
+            sock.curve_secretkey = self.keyring.secret_key
+        elif mechanism == "plain":
+            sock.plain_server = True
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         sock.bind(addr)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.sock = sock
-        self.loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
-        self._schedule_check()
-        return self.endpoint
+        ch = _Channel(name, sock, mechanism is not None)
+        self.channels.append(ch)
+        self.loop.add_reader(ch.fd, self._on_readable, ch)
+        return ch
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.tcp.endpoint if self.tcp is not None else None
 
     @property
     def port(self) -> int:
-        return int(self.endpoint.rsplit(":", 1)[1])
+        return int(self.tcp.endpoint.rsplit(":", 1)[1])
+
+    @property
+    def local_endpoint(self) -> tuple[str, str]:
+        """Where the local manager's children connect, and with which mechanism."""
+        if self.ipc is not None:
+            return self.ipc.endpoint, "plain"
+        return self.tcp.endpoint, "curve" if self.secure else "none"
+
+    @property
+    def replicas(self) -> dict:
+        """Every connected replica (a new dict: for status and tests, not the hot path)."""
+        out = {}
+        for ch in self.channels:
+            out.update({(ch.name, ident): r for ident, r in ch.replicas.items()})
+        return out
+
+    def all_replicas(self) -> list[Replica]:
+        return [r for ch in self.channels for r in ch.replicas.values()]
 
     def close(self) -> None:
         if self._hb_timer is not None:
             self._hb_timer.cancel()
             self._hb_timer = None
-        for replica in list(self.replicas.values()):
+        for replica in self.all_replicas():
             self._drop(replica, "was disconnected because the frontend stopped")
-        if self.sock is not None:
+        for ch in self.channels:
             try:
-                self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+                self.loop.remove_reader(ch.fd)
             except Exception:
                 pass
-            self.sock.close(linger=0)
-            self.sock = None
+            ch.sock.close(linger=0)
+        self.channels.clear()
+        if self.keyring is not None:
+            self.keyring.stop()
         self.ctx.term()
         for _, _, fut in self._waiters:
             if not fut.done():
                 fut.cancel()
 
     # ------------------------------------------------------------ socket I/O
-    def _schedule_check(self) -> None:
-        if not self._check_scheduled:
-            self._check_scheduled = True
-            self.loop.call_soon(self._on_readable)
+    def _schedule_check_all(self) -> None:
+        for ch in self.channels:
+            self._schedule_check(ch)
 
-    def _on_readable(self) -> None:
-        self._check_scheduled = False
-        sock = self.sock
-        if sock is None:
+    def _schedule_check(self, ch: _Channel) -> None:
+        if not ch.check_scheduled:
+            ch.check_scheduled = True
+            self.loop.call_soon(self._on_readable, ch)
+
+    def _on_readable(self, ch: _Channel) -> None:
+        ch.check_scheduled = False
+        sock = ch.sock
+        if sock.closed:
             return
         # Ask EVENTS before each receive instead of catching zmq.Again: an
         # exception per wake-up costs more than the whole message handling.
@@ -148,67 +297,105 @@ class ContainerServer:
             except zmq.ZMQError:
                 return
             try:
-                self._handle(frames)
+                self._handle(ch, frames)
             except Exception:  # one bad message never stops the socket
-                log.exception("dropping a malformed container message")
-        self._schedule_check()  # more to read: yield to other work, come back soon
+                self.ignored += 1
+                log.exception("dropping a container message that could not be handled")
+        self._schedule_check(ch)  # more to read: yield to other work, come back soon
 
-    def _send(self, ident: bytes, frames: list) -> None:
-        self.sock.send_multipart([ident, *frames], copy=False)
-        self._schedule_check()
+    def _send(self, ch: _Channel, ident: bytes, frames: list) -> None:
+        ch.sock.send_multipart([ident, *frames], copy=False)
+        self._schedule_check(ch)
 
-    def _send_header(self, ident: bytes, header: list) -> None:
+    def _send_header(self, ch: _Channel, ident: bytes, header: list) -> None:
         try:
-            self._send(ident, [msgpack.packb(header)])
+            self._send(ch, ident, [msgpack.packb(header)])
         except zmq.ZMQError:
             pass
 
     # ------------------------------------------------------------ messages
-    def _handle(self, frames) -> None:
+    def _handle(self, ch: _Channel, frames) -> None:
+        if len(frames) < 2 or len(frames[1]) > MAX_HEADER_BYTES:
+            self.ignored += 1
+            return
         ident = frames[0].bytes
-        header = msgpack.unpackb(frames[1].bytes)
-        kind = header[0]
-        replica = self.replicas.get(ident)
+        head = frames[1]
+        uid = head.get("User-Id") if ch.secure else None
+        replica = ch.replicas.get(ident)
+        if replica is not None and ch.secure and uid != replica.grant.id:
+            # Another connection took this routing id (a peer may choose its own): not this replica.
+            self.ignored += 1
+            return
+        try:
+            header = _unpack_header(head.bytes)
+            kind = header[0]
+            if type(kind) is not int:
+                raise ValueError
+        except Exception:
+            self.ignored += 1
+            if replica is not None and replica.batch is not None:
+                self._fail_batch(replica, replica.batch, ModelError(
+                    f"model {replica.key}: its container sent a message that is not a valid header"))
+            return
         if replica is not None:
             replica.last_seen_ns = time.monotonic_ns()
-        if kind == m.C_RESULT:
-            if replica is None:
-                return self._send_header(ident, [m.F_REHELLO])
-            self._on_result(replica, header, frames[2] if len(frames) > 2 else None)
-        elif kind == m.C_ERROR:
-            if replica is not None:
+            if kind == m.C_RESULT:
+                self._on_result(replica, header, frames[2] if len(frames) > 2 else None)
+            elif kind == m.C_ERROR:
                 self._on_error(replica, header)
-        elif kind == m.C_HEARTBEAT:
-            if replica is None:
-                self._send_header(ident, [m.F_REHELLO])
-        elif kind == m.C_HELLO:
-            self._on_hello(ident, header)
-        elif kind == m.C_BYE:
-            if replica is not None:
+            elif kind == m.C_HELLO:
+                self._on_hello(ch, ident, uid, header, head)
+            elif kind == m.C_BYE:
                 self._drop(replica, "shut down")
+            return  # C_HEARTBEAT: being heard is all that counts
+        if kind == m.C_HELLO:
+            self._on_hello(ch, ident, uid, header, head)
+        elif kind in (m.C_RESULT, m.C_HEARTBEAT) and (not ch.secure or self.keyring.get(uid) is not None):
+            # A container the frontend forgot (say, after a restart): ask it to introduce itself.
+            self._send_header(ch, ident, [m.F_REHELLO])
+        else:
+            self.ignored += 1
 
-    def _on_hello(self, ident: bytes, header: list) -> None:
-        old = self.replicas.get(ident)
+    def _on_hello(self, ch: _Channel, ident: bytes, uid, header, head) -> None:
+        old = ch.replicas.get(ident)
         if old is not None:
             self._drop(old, "reconnected")
+        keyring = self.keyring
         try:
-            version, info = header[1], header[2]
-            if version != m.RPC_VERSION:
-                raise ClipperError(f"container RPC version {version} is not supported; this frontend speaks {m.RPC_VERSION}")
-            queue, mv = self._resolve(str(info.get("model")), str(info.get("version")))
-            dtype, shape = info.get("input_dtype"), info.get("input_shape")
+            info = parse_hello(header)
+            if ch.secure:
+                grant = keyring.get(uid)
+                if grant is None:  # revoked after its handshake: it gets nothing
+                    self.ignored += 1
+                    return
+            else:  # rpc_security = "none": the credential id it names is believed (loopback only)
+                grant = keyring.get(info["credential_id"]) if keyring is not None else None
+            model, version = info["model"], info["version"]
+            if grant is not None and not grant.allows(model, version):
+                raise HelloError(f"credentials {grant.id} were issued for model {grant.names()}; "
+                                 f"they cannot register model {model}:{version}")
+            queue, mv = self._resolve(model, version)
+            dtype, shape = info["input_dtype"], info["input_shape"]
             if dtype is not None and dtype != mv.input_dtype:
-                raise ClipperError(f"container expects input dtype {dtype!r}; model {mv.key} is deployed with {mv.input_dtype!r}")
-            if shape is not None and tuple(shape) != tuple(mv.input_shape):
-                raise ClipperError(f"container expects input shape {list(shape)}; model {mv.key} is deployed with {list(mv.input_shape)}")
+                raise HelloError(f"container expects input dtype {dtype!r}; model {mv.key} is deployed with "
+                                 f"{mv.input_dtype!r}")
+            if shape is not None and shape != tuple(mv.input_shape):
+                raise HelloError(f"container expects input shape {list(shape)}; model {mv.key} is deployed with "
+                                 f"{list(mv.input_shape)}")
         except ClipperError as exc:
             self.rejected += 1
             log.warning("rejecting a container: %s", exc.message)
-            return self._send_header(ident, [m.F_REJECT, exc.message])
-        replica = Replica(ident, self._next_replica_id, mv.key, info.get("pid"), queue)
+            return self._send_header(ch, ident, [m.F_REJECT, exc.message])
+        replica = Replica(ch, ident, self._next_replica_id, mv.key, grant, queue)
+        replica.claimed_pid = info["pid"]
+        replica.sdk = info["sdk"]
+        try:
+            replica.peer = head.get("Peer-Address")
+        except zmq.ZMQError:
+            pass
         self._next_replica_id += 1
-        self.replicas[ident] = replica
-        self._send_header(ident, [m.F_WELCOME, replica.replica_id, {
+        ch.replicas[ident] = replica
+        self._send_header(ch, ident, [m.F_WELCOME, replica.replica_id, {
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
             "heartbeat_timeout_ms": self.heartbeat_timeout_ns // 1_000_000}])
         queue.add_replica(replica)
@@ -219,39 +406,54 @@ class ContainerServer:
             self.on_replica_change()
 
     def _on_result(self, replica: Replica, header: list, payload) -> None:
-        _, batch_id, count, encoding, meta = header
         batch = replica.batch
-        if batch is None or batch.batch_id != batch_id:
-            return  # a late answer for a batch already retried elsewhere
+        if batch is None:
+            return
         queries = batch.queries
         try:
+            if len(header) != 5:
+                raise ModelError(f"model {replica.key}: its container sent a malformed result header")
+            _, batch_id, count, encoding, meta = header
+            if batch_id != batch.batch_id:
+                return  # a late answer for a batch already retried elsewhere
             if count != len(queries):
                 raise WrongOutputCountError(
-                    f"model {replica.key} returned {count} outputs for a batch of {len(queries)} inputs")
+                    f"model {replica.key} returned {count!r} outputs for a batch of {len(queries)} inputs")
             if encoding == m.ENC_NDARRAY:
                 typestr, shape = meta
-                arr = np.frombuffer(payload.buffer if payload is not None else b"", dtype=wire.ALLOWED_DTYPES[typestr])
-                arr = arr.reshape(shape)
+                dtype = wire.ALLOWED_DTYPES[typestr]
+                if type(shape) is not list or not shape or shape[0] != count:
+                    raise ModelError(f"model {replica.key}: output shape {shape!r} does not hold {count} outputs")
+                arr = np.frombuffer(payload.buffer if payload is not None else b"", dtype=dtype).reshape(shape)
                 outputs = arr.tolist() if arr.ndim == 1 else list(arr)
-            else:
+            elif encoding == m.ENC_MSGPACK:
                 outputs = self._unpack(payload.buffer)
                 if not isinstance(outputs, list) or len(outputs) != len(queries):
                     raise WrongOutputCountError(f"model {replica.key} returned a malformed output block")
+            else:
+                raise ModelError(f"model {replica.key}: output encoding {encoding!r} is not known")
         except ClipperError as exc:
             return self._fail_batch(replica, batch, exc)
         except Exception as exc:
-            return self._fail_batch(replica, batch, InternalError(f"cannot decode the outputs of {replica.key}: {exc}"))
+            return self._fail_batch(replica, batch, ModelError(
+                f"model {replica.key}: its outputs cannot be decoded: {type(exc).__name__}: {exc}"))
         replica.batches_done += 1
         replica.queue.deliver(replica, batch, outputs)
 
     def _on_error(self, replica: Replica, header: list) -> None:
-        _, batch_id, code, message = header
         batch = replica.batch
-        if batch is None or batch.batch_id != batch_id:
+        if batch is None:
             return
-        exc = error_for_code(int(code), f"model {replica.key}: {message}")
-        if not isinstance(exc, ModelError):
-            exc = ModelError(f"model {replica.key}: {message}")
+        if len(header) != 4 or type(header[2]) is not int or type(header[3]) is not str:
+            exc = ModelError(f"model {replica.key}: its container sent a malformed error")
+        else:
+            _, batch_id, code, message = header
+            if batch_id != batch.batch_id:
+                return
+            message = message[:MAX_ERROR_MESSAGE_CHARS]
+            exc = error_for_code(code, f"model {replica.key}: {message}")
+            if not isinstance(exc, ModelError):
+                exc = ModelError(f"model {replica.key}: {message}")
         self._fail_batch(replica, batch, exc)
 
     def _fail_batch(self, replica: Replica, batch, exc: ClipperError) -> None:
@@ -275,64 +477,64 @@ class ContainerServer:
         else:
             payload = wire.pack(inputs)
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_MSGPACK, None])
-        self._send(replica.ident, [header, payload])
+        self._send(replica.channel, replica.ident, [header, payload])
 
     # ------------------------------------------------------------ liveness
     def _arm_heartbeat(self) -> None:
-        if self._hb_timer is None and self.replicas:
+        if self._hb_timer is None and any(ch.replicas for ch in self.channels):
             self._hb_timer = self.loop.call_later(self.heartbeat_interval_ms / 1000, self._heartbeat)
 
     def _heartbeat(self) -> None:
         self._hb_timer = None
         now = time.monotonic_ns()
         beat = msgpack.packb([m.F_HEARTBEAT])
-        for replica in list(self.replicas.values()):
+        for replica in self.all_replicas():
             if now - replica.last_seen_ns > self.heartbeat_timeout_ns:
                 self._drop(replica, f"went silent for over {self.heartbeat_timeout_ns // 1_000_000} ms")
                 continue
             batch = replica.batch
             if batch is not None and now - batch.sent_ns > self.batch_timeout_ns:
-                self._send_header(replica.ident, [m.F_REJECT, "batch timeout: the frontend dropped this replica"])
+                # Hung: tell it to exit and drop it (its batch goes to another replica). Its claimed pid
+                # means nothing; if the manager started it, the manager stops it through its own handle.
+                self._send_header(replica.channel, replica.ident,
+                                  [m.F_REJECT, "batch timeout: the frontend dropped this replica"])
                 self._drop(replica, f"held a batch for over {self.batch_timeout_ns // 1_000_000} ms")
-                if replica.pid and self.kill_hung:
-                    try:
-                        os.kill(replica.pid, 9)
-                    except OSError:
-                        pass
+                if self.on_hung is not None:
+                    self.on_hung(replica)
                 continue
             try:
-                self._send(replica.ident, [beat])
+                self._send(replica.channel, replica.ident, [beat])
             except zmq.ZMQError:
                 self._drop(replica, "became unreachable")
         self._arm_heartbeat()
 
-    kill_hung = True  # a replica dropped for a batch timeout is killed (its manager restarts it)
-
     def _drop(self, replica: Replica, reason: str) -> None:
-        if self.replicas.get(replica.ident) is not replica:
+        ch = replica.channel
+        if ch.replicas.get(replica.ident) is not replica:
             return
-        del self.replicas[replica.ident]
+        del ch.replicas[replica.ident]
         replica.dead = True
         log.warning("replica %s %s", replica, reason)
         replica.queue.remove_replica(replica, reason)
         if self.on_replica_change:
             self.on_replica_change()
 
-    def process_exited(self, pid: int, returncode) -> None:
-        """A manager saw container process ``pid`` exit."""
-        for replica in list(self.replicas.values()):
-            if replica.pid == pid:
-                self._drop(replica, f"exited (return code {returncode})")
+    def _on_revoke(self, grant, reason: str) -> None:
+        """A credential was revoked (by an operator, or its process exited): drop its replicas."""
+        for replica in self.all_replicas():
+            if replica.grant is grant:
+                self._send_header(replica.channel, replica.ident, [m.F_REJECT, reason])
+                self._drop(replica, reason)
 
     def drop_model(self, key: str, reason: str) -> None:
-        for replica in list(self.replicas.values()):
+        for replica in self.all_replicas():
             if replica.key == key:
-                self._send_header(replica.ident, [m.F_REJECT, reason])
+                self._send_header(replica.channel, replica.ident, [m.F_REJECT, reason])
                 self._drop(replica, reason)
 
     # ------------------------------------------------------------ readiness
     def count(self, key: str) -> int:
-        return sum(1 for r in self.replicas.values() if r.key == key)
+        return sum(1 for ch in self.channels for r in ch.replicas.values() if r.key == key)
 
     def wait_for_replicas(self, key: str, n: int) -> asyncio.Future:
         fut = self.loop.create_future()
@@ -357,8 +559,18 @@ class ContainerServer:
             "replica_id": r.replica_id,
             "model": r.key,
             "pid": r.pid,
+            "claimed_pid": r.claimed_pid,
+            "peer": r.peer,
+            "transport": r.channel.name,
+            "credential": r.grant.id if r.grant is not None else None,
             "busy": r.batch is not None,
             "max_batch": r.sizer.current if r.sizer is not None else None,
             "batches_done": r.batches_done,
             "connected_s": round((now - r.connected_ns) / 1e9, 3),
-        } for r in self.replicas.values()]
+        } for r in self.all_replicas()]
+
+    def security_stats(self) -> dict:
+        return {"rpc_security": self.keyring.mode if self.keyring is not None else "none",
+                "transports": {ch.name: ch.endpoint for ch in self.channels},
+                "handshakes_denied": self.keyring.denied if self.keyring is not None else 0,
+                "hellos_rejected": self.rejected, "messages_ignored": self.ignored}
