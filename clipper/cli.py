@@ -42,7 +42,7 @@ async def _start(args) -> int:
     else:
         cfg = FrontendConfig()
     for attr in ("host", "query_port", "rest_port", "admin_port", "metrics_port", "rpc_port", "state_path",
-                 "rpc_host", "admin_host", "rpc_security"):
+                 "rpc_host", "admin_host", "rpc_security", "local_rpc_transport"):
         val = getattr(args, attr)
         if val is not None:
             setattr(cfg, attr, val)
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the admin API listens on (default 127.0.0.1; off loopback it needs TLS)")
     s.add_argument("--rpc-security", choices=("curve", "none"), default=None,
                    help="container RPC security (default curve; none only on loopback, for benchmarks)")
+    s.add_argument("--local-rpc-transport", choices=("ipc", "tcp"), default=None,
+                   help="how the local manager's containers connect: ipc (a private Unix socket, default) or "
+                        "tcp (CURVE, like remote containers)")
     s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     s.add_argument("--state", dest="state_path", default=None,
                    help="state store file (policy states), relative to the config file's folder; ':memory:' "

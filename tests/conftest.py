@@ -21,6 +21,30 @@ from clipper.protocol import wire
 TESTS = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_runtime_dir(tmp_path_factory):
+    """Frontends started by the tests publish their admin tokens' locations here, not in the user's own
+    runtime folder (subprocesses, like the CLI, inherit it)."""
+    import os
+
+    os.environ["CLIPPER_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("clipper-run"))
+    os.environ.pop("CLIPPER_ADMIN_TOKEN", None)
+    os.environ.pop("CLIPPER_ADMIN_TOKEN_FILE", None)
+    yield
+
+
+def make_cert(folder: Path, name: str = "server") -> tuple[str, str]:
+    """A self-signed certificate (and its key) for 127.0.0.1 and localhost, made by the openssl CLI."""
+    import subprocess
+
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
 class RunningFrontend:
     """A :class:`Frontend` on a uvloop loop in a background thread.
 

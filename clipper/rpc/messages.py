@@ -8,9 +8,22 @@ or re-encoded: it travels as the raw bytes of one contiguous numpy buffer.
 The frontend binds a ROUTER socket; each container connects a DEALER socket,
 so the ROUTER sees one routing identity frame before the header.
 
+Security is ZeroMQ's, below these messages: CURVE on TCP, PLAIN on the
+local Unix socket, both checked by the frontend's ZAP handler against the
+credentials it issued (``clipper.security.container_keys``); with
+``rpc_security = "none"`` (loopback only) there is none. A hello is accepted
+only for the model (and version) its credential names; its other fields are
+claims, validated and bounded (``clipper.rpc.server.parse_hello``): model and
+version names, ``pid`` an integer in 1..2**31-1 (shown, never signalled),
+``input_dtype`` one of the application dtypes, ``input_shape`` at most 32
+non-negative integers, ``sdk`` at most 128 characters, ``credential_id`` at
+most 64 (believed only under ``rpc_security = "none"``). Header frames are
+at most 64 KiB; any message at most ``limits.max_rpc_message_bytes``.
+
 Container -> frontend::
 
-    C_HELLO      [1, rpc_version, {"model", "version", "pid", "input_dtype"?, "input_shape"?, "sdk"}]
+    C_HELLO      [1, rpc_version, {"model", "version", "pid"?, "input_dtype"?, "input_shape"?, "sdk"?,
+                                   "credential_id"?}]
     C_HEARTBEAT  [2]
     C_RESULT     [3, batch_id, count, encoding, meta]  + payload frame
     C_ERROR      [4, batch_id, code, message]
@@ -21,7 +34,7 @@ Frontend -> container::
     F_WELCOME    [1, replica_id, {"heartbeat_interval_ms", "heartbeat_timeout_ms"}]
     F_BATCH      [2, batch_id, count, encoding, meta]  + payload frame
     F_HEARTBEAT  [3]
-    F_REJECT     [4, message]          the container must exit
+    F_REJECT     [4, message]          the container must exit (refused hello, revoked, hung, deleted)
     F_REHELLO    [5]                   unknown sender: say C_HELLO again
 
 Encodings of a batch or an output block:
