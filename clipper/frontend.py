@@ -54,6 +54,7 @@ class Frontend:
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
         self._next_deployment_id = 1  # names each deployed model version in the prediction cache
         self.store = None
+        self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
         self._scratch = None  # a temporary folder (closures of a frontend without a state file)
         self._restoring = False
 
@@ -61,10 +62,14 @@ class Frontend:
     async def start(self) -> "Frontend":
         cfg = self.config
         self.loop = asyncio.get_running_loop()
+        from .security import ApiKeyRegistry, query_tls_context
         from .store.sqlite import SQLiteStore
 
         lim = cfg.limits
+        tls = query_tls_context(cfg, self.base_dir)  # first: a bad certificate or key file stops the start here
         self.store = SQLiteStore(self._state_path())
+        self.api_keys = ApiKeyRegistry(self.store)  # managed always; checked on the query ports if required
+        keys = self.api_keys if cfg.require_api_keys else None
         self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
@@ -81,14 +86,14 @@ class Frontend:
         self.manager = LocalProcessManager(self.loop, rpc_addr, self.rpc.process_exited, base_dir=self.base_dir,
                                            backoff_ms=cfg.restart_backoff_ms)
         self.manager.on_failure = self._container_failed
-        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}")
+        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}", keys)
         if cfg.query_port is not None:
-            self.query_port = await self.query_server.start(cfg.host, cfg.query_port)
+            self.query_port = await self.query_server.start(cfg.host, cfg.query_port, ssl=tls)
         if cfg.rest_port is not None:
             from .server.rest import RestServer
 
-            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready)
-            self.rest_port = await self.rest.start(cfg.host, cfg.rest_port)
+            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready, keys)
+            self.rest_port = await self.rest.start(cfg.host, cfg.rest_port, ssl=tls)
         if cfg.metrics_port is not None:
             from .metrics import MetricsServer
 
