@@ -39,6 +39,7 @@ from ..errors import (
     UnknownApplicationError,
     UnknownModelError,
 )
+from . import api_key_routes
 from .registry import Application, ModelVersion
 
 log = logging.getLogger("clipper.admin")
@@ -174,6 +175,8 @@ class AdminServer:
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")
         key = (method, len(rest), rest[0] if rest else None)
+        if rest[:1] == ["api-keys"]:  # the query ports' API keys: clipper/management/api_key_routes.py
+            return await api_key_routes.route(fe, method, rest, data)
         if rest == ["status"] and method == "GET":
             return 200, fe.status()
         if rest == ["replicas"] and method == "GET":
