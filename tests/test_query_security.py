@@ -583,3 +583,31 @@ def test_the_wire_builders_carry_the_new_fields():
         Client("127.0.0.1", 1, api_key=b"bytes")
     with pytest.raises(ValueError, match="not both"):
         Client("127.0.0.1", 1, tls=ssl.create_default_context(), cafile="x.pem")
+
+
+# ------------------------------------------------------------------ the TLS benchmark's tools
+def test_loadgen_speaks_tls(tls_fe, certs):
+    from bench.loadgen import LoadSpec, run_load
+
+    r = run_load(LoadSpec(port=tls_fe.port, app="sum", shape=(4,), connections=2, concurrency=4, duration_s=0.5,
+                          warmup_s=0.2, drain_s=5.0, tls_cafile=certs["ca"]))
+    assert r["tls"] is True and r["completed"] > 0 and r["errors_total"] == 0 and r["unfinished"] == 0
+
+
+def test_tls_bench_summary_pairs_each_repeat():
+    from bench.tls import summarize
+
+    def side(rps, p50, p99):
+        return {"throughput_rps": rps, "latency_ms": {"p50": p50, "p99": p99}, "loadgen_cpu_cores": 0.2,
+                "server_cpu_cores": 1.0}
+
+    runs = [{"plain": {"msgpack": side(100, 1, 4), "rest": side(50, 2, 8)},
+             "tls": {"msgpack": side(80, 2, 4), "rest": side(25, 2, 16)}},
+            {"plain": {"msgpack": side(50, 1, 4), "rest": side(40, 2, 8)},   # a slow moment hits both sides
+             "tls": {"msgpack": side(45, 1, 8), "rest": side(36, 4, 8)}}]
+    s = summarize(runs)
+    assert s["msgpack"]["tls_vs_plain"]["per_repeat"]["throughput_rps"] == [0.8, 0.9]
+    assert s["msgpack"]["tls_vs_plain"]["paired"]["throughput_rps"] == pytest.approx(0.85)
+    assert s["msgpack"]["plain"]["throughput_rps"] == 75 and s["msgpack"]["tls"]["throughput_rps"] == 62.5
+    assert s["rest"]["tls_vs_plain"]["paired"]["p99_ms"] == pytest.approx(1.5)
+    assert s["rest"]["tls_vs_plain"]["paired"]["loadgen_cpu_cores"] == 1.0
