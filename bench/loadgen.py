@@ -21,6 +21,10 @@ open loop
     A Linux timerfd paces the sends with microsecond resolution (uvloop's
     own timers tick in milliseconds).
 
+With ``tls`` (``--tls``, ``--cafile``) every connection speaks TLS, verifying
+the server's certificate against ``tls_cafile`` (or the system's CAs); the
+frames inside are the same.
+
 Every run stops by itself: the measurement window is ``warmup_s +
 duration_s``, in-flight requests get ``drain_s`` to finish, and both the
 workers and the parent enforce a hard timeout.
@@ -43,6 +47,7 @@ import multiprocessing as mp
 import os
 import resource
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -115,6 +120,8 @@ class LoadSpec:
     # unique_inputs: a number in [0, 65536) stamped into every input of this run, so that two runs
     # against one server never send the same input either; -1 draws a fresh one per run.
     stamp_salt: int = -1
+    tls: bool = False  # connect with TLS (the server's certificate is verified)
+    tls_cafile: str | None = None  # the CA to trust instead of the system's (implies tls)
 
     def validate(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -429,9 +436,14 @@ class _Worker:
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         spec = self.spec
+        tls = {}
+        if spec.tls or spec.tls_cafile:
+            # Made here: a context does not cross the process boundary. One per worker, so sessions
+            # of its connections share nothing with other workers (each pays a full handshake).
+            tls = {"ssl": ssl.create_default_context(cafile=spec.tls_cafile), "server_hostname": spec.host}
         for _ in range(self.n_connections):
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), spec.host, spec.port),
+                loop.create_connection(lambda: _Connection(self), spec.host, spec.port, **tls),
                 spec.connect_timeout_s,
             )
             self.conns.append(conn)
@@ -832,6 +844,7 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
     out = {
         "mode": spec.mode,
         "target": f"{spec.host}:{spec.port}",
+        "tls": bool(spec.tls or spec.tls_cafile),
         "app": spec.app,
         "workers": workers,
         "connections": spec.connections,
@@ -901,7 +914,8 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
 def format_summary(r: dict) -> str:
     lat = r["latency_ms"]
     head = (
-        f"{r['mode']} {r['target']} app={r['app']}: {r['throughput_rps']:,.0f} req/s"
+        f"{r['mode']} {r['target']}{' (TLS)' if r.get('tls') else ''} app={r['app']}: "
+        f"{r['throughput_rps']:,.0f} req/s"
         + (f" (offered {r['offered_rps']:,.0f} of {r['rate_rps']:,.0f})" if r["mode"] == "open" else "")
     )
     if lat["count"]:
@@ -943,6 +957,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="hard timeout, seconds")
     ap.add_argument("--latency-quantiles", type=int, default=0,
                     help="report latency_cdf_ms at this many even quantile steps (plus the tail)")
+    ap.add_argument("--tls", action="store_true", help="connect with TLS (verifying the server's certificate)")
+    ap.add_argument("--cafile", default=None, help="PEM file of the CA to trust (implies --tls)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = ap.parse_args(argv)
     spec = LoadSpec(
@@ -965,6 +981,8 @@ def main(argv=None) -> int:
         send_quantum_us=args.send_quantum_us,
         hard_timeout_s=args.timeout,
         latency_quantiles=args.latency_quantiles,
+        tls=args.tls,
+        tls_cafile=args.cafile,
     )
     try:
         report = run_load(spec)

@@ -63,23 +63,29 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
-def run_wrk(args, port: int, app: str, body: str, tmp: Path) -> dict:
+def run_wrk(args, port: int, app: str, body: str, tmp: Path, scheme: str = "http", cpu_probe=None) -> dict:
+    """One wrk run (after an unmeasured warmup run); ``scheme`` "https" for a TLS port (wrk does not
+    verify certificates). ``cpu_probe`` (the server's cumulative CPU seconds) adds ``server_cpu_cores``."""
     script = tmp / "post.lua"
     script.write_text(LUA % body)
     argv = [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{max(1, round(args.duration))}s",
-            "--latency", "-s", str(script), f"http://127.0.0.1:{port}/{app}/predict"]
+            "--latency", "-s", str(script), f"{scheme}://127.0.0.1:{port}/{app}/predict"]
     if args.warmup > 0:
         subprocess.run([*argv[:5], "-d", f"{max(1, round(args.warmup))}s", *argv[7:]], capture_output=True, timeout=120)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = cpu_probe() if cpu_probe is not None else None
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.duration + 120)
     wall = time.monotonic() - t0
+    server_after = cpu_probe() if cpu_probe is not None else None
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise TargetError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
     r = parse_wrk(proc.stdout)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     r["loadgen_cpu_cores"] = round(cpu / wall, 3)
+    if server_before is not None and server_after is not None:
+        r["server_cpu_cores"] = round((server_after - server_before) / wall, 3)
     r["raw"] = proc.stdout
     return r
 

@@ -46,6 +46,18 @@ async def _start(args) -> int:
         val = getattr(args, attr)
         if val is not None:
             setattr(cfg, attr, val)
+    # Query-port security: files named on the command line are relative to here, not to the config file.
+    if args.tls_cert is not None:
+        cfg.tls_cert_file = os.path.abspath(args.tls_cert)
+    if args.tls_key is not None:
+        cfg.tls_key_file = os.path.abspath(args.tls_key)
+    if args.require_api_keys:
+        cfg.require_api_keys = True
+    from .security import exposure_warning
+
+    warning = exposure_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if cfg.state_path is None:  # durable by default: next to the config file (or here)
         cfg.state_path = "clipper-state.sqlite"
     fe = Frontend(cfg, base_dir=spec["base_dir"] if spec else Path.cwd())
@@ -199,7 +211,8 @@ def cmd_predict(args) -> int:
             x = json.loads(args.input)
         except json.JSONDecodeError:
             x = args.input  # a plain string input
-    with Client(args.host, args.port, timeout=args.timeout) as client:
+    with Client(args.host, args.port, timeout=args.timeout, tls=args.tls, cafile=args.cafile,
+                api_key=args.api_key or None) as client:
         if args.label is not None:
             info = client.feedback(args.app, x, json.loads(args.label), user=args.user)
             print(json.dumps({"feedback": "ok", **(info or {})}))
@@ -212,6 +225,23 @@ def cmd_predict(args) -> int:
                       **({"default_explanation": p.explanation} if p.explanation else {}),
                       "confidence": p.confidence, "models": list(p.models),
                       **({"missing": list(p.missing)} if p.missing else {})}))
+    return 0
+
+
+def cmd_api_key_create(args) -> int:
+    out = _admin(args).create_api_key(args.app, name=args.name)
+    print(json.dumps(out))
+    print("clipper: the key is shown only this once; the frontend keeps its hash", file=sys.stderr)
+    return 0
+
+
+def cmd_api_key_list(args) -> int:
+    print(json.dumps(_admin(args).list_api_keys(), indent=2))
+    return 0
+
+
+def cmd_api_key_revoke(args) -> int:
+    print(json.dumps(_admin(args).revoke_api_key(args.id)))
     return 0
 
 
@@ -305,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", dest="state_path", default=None,
                    help="state store file (policy states), relative to the config file's folder; ':memory:' "
                         "keeps nothing (default: clipper-state.sqlite there)")
+    s.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="TLS on the query ports (msgpack and REST): PEM certificate chain (with --tls-key)")
+    s.add_argument("--tls-key", default=None, metavar="FILE", help="the PEM private key of --tls-cert")
+    s.add_argument("--require-api-keys", action="store_true",
+                   help="queries and feedback need a per-application API key (see `clipper api-key`)")
     s.set_defaults(func=cmd_start)
 
     def admin_opts(sp):
@@ -423,7 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=10.0)
     s.add_argument("--user", default=None, help="the user (policy state) the query belongs to")
     s.add_argument("--label", default=None, help="send feedback with this JSON label instead of a query")
+    s.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server's certificate")
+    s.add_argument("--cafile", default=None, help="PEM file of the CA to trust instead of the system's (implies --tls)")
+    s.add_argument("--api-key", default=os.environ.get("CLIPPER_API_KEY"),
+                   help="API key sent in HELLO (default: $CLIPPER_API_KEY)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("api-key", help="make, list and revoke the query ports' per-application API keys")
+    keys = s.add_subparsers(dest="api_key_command", required=True)
+    k = keys.add_parser("create", help="make a key granting queries and feedback for the --app applications")
+    k.add_argument("--app", action="append", required=True, help="an application the key grants (repeatable)")
+    k.add_argument("--name", default=None, help="a note saying whose key it is")
+    admin_opts(k)
+    k.set_defaults(func=cmd_api_key_create)
+    k = keys.add_parser("list", help="list the keys (never their secrets)")
+    admin_opts(k)
+    k.set_defaults(func=cmd_api_key_list)
+    k = keys.add_parser("revoke", help="revoke a key at once, also on open connections")
+    k.add_argument("id", help="the key's id (ak_...), from `clipper api-key list`")
+    admin_opts(k)
+    k.set_defaults(func=cmd_api_key_revoke)
 
     s = sub.add_parser("status", help="show applications, models, replicas and queue figures")
     s.add_argument("--json", action="store_true")

@@ -42,6 +42,10 @@ class Limits:
     max_user_states_in_memory: int = 10_000  # policy states held in memory per application
     # One message from a model container (a batch's outputs); a larger one disconnects the container.
     max_rpc_message_bytes: int = 256 * 1024 * 1024
+    # A msgpack connection that sends this many HELLOs with a wrong api_key is closed (keys are 256-bit
+    # random, so guessing is hopeless; the bound keeps a misbehaving client from spinning on the port).
+    max_auth_failures_per_connection: int = 3
+    tls_handshake_timeout_ms: int = 10_000  # a TLS client that has not finished its handshake by then is dropped
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -132,6 +136,16 @@ class FrontendConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 3_600_000:
                 raise InvalidConfigError(f"{name} = {v!r} is not an integer in [1, 3600000]")
+        for name in ("tls_cert_file", "tls_key_file"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidConfigError(f"{name} {v!r} is not a file path")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = (("tls_cert_file", "tls_key_file") if self.tls_key_file is None
+                              else ("tls_key_file", "tls_cert_file"))
+            raise InvalidConfigError(f"{given} is set without {missing}: TLS on the query ports needs both")
+        if not isinstance(self.require_api_keys, bool):
+            raise InvalidConfigError(f"require_api_keys {self.require_api_keys!r} is not true or false")
 
     limits: Limits = field(default_factory=Limits)
 

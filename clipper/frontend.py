@@ -56,7 +56,8 @@ class Frontend:
         self.store = None
         self._scratch = None  # a temporary folder (closures and secrets of a frontend without a state file)
         self._ipc_dir = None  # the private folder of the local containers' Unix socket
-        self.keyring = None
+        self.keyring = None  # the container RPC's credentials (clipper.security.ContainerKeyring), once started
+        self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
         self._restoring = False
 
     # ------------------------------------------------------------ lifecycle
@@ -64,13 +65,17 @@ class Frontend:
         cfg = self.config
         cfg.check_security()
         self.loop = asyncio.get_running_loop()
+        from .security import ApiKeyRegistry, query_tls_context
         from .security.container_keys import ContainerKeyring
         from .store.sqlite import SQLiteStore
 
         lim = cfg.limits
+        tls = query_tls_context(cfg, self.base_dir)  # first: a bad certificate or key file stops the start here
         self.store = SQLiteStore(self._state_path())
         self.keyring = ContainerKeyring.open(cfg.rpc_security, self.secrets_dir())
         self.keyring.attach_store(self.store)
+        self.api_keys = ApiKeyRegistry(self.store)  # managed always; checked on the query ports if required
+        keys = self.api_keys if cfg.require_api_keys else None
         self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
@@ -99,14 +104,14 @@ class Frontend:
                                            backoff_ms=cfg.restart_backoff_ms)
         self.manager.on_failure = self._container_failed
         self.rpc.on_hung = self._replica_hung
-        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}")
+        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}", keys)
         if cfg.query_port is not None:
-            self.query_port = await self.query_server.start(cfg.host, cfg.query_port)
+            self.query_port = await self.query_server.start(cfg.host, cfg.query_port, ssl=tls)
         if cfg.rest_port is not None:
             from .server.rest import RestServer
 
-            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready)
-            self.rest_port = await self.rest.start(cfg.host, cfg.rest_port)
+            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready, keys)
+            self.rest_port = await self.rest.start(cfg.host, cfg.rest_port, ssl=tls)
         if cfg.metrics_port is not None:
             from .metrics import MetricsServer
 

@@ -71,7 +71,7 @@ def build_with_wire(vector) -> list:
     f = {k: to_python(v) for k, v in vector["fields"].items()}
     kind = vector["type"]
     if kind == "HELLO":
-        return wire.hello(f["id"], f["info"]["versions"], f["info"]["client"])
+        return wire.hello(f["id"], f["info"]["versions"], f["info"]["client"], f["info"].get("api_key"))
     if kind == "PREDICT":
         return wire.predict(f["id"], f["app"], f["input"], f.get("options"))
     if kind == "FEEDBACK":
@@ -80,7 +80,7 @@ def build_with_wire(vector) -> list:
         return wire.ping(f["id"])
     if kind == "HELLO_OK":
         info = f["info"]
-        return wire.hello_ok(f["id"], info["version"], info["server"], info["limits"])
+        return wire.hello_ok(f["id"], info["version"], info["server"], info["limits"], info.get("authenticated"))
     if kind == "RESULT":
         return wire.result(f["id"], f["query_id"], f["output"], f["is_default"], f.get("extra"))
     if kind == "FEEDBACK_OK":
@@ -153,7 +153,8 @@ def test_every_message_type_and_required_case_is_covered():
         "HELLO", "PREDICT", "FEEDBACK", "PING", "HELLO_OK", "RESULT", "FEEDBACK_OK", "PONG", "ERROR"}
     names = set(IDS)
     assert {"predict_ndarray_f4", "predict_list", "predict_bytes", "predict_options", "result_scalar",
-            "result_ndarray", "result_default", "error_with_id", "error_nil_id"} <= names
+            "result_ndarray", "result_default", "error_with_id", "error_nil_id", "hello_api_key",
+            "hello_ok_authenticated", "error_unauthenticated", "error_permission_denied"} <= names
     assert next(v for v in VECTORS if v["name"] == "error_nil_id")["fields"]["id"] is None
 
 

@@ -81,6 +81,35 @@ def test_cache_hit_path(benchmark, frames):
         loop.close()
 
 
+def test_cache_hit_path_with_api_key(benchmark, frames):
+    """The cache-hit path on a connection that authenticated with an API key (``require_api_keys``):
+    the difference to ``test_cache_hit_path`` is the per-query grant check, one set lookup."""
+    from clipper.security import ApiKeyRegistry
+    from clipper.store.sqlite import SQLiteStore
+
+    data, x = frames
+    loop = uvloop.new_event_loop()
+    try:
+        proc, route = hit_processor(loop, x)
+        keys = ApiKeyRegistry(SQLiteStore(":memory:"))
+        _, secret = keys.create(["cheap"])
+        conn = QueryConnection(QueryServer(loop, proc, Limits(), "bench", api_keys=keys))
+        conn.transport = NullTransport()
+        conn.data_received(framing.pack_frame(wire.pack(wire.hello(0, api_key=secret))))
+        conn._flush()
+        assert conn.grant is not None
+
+        def run():
+            conn.data_received(data)
+            conn._flush()
+
+        benchmark.extra_info["frames_per_round"] = FRAMES
+        benchmark(run)
+        assert route.cache_hits >= FRAMES and conn.pending == 0
+    finally:
+        loop.close()
+
+
 def test_echo_floor_path(benchmark, frames):
     data, _ = frames
     proto = EchoProtocol(wire.make_unpacker(), itertools.count())

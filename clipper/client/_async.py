@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 from time import perf_counter
 from typing import Any, Iterable, Mapping
@@ -19,13 +20,16 @@ from ._common import (
     DEFAULT_WINDOW,
     Prediction,
     RequestEncoder,
+    check_api_key,
     check_hello_ok,
     check_reply,
     check_timeout,
     client_limits,
+    client_tls_context,
     feedback_info,
     frame_limit_from,
     reply_id,
+    tls_failure,
     to_prediction,
     unattributed_error,
     window_from,
@@ -218,6 +222,8 @@ class AsyncClient:
         self.timeout = timeout
         self.server_info: dict = {}
         self._slots = asyncio.Semaphore(DEFAULT_WINDOW)
+        self._tls = False
+        self._api_key = None
 
     @classmethod
     async def connect(
@@ -228,6 +234,10 @@ class AsyncClient:
         timeout: float | None = 10.0,
         connect_timeout: float | None = 5.0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        tls: bool | ssl.SSLContext = False,
+        cafile: str | None = None,
+        server_hostname: str | None = None,
+        api_key: str | None = None,
     ) -> "AsyncClient":
         """Connect, say HELLO and check the server's HELLO_OK.
 
@@ -235,25 +245,46 @@ class AsyncClient:
             host, port: the frontend's query port (1339 by default).
             timeout: default seconds a call waits for its answer; ``None``
                 waits without bound. Each call can override it.
-            connect_timeout: seconds for the TCP connect and the HELLO exchange.
+            connect_timeout: seconds for the TCP connect, the TLS handshake
+                and the HELLO exchange.
             max_frame_bytes: the largest reply frame this client accepts.
+            tls, cafile, server_hostname: TLS, as for :class:`Client`.
+            api_key: the API key sent in HELLO, as for :class:`Client`.
 
         Raises ``OSError`` when the TCP connection cannot be made,
-        ``ClientTimeoutError`` when the connect or handshake is too slow, and
-        ``UnsupportedVersionError`` when no protocol version is shared.
+        ``ClientTimeoutError`` when the connect or handshake is too slow,
+        ``ConnectionClosedError`` when the TLS handshake fails (naming the
+        host and why), ``AuthenticationError`` when the server refuses
+        ``api_key``, and ``UnsupportedVersionError`` when no protocol version
+        is shared.
         """
         timeout = check_timeout(timeout)
         connect_timeout = check_timeout(connect_timeout)
+        tls_context = client_tls_context(tls, cafile)
+        check_api_key(api_key)
         loop = asyncio.get_running_loop()
         where = f"{host}:{port}"
+        kw = {}
+        if tls_context is not None:
+            kw = {"ssl": tls_context, "server_hostname": server_hostname or host}
+            if connect_timeout is not None:
+                kw["ssl_handshake_timeout"] = connect_timeout
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: ClientProtocol(loop, max_frame_bytes, where), host, port),
+                loop.create_connection(lambda: ClientProtocol(loop, max_frame_bytes, where), host, port, **kw),
                 connect_timeout,
             )
         except asyncio.TimeoutError:
             raise E.ClientTimeoutError(f"could not connect to {where} within {connect_timeout} s") from None
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise tls_failure(exc, where) from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if tls_context is None:
+                raise
+            raise tls_failure(exc, where) from exc
         self = cls(proto, host, port, timeout)
+        self._tls = tls_context is not None
+        self._api_key = api_key
         try:
             await self._handshake(connect_timeout)
         except BaseException:
@@ -449,8 +480,15 @@ class AsyncClient:
     async def _handshake(self, timeout: float | None) -> None:
         rid = self._encoder.new_id()
         offered = wire.SUPPORTED_VERSIONS
-        data = self._encoder.frame(wire.hello(rid, offered, CLIENT_NAME), "HELLO")
-        info = check_hello_ok(await self._call(rid, data, timeout), offered)
+        data = self._encoder.frame(wire.hello(rid, offered, CLIENT_NAME, self._api_key), "HELLO")
+        try:
+            reply = await self._call(rid, data, timeout)
+        except (E.ConnectionClosedError, E.FrameTooLargeError) as exc:
+            if self._tls:
+                raise
+            # A TLS port reads HELLO as a bad handshake: it closes, perhaps after an alert record.
+            raise type(exc)(f"{exc.message} (if {self.host}:{self.port} is a TLS port, pass tls=True)") from None
+        info = check_hello_ok(reply, offered)
         self.server_info = info
         self._slots = asyncio.Semaphore(window_from(info))
         self._encoder.max_frame_bytes = frame_limit_from(info)

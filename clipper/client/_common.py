@@ -4,6 +4,7 @@ encoding and the reading of replies. No I/O happens here."""
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,3 +242,50 @@ def check_timeout(timeout) -> float | None:
     if math.isnan(value) or value <= 0:
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     return None if math.isinf(value) else value
+
+
+# ------------------------------------------------------------------------- TLS
+def client_tls_context(tls, cafile) -> ssl.SSLContext | None:
+    """The context a client connects with, or None for plain TCP.
+
+    ``tls``: False/None (plain TCP unless ``cafile`` is given), True (verify
+    the server's certificate against the system's CAs, or only against
+    ``cafile`` when given), or an :class:`ssl.SSLContext` used as it is.
+    Raises ``TypeError``/``ValueError`` for a bad combination, ``OSError``
+    when ``cafile`` cannot be read.
+    """
+    if isinstance(tls, ssl.SSLContext):
+        if cafile is not None:
+            raise ValueError("give either an ssl.SSLContext as tls or a cafile, not both")
+        return tls
+    if tls is not None and type(tls) is not bool:
+        raise TypeError(f"tls must be True, False or an ssl.SSLContext, got {type(tls).__name__}")
+    if not tls and cafile is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=None if cafile is None else str(cafile))
+    except ssl.SSLError as exc:
+        raise ValueError(f"cafile {str(cafile)!r} holds no usable PEM certificate: {exc.reason or exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def tls_failure(exc: BaseException, where: str) -> E.ClipperError:
+    """The typed error for a TLS handshake with ``where`` that failed with ``exc``."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return E.ConnectionClosedError(
+            f"TLS: the certificate of {where} is not trusted: {exc.verify_message or exc.reason} (pass cafile= "
+            f"with the CA that signed it, or server_hostname= when it names another host)")
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)):
+        return E.ConnectionClosedError(f"TLS: {where} closed the connection during the handshake (is it a "
+                                       f"TLS port?)")
+    if isinstance(exc, ssl.SSLError):
+        hint = " (is it a TLS port?)" if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version" in str(exc) else ""
+        return E.ConnectionClosedError(f"TLS: the handshake with {where} failed: {exc.reason or exc}{hint}")
+    return E.ConnectionClosedError(f"TLS: the handshake with {where} failed: {type(exc).__name__}: {exc}")
+
+
+def check_api_key(api_key) -> str | None:
+    if api_key is not None and (type(api_key) is not str or not api_key):
+        raise TypeError(f"api_key must be a non-empty str, got {type(api_key).__name__}")
+    return api_key

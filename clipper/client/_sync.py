@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import threading
 from time import monotonic, perf_counter
 from typing import Any, Iterable, Mapping
@@ -19,13 +20,16 @@ from ._common import (
     DEFAULT_WINDOW,
     Prediction,
     RequestEncoder,
+    check_api_key,
     check_hello_ok,
     check_reply,
     check_timeout,
     client_limits,
+    client_tls_context,
     feedback_info,
     frame_limit_from,
     reply_id,
+    tls_failure,
     to_prediction,
     unattributed_error,
     user_options,
@@ -37,6 +41,12 @@ __all__ = ["Client"]
 _RECV_BYTES = 256 * 1024
 # Sent bytes are cut from the front of the output buffer once this many pile up.
 _COMPACT_BYTES = 1024 * 1024
+# TLS: at most this much per send() call. OpenSSL retries a write that would block with a buffer at least
+# as long as before; a bounded slice keeps that so while the output buffer grows, and shows progress.
+_TLS_SEND_BYTES = 256 * 1024
+# TLS: records read per readable event before selecting again (the socket may hold many).
+_TLS_READS_PER_EVENT = 64
+_SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Lost(Exception):
@@ -64,13 +74,28 @@ class Client:
         host, port: the frontend's query port (1339 by default).
         timeout: default seconds a call waits for its answers; ``None`` waits
             without bound. Each call can override it.
-        connect_timeout: seconds for the TCP connect and the HELLO exchange.
+        connect_timeout: seconds for the TCP connect, the TLS handshake and
+            the HELLO exchange.
         max_frame_bytes: the largest reply frame this client accepts.
+        tls: ``True`` to speak TLS, verifying the server's certificate
+            against the system's CAs (or ``cafile``); or an
+            :class:`ssl.SSLContext` to use as it is. Default: plain TCP.
+        cafile: a PEM file of the CA(s) to trust instead of the system's
+            (implies ``tls=True``).
+        server_hostname: the name the server's certificate must carry
+            (default ``host``; an IP address is checked against the
+            certificate's IP entries).
+        api_key: the API key sent in HELLO, for a server that requires
+            them (``clipper api-key create``).
 
     Raises (from the constructor): ``OSError`` when the TCP connection cannot
     be made, :class:`~clipper.errors.ClientTimeoutError` when the connect or
-    handshake is too slow, :class:`~clipper.errors.UnsupportedVersionError`
-    when client and server share no protocol version.
+    handshake is too slow, :class:`~clipper.errors.ConnectionClosedError`
+    when the TLS handshake fails (an untrusted certificate, a port that does
+    not speak TLS; the message names the host and why),
+    :class:`~clipper.errors.AuthenticationError` when the server refuses
+    ``api_key``, :class:`~clipper.errors.UnsupportedVersionError` when client
+    and server share no protocol version.
 
     Use as a context manager to close the connection::
 
@@ -87,11 +112,18 @@ class Client:
         connect_timeout: float | None = 5.0,
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        tls: bool | ssl.SSLContext = False,
+        cafile: str | None = None,
+        server_hostname: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = check_timeout(timeout)
         connect_timeout = check_timeout(connect_timeout)
+        tls_context = client_tls_context(tls, cafile)
+        self._tls = tls_context is not None
+        self._api_key = check_api_key(api_key)
         self._lock = threading.Lock()
         self._closed = False
         self._torn_down = False
@@ -111,6 +143,17 @@ class Client:
             raise E.ClientTimeoutError(
                 f"could not connect to {host}:{port} within {connect_timeout} s") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_context is not None:
+            # The handshake runs blocking, within the socket's connect timeout; then non-blocking like plain TCP.
+            try:
+                sock = tls_context.wrap_socket(sock, server_hostname=server_hostname or host)
+            except TimeoutError:
+                sock.close()
+                raise E.ClientTimeoutError(
+                    f"the TLS handshake with {host}:{port} did not finish within {connect_timeout} s") from None
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                raise tls_failure(exc, f"{host}:{port}") from exc
         sock.setblocking(False)
         self._sock = sock
         self._sel = selectors.DefaultSelector()
@@ -288,9 +331,12 @@ class Client:
     def _handshake(self, timeout: float | None) -> None:
         rid = self._encoder.new_id()
         offered = wire.SUPPORTED_VERSIONS
-        data = self._encoder.frame(wire.hello(rid, offered, CLIENT_NAME), "HELLO")
+        data = self._encoder.frame(wire.hello(rid, offered, CLIENT_NAME, self._api_key), "HELLO")
         reply = self._exchange([(rid, data)], timeout)[rid]
         if isinstance(reply, E.ClipperError):
+            if not self._tls and isinstance(reply, (E.ConnectionClosedError, E.FrameTooLargeError)):
+                # A TLS port reads HELLO as a bad handshake: it closes, perhaps after an alert record.
+                raise type(reply)(f"{reply.message} (if {self.host}:{self.port} is a TLS port, pass tls=True)")
             raise reply
         info = check_hello_ok(reply, offered)
         self.server_info = info
@@ -334,6 +380,10 @@ class Client:
                     if remaining <= 0:
                         failure = "timeout"
                         break
+                if self._tls and sock.pending():
+                    # Plaintext TLS already decrypted: the socket may never become readable for it.
+                    self._receive(waiting, replies)
+                    continue
                 events = selectors.EVENT_READ
                 if self._out_pos < len(self._out):
                     events |= selectors.EVENT_WRITE
@@ -360,9 +410,16 @@ class Client:
     def _send_some(self) -> None:
         out = self._out
         try:
-            with memoryview(out) as view, view[self._out_pos :] as rest:
-                count = self._sock.send(rest)
-        except (BlockingIOError, InterruptedError):
+            if self._tls:
+                end = min(len(out), self._out_pos + _TLS_SEND_BYTES)
+                with memoryview(out) as view, view[self._out_pos : end] as rest:
+                    count = self._sock.send(rest)
+            else:
+                with memoryview(out) as view, view[self._out_pos :] as rest:
+                    count = self._sock.send(rest)
+        except (BlockingIOError, InterruptedError, *_SSL_WANT):
+            # TLS: a record could not go whole (WANT_WRITE), or the session must read first (WANT_READ,
+            # the selector watches reads anyway); the same bytes are offered again.
             return
         except OSError as exc:
             raise _Lost(self._lost_message(exc)) from None
@@ -375,14 +432,27 @@ class Client:
             self._out_pos = 0
 
     def _receive(self, waiting: set, replies: dict) -> None:
-        try:
-            data = self._sock.recv(_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            raise _Lost(self._lost_message(exc)) from None
-        if not data:
-            raise _Lost(self._lost_message(None))
+        sock = self._sock
+        reads = 0
+        while True:
+            try:
+                data = sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError, *_SSL_WANT):
+                return  # TLS: a partial record (WANT_READ) is not data yet
+            except OSError as exc:
+                raise _Lost(self._lost_message(exc)) from None
+            if not data:
+                raise _Lost(self._lost_message(None))
+            self._take(data, waiting, replies)
+            if not self._tls:
+                return
+            # One TLS recv() returns at most one record (16 KiB): read on while the socket has more,
+            # and always while the session holds decrypted bytes (no readable event would tell of them).
+            reads += 1
+            if reads >= _TLS_READS_PER_EVENT and not sock.pending():
+                return
+
+    def _take(self, data, waiting: set, replies: dict) -> None:
         unpack = self._unpack
         for item in self._reader.feed(data):
             if type(item) is int:

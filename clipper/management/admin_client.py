@@ -216,5 +216,25 @@ class AdminClient:
     def get_linked_models(self, app: str) -> list[str]:
         return self.status()["applications"][app]["linked_models"]
 
+    def create_api_key(self, apps, name: str | None = None) -> dict:
+        """Make an API key granting queries and feedback for the applications ``apps`` (registered names).
+
+        Returns ``{id, key, apps, name, created}``; ``key`` is the secret, shown
+        only this once (the frontend keeps its hash). Clients send it in HELLO
+        (``Client(..., api_key=key)``) or as ``Authorization: Bearer <key>``.
+        """
+        body = {"apps": [apps] if isinstance(apps, str) else list(apps)}
+        if name is not None:
+            body["name"] = name
+        return self._call("POST", "/api/v1/api-keys", body)
+
+    def list_api_keys(self) -> list[dict]:
+        """Every API key as ``{id, name, apps, created}`` (never the secret)."""
+        return self._call("GET", "/api/v1/api-keys")
+
+    def revoke_api_key(self, key_id: str) -> dict:
+        """Revoke a key at once, also on connections that authenticated with it."""
+        return self._call("DELETE", f"/api/v1/api-keys/{_seg(key_id)}")
+
 
 ClipperConnection = AdminClient  # the original Clipper's name for it

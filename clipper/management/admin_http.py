@@ -64,6 +64,7 @@ from ..errors import (
     UnknownModelError,
     UnsupportedMediaTypeError,
 )
+from . import api_key_routes
 from .registry import Application, ModelVersion
 
 log = logging.getLogger("clipper.admin")
@@ -254,17 +255,22 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> int:
         cfg = self.frontend.config
-        ssl_ctx = None
+        ssl_ctx = cert = None
         if cfg.admin_tls_cert_file:
-            from ..security.tls import server_context
+            from pathlib import Path
 
-            ssl_ctx = server_context(cfg.admin_tls_cert_file, cfg.admin_tls_key_file, "the admin API")
+            from ..security.query_tls import server_tls_context
+
+            base = self.frontend.base_dir  # relative paths: from the frontend's base folder, as the query ports'
+            cert = base / Path(cfg.admin_tls_cert_file).expanduser()
+            key = base / Path(cfg.admin_tls_key_file).expanduser()
+            ssl_ctx = server_tls_context(cert, key, ("admin_tls_cert_file", "admin_tls_key_file"))
             self.tls = True
         self._server = await self.loop.create_server(lambda: _HttpConnection(self), host, port, ssl=ssl_ctx)
         self.port = self._server.sockets[0].getsockname()[1]
         from ..security.admin_token import publish
 
-        self._published = publish(host, self.port, self.token.path, cfg.admin_tls_cert_file)
+        self._published = publish(host, self.port, self.token.path, str(cert) if cert else None)
         return self.port
 
     async def close(self) -> None:
@@ -334,6 +340,8 @@ class AdminServer:
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")
         key = (method, len(rest), rest[0] if rest else None)
+        if rest[:1] == ["api-keys"]:  # the query ports' API keys: clipper/management/api_key_routes.py
+            return await api_key_routes.route(fe, method, rest, data)
         if rest == ["status"] and method == "GET":
             return 200, fe.status()
         if rest == ["replicas"] and method == "GET":

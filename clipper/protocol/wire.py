@@ -284,8 +284,12 @@ def make_unpacker(limits: DecodeLimits = DecodeLimits()):
 
 # ------------------------------------------------------------ message builders
 # Each builder returns the message as a Python list, ready for pack().
-def hello(req_id: int, versions=SUPPORTED_VERSIONS, client: str = "") -> list:
-    return [HELLO, req_id, {"versions": list(versions), "client": client}]
+def hello(req_id: int, versions=SUPPORTED_VERSIONS, client: str = "", api_key: str | None = None) -> list:
+    """HELLO; ``api_key`` (sent only when given) authenticates the connection where keys are required."""
+    info = {"versions": list(versions), "client": client}
+    if api_key is not None:
+        info["api_key"] = api_key
+    return [HELLO, req_id, info]
 
 
 def predict(req_id: int, app: str, x, options: dict | None = None) -> list:
@@ -303,8 +307,13 @@ def ping(req_id: int) -> list:
     return [PING, req_id]
 
 
-def hello_ok(req_id: int, version: int, server: str, limits: dict) -> list:
-    return [HELLO_OK, req_id, {"version": version, "server": server, "limits": limits}]
+def hello_ok(req_id: int, version: int, server: str, limits: dict, authenticated: bool | None = None) -> list:
+    """HELLO_OK; ``authenticated`` (sent only when not None) tells whether the connection holds a valid
+    API key, from a server that requires them."""
+    info = {"version": version, "server": server, "limits": limits}
+    if authenticated is not None:
+        info["authenticated"] = authenticated
+    return [HELLO_OK, req_id, info]
 
 
 def result(req_id: int, query_id: int, output, is_default: bool, extra: dict | None = None) -> list:

@@ -16,7 +16,7 @@ def is_loopback_host(host: str | None) -> bool:
     if not host:
         return False
     h = host.strip("[]").lower()
-    if h == "localhost":
+    if h == "localhost" or h.endswith(".localhost"):  # RFC 6761: *.localhost resolves to loopback
         return True
     try:
         return ipaddress.ip_address(h).is_loopback

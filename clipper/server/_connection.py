@@ -1,4 +1,4 @@
-"""What every client connection of the frontend shares: the connection limit and flow control."""
+"""What every client connection of the frontend shares: the connection limit, flow control and TLS."""
 
 from __future__ import annotations
 
@@ -19,9 +19,17 @@ class ClientServer:
     connection_class: type = None
     _server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (``port`` 0 binds a free one)."""
-        self._server = await self.loop.create_server(lambda: self.connection_class(self), host, port, backlog=1024)
+    async def start(self, host: str, port: int, ssl=None) -> int:
+        """Listen; returns the bound port (``port`` 0 binds a free one).
+
+        With ``ssl`` (a server-side :class:`ssl.SSLContext`) every connection
+        is TLS; a client that has not finished its handshake within
+        ``limits.tls_handshake_timeout_ms`` is dropped. Connections are made
+        (and count against ``max_connections``) once their handshake is done.
+        """
+        tls = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": self.limits.tls_handshake_timeout_ms / 1000}
+        self._server = await self.loop.create_server(lambda: self.connection_class(self), host, port, backlog=1024,
+                                                     **tls)
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -4,6 +4,11 @@ Frames are split by the native :class:`FrameReader`; each frame is decoded
 and dispatched on its own, so a bad frame gets a typed ERROR and fails only
 that request. Replies are gathered per connection and written once per
 event-loop iteration.
+
+With API keys required (``require_api_keys``), a connection authenticates
+with the HELLO info field ``api_key``; it then holds its key's live grant
+(a set of application names) and each PREDICT and FEEDBACK costs one set
+lookup. Without API keys the check is one ``is None`` test.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ _RESULT = wire.RESULT
 _ERROR = wire.ERROR
 _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
+# The grant of a connection that has not authenticated (API keys required): no application.
+_NOT_AUTHENTICATED: frozenset = frozenset()
 
 
 class QueryConnection(ClientConnection):
@@ -40,6 +47,11 @@ class QueryConnection(ClientConnection):
         self._out: list = []
         self._flush_scheduled = False
         self.max_pending = server.limits.max_pending_per_connection
+        # None: API keys are not required (every application is open). Else the applications this
+        # connection may query: its key's live set (emptied if the key is revoked), or none yet.
+        self.allowed = None if server.api_keys is None else _NOT_AUTHENTICATED
+        self.grant = None  # the ApiKey this connection authenticated with
+        self.auth_failures = 0
 
     # ------------------------------------------------------------ transport
     def refusal(self, exc: E.ClipperError) -> bytes:
@@ -83,6 +95,9 @@ class QueryConnection(ClientConnection):
             if kind == _PREDICT:
                 if len(msg) < 4 or type(msg[2]) is not str:
                     raise E.MalformedFrameError("PREDICT is [1, id, app, input, options?] with app a string")
+                allowed = self.allowed
+                if allowed is not None and msg[2] not in allowed:
+                    raise self._refused(msg[2])
                 self._admit()
                 try:
                     self.processor.predict(self, req_id, msg[2], msg[3], msg[4] if len(msg) > 4 else None)
@@ -122,6 +137,13 @@ class QueryConnection(ClientConnection):
         if not common:
             raise E.UnsupportedVersionError(
                 f"client offers protocol versions {offered}; this server speaks {list(wire.SUPPORTED_VERSIONS)}")
+        authenticated = None  # said in HELLO_OK only when the server requires API keys
+        if self.server.api_keys is not None:
+            if "api_key" in opts:
+                self._authenticate(req_id, opts["api_key"])
+                if self.closed:  # too many failed attempts: the connection is closing
+                    return
+            authenticated = self.grant is not None and not self.grant.revoked
         self.version = max(common)
         lim = self.server.limits
         self._write(wire.hello_ok(req_id, self.version, self.server.server_name, {
@@ -131,11 +153,55 @@ class QueryConnection(ClientConnection):
             "max_array_len": lim.max_array_len,
             "max_map_len": lim.max_map_len,
             "max_pending_per_connection": lim.max_pending_per_connection,
-        }))
+        }, authenticated))
+
+    # ------------------------------------------------------------ API keys
+    def _authenticate(self, req_id: int, key) -> None:
+        """Take the grant of ``key`` (a HELLO's api_key), or raise AuthenticationError.
+
+        A HELLO with a wrong key leaves the connection unauthenticated (even if
+        an earlier HELLO had succeeded); after max_auth_failures_per_connection
+        of them the connection is closed, the last ERROR written first.
+        """
+        grant = self.server.api_keys.verify(key)
+        if grant is not None:
+            self.grant = grant
+            self.allowed = grant.apps  # the live set: revocation empties it under this connection
+            return
+        self.grant = None
+        self.allowed = _NOT_AUTHENTICATED
+        self.auth_failures += 1
+        what = "is not a string" if type(key) is not str else "is not a valid API key (unknown or revoked)"
+        limit = self.server.limits.max_auth_failures_per_connection
+        if self.auth_failures < limit:
+            raise E.AuthenticationError(f"HELLO api_key {what}; the connection is not authenticated")
+        self._write_error(req_id, E.AuthenticationError(
+            f"HELLO api_key {what}; {self.auth_failures} failed attempts reach max_auth_failures_per_connection="
+            f"{limit}: the connection is closed"))
+        self._flush()
+        self.transport.close()
+        self.closed = True
+        self._on_frame = self._ignore_frame  # the frames still in this read are dropped, unanswered
+
+    def _ignore_frame(self, body) -> None:
+        pass
+
+    def _refused(self, app: str) -> E.ClipperError:
+        """Why a query for ``app`` is refused on this connection (the slow path of the grant check)."""
+        grant = self.grant
+        if grant is None:
+            return E.AuthenticationError("the server requires API keys: authenticate with HELLO info api_key "
+                                         "before PREDICT or FEEDBACK")
+        if grant.revoked:
+            return E.AuthenticationError(f"the API key {grant.id} of this connection was revoked")
+        return E.PermissionDeniedError(f"the API key {grant.id} does not grant application {app!r}")
 
     def _on_feedback(self, req_id: int, msg: list) -> None:
         if len(msg) < 5 or type(msg[2]) is not str:
             raise E.MalformedFrameError("FEEDBACK is [2, id, app, input, label, options?] with app a string")
+        allowed = self.allowed
+        if allowed is not None and msg[2] not in allowed:
+            raise self._refused(msg[2])
         self._admit()
         try:
             self.processor.feedback(self, req_id, msg[2], msg[3], msg[4], msg[5] if len(msg) > 5 else None)
@@ -197,11 +263,14 @@ class QueryServer(ClientServer):
 
     connection_class = QueryConnection
 
-    def __init__(self, loop, processor, limits, server_name: str) -> None:
+    def __init__(self, loop, processor, limits, server_name: str, api_keys=None) -> None:
+        """``api_keys``: the :class:`~clipper.security.ApiKeyRegistry` whose keys every
+        PREDICT and FEEDBACK needs; None: no key needed."""
         self.loop = loop
         self.processor = processor
         self.limits = limits
         self.server_name = server_name
+        self.api_keys = api_keys
         self.unpack = wire.make_unpacker(limits.decode_limits())
         self.packer = wire.new_packer()  # used on the event loop's thread only
         self.connections: set[QueryConnection] = set()

@@ -25,6 +25,12 @@ cannot parse, which closes it).
 
 Requests on one connection are answered in order (HTTP/1.1 pipelining); each
 is parsed by httptools, never by hand.
+
+With API keys required (``require_api_keys``), ``/<app>/predict`` and
+``/<app>/update`` need ``Authorization: Bearer <key>``: no key, or one that is
+not valid, gets 401 (``UNAUTHENTICATED``, with ``WWW-Authenticate: Bearer``);
+a key that does not grant the application gets 403 (``PERMISSION_DENIED``).
+``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ import numpy as np
 import orjson
 
 from .. import errors as E
+from ..security.api_keys import MAX_API_KEY_CHARS
 from ._connection import ClientConnection, ClientServer
 
 log = logging.getLogger("clipper.rest")
 
 __all__ = ["RestServer"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 MAX_URL_BYTES = 8192  # the request target; past it the request fails and the connection closes
 _SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExceededError)
@@ -54,6 +61,10 @@ _SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExc
 def http_status(exc: E.ClipperError) -> int:
     if isinstance(exc, E.UnknownApplicationError):
         return 404
+    if isinstance(exc, E.AuthenticationError):
+        return 401
+    if isinstance(exc, E.PermissionDeniedError):
+        return 403
     if isinstance(exc, E.FrameTooLargeError):
         return 413
     if isinstance(exc, (E.RequestError, E.ProtocolError)):
@@ -107,7 +118,7 @@ class _Reply:
     the request (0 for a single input).
     """
 
-    __slots__ = ("conn", "keep_alive", "status", "payload", "items", "waiting", "batch", "feedback", "sent")
+    __slots__ = ("conn", "keep_alive", "status", "payload", "items", "waiting", "batch", "feedback", "sent", "head")
 
     def __init__(self, conn: "RestConnection", keep_alive: bool) -> None:
         self.conn = conn
@@ -119,6 +130,7 @@ class _Reply:
         self.batch = False
         self.feedback = False
         self.sent = False
+        self.head = ""  # extra header lines of the answer ("Name: value\r\n" each)
 
     def finish(self, status: int, payload) -> None:
         self.status, self.payload, self.waiting = status, payload, 0
@@ -218,6 +230,8 @@ class RestConnection(ClientConnection):
         try:
             self._handle(reply)
         except E.ClipperError as exc:
+            if type(exc) is E.AuthenticationError:
+                reply.head = self._challenge
             reply.finish(http_status(exc), error_body(exc))
         except Exception as exc:  # a bug: fail this request, keep the connection
             log.exception("internal error on a REST request")
@@ -243,6 +257,7 @@ class RestConnection(ClientConnection):
                 f"no route {method.decode()} {path}; expected POST /<app>/predict or POST /<app>/update")))
         if method != b"POST":
             return reply.finish(405, error_body(E.RequestError(f"{path} takes POST, not {method.decode()}")))
+        self._authorize(parts[0])  # before the application is looked up: no key, no hint of what exists
         if self._too_large:
             raise E.FrameTooLargeError(f"the request body exceeds max_frame_bytes={self.server.max_body_bytes}")
         app_name = parts[0]
@@ -298,6 +313,11 @@ class RestConnection(ClientConnection):
             log.exception("internal error on a REST update")
             reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
+    _challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'  # sent with a 401
+
+    def _authorize(self, app_name: str) -> None:
+        """Raise unless this request may query ``app_name`` (open here; see KeyedRestConnection)."""
+
     def _json_body(self) -> dict:
         body = b"".join(self._body)
         try:
@@ -330,7 +350,7 @@ class RestConnection(ClientConnection):
         while replies and replies[0].waiting <= 0 and replies[0].payload is not None:
             r = replies.popleft()
             try:
-                out.append(_http(r.status, r.payload, r.keep_alive))
+                out.append(_http(r.status, r.payload, r.keep_alive, r.head))
             except (TypeError, ValueError) as exc:  # an output JSON cannot carry (an odd object)
                 err = E.ModelError(f"the answer cannot be encoded as JSON: {exc}")
                 out.append(_http(500, error_body(err), r.keep_alive))
@@ -345,11 +365,57 @@ class RestConnection(ClientConnection):
                 self.closed = True
 
 
-def _http(status: int, payload, keep_alive: bool) -> bytes:
+def _http(status: int, payload, keep_alive: bool, extra_head: str = "") -> bytes:
     body = _dumps(payload)
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n")
+            f"Content-Length: {len(body)}\r\n{extra_head}"
+            f"{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n")
     return head.encode("latin-1") + body
+
+
+_AUTHORIZATION = b"authorization"
+_BEARER = b"bearer"
+# The longest Authorization value kept: "Bearer " and the longest key a client may present.
+_MAX_AUTHORIZATION_BYTES = len("Bearer ") + MAX_API_KEY_CHARS
+
+
+class KeyedRestConnection(RestConnection):
+    """A REST connection whose query routes need ``Authorization: Bearer <API key>``.
+
+    A subclass, so that a frontend without API keys parses no header at all
+    (httptools calls ``on_header`` only on a protocol that has it).
+    """
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._authorization = None
+        self._authorization_headers = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 13 and name.lower() == _AUTHORIZATION:
+            self._authorization_headers += 1
+            # A value longer than any key could be is kept as a marker only (never stored whole).
+            self._authorization = value if len(value) <= _MAX_AUTHORIZATION_BYTES else b"?"
+
+    def _authorize(self, app_name: str) -> None:
+        header = self._authorization
+        if header is None:
+            self._challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'
+            raise E.AuthenticationError(f"the server requires an API key: send 'Authorization: Bearer <key>' "
+                                        f"with a key granting application {app_name!r}")
+        # RFC 6750: a request that carried a token that does not work is told invalid_token.
+        self._challenge = 'WWW-Authenticate: Bearer realm="clipper", error="invalid_token"\r\n'
+        if self._authorization_headers > 1:
+            raise E.AuthenticationError("the request carries several Authorization headers; send one")
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != _BEARER:
+            raise E.AuthenticationError(f"the Authorization scheme is {scheme[:20].decode('latin-1')!r}; "
+                                        f"expected 'Bearer <API key>'")
+        key = self.server.api_keys.verify(token.strip().decode("latin-1"))
+        if key is None:
+            raise E.AuthenticationError("the bearer token is not a valid API key (unknown or revoked)")
+        if app_name not in key.apps:
+            raise E.PermissionDeniedError(f"the API key {key.id} does not grant application {app_name!r}")
 
 
 class RestServer(ClientServer):
@@ -357,10 +423,15 @@ class RestServer(ClientServer):
 
     connection_class = RestConnection
 
-    def __init__(self, loop, processor, limits, not_ready) -> None:
+    def __init__(self, loop, processor, limits, not_ready, api_keys=None) -> None:
+        """``api_keys``: the :class:`~clipper.security.ApiKeyRegistry` whose keys the query
+        routes need; None: no key needed."""
         self.loop = loop
         self.processor = processor
         self.limits = limits
+        self.api_keys = api_keys
+        if api_keys is not None:
+            self.connection_class = KeyedRestConnection
         self.max_body_bytes = limits.max_frame_bytes
         self.not_ready = not_ready  # () -> list of applications without a connected replica
         self.connections: set[RestConnection] = set()

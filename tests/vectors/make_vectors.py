@@ -90,6 +90,37 @@ VECTORS = [
         "description": "The server chose version 1 and states its limits (the defaults).",
     },
     {
+        "name": "hello_api_key",
+        "direction": CLIENT_TO_SERVER,
+        "type": "HELLO",
+        "fields": {"id": 0, "info": {"versions": [1], "client": "example-client/1.0",
+                                     "api_key": "clk_Vn3qJ8xT0bZk4YwR2mHs9dLc6pFa1uGe7iKo5rNtQ0w"}},
+        "description": "Opens a connection and authenticates it with an API key (a server that requires "
+        "API keys grants the key's applications to this connection from here on).",
+    },
+    {
+        "name": "hello_ok_authenticated",
+        "direction": SERVER_TO_CLIENT,
+        "type": "HELLO_OK",
+        "fields": {
+            "id": 0,
+            "info": {
+                "version": 1,
+                "server": "clipper/0.1.0",
+                "limits": {
+                    "max_frame_bytes": 16777216,
+                    "max_input_bytes": 4194304,
+                    "max_str_len": 1048576,
+                    "max_array_len": 1048576,
+                    "max_map_len": 4096,
+                    "max_pending_per_connection": 65536,
+                },
+                "authenticated": True,
+            },
+        },
+        "description": "A server that requires API keys accepted the HELLO's api_key.",
+    },
+    {
         "name": "predict_ndarray_f4",
         "direction": CLIENT_TO_SERVER,
         "type": "PREDICT",
@@ -247,6 +278,31 @@ VECTORS = [
         },
         "description": "The server could not tell which request a frame belonged to "
         "(nil id); the connection stays usable.",
+    },
+    {
+        "name": "error_unauthenticated",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": 1,
+            "code": 208,
+            "name": "UNAUTHENTICATED",
+            "message": "the server requires API keys: authenticate with HELLO info api_key before PREDICT or "
+            "FEEDBACK",
+        },
+        "description": "Request 1 came before the connection authenticated, on a server that requires API keys.",
+    },
+    {
+        "name": "error_permission_denied",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": 9,
+            "code": 209,
+            "name": "PERMISSION_DENIED",
+            "message": "the API key ak_5f1c0e9a2b7d4c3e does not grant application 'digits'",
+        },
+        "description": "Request 9 names an application the connection's API key does not grant.",
     },
 ]
 
