@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--token-file", default=None,
                         help="file holding the admin token (default: $CLIPPER_ADMIN_TOKEN, "
                              "$CLIPPER_ADMIN_TOKEN_FILE, else what a frontend on this machine published)")
-        sp.add_argument("--tls", action="store_true", help="speak HTTPS to the admin API")
+        sp.add_argument("--tls", action="store_true",
+                        help="speak HTTPS to the admin API (the default off loopback, and when the local frontend "
+                             "says so)")
         sp.add_argument("--cafile", default=None, help="CA (or self-signed certificate) that signed the admin "
                                                       "API's certificate")
 

@@ -56,12 +56,25 @@ class Frontend:
         self.store = None
         self._scratch = None  # a temporary folder (closures and secrets of a frontend without a state file)
         self._ipc_dir = None  # the private folder of the local containers' Unix socket
+        self._rpc_public_host = "localhost"  # set at start when the RPC port listens on a wildcard address
         self.keyring = None  # the container RPC's credentials (clipper.security.ContainerKeyring), once started
         self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
         self._restoring = False
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
+        """Open the state store, bind every port, start the containers the registry remembers.
+
+        A start that fails half-way closes what it opened (threads, sockets,
+        temporary folders holding secrets) before the error goes up.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _start(self) -> "Frontend":
         cfg = self.config
         cfg.check_security()
         self.loop = asyncio.get_running_loop()
@@ -86,8 +99,10 @@ class Frontend:
         if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":
             import tempfile
 
-            # A Unix socket path has a 107-byte limit: a short private folder (mkdtemp makes it 0700).
-            ipc_dir = self._ipc_dir = tempfile.mkdtemp(prefix="clipper-rpc-")
+            # A Unix socket path has a 107-byte limit: a short private folder (mkdtemp makes it 0700),
+            # in /tmp when $TMPDIR is too long for one.
+            short = len(tempfile.gettempdir()) > 60
+            ipc_dir = self._ipc_dir = tempfile.mkdtemp(prefix="clipper-rpc-", dir="/tmp" if short else None)
         self.rpc = ContainerServer(self.loop, cfg.rpc_address, self._resolve_container,
                                    heartbeat_interval_ms=cfg.heartbeat_interval_ms,
                                    heartbeat_timeout_ms=cfg.heartbeat_timeout_ms,
@@ -96,6 +111,11 @@ class Frontend:
         self.rpc.start()
         self.rpc_port = self.rpc.port
         rpc_addr = f"tcp://{cfg.rpc_host}:{self.rpc_port}"
+        if not cfg.rpc_host or cfg.rpc_host in ("0.0.0.0", "::", "*"):
+            import socket
+
+            # The name other hosts know this one by, for the credentials it issues (DNS: off the loop).
+            self._rpc_public_host = await self.loop.run_in_executor(None, socket.getfqdn)
         local_addr, mechanism = self.rpc.local_endpoint
         if local_addr.startswith("tcp://"):
             local_addr = rpc_addr  # the bound name, not the address ZeroMQ resolved it to
@@ -132,6 +152,11 @@ class Frontend:
         if not self._started:
             return
         self._started = False
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        """Close whatever parts exist (all of them after a start, some after a failed one)."""
+        self._started = False
         if self.admin is not None:
             await self.admin.close()
         if self.metrics is not None:
@@ -142,14 +167,19 @@ class Frontend:
             await self.query_server.close()
         if self.manager is not None:
             await self.manager.close()
-        for route in self.processor.routes.values():
-            route.close()
-        for queue in self.processor.queues.values():
-            queue.close()
+        if self.processor is not None:
+            for route in self.processor.routes.values():
+                route.close()
+            for queue in self.processor.queues.values():
+                queue.close()
         if self.rpc is not None:
             self.rpc.close()
-        self.processor.close()  # saves the policy states not yet written
-        self.store.close()
+        elif self.keyring is not None:
+            self.keyring.stop()
+        if self.processor is not None:
+            self.processor.close()  # saves the policy states not yet written
+        if self.store is not None:
+            self.store.close()
         import shutil
 
         for folder in (self._ipc_dir, self._scratch):
@@ -429,9 +459,7 @@ class Frontend:
     def _public_rpc_address(self) -> str:
         host = self.config.rpc_host
         if not host or host in ("0.0.0.0", "::", "*"):  # a wildcard: the name others know this machine by
-            import socket
-
-            host = socket.getfqdn()
+            host = self._rpc_public_host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"tcp://{host}:{self.rpc_port}"

@@ -58,7 +58,13 @@ class RunningFrontend:
         self.thread = threading.Thread(target=self.loop.run_forever, name="frontend-loop", daemon=True)
         self.thread.start()
         self.fe = Frontend(config, base_dir=TESTS)
-        self.call(self.fe.start())
+        try:
+            self.call(self.fe.start())
+        except BaseException:  # a start that fails leaves no loop thread behind
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            raise
 
     def call(self, coro_or_fn, timeout: float = 60.0):
         """Run a coroutine (or a plain function) on the frontend's loop and return its result."""

@@ -106,6 +106,35 @@ def test_reads_need_the_token_too_and_no_cors_preflight_passes(frontend):
     assert ok[0] == 200 and not any(k.startswith("access-control-") for k in ok[1])
 
 
+def test_an_unfinished_header_line_is_cut_off_at_the_limit(frontend):
+    # httptools keeps growing a header line until it ends: the connection must be cut before that costs anything
+    port = frontend.fe.admin_port
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with sock:
+        sock.sendall(f"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Pad: ".encode())
+        sent, reply = 0, b""
+        try:
+            while sent < 64 * 1024 * 1024 and not reply:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+                sock.setblocking(False)
+                try:
+                    reply = sock.recv(65536)
+                except BlockingIOError:
+                    pass
+                sock.setblocking(True)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(30)
+        try:
+            reply = reply or sock.recv(65536)
+        except ConnectionResetError:
+            pass
+    assert b" 431 " in reply.split(b"\r\n")[0] and sent < 1024 * 1024, (sent, reply[:200])
+    # and the frontend answers as before
+    assert AdminClient("127.0.0.1", port).get_all_apps() == []
+
+
 def test_oversized_or_repeated_headers_are_refused(frontend):
     port = frontend.fe.admin_port
     here = {"Host": f"127.0.0.1:{port}", "Authorization": f"Bearer {token_of(frontend)}"}
@@ -144,12 +173,24 @@ def test_rotation_replaces_the_token_at_once(frontend):
 def test_an_operator_sets_the_token_by_writing_the_file(frontend):
     from clipper.security.files import write_private
 
-    write_private(frontend.fe.admin.token.path, b"operator-chosen-token-0123456789\n")
+    path = frontend.fe.admin.token.path
+    write_private(path, b"operator-chosen-token-0123456789\n")
     port = frontend.fe.admin_port
     assert AdminClient("127.0.0.1", port, token="operator-chosen-token-0123456789").get_all_apps() == []
-    # a file that is not a token leaves the last good one in force
-    write_private(frontend.fe.admin.token.path, b"short\n")
-    assert AdminClient("127.0.0.1", port, token="operator-chosen-token-0123456789").get_all_apps() == []
+    # rewritten in place (same inode, same size, maybe the same mtime tick): still noticed
+    with open(path, "r+b") as fh:
+        fh.write(b"operator-chosen-token-9876543210\n")
+    assert AdminClient("127.0.0.1", port, token="operator-chosen-token-9876543210").get_all_apps() == []
+    # a file that is not a token, or that others can read, leaves the last good one in force
+    write_private(path, b"short\n")
+    assert AdminClient("127.0.0.1", port, token="operator-chosen-token-9876543210").get_all_apps() == []
+    write_private(path, b"operator-chosen-token-readable-by-all\n")
+    os.chmod(path, 0o644)
+    assert AdminClient("127.0.0.1", port, token="operator-chosen-token-9876543210").get_all_apps() == []
+    with pytest.raises(E.AuthenticationError):
+        AdminClient("127.0.0.1", port, token="operator-chosen-token-readable-by-all").get_all_apps()
+    os.chmod(path, 0o600)
+    assert AdminClient("127.0.0.1", port, token="operator-chosen-token-readable-by-all").get_all_apps() == []
 
 
 def test_a_remote_operator_passes_the_token_by_environment_or_file(frontend, tmp_path, monkeypatch):
@@ -222,3 +263,22 @@ def test_the_cli_issues_lists_and_revokes_container_credentials(frontend, tmp_pa
     bad = subprocess.run([sys.executable, "-m", "clipper.cli", "container-credentials", "nope", "--admin-port", port],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+def test_the_token_never_travels_in_clear_off_loopback_or_to_a_stale_port(frontend, tmp_path, monkeypatch):
+    with pytest.raises(E.InvalidConfigError, match="without TLS"):
+        AdminClient("10.0.0.1", 1338, tls=False, token="x" * 43)
+    assert AdminClient("10.0.0.1", 1338, token="x" * 43).base.startswith("https://")
+    # a discovery file left by a frontend that died: its port may be someone else's now
+    from clipper.security.admin_token import discover, runtime_dir
+
+    port = frontend.fe.admin_port
+    assert discover(port)["pid"] == os.getpid()  # the live one is found
+    fake_port = port + 1 if port < 65535 else port - 1
+    stale = runtime_dir() / f"admin-{fake_port}.json"
+    stale.write_text(json.dumps({"pid": os.getpid(), "host": "127.0.0.1", "port": fake_port,
+                                 "token_file": str(frontend.fe.admin.token.path), "tls_cert_file": None}))
+    try:
+        assert discover(fake_port) is None  # no socket of that process listens there
+    finally:
+        stale.unlink()

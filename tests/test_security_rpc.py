@@ -107,6 +107,17 @@ def n_replicas(frontend, key: str) -> int:
     return frontend.call(lambda: frontend.fe.rpc.count(key))
 
 
+def wait_for(pred, what: str, timeout: float = 30.0) -> None:
+    """Poll a cheap predicate of the system under test until it holds (bounded)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def answers_all_right(frontend, app="sum", n=200) -> None:
     with Client("127.0.0.1", frontend.port) as c:
         xs = np.random.default_rng(1).random((n, 4), dtype=np.float32)
@@ -226,6 +237,8 @@ def test_bad_hellos_get_typed_refusals_and_change_nothing(frontend, peers):
     assert peer.recv_kind(m.F_WELCOME)
     assert frontend.call(lambda: frontend.fe.rpc.rejected) == before + len(bad)
     assert n_replicas(frontend, "sum-model:1") == 2
+    peer.send([m.C_BYE])  # leaves before the traffic: it would hold a batch it never answers
+    wait_for(lambda: n_replicas(frontend, "sum-model:1") == 1, "the peer's goodbye")
     answers_all_right(frontend)
 
 
@@ -276,8 +289,10 @@ def test_revoked_credentials_disconnect_their_container(frontend, tmp_path):
         with pytest.raises(E.InvalidConfigError, match="no container credentials"):
             a.revoke_container_credentials(doc["id"])
     finally:
-        proc.kill()
-        proc.wait()
+        for p in (proc, locals().get("again")):
+            if p is not None:
+                p.kill()
+                p.wait()
 
 
 def test_deleting_a_model_revokes_its_credentials(frontend, tmp_path):
@@ -294,13 +309,15 @@ def test_deleting_a_model_revokes_its_credentials(frontend, tmp_path):
 
 
 # ---------------------------------------------------------------- a claimed pid is never signalled
-def test_a_claimed_pid_is_never_signalled_and_the_hung_batch_is_answered_elsewhere(frontend_factory, peers):
+@pytest.mark.parametrize("claim", ["a process of the test's own", "the frontend's own process"])
+def test_a_claimed_pid_is_never_signalled_and_the_hung_batch_is_answered_elsewhere(frontend_factory, peers, claim):
     fe = frontend_factory(batch_timeout_ms=400, heartbeat_interval_ms=100)
     fe.deploy("sum", "row_sum", replicas=0)
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         rogue = peers(tcp(fe), creds_for(fe, "sum-model", "1"))
-        rogue.hello("sum-model", "1", pid=victim.pid)  # "kill this one when I hang"
+        # "kill this one when I hang": a live process of the test's, or the frontend itself (this process)
+        rogue.hello("sum-model", "1", pid=victim.pid if claim.startswith("a process") else os.getpid())
         rogue.recv_kind(m.F_WELCOME)
         import threading
 
@@ -327,9 +344,16 @@ def remote_host():
     """A network namespace with its own address, linked to this one by a veth pair: another host."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2")
-    tag = uuid.uuid4().hex[:6]
-    ns, veth_host, veth_ns = f"clip-{tag}", f"ch{tag}", f"cn{tag}"
-    octet = int(tag[:2], 16)
+    # namespaces a killed run left behind (their veth pairs go with them)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    for line in listed.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith("clip-") and not os.path.exists(f"/proc/{name.rsplit('-', 1)[-1]}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    tag = uuid.uuid4().hex[:4]
+    ns, veth_host, veth_ns = f"clip-{tag}-{os.getpid()}", f"ch{tag}{os.getpid() % 10000}", f"cn{tag}"
+    in_use = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30).stdout
+    octet = next(o for o in [int(tag[:2], 16), *range(256)] if f"10.231.{o}." not in in_use)
     host_ip, ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
 
     def ip(*args, netns=None):
@@ -423,3 +447,71 @@ def test_the_server_key_and_credentials_survive_a_restart_with_private_files(fro
     second = frontend_factory(state_path=str(path))
     assert second.fe.keyring.public_key == key
     assert [g["id"] for g in second.call(second.fe.keyring.operator_grants)] == [doc["id"]]
+
+
+def test_valid_credentials_for_a_version_that_is_not_deployed_are_refused_clearly(frontend, tmp_path):
+    frontend.deploy("sum", "row_sum")
+    save_credentials(tmp_path / "c", frontend.call(lambda: frontend.fe.issue_container_credentials("sum-model")))
+    proc = subprocess.run([sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "sum-model",
+                           "--version", "9", "--frontend", tcp(frontend), "--credentials", str(tmp_path / "c")],
+                          cwd=TESTS, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == m.EXIT_REJECTED and "model sum-model:9 is not deployed" in proc.stderr
+    assert n_replicas(frontend, "sum-model:1") == 1
+
+
+# ---------------------------------------------------------------- the local Unix socket (PLAIN)
+def ipc(frontend) -> str:
+    return frontend.call(lambda: frontend.fe.rpc.ipc.endpoint)
+
+
+def plain(grant_id: str, password: str, model="sum-model") -> ContainerCredentials:
+    return ContainerCredentials(grant_id, model, None, "plain", password=password)
+
+
+def test_the_local_socket_refuses_wrong_passwords_and_plain_peers_without_credentials(frontend, peers):
+    frontend.deploy("sum", "row_sum")
+    grant_id = frontend.call(lambda: next(iter(frontend.fe.keyring.grants)))
+    denied = frontend.call(lambda: frontend.fe.keyring.denied)
+    wrong = peers(ipc(frontend), plain(grant_id, "not-the-password-0123456789"))
+    wrong.hello("sum-model", "1")
+    assert wrong.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    bare = peers(ipc(frontend))
+    bare.hello("sum-model", "1")
+    assert bare.handshake() in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert frontend.call(lambda: frontend.fe.keyring.denied) == denied + 1
+    answers_all_right(frontend)
+    assert n_replicas(frontend, "sum-model:1") == 1
+
+
+def test_a_local_credential_serves_only_its_model_and_dies_with_its_process(frontend, peers):
+    frontend.deploy("sum", "row_sum")
+    frontend.call(frontend.fe.deploy_model(ModelVersion("other", "1", "float32", [4])))
+    grant = frontend.call(lambda: next(iter(frontend.fe.keyring.grants.values())))
+    assert grant.origin == "manager" and grant.model == "sum-model"
+    stolen = plain(grant.id, grant.password)  # what a peer would hold if it read the child's environment
+    as_other = peers(ipc(frontend), stolen)
+    as_other.hello("other", "1")
+    assert "issued for model sum-model:1" in as_other.recv_kind(m.F_REJECT)[0][1]
+    os.kill(grant.pid, 9)  # the child exits: its credential goes with it
+    wait_for(lambda: frontend.call(lambda: frontend.fe.keyring.get(grant.id)) is None, "the revocation")
+    late = peers(ipc(frontend), stolen)
+    late.hello("sum-model", "1")
+    assert late.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    frontend.call(frontend.fe.wait_ready("sum-model", "1", timeout_s=60))  # its successor has one of its own
+    answers_all_right(frontend)
+
+
+def test_a_failed_start_leaves_no_thread_socket_or_secret_behind(frontend_factory):
+    import socket
+    import threading
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        before = {t.ident for t in threading.enumerate()}
+        tmp_before = set(os.listdir("/tmp"))
+        with pytest.raises(OSError):
+            frontend_factory(admin_port=taken.getsockname()[1])
+    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert not leaked, leaked
+    assert not {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("clipper-")}

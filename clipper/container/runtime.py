@@ -180,6 +180,7 @@ class ContainerRuntime:
         self.credentials = credentials
         self._monitor = None  # handshake events, until the first handshake succeeds
         self._poller = None
+        self._handshake_failures = 0
         self.name = name
         self.version = str(version)
         self.frontend = frontend
@@ -238,6 +239,7 @@ class ContainerRuntime:
                         pass
 
     # ----------------------------------------------------------------- main
+    MAX_HANDSHAKE_FAILURES = 5  # handshakes failing without detail in a row before the container gives up
     _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -282,15 +284,29 @@ class ContainerRuntime:
         event = recv_monitor_message(self._monitor)["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._stop_monitor()  # from here on, only the frontend's own messages matter
+            self._handshake_failures = 0
             return None
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            why = ("refused this container's credentials (revoked, or issued by another frontend)"
+            why = ("refused this container's credentials (revoked, or never issued by it)"
                    if self.credentials is not None else "refused this container")
-        elif self.credentials is None:
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.credentials is None:
             why = ("requires credentials: start the container with --credentials FILE "
                    "(made by `clipper container-credentials MODEL [VERSION]`)")
-        else:
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             why = "does not speak the security mechanism of these credentials (is its rpc_security \"none\"?)"
+        else:
+            # No detail: the frontend's key is not the one in the credentials (another frontend, or its
+            # secrets folder was made anew), or the connection dropped mid-handshake (a restart). ZeroMQ
+            # tries again by itself; only a failure that keeps coming ends the container.
+            self._handshake_failures += 1
+            if self._handshake_failures < self.MAX_HANDSHAKE_FAILURES and not self.exit_on_frontend_loss:
+                log.warning("the handshake with %s failed (%d in a row); retrying", self.frontend,
+                            self._handshake_failures)
+                return None
+            why = (f"failed the handshake {self._handshake_failures} times: its key is not the one these credentials "
+                   "name (credentials of another frontend, or its secrets folder was made anew)"
+                   if self.credentials is not None else
+                   f"failed the handshake {self._handshake_failures} times")
         print(f"clipper container {self.name}:{self.version}: the frontend at {self.frontend} {why}",
               file=sys.stderr, flush=True)
         return m.EXIT_REJECTED

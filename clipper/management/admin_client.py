@@ -29,8 +29,9 @@ class AdminClient:
     machine the client finds it by itself (the frontend publishes where its
     token file is); elsewhere pass ``token`` or ``token_file``, or set
     ``CLIPPER_ADMIN_TOKEN`` / ``CLIPPER_ADMIN_TOKEN_FILE``. ``tls`` (default:
-    what the local frontend published, else off) speaks HTTPS, verifying the
-    server against the system's CAs plus ``cafile``.
+    what the local frontend published on loopback, always elsewhere) speaks
+    HTTPS, verifying the server against the system's CAs plus ``cafile``; the
+    token never travels in clear text off loopback.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1338, timeout: float = 120.0, *,
@@ -47,8 +48,13 @@ class AdminClient:
         local = is_loopback_host(host) or (published is not None and published.get("host") == host)
         self._token, self._token_source, info = resolve_client_token(self.port, token, token_file, local=local)
         published_cert = info.get("tls_cert_file") if info else None
-        if tls is None:
-            tls = bool(published_cert)
+        if tls is None:  # off loopback the API speaks TLS (the frontend refuses to run it otherwise)
+            tls = bool(published_cert) or not is_loopback_host(host)
+        if not tls and not is_loopback_host(host):
+            from ..errors import InvalidConfigError
+
+            raise InvalidConfigError(f"refusing to send the admin token to {host} without TLS: the token can run "
+                                     "code on that machine (use tls=True)")
         self._ssl = None
         if tls:
             from ..security.tls import client_context

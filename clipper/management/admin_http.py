@@ -50,6 +50,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+from collections import deque
 
 import httptools
 
@@ -72,6 +73,7 @@ log = logging.getLogger("clipper.admin")
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16384  # all header names and values of one request
 MAX_HEADERS = 100
+MAX_HEAD_BYTES = 8192 + MAX_HEADER_BYTES + 8192  # request line + headers, with room for the syntax around them
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
             421: "Misdirected Request", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
@@ -107,17 +109,29 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         return None
     if not rest:
         return host, None
-    if rest[0] != ":" or not rest[1:].isdigit() or len(rest) > 6:
+    if rest[0] != ":" or not rest[1:].isascii() or not rest[1:].isdigit() or len(rest) > 6:
         return None
     return host, int(rest[1:])
 
 
 class _HttpConnection(asyncio.Protocol):
+    """One admin connection: requests parsed by httptools, answered in the order they came.
+
+    Until a request's headers are complete the parser is fed at most
+    ``MAX_HEAD_BYTES`` of it (httptools would otherwise keep growing an
+    unfinished header line); a refused request is answered before its body is
+    read; after a reply that closes the connection nothing more is parsed.
+    """
+
     def __init__(self, server: "AdminServer") -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.hosts: frozenset = frozenset()
+        self._slots: deque[list] = deque()  # [reply bytes or None while it is being made, close?] in request order
+        self._closing = False
+        self._in_head = True  # reading a request line and headers
+        self._head_room = MAX_HEAD_BYTES
         self._reset()
 
     def _reset(self) -> None:
@@ -137,14 +151,24 @@ class _HttpConnection(asyncio.Protocol):
 
     def data_received(self, data) -> None:
         try:
-            self.parser.feed_data(data)
+            while data and not self._closing:
+                if self._in_head:
+                    if self._head_room <= 0:
+                        self._headers_overflow = True
+                        raise httptools.HttpParserError("request head too large")
+                    chunk, data = data[:self._head_room], data[self._head_room:]
+                    self._head_room -= len(chunk)
+                else:
+                    chunk, data = data, b""
+                self.parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
             self._reply(400, {"error": {"code": 100, "name": "PROTOCOL_ERROR", "message": "upgrade not supported"}},
                         close=True)
         except httptools.HttpParserError as exc:
             if self._headers_overflow:
                 return self._reply(431, {"error": {"code": 105, "name": "LIMIT_EXCEEDED", "message": (
-                    f"request headers exceed {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} fields")}}, close=True)
+                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes, or the headers "
+                    f"{MAX_HEADER_BYTES} bytes or {MAX_HEADERS} fields")}}, close=True)
             self._reply(400, {"error": {"code": 101, "name": "MALFORMED_FRAME", "message": f"bad HTTP: {exc}"}},
                         close=True)
 
@@ -170,6 +194,7 @@ class _HttpConnection(asyncio.Protocol):
             self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._refusal is None:
             self._refusal = self.server.refusal(self.parser.get_method(), self._url, self._headers, self.hosts)
 
@@ -183,22 +208,28 @@ class _HttpConnection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head, self._head_room = True, MAX_HEAD_BYTES  # the next request's head
+        if self._closing:
+            return
         method = self.parser.get_method().decode()
         keep = self.parser.should_keep_alive()
+        head_only = method == "HEAD"
         if self._refusal is not None:
             exc = self._refusal
-            headers = {"WWW-Authenticate": 'Bearer realm="clipper-admin"'} if isinstance(exc, AuthenticationError) \
-                else None
-            return self._reply(_status_for(exc), _err(exc), close=not keep or _status_for(exc) == 421,
-                               headers=headers)
+            status = _status_for(exc)
+            headers = {"WWW-Authenticate": 'Bearer realm="clipper-admin"'} if status == 401 else None
+            return self._reply(status, _err(exc), close=not keep or status == 421, headers=headers,
+                               head_only=head_only)
         path = httptools.parse_url(self._url).path.decode("utf-8", "replace")
         if self._too_large:
             return self._reply(413, {"error": {"code": 105, "name": "LIMIT_EXCEEDED",
                                                "message": f"body exceeds {MAX_BODY_BYTES} bytes"}}, close=True)
         body = b"".join(self._body) if method not in ("GET", "HEAD") else b""
-        self.server.loop.create_task(self._handle(method, path, body, keep))
+        slot = self._slot()
+        self.server.loop.create_task(self._handle(slot, "GET" if head_only else method, path, body, keep,
+                                                  head_only))
 
-    async def _handle(self, method: str, path: str, body: bytes, keep: bool) -> None:
+    async def _handle(self, slot: list, method: str, path: str, body: bytes, keep: bool, head_only: bool) -> None:
         try:
             data = json.loads(body) if body else {}
             status, payload = await self.server.route(method, path, data)
@@ -209,19 +240,43 @@ class _HttpConnection(asyncio.Protocol):
         except Exception as exc:
             log.exception("admin request failed")
             status, payload = 500, _err(InternalError(f"{type(exc).__name__}: {exc}"))
-        self._reply(status, payload, close=not keep)
+        self._fill(slot, status, payload, close=not keep, head_only=head_only)
 
-    def _reply(self, status: int, payload, close: bool = False, headers: dict | None = None) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
+    # replies, in request order
+    def _slot(self) -> list:
+        slot = [None, False]
+        self._slots.append(slot)
+        return slot
+
+    def _reply(self, status: int, payload, close: bool = False, headers: dict | None = None,
+               head_only: bool = False) -> None:
+        self._fill(self._slot(), status, payload, close, headers, head_only)
+
+    def _fill(self, slot: list, status: int, payload, close: bool = False, headers: dict | None = None,
+              head_only: bool = False) -> None:
         body = json.dumps(payload, default=_json_default).encode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
                 f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
-        self.transport.write(head.encode() + body)
+        slot[0] = head.encode() + (b"" if head_only else body)
+        slot[1] = close
         if close:
-            self.transport.close()
+            self._closing = True  # what comes after this request on the connection is not read
+        self._flush()
+
+    def _flush(self) -> None:
+        slots = self._slots
+        while slots and slots[0][0] is not None:
+            data, close = slots.popleft()
+            if self.transport is None or self.transport.is_closing():
+                slots.clear()
+                return
+            self.transport.write(data)
+            if close:
+                self.transport.close()
+                slots.clear()
+                return
 
 
 def _json_default(obj):
@@ -309,10 +364,12 @@ class AdminServer:
         default_port = 443 if self.tls else 80
         if parsed is None or parsed[0] not in hosts or (parsed[1] or default_port) != self.port:
             return MisdirectedRequestError(
-                f"Host {host!r} does not name this admin API (port {self.port}); accepted: "
-                f"{sorted(hosts)} (more with the admin_allowed_hosts setting)")
+                f"Host {host[:200] if host else host!r} does not name this admin API: it must be the address the "
+                "request reached, with its port (or a name listed in the frontend's admin_allowed_hosts)")
         if url.split(b"?", 1)[0] in (b"/health", b"/health/"):
             return None
+        if method == b"OPTIONS":  # a CORS preflight: never granted (and no CORS headers, ever)
+            return UnsupportedMediaTypeError("the admin API answers no cross-origin preflight")
         if method not in (b"GET", b"HEAD"):
             ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if ctype != "application/json":
@@ -325,8 +382,8 @@ class AdminServer:
             return AuthenticationError(
                 "the admin API needs `Authorization: Bearer <token>`"
                 + (" and this token is not it" if auth else "")
-                + f"; the token is in {self.token.path} on the frontend's machine (clients there find it "
-                "by themselves; elsewhere set CLIPPER_ADMIN_TOKEN or --token-file)")
+                + "; the token is in the frontend's secrets folder (clipper-secrets/admin-token), where clients "
+                "on its machine find it by themselves; elsewhere set CLIPPER_ADMIN_TOKEN or --token-file")
         return None
 
     async def route(self, method: str, path: str, data) -> tuple[int, object]:

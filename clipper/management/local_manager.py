@@ -96,8 +96,10 @@ class LocalProcessManager:
     async def _run(self, slot: _Slot) -> None:
         mv = slot.mv
         delay_ms = self.backoff_ms[0]
-        env = dict(os.environ)
-        env.update(mv.env)
+        # Credentials of the frontend's own (its admin token, credentials it was itself given) stay with it.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLIPPER_CREDENTIALS", "CLIPPER_ADMIN_TOKEN"))}
+        env.update({k: v for k, v in mv.env.items() if not k.startswith("CLIPPER_CREDENTIALS")})
         env["CLIPPER_FRONTEND"] = self.rpc_address
         cwd = Path(mv.workdir) if mv.workdir else self.base_dir
         while not slot.stopping:
@@ -117,6 +119,9 @@ class LocalProcessManager:
                 slot.stderr_tail = [f"cannot start: {exc}"]
                 rc = None
                 self._on_exit(grant, rc)
+            except BaseException:  # cancelled while starting: the credentials go with the attempt
+                self._on_exit(grant, None)
+                raise
             else:
                 grant.pid = slot.proc.pid
                 log.info("started container for %s (pid %d)", mv.key, slot.proc.pid)

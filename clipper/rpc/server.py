@@ -46,7 +46,7 @@ import numpy as np
 import zmq
 
 from .._native import framing
-from ..errors import ClipperError, InternalError, ModelError, WrongOutputCountError, error_for_code
+from ..errors import ClipperError, InvalidConfigError, ModelError, WrongOutputCountError, error_for_code
 from ..management.registry import INPUT_DTYPES, NAME_RE, NAME_RULE
 from ..protocol import wire
 from ..security.container_keys import ZAP_DOMAIN
@@ -195,14 +195,18 @@ class ContainerServer:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> str:
         """Bind the sockets; returns the TCP endpoint."""
-        if self.keyring is not None:
-            self.keyring.start_authenticator(self.ctx)
         addr = self.address
         if addr.endswith(":0"):
             addr = addr[:-2] + ":*"
-        self.tcp = self._bind("tcp", addr, "curve" if self.secure else None)
-        if self.ipc_dir is not None:
-            self.ipc = self._bind("ipc", f"ipc://{self.ipc_dir}/rpc.sock", "plain")
+        try:
+            if self.keyring is not None:
+                self.keyring.start_authenticator(self.ctx)
+            self.tcp = self._bind("tcp", addr, "curve" if self.secure else None)
+            if self.ipc_dir is not None:
+                self.ipc = self._bind("ipc", f"ipc://{self.ipc_dir}/rpc.sock", "plain")
+        except BaseException:
+            self.close()  # no thread, socket or bound port left behind
+            raise
         self._schedule_check_all()
         return self.tcp.endpoint
 
@@ -220,7 +224,11 @@ class ContainerServer:
         elif mechanism == "plain":
             sock.plain_server = True
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-        sock.bind(addr)
+        try:
+            sock.bind(addr)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise InvalidConfigError(f"the container RPC cannot listen on {addr}: {exc}") from None
         ch = _Channel(name, sock, mechanism is not None)
         self.channels.append(ch)
         self.loop.add_reader(ch.fd, self._on_readable, ch)
@@ -253,6 +261,8 @@ class ContainerServer:
         return [r for ch in self.channels for r in ch.replicas.values()]
 
     def close(self) -> None:
+        if self.ctx.closed:
+            return
         if self._hb_timer is not None:
             self._hb_timer.cancel()
             self._hb_timer = None
@@ -365,9 +375,8 @@ class ContainerServer:
             info = parse_hello(header)
             if ch.secure:
                 grant = keyring.get(uid)
-                if grant is None:  # revoked after its handshake: it gets nothing
-                    self.ignored += 1
-                    return
+                if grant is None:  # revoked since its handshake: it is told so, and gets nothing else
+                    raise HelloError("its credentials were revoked")
             else:  # rpc_security = "none": the credential id it names is believed (loopback only)
                 grant = keyring.get(info["credential_id"]) if keyring is not None else None
             model, version = info["model"], info["version"]
@@ -500,7 +509,10 @@ class ContainerServer:
                                   [m.F_REJECT, "batch timeout: the frontend dropped this replica"])
                 self._drop(replica, f"held a batch for over {self.batch_timeout_ns // 1_000_000} ms")
                 if self.on_hung is not None:
-                    self.on_hung(replica)
+                    try:
+                        self.on_hung(replica)
+                    except Exception:  # the liveness checks of every other replica go on
+                        log.exception("stopping the hung replica %s failed", replica)
                 continue
             try:
                 self._send(replica.channel, replica.ident, [beat])

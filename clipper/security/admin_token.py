@@ -26,7 +26,7 @@ import secrets
 from pathlib import Path
 
 from ..errors import InvalidConfigError
-from .files import private_dir, read_private, write_private
+from .files import loose_permissions, private_dir, read_private, write_private
 
 log = logging.getLogger("clipper.admin")
 
@@ -53,14 +53,21 @@ class AdminToken:
         self._token = b""
         self._sig = None
         if not self.path.exists():
-            private_dir(self.path.parent)
+            if not self.path.parent.exists():  # a folder of its own: private; an existing one is left as it is
+                private_dir(self.path.parent)
             write_private(self.path, secrets.token_urlsafe(32).encode() + b"\n")
             log.info("created the admin token in %s", self.path)
         self._load(force=True)
 
     def _signature(self):
         st = os.stat(self.path)
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        if st.st_uid != os.getuid():
+            raise InvalidConfigError(f"the admin token file {str(self.path)!r} belongs to uid {st.st_uid}, not to "
+                                     f"this user: whoever owns it could choose the token")
+        why = loose_permissions(self.path)
+        if why:
+            raise InvalidConfigError(f"the admin token file {why}")
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
     def _load(self, force: bool = False) -> None:
         try:
@@ -69,6 +76,13 @@ class AdminToken:
             if force:
                 raise InvalidConfigError(f"cannot read the admin token file {str(self.path)!r}: {exc}") from None
             return  # gone for a moment (an editor's rename): keep the token we know
+        except InvalidConfigError as exc:
+            if force:
+                raise
+            if self._sig != "refused":
+                log.error("%s; the admin API keeps the previous token", exc.message)
+            self._sig = "refused"
+            return
         if not force and sig == self._sig:
             return
         try:
@@ -134,7 +148,12 @@ def unpublish(path: Path | None) -> None:
 
 
 def discover(port: int) -> dict | None:
-    """What the frontend on ``port`` of this machine published, if this user can read it."""
+    """What the frontend on ``port`` of this machine published, if this user can read it and the
+    process that published it still listens on that port.
+
+    A file left behind by a frontend that died is not believed: another user
+    may hold the port by now, and the token must not go to them.
+    """
     path = runtime_dir() / f"admin-{int(port)}.json"
     try:
         st = os.stat(path)
@@ -143,7 +162,40 @@ def discover(port: int) -> dict | None:
         info = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return info if isinstance(info, dict) else None
+    if not isinstance(info, dict) or type(info.get("pid")) is not int:
+        return None
+    return info if _listens(info["pid"], int(port)) else None
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (of this user) holds a socket listening on TCP ``port`` (Linux /proc)."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as fh:
+                    next(fh)
+                    for line in fh:
+                        f = line.split()
+                        # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN; field 9 is the inode
+                        if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                            inodes.add(f[9])
+            except FileNotFoundError:
+                continue
+        if not inodes:
+            return False
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return False
 
 
 def resolve_client_token(port: int, token: str | None = None, token_file: str | None = None,

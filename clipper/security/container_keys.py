@@ -28,6 +28,7 @@ hold it.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
@@ -112,26 +114,59 @@ class ContainerGrant:
 class _Authenticator(ThreadAuthenticator):
     """pyzmq's ZAP handler on its own thread, asking the keyring.
 
-    It reads the keyring's tables (plain dict lookups, safe from another
-    thread); only the event loop's thread changes them.
+    It reads the keyring's tables with one ``dict.get`` per check (atomic
+    under the GIL, so a revocation on the loop's thread between two reads
+    cannot raise here); only the event loop's thread changes them. The two
+    checks are ours rather than pyzmq's: one lookup, a constant-time
+    comparison, no secret in any log line, and no exception that could end
+    the thread (which would fail every later handshake).
     """
 
     def __init__(self, ctx: zmq.Context, keyring: "ContainerKeyring") -> None:
-        # Its own logger at INFO: pyzmq logs PLAIN passwords at DEBUG.
-        logger = logging.getLogger("clipper.rpc.zap")
-        logger.setLevel(logging.INFO)
-        super().__init__(ctx, log=logger)
+        super().__init__(ctx, log=logging.getLogger("clipper.rpc.zap"))
         self.keyring = keyring
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        try:
+            ok = self.keyring._by_key.get(z85.encode(client_key)) is not None
+        except Exception:
+            ok = False
+        if not ok:
+            self.keyring.denied += 1
+        return ok, b"OK" if ok else b"Unknown key"
+
+    def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
+        try:
+            known = self.keyring.passwords.get(username)
+            ok = known is not None and hmac.compare_digest(known.encode(), password.encode())
+        except Exception:
+            ok = False
+        if not ok:
+            self.keyring.denied += 1
+        return ok, b"OK" if ok else b"Unknown credentials"
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         grant = self.keyring._by_key.get(z85.encode(client_public_key))
-        return grant.id if grant is not None else ""
+        return grant.id if grant is not None else ""  # revoked since its check: the RPC server refuses ""
 
-    def callback(self, domain: str, key: bytes) -> bool:  # the CURVE credentials provider
-        ok = key in self.keyring._by_key
-        if not ok:
-            self.keyring.denied += 1
-        return ok
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        try:
+            await super().handle_zap_message(msg)
+        except Exception:  # never let one request end the thread
+            self.log.exception("the ZAP handler failed on a request; refusing it")
+            if len(msg) >= 2:
+                try:
+                    self._send_zap_reply(msg[1], b"500", b"Internal error")
+                except Exception:
+                    pass
+
+    def stop(self) -> None:
+        if self.thread is not None and not self.thread.is_alive():  # nobody left to read TERMINATE
+            self.thread = None
+            if self.pipe is not None:
+                self.pipe.close(linger=0)
+                self.pipe = None
+        super().stop()
 
 
 class ContainerKeyring:
@@ -168,14 +203,13 @@ class ContainerKeyring:
         public_file = d / f"{SERVER_KEY_NAME}.key"
         secret_file = d / f"{SERVER_KEY_NAME}.key_secret"
         if not secret_file.exists():
-            import zmq.auth
-
-            zmq.auth.create_certificates(str(d), SERVER_KEY_NAME)
+            zmq.auth.create_certificates(str(d), SERVER_KEY_NAME)  # in a 0700 folder: private from the start
             for f in (public_file, secret_file):
                 os.chmod(f, 0o600)
             log.info("created the container RPC server key pair in %s", d)
-        import zmq.auth
-
+        why = loose_permissions(secret_file)
+        if why:
+            raise InvalidConfigError(f"the container RPC's secret key {why}")
         try:
             pub, sec = zmq.auth.load_certificate(str(secret_file))
         except (OSError, ValueError) as exc:
@@ -190,9 +224,7 @@ class ContainerKeyring:
         if self.mode == "none":
             return
         auth = _Authenticator(ctx, self)
-        auth.start()
-        auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=auth)
-        auth.passwords[ZAP_DOMAIN] = self.passwords  # the same dict: a grant issued later is known at once
+        auth.start()  # both checks are _Authenticator's own: nothing to configure
         self._auths.append(auth)
 
     def stop(self) -> None:
