@@ -181,3 +181,21 @@ def test_hotpath_runner_aimd_vs_quantile(tmp_path):
     assert summary["aimd"]["goodput_rps"]["median"] > 0
     assert summary["goodput_ratio"]["per_repeat"][0] > 0
     assert (tmp_path / "hp_batch_sizes.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------ bench.rpc_security
+def test_rpc_security_runner_measures_the_three_settings(tmp_path):
+    out = tmp_path / "rs.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rpc_security", "--scenario", "noop", "--repeat", "1", "--levels", "1x8",
+         "--duration", "0.5", "--warmup", "0.1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]["noop"]
+    for setting in ("none", "curve", "ipc"):
+        best = run[setting]["best"]
+        assert best["errors"] == 0 and best["throughput_rps"] > 0 and best["level"] == "1x8"
+    ratios = report["summary"]["noop"]["ratios"]
+    assert ratios["curve/none throughput"]["median"] > 0 and ratios["ipc/none throughput"]["median"] > 0
