@@ -138,7 +138,7 @@ def cmd_register_app(args) -> int:
                                             cache=not args.no_cache, policy=args.policy, policy_options=options,
                                             output_kind=args.output_kind,
                                             confidence_threshold=args.confidence_threshold,
-                                            on_low_confidence=args.on_low_confidence)
+                                            on_low_confidence=args.on_low_confidence, on_overload=args.on_overload)
     print(json.dumps(out))
     return 0
 
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-kind", default="auto", choices=("auto", "label", "number", "vector", "probabilities"))
     s.add_argument("--confidence-threshold", type=float, default=0.0)
     s.add_argument("--on-low-confidence", choices=("flag", "default"), default="flag")
+    s.add_argument("--on-overload", choices=("default", "error"), default=None,
+                   help="a query admission control refuses: the default output at once, or OVERLOADED "
+                        "(default: as --on-deadline)")
     admin_opts(s)
     s.set_defaults(func=cmd_register_app)
 

@@ -42,6 +42,18 @@ class Limits:
     max_user_states_in_memory: int = 10_000  # policy states held in memory per application
     # One message from a model container (a batch's outputs); a larger one disconnects the container.
     max_rpc_message_bytes: int = 256 * 1024 * 1024
+    # ---- byte budgets and time limits (issue 10: overload and abusive clients)
+    max_inflight_input_bytes: int = 256 * 1024 * 1024  # inputs of every query not yet answered, frontend-wide
+    max_queue_bytes: int = 64 * 1024 * 1024  # inputs waiting in one model's queue
+    max_partial_frame_bytes: int = 128 * 1024 * 1024  # bytes of unfinished frames/requests held, frontend-wide
+    max_unread_reply_bytes: int = 16 * 1024 * 1024  # a connection whose unsent replies pass this is closed
+    write_stall_timeout_ms: int = 30_000  # a connection paused because it does not read is closed after this
+    header_timeout_ms: int = 10_000  # a request's head (HTTP) or a frame (msgpack) must arrive within this
+    idle_timeout_ms: int = 300_000  # a connection with nothing in flight and nothing sent for this long is closed
+    max_header_bytes: int = 16 * 1024  # HTTP request line and headers
+    max_batch_items: int = 1024  # REST input_batch items
+    max_admin_connections: int = 64
+    max_metrics_connections: int = 64
     # A msgpack connection that sends this many HELLOs with a wrong api_key is closed (keys are 256-bit
     # random, so guessing is hopeless; the bound keeps a misbehaving client from spinning on the port).
     max_auth_failures_per_connection: int = 3
@@ -103,6 +115,11 @@ class FrontendConfig:
     # ... plus what the frontend measures: answers made at the deadline that leave late (a loaded
     # machine) move the planned answer earlier, to at most a quarter of the SLO before it.
     adaptive_deadline_margin: bool = True
+    # SIGTERM: stop accepting, answer what is in flight for up to this long, then SHUTTING_DOWN for the rest.
+    drain_timeout_ms: int = 10_000
+    # Admission control: a query whose model queue cannot serve it within its SLO is refused at arrival
+    # (OVERLOADED, or the default output: the application's on_overload). False admits everything.
+    admission_control: bool = True
 
     # ---- the trust boundary (docs/security.md)
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key

@@ -41,6 +41,8 @@ __all__ = [
     "DeadlineExceededError",
     "ContainerFailedError",
     "QueueFullError",
+    "OverloadedError",
+    "ShuttingDownError",
     "ConnectionClosedError",
     "ClientTimeoutError",
     "InternalError",
@@ -254,6 +256,23 @@ class QueueFullError(ServingError):
 
     code = 306
     name = "QUEUE_FULL"
+
+
+class OverloadedError(ServingError):
+    """Admission control refused the query at arrival: the model's queue could not serve it within the
+    application's SLO (or a byte budget of the frontend is spent). Sending it again later may succeed;
+    REST answers 503 with ``Retry-After``."""
+
+    code = 309
+    name = "OVERLOADED"
+
+
+class ShuttingDownError(ServingError):
+    """The frontend is shutting down: it takes no new query, and what was still waiting at the end of
+    its drain gets this error."""
+
+    code = 310
+    name = "SHUTTING_DOWN"
 
 
 class ConnectionClosedError(ServingError, ConnectionError):

@@ -92,9 +92,16 @@ class Application:
     loss: str | None = None  # zero_one, probability, absolute; None: the output kind's default
     confidence_threshold: float = 0.0  # below it a response is marked low_confidence
     on_low_confidence: str = "flag"  # "flag": answer and mark it; "default": answer the default output
+    # A query that admission control refuses (its model cannot answer it within the SLO): "error" answers
+    # OVERLOADED (REST 503 + Retry-After), "default" answers default_output at once; None: as on_deadline.
+    on_overload: str | None = None
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
+        if self.on_overload is None:
+            self.on_overload = self.on_deadline if self.on_deadline in ("default", "error") else "error"
+        if self.on_overload not in ("default", "error"):
+            raise InvalidConfigError(f"on_overload {self.on_overload!r} is not 'default' or 'error'")
         if not isinstance(self.cache, bool):
             raise InvalidConfigError(f"cache {self.cache!r} for application {self.name!r} is not true or false")
         self._check_selection()
@@ -150,6 +157,7 @@ class Application:
             "loss": self.loss,
             "confidence_threshold": self.confidence_threshold,
             "on_low_confidence": self.on_low_confidence,
+            "on_overload": self.on_overload,
         }
 
 

@@ -304,6 +304,31 @@ VECTORS = [
         },
         "description": "Request 9 names an application the connection's API key does not grant.",
     },
+    {
+        "name": "error_overloaded",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": 12,
+            "code": 309,
+            "name": "OVERLOADED",
+            "message": "model digits-logreg:1 cannot answer within the 20 ms SLO of application 'digits' "
+            "(estimated 31.4 ms): refused at arrival",
+        },
+        "description": "Admission control refused request 12 at arrival; the client may send it again later.",
+    },
+    {
+        "name": "error_shutting_down",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "fields": {
+            "id": 13,
+            "code": 310,
+            "name": "SHUTTING_DOWN",
+            "message": "the frontend is shutting down and takes no new queries",
+        },
+        "description": "Request 13 arrived while the server was draining.",
+    },
 ]
 
 
