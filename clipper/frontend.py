@@ -94,7 +94,9 @@ class Frontend:
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
                                         max_user_states_in_memory=lim.max_user_states_in_memory,
                                         deadline_margin_ms=cfg.deadline_margin_ms,
-                                        adaptive_margin=cfg.adaptive_deadline_margin)
+                                        adaptive_margin=cfg.adaptive_deadline_margin,
+                                        admission=cfg.admission_control,
+                                        max_inflight_bytes=lim.max_inflight_input_bytes)
         ipc_dir = None
         if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":
             import tempfile
@@ -326,7 +328,8 @@ class Frontend:
         self._next_deployment_id += 1
         self.processor.queues[mv.key] = ModelQueue(
             mv.key, self.loop, self.rpc.send_batch, deployment_id=deployment_id,
-            max_queue_length=lim.max_queue_length, max_batch_retries=lim.max_batch_retries,
+            max_queue_length=lim.max_queue_length, max_queue_bytes=lim.max_queue_bytes,
+            max_batch_retries=lim.max_batch_retries,
             max_batch=mv.max_batch, batching=mv.batching, batch_delay_ms=mv.batch_delay_ms,
             cache=self.processor.cache)
 

@@ -15,30 +15,54 @@ import pytest
 
 from clipper._native import cache as cache_mod
 from clipper.errors import ContainerFailedError, DeadlineExceededError, ModelError
-from clipper.query.batching import ModelQueue, Query
+from clipper.errors import QueueFullError
+from clipper.query.batching import ModelQueue
 
 MS = 1_000_000
 
 
 class App:
-    """Stands in for an AppRoute: records each query's outcome."""
+    """Records each item's outcome."""
 
     def __init__(self) -> None:
         self.outcomes: dict[int, tuple] = {}
 
-    def finish(self, q, out):
-        self._done(q, ("result", out))
 
-    def fail(self, q, exc):
-        self._done(q, ("error", exc))
+class Item:
+    """A queue item (the protocol of clipper.query.ticket.QueueItem) that records its outcome."""
 
-    def expire(self, q):
-        self._done(q, ("expired", None))
+    def __init__(self, app: App, qid: int, x, arrival_ns: int, deadline_ns: int) -> None:
+        self.app = app
+        self.query_id = qid
+        self.input = x
+        self.nbytes = x.nbytes
+        self.arrival_ns = arrival_ns
+        self.deadline_ns = deadline_ns
+        self.done = False
+        self.attempts = 0
+        self.token = None
+        self.followers = None
+        self.queue = None
 
-    def _done(self, q, outcome):
-        assert not q.done, f"query {q.query_id} answered twice"
-        q.done = True
-        self.outcomes[q.query_id] = outcome
+    def on_output(self, out):
+        self._done(("result", out))
+
+    def on_error(self, exc):
+        self._done(("error", exc))
+
+    def on_expired(self):
+        self._done(("expired", None))
+
+    def settle_elsewhere(self):
+        """What a ticket's settle does to its item: answered by another path (its deadline, say)."""
+        self._done(("settled", None))
+        if self.queue is not None:
+            self.queue.forget(self)
+
+    def _done(self, outcome):
+        assert not self.done, f"query {self.query_id} answered twice"
+        self.done = True
+        self.app.outcomes[self.query_id] = outcome
 
 
 class Replica:
@@ -68,9 +92,9 @@ class Harness:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(batch)
 
-    def query(self, x, *, age_ms: float = 0.0, slo_ms: float = 10_000.0, lead: bool = True) -> Query:
+    def query(self, x, *, age_ms: float = 0.0, slo_ms: float = 10_000.0, lead: bool = True) -> Item:
         now = time.monotonic_ns() - int(age_ms * MS)
-        q = Query(None, self._next, self._next, self.app, np.asarray(x, np.float32), now, now + int(slo_ms * MS))
+        q = Item(self.app, self._next, np.asarray(x, np.float32), now, now + int(slo_ms * MS))
         self._next += 1
         if self.cache is not None and lead:
             status, found = self.cache.lookup(1, q.input, q)
@@ -158,7 +182,7 @@ def test_outputs_reach_followers_and_fill_the_cache_even_when_late(h):
     leader = t.query([3])
     b = t.next_batch()
     follower = t.query([3])
-    leader.app.expire(leader)  # the leader's deadline passed while the batch was out
+    leader.settle_elsewhere()  # the leader's deadline passed while the batch was out
     t.queue.deliver(r, b, [np.arange(3.0)])
     kind, out = t.app.outcomes[follower.query_id]
     assert kind == "result" and out.tolist() == [0.0, 1.0, 2.0]
@@ -290,3 +314,63 @@ def test_set_budget_reaches_every_replica(h):
     t.queue.add_replica(r2)
     t.queue.set_budget(7 * MS)
     assert r1.sizer.budget_ns == r2.sizer.budget_ns == 7 * MS
+
+
+# ------------------------------------------------------------------ leaving, limits, estimates
+def test_a_settled_item_leaves_the_queue_at_once_and_hands_its_reservation_on(h):
+    t = h()
+    leader = t.query([9])
+    follower = t.query([9])
+    other = t.query([8])
+    assert t.queue.live == 2 and t.queue.bytes == 8
+    leader.settle_elsewhere()  # its deadline, with no replica free
+    assert follower.queue is t.queue and follower.token is not None  # the heir takes its place
+    assert t.queue.live == 2 and t.queue.queries_left_unsent == 1
+    follower.settle_elsewhere()
+    other.settle_elsewhere()
+    assert t.queue.live == 0 and t.queue.bytes == 0
+    assert t.cache.lookup(1, np.asarray([9], np.float32), None)[0] == cache_mod.MISS  # given back
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.settle()
+    assert t.sent == []  # nothing answered is ever sent
+
+
+def test_leftovers_are_compacted_so_the_deque_holds_live_items(h):
+    t = h()
+    t.queue.max_queue_length = 10_000
+    items = [t.query([i], lead=False) for i in range(2000)]
+    for q in items[:1900]:
+        q.settle_elsewhere()
+    assert t.queue.live == 100 and len(t.queue.pending) <= 2 * 100 + 300
+
+
+def test_length_and_byte_limits_count_live_items_only(h):
+    t = h()
+    t.queue.max_queue_length = 3
+    qs = [t.query([i], lead=False) for i in range(3)]
+    with pytest.raises(QueueFullError, match="max_queue_length"):
+        t.query([9], lead=False)
+    qs[0].settle_elsewhere()
+    t.query([9], lead=False)  # room again at once
+    t.queue.max_queue_bytes = 12
+    t.queue.max_queue_length = 100
+    with pytest.raises(QueueFullError, match="max_queue_bytes"):
+        t.query([10], lead=False)
+
+
+def test_the_estimate_follows_queue_length_and_measured_latency_and_sees_a_stall(h):
+    t = h(max_batch=4, budget_ns=5 * MS)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    now = time.monotonic_ns()
+    assert t.queue.estimate_ns(now) is None  # no history yet: admit
+    r.lat_ewma_ns = 2 * MS
+    assert t.queue.estimate_ns(now) == pytest.approx(2 * MS)  # empty queue: one batch
+    for i in range(8):
+        t.query([i], lead=False)
+    assert t.queue.estimate_ns(now) == pytest.approx(8 / (4 / (2 * MS)) + 2 * MS)  # two batches ahead, then its own
+    b = t.next_batch()
+    assert len(b.queries) == 4
+    assert t.queue.estimate_ns(b.sent_ns + MS) == pytest.approx(4 / (4 / (2 * MS)) + 2 * MS + 1 * MS)
+    assert t.queue.estimate_ns(b.sent_ns + 6 * MS) == float("inf")  # out 3x its latency and past the budget

@@ -6,20 +6,32 @@ from the head of the queue; each replica's batch size is tuned after every
 batch by its :class:`~clipper._native.batcher.BatchSizer` (AIMD, quantile
 regression or fixed) against the model's latency budget.
 
+A queue holds queue items (:class:`~clipper.query.ticket.Query` or
+:class:`~clipper.query.ticket.Part`; see :mod:`clipper.query.ticket` for a
+query's whole life). An item settled elsewhere (at its deadline, say) leaves
+the queue at once (:meth:`ModelQueue.forget`): it stops counting against the
+queue's length and bytes, its cache reservation is handed on, and the deque
+is compacted once more than half of it is such leftovers. So a queue only
+ever holds queries still waiting for an answer, even while no replica is
+free.
+
+Admission: :meth:`ModelQueue.estimate_ns` says how long a query queued now
+would take to be answered, from the queue's length and each replica's
+measured batch latency and batch size; the query processor refuses a query
+whose estimate passes its deadline, at arrival, instead of queueing work
+that can only time out.
+
 Delayed batching (``batch_delay_ms`` > 0): while a free replica's batch would
 not be full, the queue waits up to the delay, measured from the oldest queued
 query's arrival, for more queries -- but only while queries arrive faster than
 one per delay (an EWMA of inter-arrival gaps), so at low load nothing waits.
 One timer per queue; nothing polls.
 
-Queries whose deadline passed while they waited are never sent: they get
-their outcome (default output or deadline error) at once.
-
-With the prediction cache, a queued query may *lead* a cache reservation
-(``token``) that other queries joined (``followers``). The leader's outcome
-is theirs too; a leader that leaves the queue unsent hands the reservation to
-its first live follower, or gives it back to the cache, so no later query
-waits on a computation that will never happen.
+With the prediction cache, a queued item may *lead* a cache reservation
+(``token``) that other items joined (``followers``). The leader's outcome is
+theirs too; a leader that leaves the queue unsent hands the reservation to its
+first live follower (which takes its place in the queue), or gives it back to
+the cache, so no later query waits on a computation that will never happen.
 """
 
 from __future__ import annotations
@@ -33,30 +45,12 @@ import numpy as np
 from .._native import batcher as _batcher
 from ..metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, Histogram
 from ..errors import ClipperError, ContainerFailedError, QueueFullError
+from .ticket import Part, Query  # noqa: F401  (re-exported: the items this queue holds)
 
-__all__ = ["Query", "Batch", "ModelQueue"]
+__all__ = ["Query", "Part", "Batch", "ModelQueue"]
 
-
-class Query:
-    """One predict request on its way through the frontend."""
-
-    __slots__ = ("conn", "req_id", "query_id", "app", "input", "arrival_ns", "deadline_ns", "done", "attempts",
-                 "token", "followers", "part", "extra")
-
-    def __init__(self, conn, req_id, query_id, app, x, arrival_ns, deadline_ns):
-        self.conn = conn  # the connection that gets the answer (send_result / send_error)
-        self.req_id = req_id  # the client's request id
-        self.query_id = query_id  # the frontend's id for this query
-        self.app = app  # the route (application) it belongs to
-        self.input = x  # validated input: numpy array, bytes or str
-        self.arrival_ns = arrival_ns
-        self.deadline_ns = deadline_ns
-        self.done = False  # answered (result, default, or error)
-        self.attempts = 0  # times sent to a container
-        self.token = None  # the cache reservation this query leads, if any
-        self.followers = None  # queries that joined that reservation
-        self.part = 0  # in a Fanout (several models answer one request): this model's index
-        self.extra = None  # single-model path: the RESULT extra naming the version it was sent to
+_COMPACT_MIN = 256  # leftovers (settled, unsent items) tolerated in a deque before it is compacted
+_EWMA = 0.2  # weight of a new batch latency in a replica's average
 
 
 class Batch:
@@ -74,19 +68,23 @@ class ModelQueue:
 
     def __init__(self, key: str, loop, send_batch: Callable, *, deployment_id: int = 0, max_queue_length: int,
                  max_batch_retries: int, max_batch: int, batching: str = "aimd", batch_delay_ms: float = 0.0,
-                 budget_ns: int = 50_000_000, cache=None):
+                 budget_ns: int = 50_000_000, cache=None, max_queue_bytes: int = 1 << 62):
         self.key = key
         self.loop = loop
         self._send_batch = send_batch  # (replica, batch) -> None; raises on a dead replica
         self.deployment_id = deployment_id  # the cache's name for this deployment
         self.max_queue_length = max_queue_length
+        self.max_queue_bytes = max_queue_bytes
         self.max_batch_retries = max_batch_retries
         self.max_batch = max_batch
         self.batching = batching
         self.delay_ns = int(batch_delay_ms * 1_000_000)
         self.budget_ns = budget_ns
         self.cache = cache
-        self.pending: deque[Query] = deque()
+        self.pending: deque = deque()  # items, in order; some may be leftovers (item.queue is not self)
+        self.live = 0  # items waiting in pending (unsent, unsettled)
+        self.bytes = 0  # their input bytes
+        self.leftovers = 0  # items in pending that left it (settled elsewhere), to be skipped
         self.replicas: list = []
         self.free: deque = deque()
         self._scheduled = False
@@ -99,6 +97,7 @@ class ModelQueue:
         self.batches_sent = 0
         self.queries_sent = 0
         self.queries_expired_in_queue = 0
+        self.queries_left_unsent = 0  # settled while queued (their deadline, a fan-out done, ...)
         self.delayed_batches = 0
         self.wait_ns_total = 0
         self.wait_ns_max = 0
@@ -107,14 +106,20 @@ class ModelQueue:
         self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         self.batch_latency = Histogram(LATENCY_BUCKETS_S)
 
-    # ------------------------------------------------------------ queries
-    def submit(self, q: Query) -> None:
-        pending = self.pending
-        if len(pending) >= self.max_queue_length:
+    # ------------------------------------------------------------ items
+    def submit(self, q) -> None:
+        """Queue ``q``; QueueFullError when the queue is at its length or byte limit."""
+        if self.live >= self.max_queue_length:
             raise QueueFullError(
-                f"model {self.key} has {len(pending)} queries queued; max_queue_length is {self.max_queue_length}"
-            )
-        pending.append(q)
+                f"model {self.key} has {self.live} queries queued; max_queue_length is {self.max_queue_length}")
+        if self.bytes + q.nbytes > self.max_queue_bytes:
+            raise QueueFullError(
+                f"model {self.key} holds {self.bytes} bytes of queued inputs; max_queue_bytes is "
+                f"{self.max_queue_bytes}")
+        q.queue = self
+        self.live += 1
+        self.bytes += q.nbytes
+        self.pending.append(q)
         if self.delay_ns:  # the arrival rate decides whether waiting can gather more
             now = q.arrival_ns
             last = self._last_arrival_ns
@@ -127,12 +132,48 @@ class ModelQueue:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
 
+    def _requeue(self, q) -> None:
+        """Put ``q`` back at the head (a retry, or an heir taking its leader's place)."""
+        q.queue = self
+        self.live += 1
+        self.bytes += q.nbytes
+        self.pending.appendleft(q)
+
+    def _take(self, q) -> None:
+        """``q`` leaves the queue to be sent or answered now."""
+        q.queue = None
+        self.live -= 1
+        self.bytes -= q.nbytes
+
+    def forget(self, q) -> None:
+        """``q`` was settled while it waited here unsent: it leaves the queue now.
+
+        Its reservation goes to a live follower, which takes its place;
+        the deque is compacted when leftovers make up more than half of it.
+        """
+        if q.queue is not self:
+            return
+        self._take(q)
+        self.queries_left_unsent += 1
+        self.leftovers += 1
+        heir = self._retire(q)
+        if heir is not None:
+            self._requeue(heir)
+            if self.free and not self._scheduled:
+                self._scheduled = True
+                self.loop.call_soon(self._dispatch)
+        if self.leftovers > _COMPACT_MIN and 2 * self.leftovers > len(self.pending):
+            self.pending = deque(x for x in self.pending if x.queue is self)
+            self.leftovers = 0
+
     def _should_wait(self, replica, now: int) -> bool:
         """Delayed batching: hold a not-full batch for more queries?"""
-        pending = self.pending
-        if self._delay_due or len(pending) >= replica.sizer.current or self._gap_ewma_ns >= self.delay_ns:
+        if self._delay_due or self.live >= replica.sizer.current or self._gap_ewma_ns >= self.delay_ns:
             return False
-        wake = pending[0].arrival_ns + self.delay_ns
+        head = next((x for x in self.pending if x.queue is self), None)
+        if head is None:
+            return False
+        wake = head.arrival_ns + self.delay_ns
         if now >= wake:
             return False
         if self._delay_timer is None:
@@ -148,7 +189,7 @@ class ModelQueue:
         self._scheduled = False
         pending = self.pending
         now = time.monotonic_ns()
-        while self.free and pending:
+        while self.free and self.live:
             replica = self.free[0]
             if replica.dead:
                 self.free.popleft()
@@ -161,13 +202,16 @@ class ModelQueue:
             wait_total = 0
             while pending and len(queries) < limit:
                 q = pending.popleft()
-                if q.done or q.deadline_ns <= now:  # answered at its deadline already, or due now
+                if q.queue is not self:  # a leftover: settled while it waited
+                    self.leftovers -= 1
+                    continue
+                self._take(q)
+                if q.deadline_ns <= now:  # due now: its deadline timer is about to answer it
                     self.queries_expired_in_queue += 1
-                    if not q.done:
-                        q.app.expire(q)
                     heir = self._retire(q)
                     if heir is not None:
-                        pending.appendleft(heir)
+                        self._requeue(heir)
+                    q.on_expired()
                     continue
                 queries.append(q)
                 wait_total += now - q.arrival_ns
@@ -195,10 +239,10 @@ class ModelQueue:
                 continue
             self.batches_sent += 1
             self.queries_sent += len(queries)
-        if not pending:
+        if not self.live:
             self._delay_due = False
 
-    def _retire(self, q: Query):
+    def _retire(self, q):
         """``q`` leaves the queue unsent: pass its cache reservation on.
 
         Returns the follower that now leads it (to be queued in ``q``'s place),
@@ -220,6 +264,45 @@ class ModelQueue:
         self.cache.fail(token)
         return None
 
+    # ------------------------------------------------------------ admission
+    def estimate_ns(self, now: int) -> float | None:
+        """How long a query queued now would take to be answered, in ns; None: no estimate yet.
+
+        ``live / rate + latency``: the items ahead of it divided by the
+        queue's drain rate (each replica's batch size over its measured batch
+        latency), plus one batch for its own (plus, when every replica is
+        busy, the least time one of them still needs). A replica whose batch
+        is out longer than twice its usual latency (and the latency budget)
+        is stalled and drains nothing; with no replica draining, the answer
+        is infinite.
+        """
+        rate = 0.0
+        lat_min = 0.0
+        residual = -1.0
+        busy = 0
+        for r in self.replicas:
+            lat = r.lat_ewma_ns
+            if lat <= 0.0:
+                return None  # a replica without history: no estimate yet (admit)
+            b = r.batch
+            if b is not None:
+                age = now - b.sent_ns
+                if age > 2.0 * lat and age > self.budget_ns:
+                    continue  # stalled
+                busy += 1
+                rem = lat - age
+                if residual < 0.0 or rem < residual:
+                    residual = rem
+            rate += r.sizer.current / lat
+            if lat_min == 0.0 or lat < lat_min:
+                lat_min = lat
+        if rate <= 0.0:
+            return float("inf")
+        est = self.live / rate + lat_min
+        if busy == len(self.replicas) and residual > 0.0:
+            est += residual
+        return est
+
     # ------------------------------------------------------------ replicas
     def make_sizer(self):
         return _batcher.BatchSizer(self.batching, budget_ns=self.budget_ns, max_batch=self.max_batch,
@@ -227,6 +310,7 @@ class ModelQueue:
 
     def add_replica(self, replica) -> None:
         replica.sizer = self.make_sizer()
+        replica.lat_ewma_ns = 0.0
         self.replicas.append(replica)
         self.replica_free(replica)
 
@@ -241,7 +325,7 @@ class ModelQueue:
 
     def replica_free(self, replica) -> None:
         self.free.append(replica)
-        if self.pending and not self._scheduled:
+        if self.live and not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
 
@@ -263,19 +347,24 @@ class ModelQueue:
     def _requeue_or_fail(self, batch: Batch, exc: ClipperError) -> None:
         retry = []
         for q in batch.queries:
-            if q.attempts <= self.max_batch_retries and not (q.done and not q.followers):
+            if q.done:  # settled while out: only a reservation others wait on is worth computing again
+                heir = self._retire(q)
+                if heir is not None:
+                    retry.append(heir)
+            elif q.attempts <= self.max_batch_retries:
                 retry.append(q)
             else:
                 self._fail_query(q, exc)
-        # Retried queries go back to the head, in their original order.
-        self.pending.extendleft(reversed(retry))
+        # Retried items go back to the head, in their original order.
+        for q in reversed(retry):
+            self._requeue(q)
         if retry and self.free and not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
 
     # ------------------------------------------------------------ outcomes
     def deliver(self, replica, batch: Batch, outputs) -> None:
-        """A batch's outputs arrived: answer its queries and their followers, fill the cache."""
+        """A batch's outputs arrived: answer its items and their followers, fill the cache."""
         cache = self.cache
         for q, out in zip(batch.queries, outputs):
             token = q.token
@@ -289,18 +378,18 @@ class ModelQueue:
                     q.followers = None
                     for f in followers:
                         if not f.done:
-                            f.app.finish(f, out)
+                            f.on_output(out)
             if not q.done:
-                q.app.finish(q, out)
+                q.on_output(out)
         self._batch_done(replica, batch, observe=True)
 
     def fail_batch(self, replica, batch: Batch, exc: ClipperError) -> None:
-        """The model failed the batch: fail its queries and their followers."""
+        """The model failed the batch: fail its items and their followers."""
         for q in batch.queries:
             self._fail_query(q, exc)
         self._batch_done(replica, batch, observe=False)
 
-    def _fail_query(self, q: Query, exc: ClipperError) -> None:
+    def _fail_query(self, q, exc: ClipperError) -> None:
         token = q.token
         if token is not None:
             self.cache.fail(token)
@@ -310,9 +399,9 @@ class ModelQueue:
                 q.followers = None
                 for f in followers:
                     if not f.done:
-                        f.app.fail(f, exc)
+                        f.on_error(exc)
         if not q.done:
-            q.app.fail(q, exc)
+            q.on_error(exc)
 
     def _batch_done(self, replica, batch: Batch, observe: bool) -> None:
         replica.batch = None
@@ -324,13 +413,19 @@ class ModelQueue:
         self.batch_latency.observe_ns(latency)
         if observe:
             replica.sizer.observe(n, latency)
+            ewma = replica.lat_ewma_ns
+            replica.lat_ewma_ns = float(latency) if ewma <= 0.0 else ewma + _EWMA * (latency - ewma)
         if not replica.dead:
             self.replica_free(replica)
 
     def fail_all(self, exc: ClipperError) -> None:
-        """Fail every waiting query (the model is being removed)."""
-        while self.pending:
-            self._fail_query(self.pending.popleft(), exc)
+        """Fail every waiting item (the model is being removed, or the frontend stops)."""
+        pending, self.pending = self.pending, deque()
+        self.leftovers = 0
+        for q in pending:
+            if q.queue is self:
+                self._take(q)
+                self._fail_query(q, exc)
 
     def close(self) -> None:
         if self._delay_timer is not None:
@@ -341,7 +436,8 @@ class ModelQueue:
         sent = self.queries_sent
         return {
             "deployment_id": self.deployment_id,
-            "queue_length": len(self.pending),
+            "queue_length": self.live,
+            "queue_bytes": self.bytes,
             "replicas": len(self.replicas),
             "free_replicas": len(self.free),
             "batching": self.batching,
@@ -349,6 +445,7 @@ class ModelQueue:
             "batch_delay_ms": self.delay_ns / 1e6,
             "latency_budget_ms": self.budget_ns / 1e6,
             "batch_sizes": [r.sizer.current for r in self.replicas],
+            "batch_latency_ewma_ms": [round(r.lat_ewma_ns / 1e6, 3) for r in self.replicas],
             "batches_sent": self.batches_sent,
             "queries_sent": sent,
             "mean_batch_size": (sent / self.batches_sent) if self.batches_sent else 0.0,
@@ -358,4 +455,5 @@ class ModelQueue:
             "max_queue_wait_ms": self.wait_ns_max / 1e6,
             "delayed_batches": self.delayed_batches,
             "expired_in_queue": self.queries_expired_in_queue,
+            "left_unsent": self.queries_left_unsent,
         }

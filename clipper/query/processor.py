@@ -24,12 +24,22 @@ user's new state.
 
 Deadlines are kept in arrival order per application (all share one SLO), so
 one timer per application suffices; feedback has a deque of its own.
+
+Every request that is not answered on the spot is a ticket
+(:mod:`clipper.query.ticket`: a :class:`~clipper.query.ticket.Query` or a
+:class:`Fanout`) that ends in one call, ``settle``. Admission happens at
+arrival: a query whose model queue cannot answer it before its deadline
+(:meth:`ModelQueue.estimate_ns`), or whose input would pass the frontend's
+in-flight byte budget, is refused on the spot -- OVERLOADED, or the default
+output, as the application's ``on_overload`` says -- instead of being queued
+to time out after its work was spent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections import deque
 
@@ -45,7 +55,9 @@ from ..errors import (
     LimitExceededError,
     ModelError,
     NoModelAvailableError,
+    OverloadedError,
     ShapeMismatchError,
+    ShuttingDownError,
     UnknownApplicationError,
 )
 from ..management.registry import Application
@@ -53,7 +65,8 @@ from ..metrics import LATENCY_BUCKETS_S, Histogram
 from ..protocol.wire import PackedExtra
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
-from .batching import ModelQueue, Query
+from .batching import ModelQueue
+from .ticket import ANSWER, DEFAULT, ERROR, FEEDBACK_OK, Part, Query, Ticket
 
 log = logging.getLogger("clipper.query")
 
@@ -128,25 +141,24 @@ class Deadlines:
             self._timer = None
 
 
-class Fanout:
+class Fanout(Ticket):
     """One client request answered by several models (a query, or feedback).
 
-    The sub-queries (one :class:`Query` per model, ``part`` = its index) have
-    this object as their ``app``: the queues and the cache report each
-    model's outcome here through :meth:`finish`, :meth:`fail` and
-    :meth:`expire`.
+    Its :class:`~clipper.query.ticket.Part` items, one per selected model that
+    has a queue, report each model's outcome here; the request is answered
+    (:meth:`AppRoute.complete`) when the last one is in, or at the deadline.
     """
 
-    __slots__ = ("conn", "req_id", "query_id", "route", "input", "arrival_ns", "deadline_ns", "done", "user",
-                 "state", "names", "keys", "outputs", "errors", "remaining", "subs", "label", "is_feedback")
+    __slots__ = ("user", "state", "names", "keys", "outputs", "errors", "remaining", "parts", "label", "is_feedback")
 
-    def __init__(self, conn, req_id, query_id, route, x, arrival_ns, deadline_ns, user, state, names, keys,
+    def __init__(self, sink, req_id, query_id, route, x, nbytes, arrival_ns, deadline_ns, user, state, names, keys,
                  label=None, is_feedback=False):
-        self.conn = conn
+        self.sink = sink
         self.req_id = req_id
         self.query_id = query_id
         self.route = route
         self.input = x
+        self.nbytes = nbytes
         self.arrival_ns = arrival_ns
         self.deadline_ns = deadline_ns
         self.done = False
@@ -158,30 +170,21 @@ class Fanout:
         self.outputs = [MISSING] * n
         self.errors: list = [None] * n
         self.remaining = n
-        self.subs: list = []
+        self.parts: list = []
         self.label = label
         self.is_feedback = is_feedback
 
-    # -- outcomes of the sub-queries
-    def finish(self, sub, output) -> None:
-        if sub.done:
-            return
-        sub.done = True
-        self.outputs[sub.part] = output
+    # -- outcomes of the parts (each reports once)
+    def part_output(self, part: Part, output) -> None:
+        self.outputs[part.index] = output
         self._part_done()
 
-    def fail(self, sub, exc: ClipperError) -> None:
-        if sub.done:
-            return
-        sub.done = True
-        self.errors[sub.part] = exc
+    def part_error(self, part: Part, exc: ClipperError) -> None:
+        self.errors[part.index] = exc
         self._part_done()
 
-    def expire(self, sub) -> None:
-        """The sub-query's deadline passed in its queue (the fanout's own deadline is due too)."""
-        if sub.done:
-            return
-        sub.done = True
+    def part_expired(self, part: Part) -> None:
+        """The part's deadline passed in its queue (the fan-out's own deadline is due too)."""
         self._part_done()
 
     def _part_done(self) -> None:
@@ -189,10 +192,9 @@ class Fanout:
         if self.remaining <= 0 and not self.done:
             self.route.complete(self, at_deadline=False)
 
-    def close_parts(self) -> None:
-        """Stop waiting: sub-queries still queued are dropped (late answers still fill the cache)."""
-        for sub in self.subs:
-            sub.done = True
+    def release_items(self) -> None:
+        for part in self.parts:
+            part.leave()
 
     def missing(self) -> list[str]:
         """What did not answer: ``"key (reason)"`` per model."""
@@ -229,6 +231,7 @@ class AppRoute:
         self.cache_hits = 0
         self.cache_joins = 0
         self.partial = 0  # answered at the deadline without some selected model
+        self.overloaded = 0  # refused at arrival by admission control (OVERLOADED or the default output)
         self.low_confidence = 0
         self.feedback = 0
         self.feedback_partial = 0
@@ -250,6 +253,7 @@ class AppRoute:
         self.feedback_ns = max(self.slo_ns, self.processor.feedback_timeout_ns)
         self.default_output = app.default_output
         self.error_on_deadline = app.on_deadline == "error"
+        self.default_on_overload = app.on_overload == "default"
         self.use_cache = bool(app.cache)
         self.max_input_bytes = self.processor.max_input_bytes
         self.threshold = app.confidence_threshold
@@ -340,50 +344,20 @@ class AppRoute:
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
 
-    # ------------------------------------------------------------ outcomes (single-model path)
-    def finish(self, q: Query, output) -> None:
-        if q.done:
-            return
-        q.done = True
-        self.answered += 1
-        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
-        q.conn.send_result(q.req_id, q.query_id, output, False, q.extra)
-
-    def fail(self, q: Query, exc: ClipperError) -> None:
-        if q.done:
-            return
-        q.done = True
-        self.errors += 1
-        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
-        q.conn.send_error(q.req_id, exc)
-
-    def give_default(self, q, explanation: str, missing: list | None = None) -> None:
-        if q.done:
-            return
-        q.done = True
-        self.latency.observe_ns(time.monotonic_ns() - q.arrival_ns)
-        self._send_default(q, explanation, missing)
-
-    def _send_default(self, q, explanation: str, missing: list | None) -> None:
-        self.defaults += 1
-        extra = {"explanation": explanation, "confidence": 0.0, "models": []}
-        if missing:
-            extra["missing"] = missing
-        q.conn.send_result(q.req_id, q.query_id, self.default_output, True, extra)
-
-    def expire(self, q) -> None:
-        """The query's deadline passed."""
-        if type(q) is Fanout:
-            self.complete(q, at_deadline=True)
+    # ------------------------------------------------------------ outcomes
+    def expire(self, t: Ticket) -> None:
+        """The ticket's deadline passed: answer with what there is."""
+        if type(t) is Fanout:
+            self.complete(t, at_deadline=True)
             return
         if self.error_on_deadline:
-            self.fail(q, DeadlineExceededError(
+            t.settle(ERROR, DeadlineExceededError(
                 f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}"))
         else:
-            extra = q.extra or self.single_extra
+            extra = t.extra or self.single_extra
             key = extra["models"][0] if extra else "the model"
-            self.give_default(q, f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
-                              [f"{key} (no answer in time)"])
+            t.settle(DEFAULT, None, {"explanation": f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
+                                     "confidence": 0.0, "models": [], "missing": [f"{key} (no answer in time)"]})
 
     def track(self, q) -> None:
         self.deadlines.track(q)
@@ -406,18 +380,14 @@ class AppRoute:
             step = max(-_MARGIN_STEP_NS, min(_MARGIN_STEP_NS, target - margin))
             self.answer_ns = self.slo_ns - (margin + step)
 
-    # ------------------------------------------------------------ outcomes (several models)
     def complete(self, f: Fanout, at_deadline: bool) -> None:
         """Every selected model has answered or failed, or the deadline came: answer ``f``."""
         if f.done:
             return
-        f.done = True
-        f.close_parts()
         if not at_deadline and time.monotonic_ns() >= f.deadline_ns - 500_000:
             at_deadline = True  # the last part expired in its queue: the deadline came all the same
         if f.is_feedback:
             return self._complete_feedback(f, at_deadline)
-        self.latency.observe_ns(time.monotonic_ns() - f.arrival_ns)
         got = {}
         used = []
         for i, name in enumerate(f.names):
@@ -428,8 +398,15 @@ class AppRoute:
         missing = f.missing()
         if not got:
             errors = [e for e in f.errors if e is not None]
+            if errors and all(type(e) is OverloadedError for e in errors):  # refused at arrival, every part
+                self.overloaded += 1
+                why = "; ".join(e.message for e in errors)
+                if self.default_on_overload:
+                    f.settle(DEFAULT, None, {"explanation": why, "confidence": 0.0, "models": [], "missing": missing})
+                else:
+                    f.settle(ERROR, OverloadedError(why))
+                return
             if self.error_on_deadline:
-                self.errors += 1
                 if not at_deadline and errors:
                     exc = errors[0] if len(errors) == 1 else ModelError(
                         "no selected model could answer: " + "; ".join(missing))
@@ -437,29 +414,25 @@ class AppRoute:
                     exc = DeadlineExceededError(
                         f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}: "
                         + "; ".join(missing))
-                f.conn.send_error(f.req_id, exc)
+                f.settle(ERROR, exc)
                 return
             why = "no selected model answered within the SLO" if at_deadline else "no selected model could answer"
-            self._send_default(f, f"{why} ({self.slo_ns / 1e6:g} ms): " + "; ".join(missing), missing)
+            f.settle(DEFAULT, None, {"explanation": f"{why} ({self.slo_ns / 1e6:g} ms): " + "; ".join(missing),
+                                     "confidence": 0.0, "models": [], "missing": missing})
             return
         policy = self.policy
         if policy is None:  # the application lost its links while this query waited
-            self.errors += 1
-            f.conn.send_error(f.req_id, NoModelAvailableError(
-                f"application {self.name!r} has no linked model any more"))
+            f.settle(ERROR, NoModelAvailableError(f"application {self.name!r} has no linked model any more"))
             return
         try:
             output, confidence = policy.combine(f.state, f.input, got)
             confidence = float(confidence)
         except ClipperError as exc:
-            self.errors += 1
-            f.conn.send_error(f.req_id, ModelError(f"the answers of {used} cannot be combined: {exc.message}"))
+            f.settle(ERROR, ModelError(f"the answers of {used} cannot be combined: {exc.message}"))
             return
         except Exception as exc:  # a policy's bug fails this query only
             log.exception("policy %s failed to combine", policy.name)
-            self.errors += 1
-            f.conn.send_error(f.req_id, InternalError(
-                f"policy {policy.name!r} failed to combine: {type(exc).__name__}: {exc}"))
+            f.settle(ERROR, InternalError(f"policy {policy.name!r} failed to combine: {type(exc).__name__}: {exc}"))
             return
         extra = {"confidence": confidence, "models": used}
         if missing:
@@ -469,14 +442,12 @@ class AppRoute:
             self.low_confidence += 1
             extra["low_confidence"] = True
             if self.default_on_low_confidence:
-                self.defaults += 1
                 extra["explanation"] = (f"confidence {confidence:.3g} is below the application's "
                                         f"confidence_threshold {self.threshold:g}")
                 extra["combined_output"] = output
-                f.conn.send_result(f.req_id, f.query_id, self.default_output, True, extra)
+                f.settle(DEFAULT, None, extra)
                 return
-        self.answered += 1
-        f.conn.send_result(f.req_id, f.query_id, output, False, extra)
+        f.settle(ANSWER, output, extra)
 
     def _feedback_due(self, f: Fanout) -> None:
         self.complete(f, at_deadline=True)
@@ -488,7 +459,7 @@ class AppRoute:
             self.feedback_partial += 1
         policy, states = self.policy, self.states
         if policy is None or states is None:  # the links or the policy changed while this feedback waited
-            f.conn.send_error(f.req_id, NoModelAvailableError(
+            f.settle(ERROR, NoModelAvailableError(
                 f"application {self.name!r} no longer has a learning policy over linked models"))
             return
         try:
@@ -499,17 +470,17 @@ class AppRoute:
                                     f"a state is a dict")
             states.put(f.user, new)
         except ClipperError as exc:
-            f.conn.send_error(f.req_id, exc)
+            f.settle(ERROR, exc)
             return
         except Exception as exc:
             log.exception("policy %s failed to observe", policy.name)
-            f.conn.send_error(f.req_id, InternalError(
+            f.settle(ERROR, InternalError(
                 f"policy {policy.name!r} failed to learn from feedback: {type(exc).__name__}: {exc}"))
             return
         info = {"models": [f.keys[i] for i, o in enumerate(f.outputs) if o is not MISSING]}
         if missing:
             info["missing"] = missing
-        f.conn.send_feedback_ok(f.req_id, info)
+        f.settle(FEEDBACK_OK, info)
 
     def close(self, drain: bool = False) -> None:
         """Stop the timers; with ``drain``, answer what still waits now (the application is going away)."""
@@ -528,6 +499,7 @@ class AppRoute:
             "cache_hits": self.cache_hits,
             "cache_joins": self.cache_joins,
             "partial": self.partial,
+            "overloaded": self.overloaded,
             "low_confidence": self.low_confidence,
             "feedback": self.feedback,
             "feedback_partial": self.feedback_partial,
@@ -569,8 +541,13 @@ class QueryProcessor:
     def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0, *, store=None,
                  state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
-                 deadline_margin_ms: float = 2.0, adaptive_margin: bool = True) -> None:
+                 deadline_margin_ms: float = 2.0, adaptive_margin: bool = True, admission: bool = True,
+                 max_inflight_bytes: int = 1 << 62) -> None:
         self.loop = loop
+        self.admission = admission  # refuse at arrival what its model cannot answer in time
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight_bytes = 0  # input bytes of every ticket not yet settled
+        self.draining = False  # the frontend is stopping: new requests get SHUTTING_DOWN
         self.deadline_margin_ns = int(deadline_margin_ms * 1_000_000)
         self.adaptive_margin = adaptive_margin
         self.max_input_bytes = max_input_bytes
@@ -680,14 +657,19 @@ class QueryProcessor:
     def _route(self, app_name) -> AppRoute:
         route = self.routes.get(app_name)
         if route is None:
-            raise UnknownApplicationError(f"no application named {app_name!r} is registered")
+            raise UnknownApplicationError(f"no application named {_short(app_name)} is registered")
         return route
 
     def predict(self, conn, req_id: int, app_name, x, options=None) -> None:
-        """Start answering one query; raises a ClipperError for a request that cannot start."""
+        """Start answering one query; raises a ClipperError for a request that cannot start.
+
+        ``conn`` is the reply sink (:class:`~clipper.query.ticket.ReplySink`).
+        """
+        if self.draining:
+            raise ShuttingDownError("the frontend is shutting down and takes no new queries")
         route = self.routes.get(app_name)
         if route is None:
-            raise UnknownApplicationError(f"no application named {app_name!r} is registered")
+            raise UnknownApplicationError(f"no application named {_short(app_name)} is registered")
         route.requests += 1
         x = route.check_input(x)
         if not route.simple:
@@ -703,40 +685,80 @@ class QueryProcessor:
         # The hot path: this inlines _submit so that a cache hit allocates nothing (measured:
         # bench/micro/test_query_path_bench.py).
         cache = queue.cache
-        if cache is None or not route.use_cache:
-            now = time.monotonic_ns()
-            q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
-            q.extra = route.single_extra  # names the version it was sent to, even after a switch
-            queue.submit(q)
-            route.track(q)
-            return
-        # The cache first, before anything is made for the query: a hit is answered right here.
-        status, found = cache.lookup(queue.deployment_id, x, None)
-        if status == self._HIT:
-            route.cache_hits += 1
-            route.answered += 1
-            route.latency.count_fast()  # answered within this turn of the loop: the first bucket
-            conn.send_result(req_id, qid, found, False, route.single_extra)
-            return
+        token = None
+        if cache is not None and route.use_cache:
+            # The cache first, before anything is made for the query: a hit is answered right here.
+            status, found = cache.lookup(queue.deployment_id, x, None)
+            if status == self._HIT:
+                route.cache_hits += 1
+                route.answered += 1
+                route.latency.count_fast()  # answered within this turn of the loop: the first bucket
+                conn.send_result(req_id, qid, found, False, route.single_extra)
+                return
+            if status == self._PENDING:  # computing already: join it (admitted with its leader)
+                now = time.monotonic_ns()
+                nbytes = _nbytes(x)
+                q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
+                q.extra = route.single_extra
+                self.inflight_bytes += nbytes
+                route.cache_joins += 1
+                if found.followers is None:
+                    found.followers = [q]
+                else:
+                    found.followers.append(q)
+                route.track(q)
+                return
+            token = found  # a miss: this query will lead the reservation
         now = time.monotonic_ns()
-        q = Query(conn, req_id, qid, route, x, now, now + route.answer_ns)
-        q.extra = route.single_extra
-        if status == self._PENDING:  # computing already: join it
-            route.cache_joins += 1
-            if found.followers is None:
-                found.followers = [q]
-            else:
-                found.followers.append(q)
-        else:  # a miss: q leads the reservation
-            cache.set_leader(found, q)
-            q.token = found
-            try:
-                queue.submit(q)
-            except ClipperError:
+        nbytes = _nbytes(x)
+        why = self._refusal(route, queue, now, nbytes, route.answer_ns)
+        if why is not None:
+            if token is not None:
+                cache.fail(token)
+            self._refuse(conn, req_id, qid, route, why)
+            return
+        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
+        q.extra = route.single_extra  # names the version it was sent to, even after a switch
+        if token is not None:
+            cache.set_leader(token, q)
+            q.token = token
+        try:
+            queue.submit(q)
+        except ClipperError:
+            if token is not None:
                 q.token = None
-                cache.fail(found)
-                raise
+                cache.fail(token)
+            raise
+        self.inflight_bytes += nbytes
         route.track(q)
+
+    def _refusal(self, route: AppRoute, queue: ModelQueue, now: int, nbytes: int, budget_ns: int) -> str | None:
+        """Why a query cannot be admitted to ``queue`` now (None: it can)."""
+        if self.inflight_bytes + nbytes > self.max_inflight_bytes:
+            return (f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
+                    f"max_inflight_input_bytes is {self.max_inflight_bytes}")
+        if not self.admission:
+            return None
+        est = queue.estimate_ns(now)
+        if est is None or est <= budget_ns:
+            return None
+        if est == float("inf"):
+            return (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
+                    f"refused at arrival")
+        return (f"model {queue.key} cannot answer within the {route.slo_ns / 1e6:g} ms SLO of application "
+                f"{route.name!r} (estimated {est / 1e6:.1f} ms): refused at arrival")
+
+    def _refuse(self, conn, req_id, qid, route: AppRoute, why: str) -> None:
+        """Answer a query admission refused: the default output at once, or OVERLOADED (raised)."""
+        route.overloaded += 1
+        if route.default_on_overload:
+            route.defaults += 1
+            route.latency.count_fast()
+            conn.send_result(req_id, qid, route.default_output, True,
+                             {"explanation": why, "confidence": 0.0, "models": []})
+            return
+        route.errors += 1
+        raise OverloadedError(why)
 
     def _no_model(self, conn, req_id, qid, route: AppRoute) -> None:
         if route.error_on_deadline:
@@ -753,9 +775,14 @@ class QueryProcessor:
         policy = route.policy
         if policy is None:
             return self._no_model(conn, req_id, qid, route)
+        nbytes = _nbytes(x)
+        if self.inflight_bytes + nbytes > self.max_inflight_bytes:
+            return self._refuse(conn, req_id, qid, route, (
+                f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
+                f"max_inflight_input_bytes is {self.max_inflight_bytes}"))
         state = route.states.get(user) if route.states is not None else None
         names = self._selection(route, policy.select(state, x), "select")
-        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.answer_ns, user, state, names,
+        self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 
     def _selection(self, route: AppRoute, names, what: str) -> list[str]:
@@ -772,24 +799,24 @@ class QueryProcessor:
     def _fan_out(self, f: Fanout, deadlines: Deadlines) -> None:
         route = f.route
         use_cache = route.use_cache
+        self.inflight_bytes += f.nbytes
         for i, name in enumerate(f.names):
             queue = route.queue_by_name[name]
             if queue is None:
                 f.errors[i] = NoModelAvailableError(f"model {name!r} has no deployed version")
                 f.remaining -= 1
                 continue
-            sub = Query(f, f.req_id, f.query_id, f, f.input, f.arrival_ns, f.deadline_ns)
-            sub.part = i
-            f.subs.append(sub)
+            part = Part(f, i)
+            f.parts.append(part)
             try:
-                out = self._submit(route, queue, sub, use_cache)
-            except ClipperError as exc:  # e.g. that model's queue is full: this part fails, not the query
-                sub.done = True
+                out = self._submit(route, queue, part, use_cache)
+            except ClipperError as exc:  # that model's queue is full, or it cannot answer in time: this part only
+                part.done = True
                 f.errors[i] = exc
                 f.remaining -= 1
                 continue
             if out is not _QUEUED:
-                sub.done = True
+                part.done = True
                 f.outputs[i] = out
                 f.remaining -= 1
         if f.remaining <= 0:
@@ -797,38 +824,47 @@ class QueryProcessor:
         else:
             deadlines.track(f)
 
-    def _submit(self, route: AppRoute, queue: ModelQueue, q: Query, use_cache: bool):
-        """Send ``q`` on its way to ``queue``: its output on a cache hit, else ``_QUEUED``.
+    def _submit(self, route: AppRoute, queue: ModelQueue, part: Part, use_cache: bool):
+        """Send ``part`` on its way to ``queue``: its output on a cache hit, else ``_QUEUED``.
 
-        Through the cache: a hit answers now; a query whose input is being
-        computed joins that computation; a miss reserves the entry and queues.
+        Through the cache: a hit answers now; a part whose input is being
+        computed joins that computation; a miss is admitted (or refused with
+        OverloadedError), reserves the entry and queues.
         """
         cache = queue.cache
-        if cache is None or not use_cache:
-            queue.submit(q)
-            return _QUEUED
-        status, found = cache.lookup(queue.deployment_id, q.input, q)
-        if status == self._HIT:
-            route.cache_hits += 1
-            return found
-        if status == self._PENDING:  # computing already: join it
-            route.cache_joins += 1
-            if found.followers is None:
-                found.followers = [q]
-            else:
-                found.followers.append(q)
-            return _QUEUED
-        q.token = found
+        token = None
+        if cache is not None and use_cache:
+            status, found = cache.lookup(queue.deployment_id, part.input, part)
+            if status == self._HIT:
+                route.cache_hits += 1
+                return found
+            if status == self._PENDING:  # computing already: join it
+                route.cache_joins += 1
+                if found.followers is None:
+                    found.followers = [part]
+                else:
+                    found.followers.append(part)
+                return _QUEUED
+            token = found
+        why = self._refusal(route, queue, time.monotonic_ns(), 0, part.deadline_ns - part.arrival_ns)
+        if why is not None:
+            if token is not None:
+                cache.fail(token)
+            raise OverloadedError(why)
+        part.token = token
         try:
-            queue.submit(q)
+            queue.submit(part)
         except ClipperError:
-            q.token = None
-            cache.fail(found)
+            if token is not None:
+                part.token = None
+                cache.fail(token)
             raise
         return _QUEUED
 
     def feedback(self, conn, req_id: int, app_name, x, label, options=None) -> None:
         """Learn from a label: the policy's observe on the predictions it needs; answers FEEDBACK_OK."""
+        if self.draining:
+            raise ShuttingDownError("the frontend is shutting down and takes no new feedback")
         route = self._route(app_name)
         x = route.check_input(x)
         user = self._user(options)
@@ -839,14 +875,37 @@ class QueryProcessor:
         if not policy.learns:
             conn.send_feedback_ok(req_id, None)
             return
+        nbytes = _nbytes(x)
+        if self.inflight_bytes + nbytes > self.max_inflight_bytes:
+            raise OverloadedError(f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
+                                  f"max_inflight_input_bytes is {self.max_inflight_bytes}")
         state = route.states.get(user)
         names = self._selection(route, policy.feedback_models(state, x), "feedback_models")
         now = time.monotonic_ns()
         qid = self._next_query_id
         self._next_query_id = qid + 1
-        self._fan_out(Fanout(conn, req_id, qid, route, x, now, now + route.feedback_ns, user, state, names,
+        self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.feedback_ns, user, state, names,
                              [_key(route, n) for n in names], label=label, is_feedback=True),
                       route.feedback_deadlines)
+
+    # ------------------------------------------------------------ stopping
+    def open_tickets(self) -> int:
+        """Requests waiting for an answer, across every application."""
+        return sum(sum(1 for t in r.deadlines.items if not t.done) + sum(1 for t in r.feedback_deadlines.items
+                                                                          if not t.done)
+                   for r in self.routes.values())
+
+    def shut_down(self, exc: ClipperError) -> int:
+        """Answer every request still waiting with ``exc`` (the end of a drain); returns how many."""
+        n = 0
+        for route in self.routes.values():
+            for dl in (route.deadlines, route.feedback_deadlines):
+                for t in list(dl.items):
+                    if t.settle(ERROR, exc):
+                        n += 1
+                dl.close()
+                dl.items.clear()
+        return n
 
     def stats(self) -> dict:
         return {
@@ -855,6 +914,24 @@ class QueryProcessor:
             "cache": self.cache.stats() if self.cache is not None else None,
             "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors},
         }
+
+
+def _nbytes(x) -> int:
+    """The bytes an input holds (what the in-flight and queue budgets count)."""
+    return x.nbytes if type(x) is np.ndarray else len(x)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def _short(value) -> str:
+    """A bounded ``repr`` of a client's value: an error message never echoes it whole."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value[:64]) if len(value) > 64 else bytes(value)
+    return _REPR.repr(value)
 
 
 def _key(route: AppRoute, name: str) -> str | None:

@@ -74,7 +74,7 @@ class Replica:
     """One connected model container."""
 
     __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "sizer",
-                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk")
+                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns")
 
     def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
         self.channel = channel
@@ -88,6 +88,7 @@ class Replica:
         self.queue = queue
         self.batch = None  # the batch in flight, if any
         self.sizer = None  # its batch-size controller, set by the queue
+        self.lat_ewma_ns = 0.0  # its batch latency, smoothed (the queue's admission estimate)
         self.dead = False
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
