@@ -82,12 +82,13 @@ class RunningFrontend:
 
     def deploy(self, app: str, fn: str, *, dtype="float32", shape=(4,), slo_ms=10_000.0, replicas=1, max_batch=8,
                default_output=None, on_deadline="default", env=None, version="1", model=None, cache=True,
-               batching="aimd", batch_delay_ms=0.0, latency_budget_ms=None) -> ModelVersion:
+               batching="aimd", batch_delay_ms=0.0, latency_budget_ms=None, on_overload=None) -> ModelVersion:
         """Register ``app``, deploy ``tests/model_zoo.py:fn`` as its model, link, wait for the replicas."""
         model = model or f"{app}-model"
         self.call(self.fe.register_application(Application(app, dtype, shape, slo_ms=slo_ms,
                                                            default_output=default_output,
-                                                           on_deadline=on_deadline, cache=cache)))
+                                                           on_deadline=on_deadline, cache=cache,
+                                                           on_overload=on_overload)))
         mv = ModelVersion(model, version, dtype, shape, entry=f"model_zoo.py:{fn}", replicas=replicas,
                           max_batch=max_batch, env=dict(env or {}), batching=batching,
                           batch_delay_ms=batch_delay_ms, latency_budget_ms=latency_budget_ms)

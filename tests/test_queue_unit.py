@@ -374,3 +374,17 @@ def test_the_estimate_follows_queue_length_and_measured_latency_and_sees_a_stall
     assert len(b.queries) == 4
     assert t.queue.estimate_ns(b.sent_ns + MS) == pytest.approx(4 / (4 / (2 * MS)) + 2 * MS + 1 * MS)
     assert t.queue.estimate_ns(b.sent_ns + 6 * MS) == float("inf")  # out 3x its latency and past the budget
+
+
+def test_a_replica_well_under_its_budget_is_counted_at_the_batch_size_it_will_grow_to(h):
+    t = h(max_batch=64, batching="aimd", budget_ns=50 * MS)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    r.lat_ewma_ns = 2 * MS  # batches of 1 so far, far under the 50 ms budget
+    t.queue.max_queue_length = 1000
+    for i in range(600):
+        t.query([i], lead=False)
+    now = time.monotonic_ns()
+    assert t.queue.estimate_ns(now) == pytest.approx(600 / (64 / (2 * MS)) + 2 * MS)
+    r.lat_ewma_ns = 45 * MS  # at its budget: it will not grow, today's size counts
+    assert t.queue.estimate_ns(now) == pytest.approx(600 / (1 / (45 * MS)) + 45 * MS)

@@ -30,3 +30,13 @@ def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
 def assemble_varlen(inputs: list) -> bytearray:
     """bytes/str inputs as one buffer: ``len(inputs) + 1`` little-endian uint64
     offsets, then the data (str as UTF-8); each input copied once."""
+
+def check_nested(body: bytes | bytearray | memoryview, offset: int, shape: tuple[int, ...]) -> tuple | None:
+    """Check the msgpack value at ``offset`` against ``shape`` without building it: None when it is
+    nested arrays of exactly that shape with number (or bool) leaves, else ``(kind, depth, got, want)``
+    (1 wrong length, 2 not an array, 3 a non-number leaf (``got``: its msgpack type byte), 4 undecidable
+    here, 5 a list or map where a number is expected)."""
+
+def request_input(body: bytes | bytearray | memoryview) -> tuple[int, int, str, int] | None:
+    """``(kind, req_id, app, offset)`` of a PREDICT/FEEDBACK frame whose input is a msgpack array;
+    None for any other frame."""

@@ -263,3 +263,190 @@ cpdef bytearray assemble_varlen(list inputs):
         pos += n
         _store_le64(base + (i + 1) * 8, pos)
     return out
+
+
+# ------------------------------------------------------------------ nested-list inputs, before decoding
+cdef enum:
+    NEST_OK = 0
+    NEST_LENGTH = 1  # an array's length is not the shape's dimension
+    NEST_NOT_ARRAY = 2  # a scalar (or other) where a dimension expects an array
+    NEST_NOT_NUMBER = 3  # a leaf that is not a number or a bool
+    NEST_UNKNOWN = 4  # truncated, or an extension value: let the full decoder judge
+    NEST_CONTAINER = 5  # an array or map where a number is expected
+    MAX_NEST_DIMS = 32
+
+
+cdef struct _Walk:
+    int kind
+    int depth
+    Py_ssize_t got
+    Py_ssize_t want
+
+
+cdef inline uint32_t _be16(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | <uint32_t>p[1]
+
+
+cdef Py_ssize_t _walk_nested(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos, const Py_ssize_t* dims, int ndim,
+                             int depth, _Walk* w) noexcept nogil:
+    """The position after the value at ``pos``, checked against ``dims[depth:]``; -1 with ``w`` set."""
+    cdef uint8_t b
+    cdef Py_ssize_t length, i, size
+    if pos >= n:
+        w.kind = NEST_UNKNOWN
+        return -1
+    b = p[pos]
+    if depth < ndim:
+        if 0x90 <= b <= 0x9f:
+            length = b & 0x0F
+            pos += 1
+        elif b == 0xDC:
+            if pos + 3 > n:
+                w.kind = NEST_UNKNOWN
+                return -1
+            length = _be16(p + pos + 1)
+            pos += 3
+        elif b == 0xDD:
+            if pos + 5 > n:
+                w.kind = NEST_UNKNOWN
+                return -1
+            length = _read_be32(p + pos + 1)
+            pos += 5
+        elif 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8:
+            w.kind = NEST_UNKNOWN  # an ndarray extension inside a list: the decoder knows how to judge it
+            return -1
+        else:
+            w.kind = NEST_NOT_ARRAY
+            w.depth = depth
+            return -1
+        if length != dims[depth]:
+            w.kind = NEST_LENGTH
+            w.depth = depth
+            w.got = length
+            w.want = dims[depth]
+            return -1
+        for i in range(length):
+            pos = _walk_nested(p, n, pos, dims, ndim, depth + 1, w)
+            if pos < 0:
+                return -1
+        return pos
+    if b <= 0x7F or b >= 0xE0 or b == 0xC2 or b == 0xC3:  # fixints, bools
+        size = 0
+    elif b == 0xCC or b == 0xD0:
+        size = 1
+    elif b == 0xCD or b == 0xD1:
+        size = 2
+    elif b == 0xCE or b == 0xD2 or b == 0xCA:
+        size = 4
+    elif b == 0xCF or b == 0xD3 or b == 0xCB:
+        size = 8
+    elif 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8:
+        w.kind = NEST_UNKNOWN
+        return -1
+    elif 0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF:
+        w.kind = NEST_CONTAINER
+        w.depth = depth
+        return -1
+    else:
+        w.kind = NEST_NOT_NUMBER
+        w.depth = depth
+        w.got = b  # the msgpack type byte (str, nil, bin)
+        return -1
+    if pos + 1 + size > n:
+        w.kind = NEST_UNKNOWN
+        return -1
+    return pos + 1 + size
+
+
+cpdef object check_nested(object body, Py_ssize_t offset, tuple shape):
+    """Check the msgpack value at ``offset`` of ``body`` against ``shape`` without building it.
+
+    Returns None when it is nested arrays of exactly ``shape`` with number
+    (or bool) leaves; else ``(kind, depth, got, want)``: 1 an array of
+    ``got`` items where dimension ``depth`` is ``want``, 2 not an array
+    where dimension ``depth`` expects one, 3 a leaf that is not a number
+    (``got`` its msgpack type byte), 4 not decidable here (truncated, or an
+    extension value), 5 an array or map where a number is expected.
+    """
+    cdef Py_buffer pybuf
+    cdef Py_ssize_t dims[MAX_NEST_DIMS]
+    cdef int ndim = len(shape), i
+    cdef _Walk w
+    cdef Py_ssize_t end
+    if ndim == 0 or ndim > MAX_NEST_DIMS:
+        return (NEST_UNKNOWN, 0, 0, 0)
+    for i in range(ndim):
+        dims[i] = shape[i]
+    w.kind = NEST_OK
+    w.depth = w.got = w.want = 0
+    PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
+    try:
+        end = _walk_nested(<const uint8_t*>pybuf.buf, pybuf.len, offset, dims, ndim, 0, &w)
+    finally:
+        PyBuffer_Release(&pybuf)
+    if end < 0:
+        return (w.kind, w.depth, w.got, w.want)
+    return None
+
+
+cpdef object request_input(object body):
+    """Where a PREDICT or FEEDBACK frame's input is, when it is a msgpack array (a nested list).
+
+    Returns ``(kind, req_id, app, offset)`` for ``[kind, id, app, input,
+    ...]`` with ``kind`` 1 or 2, an unsigned integer id, a str app of at
+    most 4 KiB and an array input; None for every other frame (an ndarray
+    input among them: the common case, answered after a few byte reads).
+    """
+    cdef Py_buffer pybuf
+    cdef const uint8_t* p
+    cdef Py_ssize_t n, pos, slen = 0
+    cdef uint8_t b, kind
+    cdef uint64_t req_id = 0
+    cdef int k
+    PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
+    try:
+        p = <const uint8_t*>pybuf.buf
+        n = pybuf.len
+        if n < 4 or not (0x94 <= p[0] <= 0x96) or not (p[1] == 1 or p[1] == 2):
+            return None
+        kind = p[1]
+        pos = 2
+        b = p[pos]
+        if b <= 0x7F:
+            req_id = b
+            pos += 1
+        elif 0xCC <= b <= 0xCF:
+            k = 1 << (b - 0xCC)
+            if pos + 1 + k > n:
+                return None
+            for i in range(k):
+                req_id = (req_id << 8) | p[pos + 1 + i]
+            pos += 1 + k
+        else:
+            return None
+        if pos >= n:
+            return None
+        b = p[pos]
+        if 0xA0 <= b <= 0xBF:
+            slen = b & 0x1F
+            pos += 1
+        elif b == 0xD9 and pos + 2 <= n:
+            slen = p[pos + 1]
+            pos += 2
+        elif b == 0xDA and pos + 3 <= n:
+            slen = _be16(p + pos + 1)
+            pos += 3
+        else:
+            return None
+        if slen > 4096 or pos + slen >= n:
+            return None
+        b = p[pos + slen]
+        if not (0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD):
+            return None
+        try:
+            app = (<const char*>(p + pos))[:slen].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return (kind, req_id, app, pos + slen)
+    finally:
+        PyBuffer_Release(&pybuf)

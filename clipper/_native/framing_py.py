@@ -159,3 +159,127 @@ def assemble_varlen(inputs: list) -> bytearray:
     for p in parts:
         out += p
     return out
+
+
+# ------------------------------------------------------------------ nested-list inputs, before decoding
+NEST_LENGTH = 1
+NEST_NOT_ARRAY = 2
+NEST_NOT_NUMBER = 3
+NEST_UNKNOWN = 4
+NEST_CONTAINER = 5
+_MAX_NEST_DIMS = 32
+_LEAF_SIZES = {0xC2: 0, 0xC3: 0, 0xCC: 1, 0xD0: 1, 0xCD: 2, 0xD1: 2, 0xCE: 4, 0xD2: 4, 0xCA: 4, 0xCF: 8, 0xD3: 8,
+               0xCB: 8}
+
+
+class _Stop(Exception):
+    def __init__(self, result: tuple) -> None:
+        self.result = result
+
+
+def _is_ext(b: int) -> bool:
+    return 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8
+
+
+def _walk(p, n: int, pos: int, shape: tuple, depth: int) -> int:
+    if pos >= n:
+        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+    b = p[pos]
+    if depth < len(shape):
+        if 0x90 <= b <= 0x9F:
+            length, pos = b & 0x0F, pos + 1
+        elif b == 0xDC:
+            if pos + 3 > n:
+                raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+            length, pos = int.from_bytes(p[pos + 1:pos + 3], "big"), pos + 3
+        elif b == 0xDD:
+            if pos + 5 > n:
+                raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+            length, pos = int.from_bytes(p[pos + 1:pos + 5], "big"), pos + 5
+        elif _is_ext(b):
+            raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+        else:
+            raise _Stop((NEST_NOT_ARRAY, depth, 0, 0))
+        if length != shape[depth]:
+            raise _Stop((NEST_LENGTH, depth, length, shape[depth]))
+        for _ in range(length):
+            pos = _walk(p, n, pos, shape, depth + 1)
+        return pos
+    if b <= 0x7F or b >= 0xE0:
+        size = 0
+    elif b in _LEAF_SIZES:
+        size = _LEAF_SIZES[b]
+    elif _is_ext(b):
+        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+    elif 0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF:
+        raise _Stop((NEST_CONTAINER, depth, 0, 0))
+    else:
+        raise _Stop((NEST_NOT_NUMBER, depth, b, 0))
+    if pos + 1 + size > n:
+        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+    return pos + 1 + size
+
+
+def check_nested(body, offset: int, shape: tuple):
+    """Check the msgpack value at ``offset`` of ``body`` against ``shape`` without building it.
+
+    Returns None when it is nested arrays of exactly ``shape`` with number
+    (or bool) leaves; else ``(kind, depth, got, want)``: 1 an array of
+    ``got`` items where dimension ``depth`` is ``want``, 2 not an array
+    where dimension ``depth`` expects one, 3 a leaf that is not a number
+    (``got`` its msgpack type byte), 4 not decidable here (truncated, or an
+    extension value), 5 an array or map where a number is expected.
+    """
+    if not shape or len(shape) > _MAX_NEST_DIMS:
+        return (NEST_UNKNOWN, 0, 0, 0)
+    p = memoryview(body).cast("B")
+    try:
+        _walk(p, len(p), offset, tuple(shape), 0)
+    except _Stop as stop:
+        return stop.result
+    return None
+
+
+def request_input(body):
+    """Where a PREDICT or FEEDBACK frame's input is, when it is a msgpack array (a nested list).
+
+    Returns ``(kind, req_id, app, offset)`` for ``[kind, id, app, input,
+    ...]`` with ``kind`` 1 or 2, an unsigned integer id, a str app of at
+    most 4 KiB and an array input; None for every other frame.
+    """
+    p = memoryview(body).cast("B")
+    n = len(p)
+    if n < 4 or not (0x94 <= p[0] <= 0x96) or p[1] not in (1, 2):
+        return None
+    kind, pos = p[1], 2
+    b = p[pos]
+    if b <= 0x7F:
+        req_id, pos = b, pos + 1
+    elif 0xCC <= b <= 0xCF:
+        k = 1 << (b - 0xCC)
+        if pos + 1 + k > n:
+            return None
+        req_id, pos = int.from_bytes(p[pos + 1:pos + 1 + k], "big"), pos + 1 + k
+    else:
+        return None
+    if pos >= n:
+        return None
+    b = p[pos]
+    if 0xA0 <= b <= 0xBF:
+        slen, pos = b & 0x1F, pos + 1
+    elif b == 0xD9 and pos + 2 <= n:
+        slen, pos = p[pos + 1], pos + 2
+    elif b == 0xDA and pos + 3 <= n:
+        slen, pos = int.from_bytes(p[pos + 1:pos + 3], "big"), pos + 3
+    else:
+        return None
+    if slen > 4096 or pos + slen >= n:
+        return None
+    b = p[pos + slen]
+    if not (0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD):
+        return None
+    try:
+        app = bytes(p[pos:pos + slen]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return (kind, req_id, app, pos + slen)

@@ -18,6 +18,7 @@ element is copied.
 
 from __future__ import annotations
 
+import reprlib
 import struct
 import threading
 from dataclasses import dataclass
@@ -338,3 +339,17 @@ def error(req_id, exc: ClipperError) -> list:
 def error_from_message(msg: list) -> ClipperError:
     """Rebuild the exception carried by an ERROR message."""
     return error_for_code(int(msg[2]), str(msg[4]))
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 8
+_BRIEF.maxlevel = 3
+
+
+def brief(value) -> str:
+    """A bounded ``repr`` of a peer's value for an error message: it is never echoed whole
+    (a 12 MiB request id must not come back as a 50 MB error)."""
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 64:
+        return f"{bytes(value[:64])!r}... ({len(value)} bytes)"
+    return _BRIEF.repr(value)

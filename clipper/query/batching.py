@@ -270,8 +270,9 @@ class ModelQueue:
 
         ``live / rate + latency``: the items ahead of it divided by the
         queue's drain rate (each replica's batch size over its measured batch
-        latency), plus one batch for its own (plus, when every replica is
-        busy, the least time one of them still needs). A replica whose batch
+        latency; a replica well under its latency budget counted at the batch
+        size it will grow to), plus one batch for its own (plus, when every
+        replica is busy, the least time one of them still needs). A replica whose batch
         is out longer than twice its usual latency (and the latency budget)
         is stalled and drains nothing; with no replica draining, the answer
         is infinite.
@@ -280,7 +281,12 @@ class ModelQueue:
         lat_min = 0.0
         residual = -1.0
         busy = 0
-        for r in self.replicas:
+        replicas = self.replicas
+        # A replica whose batches take well under the budget will grow its batch size (the sizer's
+        # job): count it at the size the queue would give it, up to max_batch, not at today's size.
+        share = min(self.max_batch, max(1, self.live // max(1, len(replicas))))
+        grow_below = 0.8 * self.budget_ns
+        for r in replicas:
             lat = r.lat_ewma_ns
             if lat <= 0.0:
                 return None  # a replica without history: no estimate yet (admit)
@@ -293,13 +299,16 @@ class ModelQueue:
                 rem = lat - age
                 if residual < 0.0 or rem < residual:
                     residual = rem
-            rate += r.sizer.current / lat
+            size = r.sizer.current
+            if lat < grow_below and size < share:
+                size = share
+            rate += size / lat
             if lat_min == 0.0 or lat < lat_min:
                 lat_min = lat
         if rate <= 0.0:
             return float("inf")
         est = self.live / rate + lat_min
-        if busy == len(self.replicas) and residual > 0.0:
+        if busy == len(replicas) and residual > 0.0:
             est += residual
         return est
 

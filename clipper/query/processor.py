@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import reprlib
 import time
 from collections import deque
 
@@ -62,7 +61,7 @@ from ..errors import (
 )
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
-from ..protocol.wire import PackedExtra
+from ..protocol.wire import PackedExtra, brief
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue
@@ -343,6 +342,20 @@ class AppRoute:
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
+
+    def nested_error(self, bad: tuple) -> ClipperError:
+        """The error for a nested-list input that :func:`framing.check_nested` refused before decoding."""
+        kind, depth, got, want = bad
+        if kind == 1:
+            where = "its first dimension" if depth == 0 else f"dimension {depth}"
+            return ShapeMismatchError(f"list input has {got} elements in {where}; application "
+                                      f"{self.name!r} expects shape {list(self.shape)}")
+        if kind == 2 or kind == 5:
+            return InvalidInputError(f"list input is not a regular array of numbers of shape {list(self.shape)} "
+                                     f"(a {'scalar' if kind == 2 else 'list or map'} at depth {depth}); "
+                                     f"application {self.name!r}")
+        return DTypeMismatchError(f"list input holds {_msgpack_kind(got)} values; application {self.name!r} "
+                                  f"expects {self.np_dtype.name}")
 
     # ------------------------------------------------------------ outcomes
     def expire(self, t: Ticket) -> None:
@@ -737,7 +750,9 @@ class QueryProcessor:
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             return (f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                     f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        if not self.admission:
+        if not self.admission or (not queue.live and queue.free):
+            # Nothing queued and a replica free: admitted, always. Besides costing nothing, it keeps
+            # measuring: after a stall inflated the latency estimate, this is how it comes down again.
             return None
         est = queue.estimate_ns(now)
         if est is None or est <= budget_ns:
@@ -921,17 +936,18 @@ def _nbytes(x) -> int:
     return x.nbytes if type(x) is np.ndarray else len(x)
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
-_REPR.maxlevel = 3
+def _msgpack_kind(type_byte: int) -> str:
+    if 0xA0 <= type_byte <= 0xBF or 0xD9 <= type_byte <= 0xDB:
+        return "str"
+    if 0xC4 <= type_byte <= 0xC6:
+        return "bytes"
+    if type_byte == 0xC0:
+        return "nil"
+    return f"msgpack 0x{type_byte:02x}"
 
 
 def _short(value) -> str:
-    """A bounded ``repr`` of a client's value: an error message never echoes it whole."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = bytes(value[:64]) if len(value) > 64 else bytes(value)
-    return _REPR.repr(value)
+    return brief(value)
 
 
 def _key(route: AppRoute, name: str) -> str | None:

@@ -29,6 +29,9 @@ _RESULT = wire.RESULT
 _ERROR = wire.ERROR
 _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
+_request_input = framing.request_input
+_check_nested = framing.check_nested
+_brief = wire.brief
 # The grant of a connection that has not authenticated (API keys required): no application.
 _NOT_AUTHENTICATED: frozenset = frozenset()
 
@@ -80,6 +83,9 @@ class QueryConnection(ClientConnection):
 
     # ------------------------------------------------------------ requests
     def _on_frame(self, body) -> None:
+        found = _request_input(body)  # None unless the input is a nested list (an ndarray is not)
+        if found is not None and self._refused_before_decoding(found, body):
+            return
         try:
             msg = self.unpack(body)
         except E.ClipperError as exc:
@@ -89,7 +95,8 @@ class QueryConnection(ClientConnection):
                 "a message must be a msgpack array [type, id, ...] with an integer type"))
         req_id = msg[1]
         if type(req_id) is not int or req_id < 0:
-            return self._write_error(None, E.MalformedFrameError(f"request id {req_id!r} is not an unsigned integer"))
+            return self._write_error(None, E.MalformedFrameError(
+                f"request id {_brief(req_id)} is not an unsigned integer"))
         kind = msg[0]
         try:
             if kind == _PREDICT:
@@ -120,6 +127,32 @@ class QueryConnection(ClientConnection):
             log.exception("internal error on request %s", req_id)
             self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
+    def _refused_before_decoding(self, found: tuple, body) -> bool:
+        """Answer a request with a nested-list input that cannot be served, without building its objects.
+
+        The list is walked in the frame's bytes against the application's shape
+        (``framing.check_nested``): a list longer than the shape allows is refused
+        as soon as its length is read, so a 15 MB frame of nested lists costs a
+        scan, not a million Python objects. A connection without the right API
+        key is refused before that.
+        """
+        kind, req_id, app, offset = found
+        allowed = self.allowed
+        if allowed is not None and app not in allowed:
+            self._write_error(req_id, self._refused(app))
+            return True
+        route = self.processor.routes.get(app)
+        if route is None or route.np_dtype is None:
+            return False
+        bad = _check_nested(body, offset, route.shape)
+        if bad is None or bad[0] == 4:  # a fit, or for the full decoder to judge
+            return False
+        if kind == _PREDICT:
+            route.requests += 1
+            route.errors += 1
+        self._write_error(req_id, route.nested_error(bad))
+        return True
+
     def _admit(self) -> None:
         """Count one more request awaiting its reply, within max_pending_per_connection."""
         if self.pending >= self.max_pending:
@@ -136,7 +169,8 @@ class QueryConnection(ClientConnection):
         common = [v for v in offered if v in wire.SUPPORTED_VERSIONS]
         if not common:
             raise E.UnsupportedVersionError(
-                f"client offers protocol versions {offered}; this server speaks {list(wire.SUPPORTED_VERSIONS)}")
+                f"client offers protocol versions {_brief(offered)}; this server speaks "
+                f"{list(wire.SUPPORTED_VERSIONS)}")
         authenticated = None  # said in HELLO_OK only when the server requires API keys
         if self.server.api_keys is not None:
             if "api_key" in opts:
@@ -194,7 +228,7 @@ class QueryConnection(ClientConnection):
                                          "before PREDICT or FEEDBACK")
         if grant.revoked:
             return E.AuthenticationError(f"the API key {grant.id} of this connection was revoked")
-        return E.PermissionDeniedError(f"the API key {grant.id} does not grant application {app!r}")
+        return E.PermissionDeniedError(f"the API key {grant.id} does not grant application {_brief(app)}")
 
     def _on_feedback(self, req_id: int, msg: list) -> None:
         if len(msg) < 5 or type(msg[2]) is not str:

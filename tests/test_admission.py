@@ -1,0 +1,172 @@
+"""Admission control, byte budgets and inputs checked before they are decoded, on real frontends and
+real containers: what cannot be served within its SLO is refused at arrival, never queued to time out."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from clipper import errors as E
+from clipper._native import _framing as native
+from clipper._native import framing_py as twin
+from clipper.protocol import wire
+
+X = np.array([0.2, 0, 0, 0], np.float32)  # sleep_by_input: sleeps x[0] seconds, answers x[0]
+
+
+def _code(msg) -> int:
+    return msg[2] if msg[0] == wire.ERROR else 0
+
+
+def _warm(fe, c, app: str, x=X) -> None:
+    """One batch through the model, so its queue has a measured latency."""
+    c.send(wire.predict(0, app, x))
+    assert c.recv(1)[0][0] == wire.RESULT
+
+
+@pytest.mark.parametrize("on_overload", ["error", "default"])
+def test_what_cannot_be_served_in_time_is_refused_at_arrival(frontend, wire_conn, on_overload):
+    frontend.deploy("slow", "sleep_by_input", slo_ms=500, max_batch=1, batching="fixed", cache=False,
+                    default_output=-1.0, on_overload=on_overload)
+    c = wire_conn(frontend.port)
+    _warm(frontend, c, "slow")  # batches take ~200 ms: about two fit in the 500 ms SLO
+    for i in range(1, 11):
+        c.send(wire.predict(i, "slow", X))
+    out = c.recv(10, timeout=30)
+    refused = [m for m in out if (_code(m) == E.OverloadedError.code if on_overload == "error"
+                                  else m[0] == wire.RESULT and m[4] and "refused at arrival" in m[5]["explanation"])]
+    served = [m for m in out if m[0] == wire.RESULT and not m[4]]
+    assert len(refused) + len(served) == 10 and 1 <= len(served) <= 3, out
+    # the refusals came at once: before the answer of the first query admitted after the warm-up
+    first_served = next(i for i, m in enumerate(out) if m in served)
+    assert all(out.index(m) < first_served for m in refused)
+    assert all(m[3] == pytest.approx(0.2) for m in served)
+    st_ = frontend.stats()
+    assert st_["applications"]["slow"]["overloaded"] == len(refused)
+    assert st_["models"]["slow-model:1"]["queries_sent"] == 1 + len(served)  # refused work was never queued
+    assert "estimated" in (refused[0][4] if on_overload == "error" else refused[0][5]["explanation"])
+
+
+def test_a_stalled_replica_drains_nothing_so_new_queries_are_refused_until_it_answers(frontend, wire_conn):
+    frontend.deploy("slow", "sleep_by_input", slo_ms=500, max_batch=1, batching="fixed", cache=False,
+                    on_deadline="error")
+    c = wire_conn(frontend.port)
+    _warm(frontend, c, "slow", np.array([0.01, 0, 0, 0], np.float32))
+    c.send(wire.predict(1, "slow", np.array([3.0, 0, 0, 0], np.float32)))  # holds the replica 3 s
+    queue = frontend.fe.processor.queues["slow-model:1"]
+    deadline = time.monotonic() + 10
+    while frontend.call(lambda: queue.estimate_ns(time.monotonic_ns())) != float("inf"):
+        assert time.monotonic() < deadline, "the replica never looked stalled"
+        time.sleep(0.01)
+    c.send(wire.predict(2, "slow", X))
+    refusal = c.recv(1)[0]
+    assert refusal[1] == 2 and _code(refusal) == E.OverloadedError.code and "no replica" in refusal[4]
+    late = c.recv(1, timeout=30)[0]  # the 3 s query: past its 500 ms SLO
+    assert late[1] == 1 and _code(late) == E.DeadlineExceededError.code
+    frontend.wait_until(lambda s: s["models"]["slow-model:1"]["free_replicas"] == 1, what="the replica back")
+    c.send(wire.predict(3, "slow", np.array([0.01, 0, 0, 0], np.float32)))
+    assert c.recv(1)[0][0] == wire.RESULT  # answering again: admitted again
+
+
+def test_the_in_flight_byte_budget_refuses_what_would_pass_it(frontend_factory, wire_conn):
+    fe = frontend_factory(max_inflight_input_bytes=3 * 16, admission_control=False)
+    fe.deploy("slow", "sleep_by_input", slo_ms=10_000, max_batch=1, batching="fixed", cache=False,
+              on_deadline="error")
+    c = wire_conn(fe.port)
+    for i in range(5):
+        c.send(wire.predict(i, "slow", np.array([0.3, i, 0, 0], np.float32)))
+    out = {m[1]: m for m in c.recv(5, timeout=30)}
+    assert [_code(out[i]) for i in range(5)] == [0, 0, 0, E.OverloadedError.code, E.OverloadedError.code]
+    assert "max_inflight_input_bytes" in out[3][4]
+    assert fe.call(lambda: fe.fe.processor.inflight_bytes) == 0  # every ticket gave its bytes back
+
+
+def test_admission_control_off_admits_everything(frontend_factory, wire_conn):
+    fe = frontend_factory(admission_control=False)
+    fe.deploy("slow", "sleep_by_input", slo_ms=300, max_batch=1, batching="fixed", cache=False, default_output=-1.0)
+    c = wire_conn(fe.port)
+    _warm(fe, c, "slow")
+    for i in range(1, 6):
+        c.send(wire.predict(i, "slow", X))
+    out = c.recv(5, timeout=30)
+    assert fe.stats()["applications"]["slow"]["overloaded"] == 0
+    assert sum(1 for m in out if m[4]) >= 3  # the old way: queued, then answered by default at the deadline
+
+
+# ---------------------------------------------------------------- nested lists, before decoding
+def test_a_huge_nested_list_is_refused_from_its_bytes(frontend, wire_conn):
+    frontend.deploy("img", "row_sum", dtype="float32", shape=(784,))
+    rows = [[0.5] * 784 for _ in range(2000)]  # 1.6 M floats where 784 are expected
+    data = wire.frame(wire.pack(wire.predict(1, "img", rows)))
+    del rows
+    c = wire_conn(frontend.port)
+    tracemalloc.start()
+    try:
+        c.send_raw(data)
+        msg = c.recv(1, timeout=30)[0]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert _code(msg) == E.ShapeMismatchError.code and "2000 elements in its first dimension" in msg[4]
+    # The frontend held the frame's bytes (the reader's buffer, grown as they came); decoding would have
+    # built 1.6 M Python floats and their lists besides, more than three times as much again.
+    assert peak < 2.5 * len(data), (peak, len(data))
+    c.send(wire.predict(2, "img", [1.0] * 784))
+    assert c.recv(1)[0][3] == pytest.approx(784.0)
+
+
+@pytest.mark.parametrize("bad, code, words", [
+    ([[1.0] * 784, [1.0] * 784], E.ShapeMismatchError.code, "2 elements"),
+    ([1.0] * 783 + ["x"], E.DTypeMismatchError.code, "holds str values"),
+    ([1.0] * 783 + [[1.0]], E.InvalidInputError.code, "not a regular array"),
+    ([1.0] * 783 + [None], E.DTypeMismatchError.code, "nil"),
+])
+def test_nested_list_refusals_name_what_is_wrong(frontend, wire_conn, bad, code, words):
+    frontend.deploy("img", "row_sum", dtype="float32", shape=(784,))
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "img", bad))
+    msg = c.recv(1)[0]
+    assert _code(msg) == code and words in msg[4], msg
+
+
+def test_errors_never_echo_a_huge_client_value(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum")
+    c = wire_conn(frontend.port)
+    c.send([wire.PREDICT, b"x" * (4 * 1024 * 1024), "sum", X])  # a bin request id
+    c.send(wire.predict(1, "a" * 1_000_000, X))  # an unknown application with a long name
+    c.send(wire.hello(2, versions=list(range(100_000, 300_000))))
+    out = c.recv(3, timeout=30)
+    assert all(len(msgpack.packb(m)) < 2048 for m in out), [len(msgpack.packb(m)) for m in out]
+    assert [_code(m) for m in out] == [E.MalformedFrameError.code, E.UnknownApplicationError.code,
+                                       E.UnsupportedVersionError.code]
+
+
+_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
+_leaf = st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True), st.booleans(), st.none(),
+                  st.text(max_size=3), st.binary(max_size=3))
+
+
+def _nested(depth: int):
+    if depth == 0:
+        return _leaf
+    return st.lists(st.one_of(_nested(depth - 1), _leaf), max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(shape=_shapes, value=st.one_of(_nested(3), _leaf), app=st.text(max_size=8), req_id=st.integers(0, 2**64 - 1))
+def test_native_and_pure_prescans_agree_and_never_pass_a_misfit(shape, value, app, req_id):
+    body = msgpack.packb([1, req_id, app, value, None])
+    a, b = native.request_input(body), twin.request_input(body)
+    assert a == b
+    if a is None:
+        return
+    ra, rb = native.check_nested(body, a[3], shape), twin.check_nested(body, b[3], shape)
+    assert ra == rb
+    if ra is None:  # a pass means the decoded value really has that shape, with number leaves
+        arr = np.array(value)
+        assert arr.shape == shape and arr.dtype.kind in "biuf"
