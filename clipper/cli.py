@@ -84,6 +84,8 @@ async def _start(args) -> int:
             tmp.write_text(json.dumps(ports))
             tmp.replace(args.ready_file)
         await stop.wait()
+        # SIGTERM: no new queries; those in flight are answered (up to drain_timeout_ms), then stop.
+        await fe.drain()
     finally:
         await fe.stop()
     return 0

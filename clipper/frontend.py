@@ -150,9 +150,36 @@ class Frontend:
                  self.query_port, self.rest_port, self.admin_port, self.metrics_port, rpc_addr)
         return self
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Stop taking queries and answer the ones in flight (SIGTERM).
+
+        The query ports stop accepting connections; requests arriving on open
+        connections get SHUTTING_DOWN; what waits is answered as usual for up
+        to ``timeout_s`` (default ``drain_timeout_ms``), and whatever still
+        waits then gets SHUTTING_DOWN. Containers keep running until
+        :meth:`stop`. Returns how many requests the timeout cut short.
+        """
+        if self.processor is None:
+            return 0
+        if timeout_s is None:
+            timeout_s = self.config.drain_timeout_ms / 1000
+        for server in (self.query_server, self.rest):
+            if server is not None:
+                server.stop_accepting()
+        cut = await self.processor.drain(timeout_s)
+        for _ in range(2):  # the answers just made are written on the next turns of the loop
+            await asyncio.sleep(0)
+        if cut:
+            log.warning("drain: %d requests were still waiting after %g s; they were answered SHUTTING_DOWN",
+                        cut, timeout_s)
+        return cut
+
     async def stop(self) -> None:
+        """Answer what is in flight (SHUTTING_DOWN for what has not been answered: call :meth:`drain`
+        first to give it time), stop the containers, close every port."""
         if not self._started:
             return
+        await self.drain(0)
         self._started = False
         await self._teardown()
 
@@ -598,6 +625,8 @@ class Frontend:
     # ------------------------------------------------------------ status
     def not_ready(self) -> list[str]:
         """Applications that cannot answer from a model now: ``"app: why"`` each (empty: ready)."""
+        if self.processor is not None and self.processor.draining:
+            return ["the frontend is shutting down"]
         out = []
         for name, route in self.processor.routes.items():
             queues = [q for _, q in route.links if q is not None]

@@ -560,7 +560,9 @@ class QueryProcessor:
         self.admission = admission  # refuse at arrival what its model cannot answer in time
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
+        self.unsettled = 0  # tickets not yet settled
         self.draining = False  # the frontend is stopping: new requests get SHUTTING_DOWN
+        self._idle: asyncio.Event | None = None  # set when draining and nothing is left unsettled
         self.deadline_margin_ns = int(deadline_margin_ms * 1_000_000)
         self.adaptive_margin = adaptive_margin
         self.max_input_bytes = max_input_bytes
@@ -714,6 +716,7 @@ class QueryProcessor:
                 q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
                 q.extra = route.single_extra
                 self.inflight_bytes += nbytes
+                self.unsettled += 1
                 route.cache_joins += 1
                 if found.followers is None:
                     found.followers = [q]
@@ -743,6 +746,7 @@ class QueryProcessor:
                 cache.fail(token)
             raise
         self.inflight_bytes += nbytes
+        self.unsettled += 1
         route.track(q)
 
     def _refusal(self, route: AppRoute, queue: ModelQueue, now: int, nbytes: int, budget_ns: int) -> str | None:
@@ -815,6 +819,7 @@ class QueryProcessor:
         route = f.route
         use_cache = route.use_cache
         self.inflight_bytes += f.nbytes
+        self.unsettled += 1
         for i, name in enumerate(f.names):
             queue = route.queue_by_name[name]
             if queue is None:
@@ -904,11 +909,27 @@ class QueryProcessor:
                       route.feedback_deadlines)
 
     # ------------------------------------------------------------ stopping
-    def open_tickets(self) -> int:
-        """Requests waiting for an answer, across every application."""
-        return sum(sum(1 for t in r.deadlines.items if not t.done) + sum(1 for t in r.feedback_deadlines.items
-                                                                          if not t.done)
-                   for r in self.routes.values())
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new request; wait up to ``timeout_s`` for every waiting one to be answered.
+
+        Returns how many were still waiting at the end (then answered with
+        SHUTTING_DOWN by :meth:`shut_down`).
+        """
+        self.draining = True
+        if self.unsettled and timeout_s > 0:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._idle = None
+        return self.shut_down(ShuttingDownError(
+            f"the frontend is shutting down and could not answer within its {timeout_s:g} s drain"))
+
+    def on_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
 
     def shut_down(self, exc: ClipperError) -> int:
         """Answer every request still waiting with ``exc`` (the end of a drain); returns how many."""

@@ -117,7 +117,11 @@ class Ticket:
         self.done = True
         self.release_items()
         route = self.route
-        route.processor.inflight_bytes -= self.nbytes
+        proc = route.processor
+        proc.inflight_bytes -= self.nbytes
+        proc.unsettled -= 1
+        if proc.draining and not proc.unsettled:
+            proc.on_idle()
         self.input = None
         sink, self.sink = self.sink, None
         if how != FEEDBACK_OK and not self.is_feedback:

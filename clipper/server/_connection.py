@@ -32,6 +32,11 @@ class ClientServer:
                                                      **tls)
         return self._server.sockets[0].getsockname()[1]
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket; the connections already open go on (a drain answers them)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         """Stop listening and close every connection."""
         if self._server is not None:
