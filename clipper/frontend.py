@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import __version__
@@ -60,6 +61,8 @@ class Frontend:
         self.keyring = None  # the container RPC's credentials (clipper.security.ContainerKeyring), once started
         self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
         self._restoring = False
+        self._served_by: dict[str, tuple] = {}  # application -> (the queue keys it sends queries to, its SLO)
+        self._slos: dict[str, Counter] = {}  # queue key -> how many of the applications it serves have each SLO
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> "Frontend":
@@ -84,7 +87,7 @@ class Frontend:
 
         lim = cfg.limits
         tls = query_tls_context(cfg, self.base_dir)  # first: a bad certificate or key file stops the start here
-        self.store = SQLiteStore(self._state_path())
+        self.store = SQLiteStore(self._state_path(), background=True)  # writes off the event loop
         self.keyring = ContainerKeyring.open(cfg.rpc_security, self.secrets_dir())
         self.keyring.attach_store(self.store)
         self.api_keys = ApiKeyRegistry(self.store)  # managed always; checked on the query ports if required
@@ -217,27 +220,88 @@ class Frontend:
         self._ipc_dir = self._scratch = None
 
     # ------------------------------------------------------------ the registry across restarts
-    _REGISTRY_NS = "registry"
+    # One value per application, model version, model (its current version) and application's links:
+    # a change writes only what it changed (O(1) per operation, whatever the registry's size), and the
+    # store's writer thread commits it off the event loop.
+    _NS_APP = "registry/app"
+    _NS_VERSION = "registry/version"
+    _NS_CURRENT = "registry/current"
+    _NS_LINKS = "registry/links"
+    _LEGACY_NS = "registry"  # one JSON snapshot of everything (before per-entry values)
 
-    def _save_registry(self) -> None:
-        """Keep the registry in the state store (after every change; a few kB of JSON)."""
+    def _persist(self, *, apps=(), links=(), versions=(), currents=(), drop_apps=(), drop_links=(),
+                 drop_versions=(), drop_currents=()) -> None:
+        """Write the registry entries a change touched (names: applications, models; ModelVersions)."""
         if self._restoring or self.store is None:
             return
         import json
 
-        self.store.save_many([(self._REGISTRY_NS, "snapshot", json.dumps(self.registry.snapshot()).encode())])
+        reg = self.registry
+        items = []
+        for name in apps:
+            items.append((self._NS_APP, name, json.dumps(reg.applications[name].to_dict()).encode()))
+        for name in links:
+            items.append((self._NS_LINKS, name, json.dumps(list(reg.links.get(name, ()))).encode()))
+        for mv in versions:
+            items.append((self._NS_VERSION, mv.key, json.dumps(mv.to_dict()).encode()))
+        for name in currents:
+            model = reg.models.get(name)
+            items.append((self._NS_CURRENT, name,
+                          json.dumps({"version": model.current_version if model else None}).encode()))
+        self.store.save_many(items)
+        for ns, keys in ((self._NS_APP, drop_apps), (self._NS_LINKS, drop_links), (self._NS_VERSION, drop_versions),
+                         (self._NS_CURRENT, drop_currents)):
+            for key in keys:
+                self.store.delete(ns, key)
 
-    async def _restore_registry(self) -> None:
-        """Bring back what the state store remembers: applications, model versions, links."""
+    def _saved_registry(self) -> dict | None:
+        """What the store holds, as ``{"applications", "models", "links"}`` (None: nothing)."""
         import json
 
-        raw = self.store.load(self._REGISTRY_NS, "snapshot")
-        if raw is None:
-            return
-        try:
-            snap = json.loads(raw)
-        except ValueError:
-            log.error("the registry saved in %s is not JSON; starting empty", self.store)
+        store = self.store
+        everything = 10**9
+
+        def values(ns):
+            out = []
+            for key in reversed(store.keys(ns, everything)):  # oldest first: the order they were made in
+                raw = store.load(ns, key)
+                try:
+                    out.append((key, json.loads(raw)))
+                except (TypeError, ValueError):
+                    log.error("ignoring the registry entry %s/%s of %s: not JSON", ns, key, store)
+            return out
+
+        apps = values(self._NS_APP)
+        versions = values(self._NS_VERSION)
+        if not apps and not versions:
+            raw = store.load(self._LEGACY_NS, "snapshot")
+            if raw is None:
+                return None
+            try:
+                snap = json.loads(raw)
+            except ValueError:
+                log.error("the registry saved in %s is not JSON; starting empty", store)
+                return None
+            snap["legacy"] = True
+            return snap
+        currents = dict(values(self._NS_CURRENT))
+        models: dict[str, dict] = {}
+        for _, v in versions:
+            name = v.get("name") if isinstance(v, dict) else None
+            models.setdefault(name, {"name": name, "versions": [],
+                                     "current_version": (currents.get(name) or {}).get("version")})
+            models[name]["versions"].append(v)
+        return {"applications": [a for _, a in apps], "models": list(models.values()),
+                "links": {app: names for app, names in values(self._NS_LINKS)}}
+
+    async def _restore_registry(self) -> None:
+        """Bring back what the state store remembers: applications, model versions, links.
+
+        An entry that cannot come back (say, a policy module that is gone) is
+        logged and left in the store, to be tried again at the next start.
+        """
+        snap = self._saved_registry()
+        if snap is None:
             return
         self._restoring = True
         failed = 0
@@ -256,18 +320,21 @@ class Frontend:
                 if model is not None:  # as saved: None stays None
                     model.current_version = current if current in model.versions else None
             for app, names in snap.get("links", {}).items():
-                for link in names:
+                for link in names if isinstance(names, list) else ():
                     failed += not await self._restore_step(f"link {app} -> {link}", lambda a=app, n=link: self.link(a, n))
             self._reroute()
         finally:
             self._restoring = False
         if failed:
-            # Keep what could not come back, so that a later change does not overwrite it for good.
-            key = f"snapshot-unrestored-{int(time.time())}"
-            self.store.save_many([(self._REGISTRY_NS, key, raw)])
-            log.error("%d registry entries could not be restored; the saved registry is kept under %r in %s",
-                      failed, key, self.store)
-        self._save_registry()
+            log.error("%d registry entries could not be restored; they stay in %s for the next start", failed,
+                      self.store)
+        if snap.get("legacy"):  # written again entry by entry; the old snapshot goes once that is done
+            reg = self.registry
+            self._persist(apps=list(reg.applications), links=list(reg.links),
+                          versions=[mv for m in reg.models.values() for mv in m.versions.values()],
+                          currents=list(reg.models))
+            if not failed:
+                self.store.delete(self._LEGACY_NS, "snapshot")
         log.info("restored %d applications and %d models from %s", len(self.registry.applications),
                  len(self.registry.models), self.store)
 
@@ -300,8 +367,8 @@ class Frontend:
         async with self._lock:
             self.registry.add_application(app)
             self.processor.routes[app.name] = AppRoute(app, self.processor)
-            self._reroute()
-            self._save_registry()
+            self._reroute([app.name])
+            self._persist(apps=[app.name], links=[app.name])
             return app
 
     async def unregister_application(self, name: str) -> Application:
@@ -315,8 +382,8 @@ class Frontend:
             if route is not None:
                 route.close(drain=True)
             self.processor.drop_states(name)
-            self._reroute()
-            self._save_registry()
+            self._reroute([name])
+            self._persist(drop_apps=[name], drop_links=[name])
             return app
 
     async def deploy_model(self, mv: ModelVersion, *, make_current: bool = True, wait: bool = False,
@@ -335,8 +402,8 @@ class Frontend:
             # ready: applications keep the old one meanwhile, and keep it if the new one fails.
             switch_later = waits and make_current and known is not None and known.current_version is not None
             self._add_version(mv, make_current and not switch_later)
-            self._reroute()
-            self._save_registry()
+            self._reroute(self._apps_linking(mv.name))
+            self._persist(versions=[mv], currents=[mv.name])
             await self.manager.ensure(mv)
         if waits:
             try:
@@ -425,6 +492,8 @@ class Frontend:
         removed versions' keys.
         """
         async with self._lock:
+            linking = self._apps_linking(name)
+            before = {a: list(self.registry.links.get(a, ())) for a in linking}
             if version is None:
                 model = self.registry.get_model(name)
                 mvs = list(model.versions.values())
@@ -433,8 +502,11 @@ class Frontend:
                 mvs = [self.registry.remove_model_version(name, str(version))]
                 if not self.registry.models[name].versions:  # its last version: the model goes too
                     self.registry.remove_model(name)
-            self._reroute()
-            self._save_registry()
+            self._reroute(linking)
+            gone = name not in self.registry.models
+            self._persist(links=[a for a in linking if self.registry.links.get(a) != before[a]],
+                          currents=() if gone else [name], drop_versions=[mv.key for mv in mvs],
+                          drop_currents=[name] if gone else ())
             for mv in mvs:
                 await self._retire(mv, f"model {mv.key} was deleted")
             # Credentials issued for what is gone go too (a redeploy under the name needs new ones).
@@ -502,8 +574,8 @@ class Frontend:
         """
         async with self._lock:
             mv = self.registry.set_current(name, str(version))
-            self._reroute()
-            self._save_registry()
+            self._reroute(self._apps_linking(name))
+            self._persist(currents=[name])
             return mv
 
     async def link(self, app_name: str, model_name: str, version: str | None = None) -> str:
@@ -515,22 +587,22 @@ class Frontend:
         """
         async with self._lock:
             name = self.registry.link(app_name, model_name, version)
-            self._reroute()
-            self._save_registry()
+            self._reroute([app_name])
+            self._persist(links=[app_name])
             return name
 
     async def unlink(self, app_name: str, link_name: str) -> None:
         async with self._lock:
             self.registry.unlink(app_name, link_name)
-            self._reroute()
-            self._save_registry()
+            self._reroute([app_name])
+            self._persist(links=[app_name])
 
     async def set_replicas(self, model_name: str, version: str, replicas: int) -> None:
         async with self._lock:
             mv = self.registry.get_model_version(model_name, version)
             probe = ModelVersion(mv.name, mv.version, mv.input_dtype, mv.input_shape, replicas=replicas)
             mv.replicas = probe.replicas
-            self._save_registry()
+            self._persist(versions=[mv])
             await self.manager.ensure(mv)
 
     async def wait_ready(self, model_name: str, version: str | None = None, replicas: int | None = None,
@@ -567,31 +639,66 @@ class Frontend:
         if fut is not None and not fut.done() and rc in (EXIT_LOAD_FAILED, EXIT_REJECTED):
             fut.set_result((rc, text))
 
-    def _reroute(self) -> None:
-        """Point each application at the queue of its linked model's current version,
-        and give each queue its latency budget."""
-        slo_by_queue: dict[str, float] = {}
-        for name, route in self.processor.routes.items():
+    def _apps_linking(self, model_name: str) -> list[str]:
+        """The applications with a link to ``model_name`` (any version)."""
+        return [app for app, names in self.registry.links.items()
+                if any(n.partition(":")[0] == model_name for n in names)]
+
+    def _reroute(self, apps=None) -> None:
+        """Point applications at the queues of their linked models' current versions, and give
+        those queues their latency budgets.
+
+        ``apps``: the applications a change touched (None: every one, at a
+        restore). Only they are re-linked, and only the queues they served or
+        serve now get a new budget, so a change costs what it touches, not
+        what the registry holds.
+        """
+        routes = self.processor.routes
+        names = list(routes) if apps is None else list(apps)
+        touched: set[str] = set()
+        slos = self._slos  # queue key -> Counter of the SLOs of the applications it serves
+        for name in names:
+            old = self._served_by.pop(name, None)
+            if old is not None:
+                old_keys, old_slo = old
+                for key in old_keys:
+                    touched.add(key)
+                    count = slos.get(key)
+                    if count is not None:
+                        count[old_slo] -= 1
+                        if count[old_slo] <= 0:
+                            del count[old_slo]
+            route = routes.get(name)
+            if route is None:  # unregistered
+                continue
             links = []
             for link_name in self.registry.links.get(name, ()):
                 mv = self.registry.resolve_link(link_name)
                 links.append((link_name, self.processor.queues.get(mv.key) if mv is not None else None))
             route.set_links(links)
             served = [route.queue] if route.simple else [q for _, q in links]
-            for queue in served:
-                if queue is not None:
-                    slo = route.app.slo_ms
-                    slo_by_queue[queue.key] = min(slo, slo_by_queue.get(queue.key, slo))
-        for model in self.registry.models.values():
-            for mv in model.versions.values():
-                queue = self.processor.queues.get(mv.key)
-                if queue is None:
-                    continue
-                if mv.latency_budget_ms is not None:
-                    budget_ms = mv.latency_budget_ms
-                else:  # unrouted queues keep the budget of the default SLO
-                    budget_ms = self.config.batch_budget_fraction * slo_by_queue.get(mv.key, 100.0)
-                queue.set_budget(int(budget_ms * 1_000_000))
+            keys = {q.key for q in served if q is not None}
+            slo = route.app.slo_ms
+            self._served_by[name] = (keys, slo)
+            for key in keys:
+                touched.add(key)
+                slos.setdefault(key, Counter())[slo] += 1
+        if apps is None:
+            touched.update(self.processor.queues)
+        for key in touched:
+            queue = self.processor.queues.get(key)
+            if queue is None:
+                slos.pop(key, None)
+                continue
+            model_name, _, version = key.partition(":")
+            model = self.registry.models.get(model_name)
+            mv = model.versions.get(version) if model is not None else None
+            if mv is not None and mv.latency_budget_ms is not None:
+                budget_ms = mv.latency_budget_ms
+            else:  # unrouted queues keep the budget of the default SLO
+                count = slos.get(key)
+                budget_ms = self.config.batch_budget_fraction * (min(count) if count else 100.0)
+            queue.set_budget(int(budget_ms * 1_000_000))
 
     def _resolve_container(self, model: str, version: str):
         try:

@@ -382,5 +382,38 @@ def test_restore_keeps_what_it_cannot_bring_back_and_no_current_stays_none(front
     b = admin(second)
     assert [x["name"] for x in b.get_all_apps()] == ["plain"]
     assert b.get_model_info("vv")["current_version"] is None
-    kept = second.call(lambda: second.fe.store.keys("registry"))
-    assert any(k.startswith("snapshot-unrestored-") for k in kept)
+    # what could not come back stays in the store, entry by entry, for the next start
+    assert second.call(lambda: second.fe.store.load("registry/app", "odd")) is not None
+    second.close()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        third = frontend_factory(state_path=path)  # the module is back: so is the application
+        assert sorted(x["name"] for x in admin(third).get_all_apps()) == ["odd", "plain"]
+        third.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("gone_policy_mod", None)
+
+
+def test_a_registry_saved_as_one_snapshot_comes_back_and_is_kept_entry_by_entry(frontend_factory, tmp_path):
+    import json as _json
+
+    from clipper.store.sqlite import SQLiteStore
+
+    path = tmp_path / "old.sqlite"
+    old = SQLiteStore(path)  # what an earlier version of Clipper wrote: the whole registry in one value
+    old.save_many([("registry", "snapshot", _json.dumps({
+        "applications": [{"name": "legacy", "input_dtype": "float32", "input_shape": [4], "slo_ms": 500.0}],
+        "models": [{"name": "lm", "current_version": "1", "versions": [
+            {"name": "lm", "version": "1", "input_dtype": "float32", "input_shape": [4]}]}],
+        "links": {"legacy": ["lm"]}}).encode())])
+    old.close()
+    fe = frontend_factory(state_path=str(path))
+    assert fe.call(lambda: fe.fe.registry.linked_models("legacy")) == ["lm"]
+    fe.call(lambda: fe.fe.store.flush())
+    keys = fe.call(lambda: (fe.fe.store.keys("registry"), fe.fe.store.keys("registry/app"),
+                            fe.fe.store.keys("registry/version"), fe.fe.store.keys("registry/links")))
+    assert keys == ([], ["legacy"], ["lm:1"], ["legacy"])
+    fe.close()
+    again = frontend_factory(state_path=str(path))
+    assert again.call(lambda: again.fe.registry.linked_models("legacy")) == ["lm"]

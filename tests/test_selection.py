@@ -299,10 +299,13 @@ ops = st.lists(st.one_of(
 ), max_size=30)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "writer-thread"])
 @settings(max_examples=150, deadline=None)
-@given(ops)
-def test_sqlite_store_matches_a_reference_model(seq):
-    store = SQLiteStore(":memory:")
+@given(seq=ops)
+def test_sqlite_store_matches_a_reference_model(seq, background, tmp_path_factory):
+    # the writer thread commits behind the caller's back: every read must still see the last write
+    path = ":memory:" if not background else str(tmp_path_factory.mktemp("store") / "s.sqlite")
+    store = SQLiteStore(path, background=background)
     ref: dict[str, dict[str, tuple[int, bytes]]] = {"a": {}, "b": {}}  # ns -> key -> (recency, value)
     clock = 0
     for op in seq:

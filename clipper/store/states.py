@@ -142,7 +142,14 @@ class StateTable:
         """After saves: keep the store within ``max_states`` (checked every tenth of it)."""
         if self._saved_since_trim >= max(16, self.max_states // 10):
             self._saved_since_trim = 0
-            self.trimmed += self.store.trim(self.namespace, self.max_states)
+            trim_later = getattr(self.store, "trim_later", None)
+            if trim_later is not None:  # off the caller's thread when the store has a writer
+                trim_later(self.namespace, self.max_states, self._trimmed)
+            else:
+                self.trimmed += self.store.trim(self.namespace, self.max_states)
+
+    def _trimmed(self, n: int) -> None:
+        self.trimmed += n
 
     def drop(self) -> None:
         """The application is gone: delete its states everywhere."""
