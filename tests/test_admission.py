@@ -49,7 +49,7 @@ def test_what_cannot_be_served_in_time_is_refused_at_arrival(frontend, wire_conn
     st_ = frontend.stats()
     assert st_["applications"]["slow"]["overloaded"] == len(refused)
     assert st_["models"]["slow-model:1"]["queries_sent"] == 1 + len(served)  # refused work was never queued
-    assert "estimated" in (refused[0][4] if on_overload == "error" else refused[0][5]["explanation"])
+    assert "estimated from its queue" in (refused[0][4] if on_overload == "error" else refused[0][5]["explanation"])
 
 
 def test_a_stalled_replica_drains_nothing_so_new_queries_are_refused_until_it_answers(frontend, wire_conn):
@@ -161,9 +161,9 @@ def _nested(depth: int):
 @given(shape=_shapes, value=st.one_of(_nested(3), _leaf), app=st.text(max_size=8), req_id=st.integers(0, 2**64 - 1))
 def test_native_and_pure_prescans_agree_and_never_pass_a_misfit(shape, value, app, req_id):
     body = msgpack.packb([1, req_id, app, value, None])
-    a, b = native.request_input(body), twin.request_input(body)
-    assert a == b
-    if a is None:
+    a, b = native.request_head(body), twin.request_head(body)
+    assert a == b and a is not None and a[:3] == (1, req_id, app)
+    if not a[4]:  # not a list: nothing to check in its bytes
         return
     ra, rb = native.check_nested(body, a[3], shape), twin.check_nested(body, b[3], shape)
     assert ra == rb

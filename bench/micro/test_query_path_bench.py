@@ -141,3 +141,40 @@ def test_rest_cache_hit_path(benchmark, frames):
         assert route.cache_hits >= FRAMES // 10 and conn.transport.written > 0
     finally:
         loop.close()
+
+
+def test_refusal_path(benchmark, frames):
+    """A query admission refuses (its model's only replica is stalled): answered from the frame's head,
+    its input never decoded. Compare with ``test_cache_hit_path``: under overload a refusal must cost
+    much less than an answer, or shedding load frees no room for the queries that are admitted."""
+    data, x = frames
+    loop = uvloop.new_event_loop()
+    try:
+        lim = Limits()
+        proc = QueryProcessor(loop, lim.max_input_bytes, 0)
+        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20, cache=False, on_overload="error"), proc)
+        proc.routes["cheap"] = route
+        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000,
+                           max_batch_retries=1, max_batch=8, budget_ns=10_000_000)
+        route.set_links([("m", queue)])
+
+        class Stalled:  # its batch has been out far longer than its usual latency: drains nothing
+            replica_id, pid, dead, sizer = 1, None, False, None
+
+        replica = Stalled()
+        queue.add_replica(replica)
+        queue.free.clear()
+        replica.lat_ewma_ns = 1e6
+        replica.batch = type("Batch", (), {"sent_ns": 0})()
+        conn = QueryConnection(QueryServer(loop, proc, Limits(), "bench"))
+        conn.transport = NullTransport()
+
+        def run():
+            conn.data_received(data)
+            conn._flush()
+
+        benchmark.extra_info["frames_per_round"] = FRAMES
+        benchmark(run)
+        assert route.overloaded >= FRAMES and conn.pending == 0 and conn.transport.written > 0
+    finally:
+        loop.close()

@@ -37,6 +37,6 @@ def check_nested(body: bytes | bytearray | memoryview, offset: int, shape: tuple
     (1 wrong length, 2 not an array, 3 a non-number leaf (``got``: its msgpack type byte), 4 undecidable
     here, 5 a list or map where a number is expected)."""
 
-def request_input(body: bytes | bytearray | memoryview) -> tuple[int, int, str, int] | None:
-    """``(kind, req_id, app, offset)`` of a PREDICT/FEEDBACK frame whose input is a msgpack array;
-    None for any other frame."""
+def request_head(body: bytes | bytearray | memoryview) -> tuple[int, int, str, int, bool] | None:
+    """``(kind, req_id, app, input_offset, input_is_list)`` of a PREDICT/FEEDBACK frame with an
+    unsigned integer id and a str app, read from its bytes; None for any other frame."""

@@ -389,17 +389,18 @@ cpdef object check_nested(object body, Py_ssize_t offset, tuple shape):
     return None
 
 
-cpdef object request_input(object body):
-    """Where a PREDICT or FEEDBACK frame's input is, when it is a msgpack array (a nested list).
+cpdef object request_head(object body):
+    """The head of a PREDICT or FEEDBACK frame, read from its bytes without decoding the rest.
 
-    Returns ``(kind, req_id, app, offset)`` for ``[kind, id, app, input,
-    ...]`` with ``kind`` 1 or 2, an unsigned integer id, a str app of at
-    most 4 KiB and an array input; None for every other frame (an ndarray
-    input among them: the common case, answered after a few byte reads).
+    Returns ``(kind, req_id, app, offset, is_list)`` for ``[kind, id, app,
+    input, ...]`` with ``kind`` 1 or 2, an unsigned integer id and a str app
+    of at most 4 KiB: ``offset`` is where the input starts, ``is_list``
+    whether it is a msgpack array (a nested list, which
+    :func:`check_nested` can judge). None for every other frame.
     """
     cdef Py_buffer pybuf
     cdef const uint8_t* p
-    cdef Py_ssize_t n, pos, slen = 0
+    cdef Py_ssize_t n, pos, slen = 0, i
     cdef uint8_t b, kind
     cdef uint64_t req_id = 0
     cdef int k
@@ -441,12 +442,10 @@ cpdef object request_input(object body):
         if slen > 4096 or pos + slen >= n:
             return None
         b = p[pos + slen]
-        if not (0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD):
-            return None
         try:
             app = (<const char*>(p + pos))[:slen].decode("utf-8")
         except UnicodeDecodeError:
             return None
-        return (kind, req_id, app, pos + slen)
+        return (kind, req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)
     finally:
         PyBuffer_Release(&pybuf)

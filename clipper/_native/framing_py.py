@@ -240,12 +240,13 @@ def check_nested(body, offset: int, shape: tuple):
     return None
 
 
-def request_input(body):
-    """Where a PREDICT or FEEDBACK frame's input is, when it is a msgpack array (a nested list).
+def request_head(body):
+    """The head of a PREDICT or FEEDBACK frame, read from its bytes without decoding the rest.
 
-    Returns ``(kind, req_id, app, offset)`` for ``[kind, id, app, input,
-    ...]`` with ``kind`` 1 or 2, an unsigned integer id, a str app of at
-    most 4 KiB and an array input; None for every other frame.
+    Returns ``(kind, req_id, app, offset, is_list)`` for ``[kind, id, app,
+    input, ...]`` with ``kind`` 1 or 2, an unsigned integer id and a str app
+    of at most 4 KiB: ``offset`` is where the input starts, ``is_list``
+    whether it is a msgpack array. None for every other frame.
     """
     p = memoryview(body).cast("B")
     n = len(p)
@@ -276,10 +277,8 @@ def request_input(body):
     if slen > 4096 or pos + slen >= n:
         return None
     b = p[pos + slen]
-    if not (0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD):
-        return None
     try:
         app = bytes(p[pos:pos + slen]).decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return (kind, req_id, app, pos + slen)
+    return (kind, req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)

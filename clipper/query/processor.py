@@ -61,7 +61,9 @@ from ..errors import (
 )
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
-from ..protocol.wire import PackedExtra, brief
+from .._native import framing as _framing
+from ..protocol.wire import ERROR as ERROR_MSG
+from ..protocol.wire import PackedExtra, brief, pack
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue
@@ -72,6 +74,8 @@ log = logging.getLogger("clipper.query")
 __all__ = ["AppRoute", "QueryProcessor", "Fanout"]
 
 _QUEUED = object()  # _submit: the query waits for its model
+_result_frame = _framing.result_frame
+pack_frame = _framing.pack_frame
 _MARGIN_STEP_NS = 250_000  # the adaptive deadline margin moves at most this much per re-plan
 
 
@@ -251,6 +255,21 @@ class AppRoute:
         self.answer_ns = self.slo_ns - self.base_margin_ns
         self.feedback_ns = max(self.slo_ns, self.processor.feedback_timeout_ns)
         self.default_output = app.default_output
+        try:
+            self.packed_default = pack(app.default_output)  # the fast refusal answers it without encoding
+        except (TypeError, ValueError, OverflowError):
+            self.packed_default = pack(None)
+        self._overload_texts: dict = {}  # (queue key, stalled) -> (message, PackedExtra): the fast refusal's words
+        # The largest frame a valid input could come in (an array as msgpack floats, 9 bytes each; a str or
+        # bytes input up to max_input_bytes): bigger ones are judged in full (their error is not OVERLOADED).
+        if app.np_dtype is not None:
+            items = 1
+            for d in app.input_shape:
+                items *= d
+            nbytes = items * app.np_dtype.itemsize
+            self.max_valid_frame = -1 if nbytes > self.processor.max_input_bytes else 9 * items + 512
+        else:
+            self.max_valid_frame = self.processor.max_input_bytes + 512
         self.error_on_deadline = app.on_deadline == "error"
         self.default_on_overload = app.on_overload == "default"
         self.use_cache = bool(app.cache)
@@ -342,6 +361,20 @@ class AppRoute:
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
+
+    def overload_text(self, queue, stalled: bool) -> tuple[str, PackedExtra]:
+        """The words of a fast refusal (made once per queue): the message, and the RESULT extra."""
+        got = self._overload_texts.get((queue.key, stalled))
+        if got is None:
+            if stalled:
+                msg = (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
+                       f"refused at arrival")
+            else:
+                msg = (f"model {queue.key} cannot answer within the {self.slo_ns / 1e6:g} ms SLO of application "
+                       f"{self.name!r} (estimated from its queue and batch latency): refused at arrival")
+            got = self._overload_texts[(queue.key, stalled)] = (msg, PackedExtra(explanation=msg, confidence=0.0,
+                                                                                   models=[]))
+        return got
 
     def nested_error(self, bad: tuple) -> ClipperError:
         """The error for a nested-list input that :func:`framing.check_nested` refused before decoding."""
@@ -561,6 +594,12 @@ class QueryProcessor:
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
+        # How late the event loop runs what is due (a busy loop reads requests that late): admission
+        # leaves that much less of the SLO to the model queue. Measured only while queries flow.
+        self.loop_lag_ns = 0
+        self._lag_timer = None
+        self._lag_due = 0.0
+        self._lag_seen = 0  # requests when the probe last looked
         self.draining = False  # the frontend is stopping: new requests get SHUTTING_DOWN
         self._idle: asyncio.Event | None = None  # set when draining and nothing is left unsettled
         self.deadline_margin_ns = int(deadline_margin_ms * 1_000_000)
@@ -646,6 +685,9 @@ class QueryProcessor:
                 log.exception("trimming the policy states of %s failed", table.namespace)
 
     def close(self) -> None:
+        if self._lag_timer is not None:
+            self._lag_timer.cancel()
+            self._lag_timer = None
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         self.flush_states()
@@ -749,8 +791,25 @@ class QueryProcessor:
         self.unsettled += 1
         route.track(q)
 
+    def _probe_lag(self) -> None:
+        """Every 2 ms while requests arrive: how late the timer fired is how far behind the loop is."""
+        now = self.loop.time()
+        late = max(0.0, now - self._lag_due)
+        self.loop_lag_ns = int(self.loop_lag_ns + 0.25 * (late * 1e9 - self.loop_lag_ns))
+        seen = self._next_query_id
+        if seen == self._lag_seen and not self.unsettled:  # idle: stop (an idle frontend uses no CPU)
+            self._lag_timer = None
+            self.loop_lag_ns = 0
+            return
+        self._lag_seen = seen
+        self._lag_due = now + 0.002
+        self._lag_timer = self.loop.call_at(self._lag_due, self._probe_lag)
+
     def _refusal(self, route: AppRoute, queue: ModelQueue, now: int, nbytes: int, budget_ns: int) -> str | None:
         """Why a query cannot be admitted to ``queue`` now (None: it can)."""
+        if self._lag_timer is None and self.admission:
+            self._lag_due = self.loop.time() + 0.002
+            self._lag_timer = self.loop.call_at(self._lag_due, self._probe_lag)
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             return (f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                     f"max_inflight_input_bytes is {self.max_inflight_bytes}")
@@ -759,13 +818,41 @@ class QueryProcessor:
             # measuring: after a stall inflated the latency estimate, this is how it comes down again.
             return None
         est = queue.estimate_ns(now)
-        if est is None or est <= budget_ns:
+        if est is None or est <= budget_ns - self.loop_lag_ns:
             return None
         if est == float("inf"):
             return (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
                     f"refused at arrival")
         return (f"model {queue.key} cannot answer within the {route.slo_ns / 1e6:g} ms SLO of application "
                 f"{route.name!r} (estimated {est / 1e6:.1f} ms): refused at arrival")
+
+    def shed(self, route: AppRoute, req_id, frame_bytes: int) -> bytes | None:
+        """The refusal frame of a query admission would refuse, known from its application alone
+        (None: it goes the whole way). For the msgpack port's fast path: nothing is decoded.
+
+        A frame too big to hold a valid input goes the whole way too, so that
+        a request that could never succeed gets its own error, not OVERLOADED.
+        """
+        queue = route.queue
+        if (queue is None or not self.admission or not route.simple or self.draining
+                or frame_bytes > route.max_valid_frame):
+            return None
+        if not queue.live and queue.free:
+            return None
+        est = queue.estimate_ns(time.monotonic_ns())
+        if est is None or est <= route.answer_ns - self.loop_lag_ns:
+            return None
+        route.requests += 1
+        route.overloaded += 1
+        qid = self._next_query_id
+        self._next_query_id = qid + 1
+        msg, extra = route.overload_text(queue, est == float("inf"))
+        if route.default_on_overload:
+            route.defaults += 1
+            route.latency.count_fast()
+            return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
+        route.errors += 1
+        return pack_frame(pack([ERROR_MSG, req_id, OverloadedError.code, OverloadedError.name, msg]))
 
     def _refuse(self, conn, req_id, qid, route: AppRoute, why: str) -> None:
         """Answer a query admission refused: the default output at once, or OVERLOADED (raised)."""

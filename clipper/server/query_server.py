@@ -29,7 +29,7 @@ _RESULT = wire.RESULT
 _ERROR = wire.ERROR
 _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
-_request_input = framing.request_input
+_request_head = framing.request_head
 _check_nested = framing.check_nested
 _brief = wire.brief
 # The grant of a connection that has not authenticated (API keys required): no application.
@@ -83,8 +83,8 @@ class QueryConnection(ClientConnection):
 
     # ------------------------------------------------------------ requests
     def _on_frame(self, body) -> None:
-        found = _request_input(body)  # None unless the input is a nested list (an ndarray is not)
-        if found is not None and self._refused_before_decoding(found, body):
+        head = _request_head(body)  # PREDICT/FEEDBACK: kind, id and app from the bytes, nothing decoded
+        if head is not None and self._answered_before_decoding(head, body):
             return
         try:
             msg = self.unpack(body)
@@ -127,22 +127,33 @@ class QueryConnection(ClientConnection):
             log.exception("internal error on request %s", req_id)
             self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _refused_before_decoding(self, found: tuple, body) -> bool:
-        """Answer a request with a nested-list input that cannot be served, without building its objects.
+    def _answered_before_decoding(self, head: tuple, body) -> bool:
+        """Answer what can be answered from a frame's head alone, before its input is decoded.
 
-        The list is walked in the frame's bytes against the application's shape
-        (``framing.check_nested``): a list longer than the shape allows is refused
-        as soon as its length is read, so a 15 MB frame of nested lists costs a
-        scan, not a million Python objects. A connection without the right API
-        key is refused before that.
+        * A connection without the right API key is refused.
+        * Admission: a query its model cannot serve in time is refused at once
+          (``QueryProcessor.shed``), its input never decoded; under overload that
+          keeps a refusal far cheaper than an answer, so the loop has room for the
+          queries it admits.
+        * A nested-list input is walked in the frame's bytes against the
+          application's shape (``framing.check_nested``): a list longer than the
+          shape allows is refused as soon as its length is read, so a 15 MB frame
+          of nested lists costs a scan, not a million Python objects.
         """
-        kind, req_id, app, offset = found
+        kind, req_id, app, offset, is_list = head
         allowed = self.allowed
         if allowed is not None and app not in allowed:
             self._write_error(req_id, self._refused(app))
             return True
         route = self.processor.routes.get(app)
-        if route is None or route.np_dtype is None:
+        if route is None:
+            return False
+        if kind == _PREDICT:
+            frame = self.processor.shed(route, req_id, len(body))
+            if frame is not None:
+                self._queue(frame)
+                return True
+        if not is_list or route.np_dtype is None:
             return False
         bad = _check_nested(body, offset, route.shape)
         if bad is None or bad[0] == 4:  # a fit, or for the full decoder to judge
