@@ -835,8 +835,8 @@ class QueryProcessor:
         """
         queue = route.queue
         if (queue is None or not self.admission or not route.simple or self.draining
-                or frame_bytes > route.max_valid_frame):
-            return None
+                or frame_bytes > route.max_valid_frame or (route.use_cache and queue.cache is not None)):
+            return None  # (a cached application's query may be a hit, answered even under overload)
         if not queue.live and queue.free:
             return None
         est = queue.estimate_ns(time.monotonic_ns())
