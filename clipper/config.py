@@ -54,7 +54,7 @@ class Limits:
     max_batch_items: int = 1024  # REST input_batch items
     max_admin_connections: int = 64
     max_metrics_connections: int = 64
-    max_pipelined_requests: int = 1024  # HTTP requests of one connection awaiting their answers before reading pauses
+    max_pipelined_requests: int = 1024  # HTTP requests of one connection awaiting answers; then reading pauses
     metrics_cache_ms: int = 500  # a /metrics rendering is served again for this long (0: render every scrape)
     # A msgpack connection that sends this many HELLOs with a wrong api_key is closed (keys are 256-bit
     # random, so guessing is hopeless; the bound keeps a misbehaving client from spinning on the port).

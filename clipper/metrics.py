@@ -232,7 +232,8 @@ def families(snap: dict):
         g.add_metric([name], n)
     yield g
     closed = CounterMetricFamily("clipper_connections_closed", "Client connections the frontend closed, by "
-                                 "reason (timeouts, limits, clients that do not read)", labels=["interface", "reason"])
+                                 "reason (timeouts, limits, clients that do not read)",
+                                 labels=["interface", "reason"])
     for name, reason, n in snap["closed"]:
         closed.add_metric([name, reason], n)
     yield closed

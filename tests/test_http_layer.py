@@ -83,7 +83,8 @@ def test_nothing_is_parsed_after_a_closing_reply(frontend):
     register = (f"POST /api/v1/applications HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                 f"Authorization: Bearer {_token(frontend)}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode() + register)
+        closing = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+        s.sendall(closing + register)
         reply = read_until_closed(s)
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 200")
     assert "late" not in frontend.call(lambda: set(frontend.fe.registry.applications))

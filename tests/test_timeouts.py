@@ -18,7 +18,8 @@ PORTS = ["msgpack", "rest", "admin", "metrics"]
 
 def port_of(rf, kind: str) -> int:
     fe = rf.fe
-    return {"msgpack": fe.query_port, "rest": fe.rest_port, "admin": fe.admin_port, "metrics": fe.metrics_port}[kind]
+    ports = {"msgpack": fe.query_port, "rest": fe.rest_port, "admin": fe.admin_port, "metrics": fe.metrics_port}
+    return ports[kind]
 
 
 def server_of(rf, kind: str):
@@ -112,7 +113,7 @@ def test_slowloris_connections_are_cut_off_and_free_their_slots(frontend_factory
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(complete_request(rf, kind))
             reply = s.recv(65536)
-            assert reply and not reply.startswith(b"HTTP/1.1 5") and not reply.startswith(b"HTTP/1.1 4"), reply[:200]
+            assert reply and not reply.startswith((b"HTTP/1.1 5", b"HTTP/1.1 4")), reply[:200]
 
 
 @pytest.mark.parametrize("kind", PORTS)
@@ -334,7 +335,8 @@ def test_the_connection_that_passes_the_partial_frame_budget_is_closed(frontend_
 def test_unfinished_rest_bodies_count_against_the_partial_frame_budget(frontend_factory):
     rf = frontend_factory(max_partial_frame_bytes=1024 * 1024)
     port = rf.fe.rest_port
-    head = b"POST /x/predict HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 4000000\r\n\r\n"
+    head = (b"POST /x/predict HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000000\r\n\r\n")
     first = socket.create_connection(("127.0.0.1", port), timeout=30)
     second = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:

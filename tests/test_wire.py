@@ -348,8 +348,8 @@ def test_reader_partial_frame_is_buffered(impl):
 
 
 @FAST
-@given(st.integers(1, 48), st.lists(st.binary(max_size=64), max_size=12), st.lists(st.integers(0, 1200), max_size=30),
-       chunk_kinds)
+@given(st.integers(1, 48), st.lists(st.binary(max_size=64), max_size=12),
+       st.lists(st.integers(0, 1200), max_size=30), chunk_kinds)
 def test_buffered_and_mid_frame_agree_between_the_twins(limit, bodies, cuts, kind):
     """The msgpack port charges ``buffered`` to max_partial_frame_bytes and times ``mid_frame`` against
     header_timeout_ms: both implementations must say the same after every read, and say the truth."""

@@ -195,7 +195,8 @@ class HttpConnection(ClientConnection):
         self._now = self._last_active = _monotonic()
         n = len(data)
         try:
-            if n <= _SLICE and (not self._in_head or n <= self._head_room) and len(self.replies) < self._max_pipelined:
+            if (n <= _SLICE and (not self._in_head or n <= self._head_room)
+                    and len(self.replies) < self._max_pipelined):
                 if self._in_head:
                     self._head_room -= n
                 self.parser.feed_data(data)
