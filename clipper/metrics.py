@@ -3,12 +3,13 @@
 Nothing is computed per scrape that the query path does not already count:
 the routes, queues, replicas and the cache keep plain counters (and a few
 fixed-bucket histograms, one list increment per observation). A scrape costs
-the event loop one :func:`snapshot` of those figures (plain numbers and tuples,
-copied); the text is rendered from the snapshot in a worker thread
-(:func:`render_snapshot`; the exposition is prometheus_client's). Concurrent
-scrapes share one rendering, and a rendering is served again for
-``limits.metrics_cache_ms``. :class:`FrontendCollector` is the same families as a
-prometheus_client collector, for callers that want them directly.
+the event loop a :func:`snapshot` of those figures (plain numbers and tuples,
+copied, a slice of applications or models per loop turn); the text is rendered
+from the snapshot in a worker thread (:func:`render_snapshot`; the exposition
+is prometheus_client's). Concurrent scrapes share one rendering, and a
+rendering is served again for ``limits.metrics_cache_ms``.
+:class:`FrontendCollector` is the same families as a prometheus_client
+collector, for callers that want them directly.
 
 The port is on the frontend's one HTTP layer (:mod:`clipper.server.http`):
 pipelined scrapes are answered in order under its flow control (a client that
@@ -33,7 +34,7 @@ from .server.http import REASONS, HttpConnection, HttpReply, HttpServer, clip
 log = logging.getLogger("clipper.metrics")
 
 __all__ = ["Histogram", "LATENCY_BUCKETS_S", "BATCH_SIZE_BUCKETS", "FrontendCollector", "MetricsServer",
-           "snapshot", "render_snapshot"]
+           "snapshot", "snapshot_steps", "render_snapshot"]
 
 # Query latency: from the query's arrival to its answer.
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -107,26 +108,46 @@ def _cumulative(bounds, counts) -> list[tuple[str, int]]:
     return out
 
 
+SNAPSHOT_SLICE = 256  # applications or models read per event-loop turn by an incremental snapshot
+
+
 def snapshot(frontend) -> dict:
     """The frontend's figures as plain numbers and tuples, read on the event loop's thread.
 
-    Cheap (a few attribute reads and one histogram copy per application and
-    model); everything a rendering needs, so that it can run on another thread
-    without touching live objects.
+    Everything a rendering needs, so that it can run on another thread without
+    touching live objects. :func:`snapshot_steps` takes the same in slices.
     """
+    steps = snapshot_steps(frontend)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def snapshot_steps(frontend, slice_len: int = SNAPSHOT_SLICE):
+    """:func:`snapshot` as a generator: it yields after every ``slice_len`` applications or models
+    (so a scrape of thousands of them never holds the event loop for long) and returns the snapshot.
+    Figures read in different turns may be a few milliseconds apart; each one is exact."""
     fe = frontend
     proc = fe.processor
+    routes = list(proc.routes.items())  # a copy: the registry may change between slices
+    queues = list(proc.queues.items())
     apps = []
-    for name, r in proc.routes.items():
+    for i, (name, r) in enumerate(routes, 1):
         apps.append((name, r.requests, r.answered, r.defaults, r.errors, r.cache_hits, r.partial, r.low_confidence,
                      r.feedback, r.latency.copy()))
+        if i % slice_len == 0:
+            yield
     proc_stats = fe.manager.stats() if fe.manager is not None else {}
     models = []
-    for key, q in proc.queues.items():
+    for i, (key, q) in enumerate(queues, 1):
         models.append((key, q.queries_sent, q.batches_sent, q.queries_expired_in_queue, q.delayed_batches,
                        len(q.pending), len(q.replicas), q.wait_ns_total, _restarts(proc_stats.get(key)),
                        q.batch_sizes.copy(), q.batch_latency.copy(),
                        tuple((str(r.replica_id), r.sizer.current) for r in q.replicas)))
+        if i % slice_len == 0:
+            yield
     cache = proc.cache.stats() if proc.cache is not None else None
     servers = [(name, getattr(fe, attr, None)) for name, attr in
                (("msgpack", "query_server"), ("rest", "rest"), ("admin", "admin"), ("metrics", "metrics"))]
@@ -288,10 +309,12 @@ _TEXT = "text/plain; version=0.0.4; charset=utf-8"
 class MetricsServer(HttpServer):
     """Serves ``GET /metrics`` (Prometheus text format) on the frontend's loop.
 
-    A scrape takes a :func:`snapshot` on the loop and renders it on a worker
-    thread; scrapes that arrive meanwhile wait for that rendering, and one is
-    served again for ``limits.metrics_cache_ms`` (the figures are at most that
-    old). ``render_snapshot`` may be replaced (tests do).
+    A scrape takes a snapshot on the loop, in slices (:func:`snapshot_steps`),
+    and renders it on a worker thread; scrapes that arrive meanwhile wait for
+    that rendering. A rendering is served again for ``limits.metrics_cache_ms``,
+    or for twice as long as it took to render if that is longer (the worker
+    renders at most a third of the time, however often clients scrape); 0
+    renders for every scrape. ``render_snapshot`` may be replaced (tests do).
     """
 
     interface = "metrics"
@@ -308,9 +331,12 @@ class MetricsServer(HttpServer):
         self.renders = 0  # renderings made (the cache and coalescing keep this low)
         self._cached: bytes | None = None
         self._cached_at = 0.0  # monotonic time of the cached rendering's snapshot
+        self._fresh_for = self.cache_s  # how long the cached rendering is served
         self._waiting: list = []  # (connection, reply, head_only) waiting for the rendering in progress
-        self._rendering = None  # its future
+        self._rendering = False  # a snapshot or rendering is in progress
+        self._future = None  # the worker's rendering, while it runs
         self._executor = None
+        self._closed = False
 
     def render(self) -> bytes:
         """Snapshot and render here, now (on the loop's thread: for callers outside the port)."""
@@ -318,40 +344,52 @@ class MetricsServer(HttpServer):
 
     def scrape(self, conn: "_MetricsConnection", reply: HttpReply, head_only: bool) -> None:
         """Answer ``reply`` with the cached rendering if it is fresh, else with the next one."""
-        if self._cached is not None and time.monotonic() - self._cached_at <= self.cache_s:
+        if self._cached is not None and time.monotonic() - self._cached_at <= self._fresh_for:
             return conn.send_text(reply, 200, self._cached, head_only)
         self._waiting.append((conn, reply, head_only))
-        if self._rendering is None:
-            self._start_render()
+        if not self._rendering:
+            self._rendering = True
+            self._snapshot_step(snapshot_steps(self.frontend), time.monotonic())
 
-    def _start_render(self) -> None:
+    def _snapshot_step(self, steps, taken_at: float) -> None:
+        """One slice of the snapshot per loop turn; then the rendering goes to the worker thread."""
+        if self._closed:
+            return self._answer_waiting(None, RuntimeError("the metrics server is closing"))
+        try:
+            next(steps)
+        except StopIteration as done:
+            return self._render(done.value, taken_at)
+        except Exception as exc:  # a collector bug must not take the endpoint down silently
+            log.exception("collecting metrics failed")
+            return self._answer_waiting(None, exc)
+        self.loop.call_soon(self._snapshot_step, steps, taken_at)
+
+    def _render(self, snap: dict, taken_at: float) -> None:
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipper-metrics")
-        taken_at = time.monotonic()
-        try:
-            snap = snapshot(self.frontend)
-        except Exception as exc:  # a collector bug must not take the endpoint down silently
-            log.exception("collecting metrics failed")
-            return self._answer_waiting(None, exc, taken_at)
         self.renders += 1
-        fut = self._rendering = self.loop.run_in_executor(self._executor, self.render_snapshot, snap)
-        fut.add_done_callback(lambda f: self._rendered(f, taken_at))
+        started = time.monotonic()
+        fut = self._future = self.loop.run_in_executor(self._executor, self.render_snapshot, snap)
+        fut.add_done_callback(lambda f: self._rendered(f, taken_at, started))
 
-    def _rendered(self, fut, taken_at: float) -> None:
-        self._rendering = None
+    def _rendered(self, fut, taken_at: float, started: float) -> None:
+        self._future = None
         if fut.cancelled():
-            return self._answer_waiting(None, RuntimeError("the metrics server is closing"), taken_at)
+            return self._answer_waiting(None, RuntimeError("the metrics server is closing"))
         exc = fut.exception()
         if exc is not None:
             log.error("rendering metrics failed", exc_info=exc)
-            return self._answer_waiting(None, exc, taken_at)
+            return self._answer_waiting(None, exc)
         body = fut.result()
         self._cached, self._cached_at = body, taken_at
-        self._answer_waiting(body, None, taken_at)
+        took = time.monotonic() - started
+        self._fresh_for = 0.0 if self.cache_s == 0 else max(self.cache_s, 2 * took)
+        self._answer_waiting(body, None)
 
-    def _answer_waiting(self, body: bytes | None, exc, taken_at: float) -> None:
+    def _answer_waiting(self, body: bytes | None, exc) -> None:
+        self._rendering = False
         waiting, self._waiting = self._waiting, []
         if body is None:
             body = f"collecting metrics failed: {type(exc).__name__}: {clip(str(exc), 200)}\n".encode()
@@ -359,9 +397,10 @@ class MetricsServer(HttpServer):
             conn.send_text(reply, 200 if exc is None else 500, body, head_only)
 
     async def close(self) -> None:
+        self._closed = True
         await super().close()
-        if self._rendering is not None:  # let the thread finish before the loop may go
-            await asyncio.wait({self._rendering}, timeout=10)
+        if self._future is not None:  # let the thread finish before the loop may go
+            await asyncio.wait({self._future}, timeout=10)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

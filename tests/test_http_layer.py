@@ -361,3 +361,26 @@ def test_a_head_of_exactly_max_header_bytes_passes_and_one_byte_more_does_not(sp
     assert _answer(_feed_rest(pieces(request(256)), max_header_bytes=256))[0] == 200
     out = _feed_rest(pieces(request(258)), max_header_bytes=256)
     assert out.startswith(b"HTTP/1.1 431") and b"max_header_bytes=256" in out
+
+
+def test_a_snapshot_of_many_applications_is_taken_in_slices():
+    """A scrape holds the event loop for one slice of applications at a time, not for all of them."""
+    from clipper.metrics import Histogram, snapshot, snapshot_steps
+
+    def route(i):
+        return SimpleNamespace(requests=i, answered=i, defaults=0, errors=0, cache_hits=0, partial=0,
+                               low_confidence=0, feedback=0, latency=Histogram((0.1, 1.0)))
+
+    fe = SimpleNamespace(processor=SimpleNamespace(routes={f"a{i}": route(i) for i in range(1000)}, queues={},
+                                                   cache=None), manager=None, partial_budget=None)
+    steps = snapshot_steps(fe, slice_len=256)
+    turns = 0
+    while True:
+        try:
+            next(steps)
+            turns += 1
+        except StopIteration as done:
+            snap = done.value
+            break
+    assert turns == 1000 // 256 and [a[1] for a in snap["apps"]] == list(range(1000))
+    assert snapshot(fe)["apps"] == snap["apps"]
