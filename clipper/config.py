@@ -54,6 +54,8 @@ class Limits:
     max_batch_items: int = 1024  # REST input_batch items
     max_admin_connections: int = 64
     max_metrics_connections: int = 64
+    max_pipelined_requests: int = 1024  # HTTP requests of one connection awaiting answers; then reading pauses
+    metrics_cache_ms: int = 500  # a /metrics rendering is served again for this long (0: render every scrape)
     # A msgpack connection that sends this many HELLOs with a wrong api_key is closed (keys are 256-bit
     # random, so guessing is hopeless; the bound keeps a misbehaving client from spinning on the port).
     max_auth_failures_per_connection: int = 3
@@ -62,7 +64,7 @@ class Limits:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            lo = 0 if f.name == "max_batch_retries" else 1
+            lo = 0 if f.name in ("max_batch_retries", "metrics_cache_ms") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise InvalidConfigError(f"limit {f.name} = {value!r} is not an integer >= {lo}")
 

@@ -23,6 +23,7 @@ from .management.registry import Application, ModelVersion, Registry
 from .query.batching import ModelQueue
 from .query.processor import AppRoute, QueryProcessor
 from .rpc.server import ContainerServer
+from .server._connection import ByteBudget
 from .server.query_server import QueryServer
 
 log = logging.getLogger("clipper.frontend")
@@ -45,6 +46,7 @@ class Frontend:
         self.rest = None
         self.admin = None
         self.metrics = None
+        self.partial_budget = None  # bytes of unfinished frames and request bodies, all ports (ByteBudget)
         self.query_port: int | None = None
         self.rest_port: int | None = None
         self.admin_port: int | None = None
@@ -129,13 +131,16 @@ class Frontend:
                                            backoff_ms=cfg.restart_backoff_ms)
         self.manager.on_failure = self._container_failed
         self.rpc.on_hung = self._replica_hung
-        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}", keys)
+        self.partial_budget = ByteBudget(lim.max_partial_frame_bytes)
+        self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}", keys,
+                                        partial_budget=self.partial_budget)
         if cfg.query_port is not None:
             self.query_port = await self.query_server.start(cfg.host, cfg.query_port, ssl=tls)
         if cfg.rest_port is not None:
             from .server.rest import RestServer
 
-            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready, keys)
+            self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready, keys,
+                                   partial_budget=self.partial_budget)
             self.rest_port = await self.rest.start(cfg.host, cfg.rest_port, ssl=tls)
         if cfg.metrics_port is not None:
             from .metrics import MetricsServer

@@ -27,7 +27,8 @@ def value(m: dict, name: str, **labels) -> float:
     return m[(name, tuple(sorted(labels.items())))]
 
 
-def test_metrics_parse_and_move_with_traffic(frontend):
+def test_metrics_parse_and_move_with_traffic(frontend_factory):
+    frontend = frontend_factory(metrics_cache_ms=0)  # exact figures at each scrape (no cached rendering)
     frontend.deploy("sum", "row_sum")
     port = frontend.fe.metrics_port
     before = scrape(port)

@@ -347,6 +347,34 @@ def test_reader_partial_frame_is_buffered(impl):
     assert reader.buffered == 0
 
 
+@FAST
+@given(st.integers(1, 48), st.lists(st.binary(max_size=64), max_size=12),
+       st.lists(st.integers(0, 1200), max_size=30), chunk_kinds)
+def test_buffered_and_mid_frame_agree_between_the_twins(limit, bodies, cuts, kind):
+    """The msgpack port charges ``buffered`` to max_partial_frame_bytes and times ``mid_frame`` against
+    header_timeout_ms: both implementations must say the same after every read, and say the truth."""
+    stream = b"".join(framing_py.pack_frame(b) for b in bodies)
+    boundaries = {0}
+    pos = 0
+    for b in bodies:
+        pos += 4 + len(b)
+        boundaries.add(pos)
+    native, pure = framing_native.FrameReader(limit), framing_py.FrameReader(limit)
+    fed = 0
+    for chunk in _split(stream, cuts):
+        got = []
+        for reader in (native, pure):
+            data = {"bytes": chunk, "bytearray": bytearray(chunk), "memoryview": memoryview(chunk)}[kind]
+            items = [i if type(i) is int else bytes(i) for i in reader.feed(data)]
+            got.append((items, reader.buffered, reader.mid_frame))
+        assert got[0] == got[1]
+        fed += len(chunk)
+        _, buffered, mid = got[0]
+        assert mid == (fed not in boundaries)  # a frame has begun and not ended
+        assert buffered <= 4 + limit and (mid or buffered == 0)  # an oversized body is never held
+    assert not native.mid_frame and native.buffered == 0
+
+
 @IMPLS
 def test_reader_limit_of_4_gib_or_more(impl):
     reader = impl.FrameReader(2**32)

@@ -13,7 +13,12 @@ class FrameReader:
     def __init__(self, max_frame_bytes: int) -> None: ...
     @property
     def buffered(self) -> int:
-        """Bytes held for an incomplete frame."""
+        """Bytes held for an incomplete frame (its header or body so far): what the
+        stream costs in memory. The msgpack port charges it to ``max_partial_frame_bytes``."""
+    @property
+    def mid_frame(self) -> bool:
+        """True between a frame's first byte and its last (also while an oversized
+        body is skipped): the msgpack port's ``header_timeout_ms`` runs meanwhile."""
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview | int]: ...
 
 def pack_frame(body: bytes | bytearray | memoryview) -> bytes:

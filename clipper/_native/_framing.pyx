@@ -38,8 +38,13 @@ cdef class FrameReader:
 
     @property
     def buffered(self):
-        """Bytes held for an incomplete frame."""
+        """Bytes held for an incomplete frame (its header or body so far): what the stream costs in memory."""
         return len(self._buf)
+
+    @property
+    def mid_frame(self):
+        """True between a frame's first byte and its last (also while an oversized body is skipped)."""
+        return self._state != READ_HEADER or len(self._buf) != 0
 
     def feed(self, data):
         cdef Py_buffer pybuf

@@ -41,7 +41,9 @@ Routes::
     POST   /api/v1/admin-token/rotate                a new token (written to the token file); the old one stops
 
 Errors come back as ``{"error": {"code", "name", "message"}}`` with the same
-codes as the msgpack protocol. HTTP parsing is httptools'.
+codes as the msgpack protocol. HTTP parsing is httptools', on the frontend's one
+HTTP layer (:mod:`clipper.server.http`): bounded heads (431), timeouts, flow
+control, and at most ``max_admin_connections`` connections.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections import deque
 
 import httptools
 
@@ -65,22 +66,21 @@ from ..errors import (
     UnknownModelError,
     UnsupportedMediaTypeError,
 )
+from ..server.http import REASONS as _REASONS
+from ..server.http import HttpHeadersConnection, HttpReply, HttpServer, clip, error_body
 from . import api_key_routes
 from .registry import Application, ModelVersion
 
 log = logging.getLogger("clipper.admin")
 
 MAX_BODY_BYTES = 1024 * 1024
-MAX_HEADER_BYTES = 16384  # all header names and values of one request
-MAX_HEADERS = 100
-MAX_HEAD_BYTES = 8192 + MAX_HEADER_BYTES + 8192  # request line + headers, with room for the syntax around them
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 415: "Unsupported Media Type",
-            421: "Misdirected Request", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 _WANTED = {b"host": "host", b"content-type": "content-type", b"authorization": "authorization"}
 
 
 def _status_for(exc: ClipperError) -> int:
+    status = getattr(exc, "http_status", None)  # a connection-level limit of the HTTP layer (431, 414)
+    if status is not None:
+        return status
     if isinstance(exc, (UnknownApplicationError, UnknownModelError)):
         return 404
     if isinstance(exc, AuthenticationError):
@@ -114,105 +114,54 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     return host, int(rest[1:])
 
 
-class _HttpConnection(asyncio.Protocol):
-    """One admin connection: requests parsed by httptools, answered in the order they came.
+class _AdminConnection(HttpHeadersConnection):
+    """One admin connection: a router on the shared HTTP layer.
 
-    Until a request's headers are complete the parser is fed at most
-    ``MAX_HEAD_BYTES`` of it (httptools would otherwise keep growing an
-    unfinished header line); a refused request is answered before its body is
-    read; after a reply that closes the connection nothing more is parsed.
+    The layer bounds the head (431) before httptools can grow an unfinished
+    header line, answers pipelined requests in order and parses nothing after
+    a closing reply. Here: a request is refused (``AdminServer.refusal``) as
+    soon as its headers are complete, and a refused request's body is not kept.
     """
 
-    def __init__(self, server: "AdminServer") -> None:
-        self.server = server
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport = None
-        self.hosts: frozenset = frozenset()
-        self._slots: deque[list] = deque()  # [reply bytes or None while it is being made, close?] in request order
-        self._closing = False
-        self._in_head = True  # reading a request line and headers
-        self._head_room = MAX_HEAD_BYTES
-        self._reset()
+    wanted_headers = _WANTED
 
-    def _reset(self) -> None:
-        self._url = b""
-        self._body = []
-        self._size = 0
-        self._too_large = False
-        self._headers: dict[str, str] = {}
-        self._header_bytes = 0
-        self._header_count = 0
-        self._headers_overflow = False
+    def __init__(self, server: "AdminServer") -> None:
+        super().__init__(server)
+        self.hosts: frozenset = frozenset()
         self._refusal: ClipperError | None = None
 
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.hosts = self.server.hosts_for(transport.get_extra_info("sockname"))
+        super().connection_made(transport)
+        if not self.closed:
+            self.hosts = self.server.hosts_for(transport.get_extra_info("sockname"))
 
-    def data_received(self, data) -> None:
-        try:
-            while data and not self._closing:
-                if self._in_head:
-                    if self._head_room <= 0:
-                        self._headers_overflow = True
-                        raise httptools.HttpParserError("request head too large")
-                    chunk, data = data[:self._head_room], data[self._head_room:]
-                    self._head_room -= len(chunk)
-                else:
-                    chunk, data = data, b""
-                self.parser.feed_data(chunk)
-        except httptools.HttpParserUpgrade:
-            self._reply(400, {"error": {"code": 100, "name": "PROTOCOL_ERROR", "message": "upgrade not supported"}},
-                        close=True)
-        except httptools.HttpParserError as exc:
-            if self._headers_overflow:
-                return self._reply(431, {"error": {"code": 105, "name": "LIMIT_EXCEEDED", "message": (
-                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes, or the headers "
-                    f"{MAX_HEADER_BYTES} bytes or {MAX_HEADERS} fields")}}, close=True)
-            self._reply(400, {"error": {"code": 101, "name": "MALFORMED_FRAME", "message": f"bad HTTP: {exc}"}},
-                        close=True)
+    def status_for(self, exc: ClipperError) -> int:
+        return _status_for(exc)
 
-    # httptools callbacks
+    def refusal(self, exc: ClipperError, status: int = 503) -> bytes:
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return self._response(status, _err(exc), True, headers)
+
+    # httptools callbacks (besides the layer's)
     def on_message_begin(self) -> None:
-        self._reset()
-
-    def on_url(self, url: bytes) -> None:
-        if len(self._url) + len(url) > 8192:  # a bounded request target: httptools stops, 400, close
-            raise ValueError("the request target exceeds 8192 bytes")
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        self._header_count += 1
-        if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
-            self._headers_overflow = True
-            raise ValueError("request headers too large")
-        key = _WANTED.get(name.lower())
-        if key is not None:
-            if key in self._headers:  # two Host or Authorization headers: ambiguous, refuse
-                self._refusal = RequestError(f"the {key} header appears more than once")
-            self._headers[key] = value.decode("latin-1")
+        super().on_message_begin()
+        self._refusal = None
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._refusal is None:
-            self._refusal = self.server.refusal(self.parser.get_method(), self._url, self._headers, self.hosts)
+        self._head_done()
+        if self.repeated_header is not None:  # two Host or Authorization headers: ambiguous, refuse
+            self._refusal = RequestError(f"the {self.repeated_header} header appears more than once")
+            return
+        headers = {k: v.decode("latin-1") for k, v in self.headers.items()}
+        self._refusal = self.server.refusal(self.parser.get_method(), self.url, headers, self.hosts)
 
     def on_body(self, body: bytes) -> None:
         if self._refusal is not None:
             return  # a refused request's body is not kept
-        self._size += len(body)
-        if self._size > MAX_BODY_BYTES:
-            self._too_large = True
-        else:
-            self._body.append(body)
+        super().on_body(body)
 
-    def on_message_complete(self) -> None:
-        self._in_head, self._head_room = True, MAX_HEAD_BYTES  # the next request's head
-        if self._closing:
-            return
+    def on_request(self, body: list, keep: bool) -> None:
         method = self.parser.get_method().decode()
-        keep = self.parser.should_keep_alive()
         head_only = method == "HEAD"
         if self._refusal is not None:
             exc = self._refusal
@@ -220,16 +169,19 @@ class _HttpConnection(asyncio.Protocol):
             headers = {"WWW-Authenticate": 'Bearer realm="clipper-admin"'} if status == 401 else None
             return self._reply(status, _err(exc), close=not keep or status == 421, headers=headers,
                                head_only=head_only)
-        path = httptools.parse_url(self._url).path.decode("utf-8", "replace")
-        if self._too_large:
+        try:
+            path = httptools.parse_url(self.url).path.decode("utf-8", "replace")
+        except httptools.HttpParserInvalidURLError:
+            return self._reply(400, _err(RequestError(f"the request target {clip(self.url)!r} is not a valid URL")),
+                               close=not keep, head_only=head_only)
+        if self.body_too_large:
             return self._reply(413, {"error": {"code": 105, "name": "LIMIT_EXCEEDED",
                                                "message": f"body exceeds {MAX_BODY_BYTES} bytes"}}, close=True)
-        body = b"".join(self._body) if method not in ("GET", "HEAD") else b""
-        slot = self._slot()
-        self.server.loop.create_task(self._handle(slot, "GET" if head_only else method, path, body, keep,
-                                                  head_only))
+        data = b"".join(body) if method not in ("GET", "HEAD") else b""
+        slot = self.new_reply(HttpReply(close=not keep))
+        self.server.loop.create_task(self._handle(slot, "GET" if head_only else method, path, data, head_only))
 
-    async def _handle(self, slot: list, method: str, path: str, body: bytes, keep: bool, head_only: bool) -> None:
+    async def _handle(self, slot: HttpReply, method: str, path: str, body: bytes, head_only: bool) -> None:
         try:
             data = json.loads(body) if body else {}
             status, payload = await self.server.route(method, path, data)
@@ -239,44 +191,31 @@ class _HttpConnection(asyncio.Protocol):
             status, payload = _status_for(exc), _err(exc)
         except Exception as exc:
             log.exception("admin request failed")
-            status, payload = 500, _err(InternalError(f"{type(exc).__name__}: {exc}"))
-        self._fill(slot, status, payload, close=not keep, head_only=head_only)
+            status, payload = 500, _err(InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}"))
+        self._fill(slot, status, payload, head_only=head_only)
 
-    # replies, in request order
-    def _slot(self) -> list:
-        slot = [None, False]
-        self._slots.append(slot)
-        return slot
-
+    # replies, in request order (the layer writes them)
     def _reply(self, status: int, payload, close: bool = False, headers: dict | None = None,
                head_only: bool = False) -> None:
-        self._fill(self._slot(), status, payload, close, headers, head_only)
+        self._fill(self.new_reply(HttpReply(close=close)), status, payload, headers, head_only)
 
-    def _fill(self, slot: list, status: int, payload, close: bool = False, headers: dict | None = None,
+    def _fill(self, slot: HttpReply, status: int, payload, headers: dict | None = None,
               head_only: bool = False) -> None:
+        if self.closed:
+            return
         body = json.dumps(payload, default=_json_default).encode()
+        slot.data = self._response(status, body, slot.close, headers, head_only)
+        self.reply_ready(slot)
+
+    @staticmethod
+    def _response(status: int, body, close: bool, headers: dict | None = None, head_only: bool = False) -> bytes:
+        if not isinstance(body, bytes):
+            body = json.dumps(body, default=_json_default).encode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
                 f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
-        slot[0] = head.encode() + (b"" if head_only else body)
-        slot[1] = close
-        if close:
-            self._closing = True  # what comes after this request on the connection is not read
-        self._flush()
-
-    def _flush(self) -> None:
-        slots = self._slots
-        while slots and slots[0][0] is not None:
-            data, close = slots.popleft()
-            if self.transport is None or self.transport.is_closing():
-                slots.clear()
-                return
-            self.transport.write(data)
-            if close:
-                self.transport.close()
-                slots.clear()
-                return
+        return head.encode() + (b"" if head_only else body)
 
 
 def _json_default(obj):
@@ -292,19 +231,26 @@ def _json_default(obj):
 
 
 def _err(exc: ClipperError) -> dict:
-    return {"error": {"code": exc.code, "name": exc.name, "message": exc.message}}
+    return error_body(exc)  # the message cut at a bound: no error echoes unbounded client data
 
 
-class AdminServer:
+class AdminServer(HttpServer):
+    """The admin port: at most ``max_admin_connections`` connections, bodies up to MAX_BODY_BYTES."""
+
+    connection_class = _AdminConnection
+    interface = "admin"
+    max_connections_name = "max_admin_connections"
+    max_body_bytes = MAX_BODY_BYTES
+
     def __init__(self, frontend) -> None:
         from ..security.admin_token import AdminToken
 
+        cfg = frontend.config
+        super().__init__(asyncio.get_running_loop(), cfg.limits, max_connections=cfg.limits.max_admin_connections,
+                         partial_budget=getattr(frontend, "partial_budget", None))
         self.frontend = frontend
-        self.loop = asyncio.get_running_loop()
-        self._server = None
         self.port: int | None = None
         self.tls = False
-        cfg = frontend.config
         self.token = AdminToken(cfg.admin_token_file or frontend.secrets_dir() / "admin-token")
         self._published = None
 
@@ -321,8 +267,7 @@ class AdminServer:
             key = base / Path(cfg.admin_tls_key_file).expanduser()
             ssl_ctx = server_tls_context(cert, key, ("admin_tls_cert_file", "admin_tls_key_file"))
             self.tls = True
-        self._server = await self.loop.create_server(lambda: _HttpConnection(self), host, port, ssl=ssl_ctx)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await super().start(host, port, ssl=ssl_ctx)
         from ..security.admin_token import publish
 
         self._published = publish(host, self.port, self.token.path, str(cert) if cert else None)
@@ -333,9 +278,7 @@ class AdminServer:
 
         unpublish(self._published)
         self._published = None
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await super().close()
 
     # ------------------------------------------------------------ who may ask
     def hosts_for(self, sockname) -> frozenset:
@@ -392,7 +335,7 @@ class AdminServer:
         if parts == ["health"]:
             return 200, {"status": "ok"}
         if parts[:2] != ["api", "v1"]:
-            return 404, _err(RequestError(f"no route {method} {path}"))
+            return 404, _err(RequestError(f"no route {method} {clip(path)}"))
         rest = parts[2:]
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")
@@ -464,7 +407,7 @@ class AdminServer:
                 return 201, {"app": app, "link": link, "linked_models": fe.registry.linked_models(app)}
             await fe.unlink(app, model if version is None else f"{model}:{version}")
             return 200, {"app": app, "linked_models": fe.registry.linked_models(app)}
-        return 404, _err(RequestError(f"no route {method} {path}"))
+        return 404, _err(RequestError(f"no route {method} {clip(path)}"))
 
     def _credentials(self, method: str, rest: list, data: dict) -> tuple[int, object]:
         fe = self.frontend
@@ -484,7 +427,7 @@ class AdminServer:
             return 201, doc
         if len(rest) == 2 and method == "DELETE":
             return 200, {"revoked": fe.revoke_container_credentials(rest[1])}
-        return 404, _err(RequestError(f"no route {method} /api/v1/{'/'.join(rest)}"))
+        return 404, _err(RequestError(f"no route {method} /api/v1/{clip('/'.join(rest))}"))
 
     def _app(self, name: str) -> dict:
         fe = self.frontend

@@ -9,15 +9,21 @@ With API keys required (``require_api_keys``), a connection authenticates
 with the HELLO info field ``api_key``; it then holds its key's live grant
 (a set of application names) and each PREDICT and FEEDBACK costs one set
 lookup. Without API keys the check is one ``is None`` test.
+
+Connection-level rules (limits, ``header_timeout_ms``, ``idle_timeout_ms``,
+clients that do not read, the frontend-wide ``max_partial_frame_bytes``) are the
+shared base's (``_connection.py``); ``data_received`` keeps it told what the
+frame reader holds (``buffered``) and whether a frame is unfinished (``mid_frame``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from .. import errors as E
 from .._native import framing
-from ._connection import ClientConnection, ClientServer
+from ._connection import PAUSED_WRITE, ClientConnection, ClientServer
 from ..protocol import wire
 
 log = logging.getLogger("clipper.server")
@@ -34,6 +40,7 @@ _check_nested = framing.check_nested
 _brief = wire.brief
 # The grant of a connection that has not authenticated (API keys required): no application.
 _NOT_AUTHENTICATED: frozenset = frozenset()
+_monotonic = time.monotonic
 
 
 class QueryConnection(ClientConnection):
@@ -57,7 +64,7 @@ class QueryConnection(ClientConnection):
         self.auth_failures = 0
 
     # ------------------------------------------------------------ transport
-    def refusal(self, exc: E.ClipperError) -> bytes:
+    def refusal(self, exc: E.ClipperError, status: int = 503) -> bytes:
         return framing.pack_frame(wire.pack(wire.error(None, exc)))
 
     def connection_made(self, transport) -> None:
@@ -74,12 +81,44 @@ class QueryConnection(ClientConnection):
                 pass
 
     def data_received(self, data) -> None:
-        for item in self.reader.feed(data):
+        now = self._last_active = _monotonic()
+        reader = self.reader
+        items = reader.feed(data)
+        # header_timeout_ms runs from the first byte of the frame that is still unfinished.
+        if reader.mid_frame:
+            if items or not self._partial_since:
+                self._partial_since = now
+        else:
+            self._partial_since = 0.0
+        for item in items:
             if type(item) is int:
                 self._write_error(None, E.FrameTooLargeError(
                     f"frame of {item} bytes exceeds max_frame_bytes={self.server.limits.max_frame_bytes}"))
             else:
                 self._on_frame(item)
+        held = reader.buffered
+        if held != self._charged and not self._charge(held) and not self.closed:
+            self._on_partial_budget(held)
+
+    def _on_partial_budget(self, held: int) -> None:
+        """This connection's unfinished frame passes the frontend-wide budget: LIMIT_EXCEEDED, close."""
+        exc = self._partial_refusal(held)
+        self.reader = framing.FrameReader(self.server.limits.max_frame_bytes)  # its buffer goes now
+        self.close_for("partial_budget", exc)
+
+    def busy(self) -> bool:
+        return self.pending > 0 or bool(self._out) or super().busy()
+
+    def before_close(self) -> None:
+        if self._out:
+            self._flush()
+
+    def on_header_timeout(self) -> None:
+        ms = self.server.limits.header_timeout_ms
+        self.reader = framing.FrameReader(self.server.limits.max_frame_bytes)
+        self.close_for("header_timeout", E.LimitExceededError(
+            f"no complete frame within header_timeout_ms={ms} of its first byte (or of the connection's start): "
+            f"the connection is closed"))
 
     # ------------------------------------------------------------ requests
     def _on_frame(self, body) -> None:
@@ -301,21 +340,23 @@ class QueryConnection(ClientConnection):
             return
         self._out = []
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._pause_mask & PAUSED_WRITE:  # the client does not read: past max_unread_reply_bytes, cut it off
+            self._check_unread()
 
 
 class QueryServer(ClientServer):
     """Listens on the msgpack query port."""
 
     connection_class = QueryConnection
+    interface = "msgpack"
 
-    def __init__(self, loop, processor, limits, server_name: str, api_keys=None) -> None:
+    def __init__(self, loop, processor, limits, server_name: str, api_keys=None, partial_budget=None) -> None:
         """``api_keys``: the :class:`~clipper.security.ApiKeyRegistry` whose keys every
-        PREDICT and FEEDBACK needs; None: no key needed."""
-        self.loop = loop
+        PREDICT and FEEDBACK needs; None: no key needed. ``partial_budget``: the frontend's
+        :class:`~clipper.server._connection.ByteBudget` of partial bytes (its own when None)."""
+        super().__init__(loop, limits, partial_budget=partial_budget)
         self.processor = processor
-        self.limits = limits
         self.server_name = server_name
         self.api_keys = api_keys
         self.unpack = wire.make_unpacker(limits.decode_limits())
         self.packer = wire.new_packer()  # used on the event loop's thread only
-        self.connections: set[QueryConnection] = set()

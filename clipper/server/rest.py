@@ -24,7 +24,10 @@ fails that request; the connection goes on (except after a request httptools
 cannot parse, which closes it).
 
 Requests on one connection are answered in order (HTTP/1.1 pipelining); each
-is parsed by httptools, never by hand.
+is parsed by httptools, never by hand, on the shared HTTP layer
+(:mod:`clipper.server.http`: bounded heads and bodies, timeouts, flow control,
+the frontend-wide budget of partial bytes). ``OVERLOADED`` answers 503 with
+``Retry-After: 1``; ``input_batch`` holds at most ``max_batch_items`` inputs.
 
 With API keys required (``require_api_keys``), ``/<app>/predict`` and
 ``/<app>/update`` need ``Authorization: Bearer <key>``: no key, or one that is
@@ -38,7 +41,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections import deque
 
 import httptools
 import numpy as np
@@ -46,38 +48,19 @@ import orjson
 
 from .. import errors as E
 from ..security.api_keys import MAX_API_KEY_CHARS
-from ._connection import ClientConnection, ClientServer
+from .http import REASONS as _REASONS
+from .http import HttpConnection, HttpHeadersConnection, HttpReply, HttpServer, clip, error_body, http_status
 
 log = logging.getLogger("clipper.rest")
 
-__all__ = ["RestServer"]
+__all__ = ["RestServer", "http_status", "error_body"]
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
-MAX_URL_BYTES = 8192  # the request target; past it the request fails and the connection closes
-_SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExceededError)
+_RETRY_AFTER = "Retry-After: 1\r\n"  # with a 503 for OVERLOADED: the client may try again shortly
 
 
-def http_status(exc: E.ClipperError) -> int:
-    if isinstance(exc, E.UnknownApplicationError):
-        return 404
-    if isinstance(exc, E.AuthenticationError):
-        return 401
-    if isinstance(exc, E.PermissionDeniedError):
-        return 403
-    if isinstance(exc, E.FrameTooLargeError):
-        return 413
-    if isinstance(exc, (E.RequestError, E.ProtocolError)):
-        return 400
-    if isinstance(exc, _SERVING_UNAVAILABLE):
-        return 503
-    if isinstance(exc, E.ServingError):
-        return 500
-    return 500
-
-
-def error_body(exc: E.ClipperError) -> dict:
-    return {"error": {"code": exc.code, "name": exc.name, "message": exc.message}}
+def _error_head(exc: E.ClipperError) -> str:
+    """Header lines an error's answer carries besides the usual ones."""
+    return _RETRY_AFTER if type(exc) is E.OverloadedError else ""
 
 
 def _to_json(obj):
@@ -110,31 +93,44 @@ def result_json(query_id, output, is_default, extra) -> dict:
     return out
 
 
-class _Reply:
+class _Reply(HttpReply):
     """The answer to one HTTP request: complete when its ``waiting`` answers are in.
 
     It stands in for a connection to the query processor (``send_result``,
     ``send_error``, ``send_feedback_ok``); ``req_id`` is the item's index in
-    the request (0 for a single input).
+    the request (0 for a single input). Its place in the connection's reply
+    order is the :class:`HttpReply` it is.
     """
 
-    __slots__ = ("conn", "keep_alive", "status", "payload", "items", "waiting", "batch", "feedback", "sent", "head")
+    __slots__ = ("conn", "status", "payload", "items", "waiting", "batch", "feedback", "head")
 
     def __init__(self, conn: "RestConnection", keep_alive: bool) -> None:
+        self.data = None
+        self.close = not keep_alive
         self.conn = conn
-        self.keep_alive = keep_alive
         self.status = 200
         self.payload = None
         self.items: list = []
         self.waiting = 0
         self.batch = False
         self.feedback = False
-        self.sent = False
         self.head = ""  # extra header lines of the answer ("Name: value\r\n" each)
 
     def finish(self, status: int, payload) -> None:
         self.status, self.payload, self.waiting = status, payload, 0
-        self.conn.flush()
+        self._ready()
+
+    def _ready(self) -> None:
+        """Encode the answer and hand it to the connection (which writes it in its turn)."""
+        conn = self.conn
+        if conn.closed:
+            return
+        try:
+            self.data = _http(self.status, self.payload, not self.close, self.head)
+        except (TypeError, ValueError) as exc:  # an output JSON cannot carry (an odd object)
+            err = E.ModelError(f"the answer cannot be encoded as JSON: {clip(str(exc), 200)}")
+            self.data = _http(500, error_body(err), not self.close)
+        conn.reply_ready(self)
 
     # -- the query processor's view
     def send_result(self, req_id, query_id, output, is_default, extra) -> None:
@@ -154,7 +150,7 @@ class _Reply:
         self.waiting -= 1
         if self.waiting <= 0:
             self._compose()
-            self.conn.flush()
+            self._ready()
 
     def _compose(self) -> None:
         if self.batch:
@@ -165,86 +161,38 @@ class _Reply:
         item = self.items[0]
         if isinstance(item, E.ClipperError):
             self.status, self.payload = http_status(item), error_body(item)
+            self.head = _error_head(item)
         else:
             self.status, self.payload = 200, item
 
 
-class RestConnection(ClientConnection):
-    """One HTTP client connection."""
+class RestConnection(HttpConnection):
+    """One HTTP client connection of the REST port: the router of the shared HTTP layer."""
 
     def __init__(self, server: "RestServer") -> None:
         super().__init__(server)
         self.processor = server.processor
-        self.parser = httptools.HttpRequestParser(self)
-        self.replies: deque[_Reply] = deque()
         self.in_flight = 0  # queries of this connection awaiting answers
-        self._url = b""
-        self._body: list = []
-        self._size = 0
-        self._too_large = False
 
-    # ------------------------------------------------------------ transport
-    def refusal(self, exc: E.ClipperError) -> bytes:
-        return _http(503, error_body(exc), False)
-
-    def data_received(self, data) -> None:
+    # ------------------------------------------------------------ requests
+    def on_request(self, body: list, keep_alive: bool) -> None:
+        reply = self.new_reply(_Reply(self, keep_alive))
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fatal(E.ProtocolError("HTTP upgrade is not supported"))
-        except httptools.HttpParserCallbackError as exc:  # a callback refused (a limit)
-            cause = exc.__context__
-            self._fatal(cause if isinstance(cause, E.ClipperError) else E.MalformedFrameError(str(exc)))
-        except httptools.HttpParserError as exc:
-            self._fatal(E.MalformedFrameError(f"the request is not valid HTTP/1.1: {exc}"))
-
-    def _fatal(self, exc: E.ClipperError) -> None:
-        """A request httptools cannot parse: answer it after those before it, then close."""
-        r = _Reply(self, keep_alive=False)
-        self.replies.append(r)
-        r.finish(http_status(exc), error_body(exc))
-
-    # ------------------------------------------------------------ httptools callbacks
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._body = []
-        self._size = 0
-        self._too_large = False
-
-    def on_url(self, url: bytes) -> None:
-        if len(self._url) + len(url) > MAX_URL_BYTES:
-            raise E.LimitExceededError(f"the request target exceeds {MAX_URL_BYTES} bytes")  # httptools stops
-        self._url += url
-
-    def on_body(self, body: bytes) -> None:
-        self._size += len(body)
-        if self._size > self.server.max_body_bytes:
-            self._too_large = True
-            self._body = []
-        elif not self._too_large:
-            self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        reply = _Reply(self, self.parser.should_keep_alive())
-        self.replies.append(reply)
-        try:
-            self._handle(reply)
+            self._handle(reply, body)
         except E.ClipperError as exc:
-            if type(exc) is E.AuthenticationError:
-                reply.head = self._challenge
+            reply.head = self._challenge if type(exc) is E.AuthenticationError else _error_head(exc)
             reply.finish(http_status(exc), error_body(exc))
         except Exception as exc:  # a bug: fail this request, keep the connection
             log.exception("internal error on a REST request")
-            err = E.InternalError(f"{type(exc).__name__}: {exc}")
+            err = E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}")
             reply.finish(500, error_body(err))
 
-    # ------------------------------------------------------------ requests
-    def _handle(self, reply: _Reply) -> None:
+    def _handle(self, reply: _Reply, body: list) -> None:
         method = self.parser.get_method()
         try:
-            path = httptools.parse_url(self._url).path.decode("utf-8")
+            path = httptools.parse_url(self.url).path.decode("utf-8")
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
-            raise E.MalformedFrameError(f"the request target {self._url[:200]!r} is not a valid URL") from None
+            raise E.MalformedFrameError(f"the request target {clip(self.url)!r} is not a valid URL") from None
         parts = [p for p in path.split("/") if p]
         if parts in (["healthz"], ["health"]):
             return reply.finish(200, {"status": "ok"})
@@ -254,17 +202,17 @@ class RestConnection(ClientConnection):
                                 {"ready": not not_ready, **({"not_ready": not_ready} if not_ready else {})})
         if len(parts) != 2 or parts[1] not in ("predict", "update"):
             return reply.finish(404, error_body(E.RequestError(
-                f"no route {method.decode()} {path}; expected POST /<app>/predict or POST /<app>/update")))
+                f"no route {method.decode()} {clip(path)}; expected POST /<app>/predict or POST /<app>/update")))
         if method != b"POST":
-            return reply.finish(405, error_body(E.RequestError(f"{path} takes POST, not {method.decode()}")))
+            return reply.finish(405, error_body(E.RequestError(f"{clip(path)} takes POST, not {method.decode()}")))
         self._authorize(parts[0])  # before the application is looked up: no key, no hint of what exists
-        if self._too_large:
+        if self.body_too_large:
             raise E.FrameTooLargeError(f"the request body exceeds max_frame_bytes={self.server.max_body_bytes}")
         app_name = parts[0]
         route = self.processor.routes.get(app_name)
         if route is None:
-            raise E.UnknownApplicationError(f"no application named {app_name!r} is registered")
-        data = self._json_body()
+            raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
+        data = self._json_body(body)
         user = data.get("user")
         if user is None and isinstance(data.get("uid"), (int, str)) and not isinstance(data.get("uid"), bool):
             user = str(data["uid"])  # the original Clipper's name for it
@@ -275,6 +223,9 @@ class RestConnection(ClientConnection):
             xs = data["input_batch"]
             if type(xs) is not list:
                 raise E.InvalidInputError(f"input_batch is a {type(xs).__name__}; expected a JSON array of inputs")
+            max_items = self.server.limits.max_batch_items
+            if len(xs) > max_items:
+                raise E.InvalidInputError(f"input_batch has {len(xs)} inputs; max_batch_items is {max_items}")
             reply.batch = True
         elif "input" in data:
             xs = [data["input"]]
@@ -296,7 +247,7 @@ class RestConnection(ClientConnection):
                 reply.send_error(i, exc)
             except Exception as exc:  # a bug fails this item only, and its count goes back
                 log.exception("internal error on a REST query")
-                reply.send_error(i, E.InternalError(f"{type(exc).__name__}: {exc}"))
+                reply.send_error(i, E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}"))
 
     def _update(self, reply: _Reply, route, app_name: str, data: dict, options) -> None:
         if "input" not in data or "label" not in data:
@@ -311,19 +262,20 @@ class RestConnection(ClientConnection):
             reply.send_error(0, exc)
         except Exception as exc:
             log.exception("internal error on a REST update")
-            reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {exc}"))
+            reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}"))
 
     _challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'  # sent with a 401
 
     def _authorize(self, app_name: str) -> None:
         """Raise unless this request may query ``app_name`` (open here; see KeyedRestConnection)."""
 
-    def _json_body(self) -> dict:
-        body = b"".join(self._body)
+    @staticmethod
+    def _json_body(body: list) -> dict:
+        body = body[0] if len(body) == 1 else b"".join(body)
         try:
             data = orjson.loads(body) if body else None
         except orjson.JSONDecodeError as exc:
-            raise E.InvalidInputError(f"the body is not JSON: {exc}") from None
+            raise E.InvalidInputError(f"the body is not JSON: {clip(str(exc), 200)}") from None
         if type(data) is not dict:
             raise E.InvalidInputError(f"the body must be a JSON object, not {type(data).__name__}")
         return data
@@ -341,28 +293,6 @@ class RestConnection(ClientConnection):
                 raise E.InvalidInputError("input is not valid base64") from None
         return x
 
-    # ------------------------------------------------------------ replies
-    def flush(self) -> None:
-        """Write every finished reply at the head of the queue, in request order."""
-        out = []
-        close = False
-        replies = self.replies
-        while replies and replies[0].waiting <= 0 and replies[0].payload is not None:
-            r = replies.popleft()
-            try:
-                out.append(_http(r.status, r.payload, r.keep_alive, r.head))
-            except (TypeError, ValueError) as exc:  # an output JSON cannot carry (an odd object)
-                err = E.ModelError(f"the answer cannot be encoded as JSON: {exc}")
-                out.append(_http(500, error_body(err), r.keep_alive))
-            if not r.keep_alive:
-                close = True
-                replies.clear()
-                break
-        if out and not self.closed:
-            self.transport.write(b"".join(out))
-            if close:
-                self.transport.close()
-                self.closed = True
 
 
 def _http(status: int, payload, keep_alive: bool, extra_head: str = "") -> bytes:
@@ -379,34 +309,27 @@ _BEARER = b"bearer"
 _MAX_AUTHORIZATION_BYTES = len("Bearer ") + MAX_API_KEY_CHARS
 
 
-class KeyedRestConnection(RestConnection):
+class KeyedRestConnection(RestConnection, HttpHeadersConnection):
     """A REST connection whose query routes need ``Authorization: Bearer <API key>``.
 
     A subclass, so that a frontend without API keys parses no header at all
     (httptools calls ``on_header`` only on a protocol that has it).
     """
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._authorization = None
-        self._authorization_headers = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 13 and name.lower() == _AUTHORIZATION:
-            self._authorization_headers += 1
-            # A value longer than any key could be is kept as a marker only (never stored whole).
-            self._authorization = value if len(value) <= _MAX_AUTHORIZATION_BYTES else b"?"
+    wanted_headers = {_AUTHORIZATION: "authorization"}
 
     def _authorize(self, app_name: str) -> None:
-        header = self._authorization
+        header = self.headers.get("authorization")
         if header is None:
             self._challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'
             raise E.AuthenticationError(f"the server requires an API key: send 'Authorization: Bearer <key>' "
-                                        f"with a key granting application {app_name!r}")
+                                        f"with a key granting application {clip(app_name)!r}")
         # RFC 6750: a request that carried a token that does not work is told invalid_token.
         self._challenge = 'WWW-Authenticate: Bearer realm="clipper", error="invalid_token"\r\n'
-        if self._authorization_headers > 1:
+        if self.repeated_header is not None:
             raise E.AuthenticationError("the request carries several Authorization headers; send one")
+        if len(header) > _MAX_AUTHORIZATION_BYTES:  # longer than any key could be
+            header = b"?"
         scheme, _, token = header.strip().partition(b" ")
         if scheme.lower() != _BEARER:
             raise E.AuthenticationError(f"the Authorization scheme is {scheme[:20].decode('latin-1')!r}; "
@@ -415,23 +338,23 @@ class KeyedRestConnection(RestConnection):
         if key is None:
             raise E.AuthenticationError("the bearer token is not a valid API key (unknown or revoked)")
         if app_name not in key.apps:
-            raise E.PermissionDeniedError(f"the API key {key.id} does not grant application {app_name!r}")
+            raise E.PermissionDeniedError(f"the API key {key.id} does not grant application {clip(app_name)!r}")
 
 
-class RestServer(ClientServer):
+class RestServer(HttpServer):
     """Listens for REST queries on the frontend's loop."""
 
     connection_class = RestConnection
+    interface = "rest"
 
-    def __init__(self, loop, processor, limits, not_ready, api_keys=None) -> None:
+    def __init__(self, loop, processor, limits, not_ready, api_keys=None, partial_budget=None) -> None:
         """``api_keys``: the :class:`~clipper.security.ApiKeyRegistry` whose keys the query
-        routes need; None: no key needed."""
-        self.loop = loop
+        routes need; None: no key needed. ``partial_budget``: the frontend's
+        :class:`~clipper.server._connection.ByteBudget` of partial bytes (its own when None)."""
+        super().__init__(loop, limits, partial_budget=partial_budget)
         self.processor = processor
-        self.limits = limits
         self.api_keys = api_keys
         if api_keys is not None:
             self.connection_class = KeyedRestConnection
         self.max_body_bytes = limits.max_frame_bytes
         self.not_ready = not_ready  # () -> list of applications without a connected replica
-        self.connections: set[RestConnection] = set()
