@@ -216,7 +216,8 @@ class QueryConnection(ClientConnection):
         offered = opts.get("versions", [wire.PROTOCOL_VERSION])
         if not isinstance(offered, list):
             raise E.MalformedFrameError("HELLO versions must be an array of integers")
-        common = [v for v in offered if type(v) is int and v in wire.SUPPORTED_VERSIONS]  # an array would compare elementwise
+        # Only integers count: an array among them would compare elementwise.
+        common = [v for v in offered if type(v) is int and v in wire.SUPPORTED_VERSIONS]
         if not common:
             raise E.UnsupportedVersionError(
                 f"client offers protocol versions {_brief(offered)}; this server speaks "
