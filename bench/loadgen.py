@@ -759,12 +759,14 @@ def _sample_window(probe, t_from: int, t_to: int, out: dict, stop) -> None:
         out["server_cpu_error"] = repr(exc)
 
 
-def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
+def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
     """Run one measurement; return the report (see bench/README.md).
 
     ``cpu_probe``, if given, returns the server's cumulative CPU seconds; it
     is read at both ends of the window and the report gets
-    ``server_cpu_cores``.
+    ``server_cpu_cores``. ``on_start``, if given, is called with the start
+    time (CLOCK_MONOTONIC ns; the window opens ``warmup_s`` later) once the
+    workers are told it, so a caller can time events (a fault) against the window.
     """
     spec.validate()
     workers = min(spec.workers, spec.connections)
@@ -809,6 +811,8 @@ def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
         t_start = _now() + 100_000_000  # every worker starts at the same instant
         for pipe in pipes:
             pipe.send(("start", t_start))
+        if on_start is not None:
+            on_start(t_start)
         if cpu_probe is not None:
             ws = t_start + int(spec.warmup_s * 1e9)
             probe_thread = threading.Thread(
