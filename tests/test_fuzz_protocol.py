@@ -16,7 +16,7 @@ points; truncated frames and oversized length prefixes. After each example:
   connection does;
 - the frontend's event loop reported no error (checked by the fixture).
 
-The long run of the same idea is ``bench/fuzz_protocol.py``.
+The long run of the same idea is ``bench/fuzz_protocol.py`` (whose reply checks this file uses).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from hypothesis.extra import numpy as hnp
 from clipper import errors as E
 from clipper.protocol import wire
 
+from bench.fuzz_protocol import check_reply
 from conftest import WireConn
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,17 +44,6 @@ APP = "fz"
 REPLY_TIMEOUT_S = 10.0
 
 
-def _all_codes() -> dict[int, str]:
-    out, stack = {}, [E.ClipperError]
-    while stack:
-        cls = stack.pop()
-        out[cls.code] = cls.name
-        stack.extend(cls.__subclasses__())
-    return out
-
-
-KNOWN_CODES = _all_codes()
-REPLY_TYPES = {wire.HELLO_OK, wire.RESULT, wire.FEEDBACK_OK, wire.PONG, wire.ERROR}
 # A budget for the whole file: each example is a few socket round trips (and a model call).
 FUZZ = settings(max_examples=300, deadline=timedelta(seconds=15), derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -165,31 +155,6 @@ frames = st.one_of(
 
 
 # ------------------------------------------------------------------ checks
-def check_reply(msg, sent_ids: set) -> None:
-    assert isinstance(msg, list) and len(msg) >= 2, f"a reply must be an array [type, id, ...]: {msg!r}"
-    kind, rid = msg[0], msg[1]
-    assert kind in REPLY_TYPES, f"unknown reply type {kind!r}: {msg!r}"
-    if kind == wire.ERROR:
-        assert len(msg) == 5, msg
-        assert rid is None or rid in sent_ids, f"ERROR id {rid!r} was not sent"
-        code, name, text = msg[2], msg[3], msg[4]
-        assert code in KNOWN_CODES, f"unknown error code {code!r}: {msg!r}"
-        assert name == KNOWN_CODES[code], msg
-        assert isinstance(text, str)
-        assert code not in (E.InternalError.code,), f"an internal error: {msg!r}"
-        return
-    assert type(rid) is int and rid in sent_ids, f"reply id {rid!r} was not sent: {msg!r}"
-    if kind == wire.RESULT:
-        assert len(msg) in (5, 6) and type(msg[2]) is int and type(msg[4]) is bool, msg
-        assert len(msg) == 5 or isinstance(msg[5], dict), msg
-    elif kind == wire.PONG:
-        assert len(msg) == 2, msg
-    elif kind == wire.HELLO_OK:
-        assert len(msg) == 3 and isinstance(msg[2], dict) and "version" in msg[2], msg
-    elif kind == wire.FEEDBACK_OK:
-        assert len(msg) in (2, 3), msg
-
-
 def ids_in(data: bytes) -> set:
     """The request ids a stream of frames carries (field 1 of each array body that decodes)."""
     out, pos = set(), 0
