@@ -45,7 +45,7 @@ REPLY_TIMEOUT_S = 10.0
 
 
 # A budget for the whole file: each example is a few socket round trips (and a model call).
-FUZZ = settings(max_examples=300, deadline=timedelta(seconds=15), derandomize=False,
+FUZZ = settings(max_examples=200, deadline=timedelta(seconds=15), derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 
