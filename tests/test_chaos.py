@@ -204,7 +204,7 @@ def _run_fault(server, app: str, x: np.ndarray, count: int, events=()) -> dict:
 
 def test_container_sigkill_mid_load(chaos_frontend):
     pid = container_pids(chaos_frontend.proc.pid, "kill-m")[0]
-    outcome = _run_fault(chaos_frontend, "kill", _x(1.0), 750, [(1.0, lambda: os.kill(pid, signal.SIGKILL))])
+    outcome = _run_fault(chaos_frontend, "kill", _x(1.0), 600, [(1.0, lambda: os.kill(pid, signal.SIGKILL))])
     assert outcome.get("result", 0) > 0, outcome  # it answered before the kill (and after the restart)
     # The manager starts a new container in the killed one's place.
     (new,) = wait_containers(chaos_frontend.proc.pid, 1, model="kill-m", exclude=(pid,))
@@ -224,11 +224,11 @@ def test_container_sigstop_then_sigcont(chaos_frontend):
 
 def test_slow_model(chaos_frontend):
     # 80 ms per batch of at most 8: at most 100 answers a second against 250 arriving, SLO 200 ms.
-    outcome = _run_fault(chaos_frontend, "slow", _x(0.08), 750)
+    outcome = _run_fault(chaos_frontend, "slow", _x(0.08), 500)
     assert outcome.get("result", 0) > 0 and outcome.get("default", 0) > 0, outcome
 
 
 def test_hung_model(chaos_frontend):
     # Every batch sleeps an hour: each replica is dropped after batch_timeout_ms (3 s) and restarted.
-    outcome = _run_fault(chaos_frontend, "hung", _x(3600.0), 1250)
+    outcome = _run_fault(chaos_frontend, "hung", _x(3600.0), 1000)
     assert outcome.get("result", 0) == 0 and outcome.get("default", 0) > 0, outcome
