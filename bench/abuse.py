@@ -253,7 +253,7 @@ class Abuser:
             t0 = time.monotonic()
             try:
                 await asyncio.wait_for(asyncio.shield(ready), setup_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.stats["setup_timed_out"] = True
             self.stats["setup_s"] = round(time.monotonic() - t0, 2)
 
@@ -265,7 +265,7 @@ class Abuser:
             self._stop.set()
             try:
                 await asyncio.wait_for(self._main, 20)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._main.cancel()
                 self.stats["stop_timed_out"] = True
             except Exception as exc:
@@ -420,7 +420,7 @@ class Slowloris(Abuser):
                 ready.set_result(None)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         st["rounds"] = rounds
         for name in self.ports:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import struct
@@ -276,7 +275,7 @@ def byte_mutate(data: bytes, rng: random.Random, max_size: int) -> bytes:
 def mutate(data: bytes, rng: random.Random, max_size: int = MAX_LEN, byte_level=None, other: bytes | None = None):
     """One structure-aware mutation of a stream of frames (``byte_level(data, max_size)`` for raw edits)."""
     r = rng.random()
-    items, rest = split_frames(data)
+    items, _ = split_frames(data)
     bodies = [b for b in items if type(b) is not int]
     if r < 0.45 and bodies:
         i = rng.randrange(len(bodies))
@@ -638,7 +637,7 @@ def _atheris_child(args) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["clipper"]):
-        import clipper.query.processor  # noqa: F401
+        import clipper.query.processor
         import clipper.server.query_server  # noqa: F401
     target = InProcTarget()
     rng = random.Random(args.seed)
@@ -694,7 +693,7 @@ def run_atheris(args, findings_dir: Path, log) -> dict:
     for p in sorted(set(findings_dir.iterdir()) - before):
         data = p.read_bytes()
         detail = ""
-        m = re.search(r"(=== Uncaught Python exception: ===.*?)(?:\n\n|==\d+==)", out, re.S)
+        m = re.search(r"(=== Uncaught Python exception: ===.*?)(?:\n\n|==\d+==)", out, re.DOTALL)
         if m:
             detail = m.group(1)[-1500:]
         findings.append({"kind": "atheris", "reproducer": str(p), "hex_head": data[:64].hex(), "detail": detail})

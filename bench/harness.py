@@ -28,12 +28,12 @@ from .run import REPO
 
 __all__ = [
     "NOOP_TOML",
-    "write_deployment",
-    "rss_mb",
     "RssSampler",
     "container_pids",
     "raise_nofile",
+    "rss_mb",
     "signal_pid",
+    "write_deployment",
 ]
 
 NOOP_TOML = REPO / "containers" / "examples" / "noop.toml"
@@ -105,7 +105,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
         self.t0 = time.monotonic()
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self.t0 = time.monotonic()
         self._thread.start()
         return self
@@ -118,13 +118,13 @@ class RssSampler:
             if self._stop.wait(self.interval_s):
                 return
 
-    def stop(self) -> "RssSampler":
+    def stop(self) -> RssSampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
         return self
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -198,9 +198,9 @@ def run(args, log) -> dict:
         faults = Faults(pid, args.kill_every, args.stop_every, args.stop_s, until)
         rest = RestClient(int(info["rest_port"]), ["noop-cached", "linear"], args.rest_rate, until)
         loads = {
-            "noop": dict(rate=args.rate, unique_inputs=True),
-            "noop-cached": dict(rate=args.rate / 2, unique_inputs=False, inputs=16),
-            "linear": dict(rate=args.rate / 2, unique_inputs=True),
+            "noop": {"rate": args.rate, "unique_inputs": True},
+            "noop-cached": {"rate": args.rate / 2, "unique_inputs": False, "inputs": 16},
+            "linear": {"rate": args.rate / 2, "unique_inputs": True},
         }
 
         def one(app: str, kw: dict) -> None:

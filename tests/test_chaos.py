@@ -96,7 +96,7 @@ class SteadyLoad:
         while not stop.is_set():
             try:
                 data = sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 self.closed_early = True
@@ -115,7 +115,7 @@ class SteadyLoad:
                 else:
                     self.replies[rid] = (t, msg)
 
-    def run(self, events: list[tuple[float, callable]] = ()) -> "SteadyLoad":
+    def run(self, events: list[tuple[float, callable]] = ()) -> SteadyLoad:
         """Send everything (calling each ``(at_s, fn)`` of ``events`` on time), then wait for the replies."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

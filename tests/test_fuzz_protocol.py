@@ -27,15 +27,14 @@ from datetime import timedelta
 
 import msgpack
 import pytest
+from conftest import WireConn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from bench.fuzz_protocol import check_reply
 from clipper import errors as E
 from clipper.protocol import wire
-
-from bench.fuzz_protocol import check_reply
-from conftest import WireConn
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WireConn
 
 from clipper._native import framing
 from clipper.management.registry import Application, ModelVersion
 from clipper.protocol import wire
-
-from conftest import WireConn
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -243,7 +242,7 @@ def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
             data = sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             return False
         except OSError:
             return True
@@ -295,7 +294,7 @@ def _flood_without_reading(port: int, seconds: float) -> bool:
         while time.monotonic() < t_end:
             try:
                 s.sendall(batch)
-            except socket.timeout:
+            except TimeoutError:
                 continue  # the server stopped reading: keep trying until it closes or time is up
             except OSError:
                 return True
