@@ -238,56 +238,70 @@ def summarize(report: dict) -> dict:
 
 # -------------------------------------------------------------------- plot
 def make_plot(report: dict, path: Path) -> str | None:
+    """Goodput and p99 against the offered load (the target multiple of capacity on the x axis; what the
+    generator actually sent is drawn too: when the server stops answering it cannot keep its timetable)."""
     plt = load_pyplot()
     if plt is None:
         return None
+    import textwrap
+
     cap = report.get("capacity_rps")
     slo = report["config"]["slo_ms"]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.8))
     xmax = 1.0
     for k, (s, d) in enumerate(report["settings"].items()):
-        lv = [x["figures"] for x in d.get("levels", []) if x["figures"]["offered_x"]]
+        lv = [x["figures"] for x in d.get("levels", [])]
         if not lv:
             continue
         c = colors[k % len(colors)]
-        xs = [f["offered_x"] for f in lv]
-        xmax = max(xmax, *xs, *(f["load_x"] for f in lv))
+        xs = [f["load_x"] for f in lv]
+        xmax = max(xmax, *xs)
         label = f"admission control {s}"
-        ax1.plot(xs, [f["goodput_fraction"] for f in lv], "o-", color=c, label=f"{label}: goodput")
-        ax1.plot(xs, [f["overloaded_rps"] / cap for f in lv], "x--", color=c, alpha=0.7, lw=1,
+        ax1.plot(xs, [f["goodput_fraction"] for f in lv], "o-", color=c, lw=2, label=f"{label}: goodput")
+        ax1.plot(xs, [f["overloaded_rps"] / cap for f in lv], "x--", color=c, alpha=0.8, lw=1,
                  label=f"{label}: refused (OVERLOADED)")
         ax1.plot(xs, [f["defaults_rps"] / cap for f in lv], "s:", color=c, alpha=0.7, lw=1, ms=4,
                  label=f"{label}: default outputs")
-        ax2.plot(xs, [f["goodput_p99_ms"] for f in lv], "o-", color=c, label=f"{label}: p99 of the model's answers")
+        ax1.plot(xs, [f["offered_x"] or 0 for f in lv], "^-", color=c, alpha=0.35, lw=1, ms=4,
+                 label=f"{label}: actually sent")
+        behind = [(x, f["goodput_fraction"]) for x, f in zip(xs, lv) if f["behind"]]
+        if behind:
+            ax1.plot(*zip(*behind), "o", mfc="white", mec=c, ms=9, mew=1.5, ls="none",
+                     label=f"{label}: generator behind its timetable")
+        good = [(x, f["goodput_p99_ms"]) for x, f in zip(xs, lv) if f["goodput_p99_ms"] is not None]
+        if good:
+            ax2.plot(*zip(*good), "o-", color=c, lw=2, label=f"{label}: p99 of the model's answers")
+        allr = [(x, x2["load"]["latency_ms"]["p99"]) for x, x2 in zip(xs, d["levels"])
+                if x2["load"]["latency_ms"]["p99"] is not None]
+        if allr:
+            ax2.plot(*zip(*allr), "s:", color=c, alpha=0.7, ms=4, label=f"{label}: p99 of every result (defaults too)")
         ref = [(x, f["refusal_p99_ms"]) for x, f in zip(xs, lv) if f["refusal_p99_ms"] is not None]
         if ref:
             ax2.plot(*zip(*ref), "x--", color=c, alpha=0.8, label=f"{label}: p99 of refusals")
-        for f in lv:
-            if f["behind"]:
-                ax1.annotate("gen. behind", (f["offered_x"], f["goodput_fraction"]), fontsize=6, alpha=0.6,
-                             textcoords="offset points", xytext=(2, 6))
     xs = [0, 1, xmax]
-    ax1.plot(xs, [min(x, 1.0) for x in xs], color="0.6", lw=1, ls="-.", label="ideal: min(offered, capacity)")
-    ax1.axhline(0.9, color="green", lw=0.8, ls=":", alpha=0.6)
-    ax1.axhline(0.8, color="green", lw=0.8, ls=":", alpha=0.6)
-    ax1.set_xlabel(f"offered load (multiple of closed-loop capacity, {cap:,.0f} req/s)")
+    ax1.plot(xs, [min(x, 1.0) for x in xs], color="0.6", lw=1, ls="-.", label="ideal goodput: min(offered, capacity)")
+    for bar in (0.9, 0.8):
+        ax1.axhline(bar, color="green", lw=0.8, ls=":", alpha=0.6)
+    ax1.set_xlabel(f"offered load, multiple of closed-loop capacity ({cap:,.0f} req/s)")
     ax1.set_ylabel("per second, as a fraction of capacity")
     ax1.set_title("goodput (answers from the model) against offered load", fontsize=10)
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
+    ax1.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     ax2.set_yscale("log")
     ax2.axhline(slo, color="red", lw=1, ls="--", label=f"SLO {slo:g} ms")
-    ax2.axhline(1.0, color="green", lw=0.8, ls=":", label="1 ms (refusal target)")
-    ax2.set_xlabel("offered load (multiple of capacity)")
+    ax2.axhline(1.0, color="green", lw=0.8, ls=":", label="1 ms (the refusal target)")
+    ax2.set_xlabel("offered load, multiple of capacity")
     ax2.set_ylabel("latency from the scheduled send (ms), log")
     ax2.set_title("p99 latency against offered load", fontsize=10)
     ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    fig.suptitle(f"Clipper, no-op model, open loop (Poisson), {report['config']['duration']:g} s per level",
+                 fontsize=10)
     note = report.get("note") or ""
-    fig.suptitle(f"Clipper, no-op model, open loop (Poisson), {report['config']['duration']:g} s per level"
-                 + (f" — {note}" if note else ""), fontsize=9)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(note, 190)), fontsize=7, alpha=0.8, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
