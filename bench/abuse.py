@@ -569,7 +569,7 @@ def _client(args, port: int, label: str, log, **kw) -> dict:
     return {k: r[k] for k in keep}
 
 
-class Frontend:
+class ScenarioFrontend:
     """A fresh ``clipper start`` for one scenario, with its RSS sampler."""
 
     def __init__(self, args, tmp: Path, tag: str, **variant) -> None:
@@ -624,7 +624,7 @@ def ping_once(port: int, timeout_s: float = 5.0) -> float | None:
 def abuse_scenario(args, tmp: Path, name: str, make_abuser, log, setup_timeout_s: float = 30.0,
                    probe_rest: bool = False) -> dict:
     """Solo client, then the abuse: set up, client under it, stop. Returns the scenario's record."""
-    fe = Frontend(args, tmp, name)
+    fe = ScenarioFrontend(args, tmp, name)
     al = AbuseLoop()
     out: dict = {"ready_info": fe.info}
     probe = None
@@ -715,7 +715,7 @@ def scen_bigframes(args, tmp, log):
 
 def scen_sigstop(args, tmp, log):
     """(f) SIGSTOP the only replica for ``stop_s`` under an open loop; SIGCONT; count what came back."""
-    fe = Frontend(args, tmp, "sigstop")
+    fe = ScenarioFrontend(args, tmp, "sigstop")
     out: dict = {"ready_info": fe.info, "rate_rps": args.sigstop_rate, "stop_s": args.stop_s}
     try:
         pids = container_pids(fe.pid)
@@ -774,7 +774,7 @@ def scen_register(args, tmp, log):
     """(g) register ``n`` applications through the admin API while a client PINGs."""
     from clipper.management.admin_client import AdminClient
 
-    fe = Frontend(args, tmp, "register")
+    fe = ScenarioFrontend(args, tmp, "register")
     out: dict = {"ready_info": fe.info, "apps_wanted": args.apps}
     probe = None
     try:
@@ -820,7 +820,7 @@ def scen_register(args, tmp, log):
 
 def scen_sigterm(args, tmp, log):
     """(h) SIGTERM the frontend (its own pid) under an open loop; count requests left without a reply."""
-    fe = Frontend(args, tmp, "sigterm")
+    fe = ScenarioFrontend(args, tmp, "sigterm")
     out: dict = {"ready_info": fe.info, "rate_rps": args.sigterm_rate}
     events: dict = {}
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import socket
 import struct
 from datetime import timedelta
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -32,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bench.fuzz_protocol import check_reply
+from bench.fuzz_protocol import check_reply, split_frames
 from clipper import errors as E
 from clipper.protocol import wire
 
@@ -305,3 +306,25 @@ def test_oversized_and_truncated_frames(fuzzed):
         run()
     finally:
         session.drop()
+
+
+# ------------------------------------------------------------------ what the long run found
+FINDINGS = Path(__file__).resolve().parent.parent / "bench" / "results" / "fuzz-findings"
+
+
+@pytest.mark.xfail(strict=True, reason="bug found by bench.fuzz_protocol (hello-versions-ndarray): "
+                   "QueryConnection._on_hello answers INTERNAL_ERROR to a HELLO whose versions hold an ndarray")
+@pytest.mark.parametrize("name", ["hello-versions-ndarray.min.bin", "hello-versions-ndarray.atheris-crash.bin"])
+def test_known_finding_hello_versions_ndarray(frontend, name):
+    data = (FINDINGS / name).read_bytes()
+    conn = WireConn(frontend.port)
+    try:
+        conn.send_raw(data)
+        n = len(split_frames(data)[0])
+        replies = conn.recv(n, timeout=REPLY_TIMEOUT_S)
+        for msg in replies:
+            check_reply(msg, ids_in(data))
+        assert replies[-1][2] in (E.MalformedFrameError.code, E.UnsupportedVersionError.code), replies
+        assert ping_id(conn, 77)[-1] == [wire.PONG, 77]
+    finally:
+        conn.close()
