@@ -142,17 +142,29 @@ def split_frames(data: bytes, max_frame: int = MAX_FRAME) -> tuple[list, int]:
     return items, len(data) - consumed
 
 
+def head_id(body: bytes):
+    """The request id a frame's head carries: the second element of a body that starts as an array
+    ``[int type, int id, ...]``, whatever follows (a server may answer a request it can attribute even
+    when the rest of the frame does not decode); else None."""
+    u = msgpack.Unpacker(strict_map_key=False, ext_hook=lambda c, d: None, raw=True)
+    u.feed(body)
+    try:
+        if u.read_array_header() < 2:
+            return None
+        kind, rid = u.unpack(), u.unpack()
+    except Exception:  # not an array, or a head that does not decode: no id to attribute
+        return None
+    return rid if type(kind) is int and type(rid) is int else None
+
+
 def request_ids(items: list) -> set:
+    """The ids a reply may carry for these frames (the items of :func:`split_frames`)."""
     out = set()
     for body in items:
-        if type(body) is int:
-            continue
-        try:
-            msg = msgpack.unpackb(body, strict_map_key=False, ext_hook=lambda c, d: None)
-        except Exception:
-            continue
-        if isinstance(msg, list) and len(msg) > 1 and type(msg[1]) is int:
-            out.add(msg[1])
+        if type(body) is not int:
+            rid = head_id(body)
+            if rid is not None:
+                out.add(rid)
     return out
 
 

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bench.fuzz_protocol import check_reply, split_frames
+from bench.fuzz_protocol import check_reply, request_ids, split_frames
 from clipper import errors as E
 from clipper.protocol import wire
 
@@ -156,19 +156,8 @@ frames = st.one_of(
 
 # ------------------------------------------------------------------ checks
 def ids_in(data: bytes) -> set:
-    """The request ids a stream of frames carries (field 1 of each array body that decodes)."""
-    out, pos = set(), 0
-    while pos + 4 <= len(data):
-        (n,) = struct.unpack_from(">I", data, pos)
-        body = data[pos + 4:pos + 4 + n]
-        pos += 4 + n
-        try:
-            msg = msgpack.unpackb(body, strict_map_key=False, ext_hook=lambda c, d: None)
-        except Exception:
-            continue
-        if isinstance(msg, list) and len(msg) > 1 and type(msg[1]) is int:
-            out.add(msg[1])
-    return out
+    """The request ids a stream of frames carries (what a reply's id may be)."""
+    return request_ids(split_frames(data, MAX_FRAME)[0])
 
 
 def ping_id(conn: WireConn, rid: int) -> list:
