@@ -85,6 +85,7 @@ BEHIND_SENT_FRACTION = 0.99
 LOADGEN_SATURATED_CORES = 0.9
 
 _MAX_REPLY_BYTES = 64 * 1024 * 1024
+OVERLOADED_CODE = 309  # admission control's refusal (clipper.errors.OverloadedError)
 
 
 class LoadgenError(RuntimeError):
@@ -122,6 +123,9 @@ class LoadSpec:
     stamp_salt: int = -1
     tls: bool = False  # connect with TLS (the server's certificate is verified)
     tls_cafile: str | None = None  # the CA to trust instead of the system's (implies tls)
+    # > 0: every reply (result, default or error) to a request sent in the window should arrive within
+    # this many ms of its send (scheduled send, open loop); the report counts the late ones.
+    deadline_ms: float = 0.0
 
     def validate(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -140,6 +144,8 @@ class LoadSpec:
             raise ValueError(f"inputs is {self.inputs}; expected >= 1")
         if not -1 <= self.stamp_salt < 1 << 16:
             raise ValueError(f"stamp_salt is {self.stamp_salt}; expected -1 or an integer in [0, 65536)")
+        if self.deadline_ms < 0:
+            raise ValueError(f"deadline_ms is {self.deadline_ms}; expected >= 0 (0: no deadline)")
         if self.latency_quantiles < 0:
             raise ValueError(f"latency_quantiles is {self.latency_quantiles}; expected >= 0")
         if self.unique_inputs and np.dtype(self.dtype) not in (np.float32, np.float64):
@@ -322,6 +328,8 @@ class _Connection(asyncio.Protocol):
         ws = w.window_start
         we = w.window_end
         lat_append = w.latencies.append
+        good_append = w.good_latencies.append
+        default_append = w.default_latencies.append
         unpackb = msgpack.unpackb
         done = 0
         results = 0
@@ -348,9 +356,15 @@ class _Connection(asyncio.Protocol):
                     lat_append(t_recv - t0)
                     if msg[4]:
                         defaults += 1
+                        default_append(t_recv - t0)
+                    else:
+                        good_append(t_recv - t0)
                 results += 1
             elif kind == wire.ERROR:
-                w.count_error(_error_key(msg))
+                key = _error_key(msg)
+                w.count_error(key)
+                if ws <= t0 < we:
+                    w.error_latency(key).append(t_recv - t0)
             else:
                 w.count_error(f"unexpected_reply_{kind!r}")
         if not done:
@@ -385,6 +399,9 @@ class _Worker:
         self.stamp = self._make_stamp() if spec.unique_inputs else None
         self.conns: list[_Connection] = []
         self.latencies = array("q")  # ns, one per RESULT of a request sent in the window
+        self.good_latencies = array("q")  # ns, the same for RESULTs that are not default outputs
+        self.default_latencies = array("q")  # ns, ... and for the default outputs
+        self.error_latencies: dict[str, array] = {}  # "<code> <name>" -> ns, ERRORs of requests sent in the window
         self.send_lags = array("q")  # ns, open loop: actual send - scheduled send
         self.errors: dict[str, int] = {}
         self.errors_in_window = 0
@@ -427,6 +444,12 @@ class _Worker:
         t = _now()
         if self.window_start <= t < self.window_end:
             self.errors_in_window += 1
+
+    def error_latency(self, key: str) -> array:
+        arr = self.error_latencies.get(key)
+        if arr is None:
+            arr = self.error_latencies[key] = array("q")
+        return arr
 
     def check_drained(self) -> None:
         if self.drained is not None and not self.drained.done() and not self.sending:
@@ -616,6 +639,10 @@ class _Worker:
             "index": self.index,
             "connections": self.n_connections,
             "latencies_ns": np.frombuffer(self.latencies, dtype=np.int64).copy(),
+            "good_latencies_ns": np.frombuffer(self.good_latencies, dtype=np.int64).copy(),
+            "default_latencies_ns": np.frombuffer(self.default_latencies, dtype=np.int64).copy(),
+            "error_latencies_ns": {k: np.frombuffer(v, dtype=np.int64).copy()
+                                   for k, v in self.error_latencies.items()},
             "send_lags_ns": np.frombuffer(self.send_lags, dtype=np.int64).copy(),
             "errors": dict(self.errors),
             "errors_in_window": self.errors_in_window,
@@ -732,12 +759,14 @@ def _sample_window(probe, t_from: int, t_to: int, out: dict, stop) -> None:
         out["server_cpu_error"] = repr(exc)
 
 
-def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
+def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
     """Run one measurement; return the report (see bench/README.md).
 
     ``cpu_probe``, if given, returns the server's cumulative CPU seconds; it
     is read at both ends of the window and the report gets
-    ``server_cpu_cores``.
+    ``server_cpu_cores``. ``on_start``, if given, is called with the start
+    time (CLOCK_MONOTONIC ns; the window opens ``warmup_s`` later) once the
+    workers are told it, so a caller can time events (a fault) against the window.
     """
     spec.validate()
     workers = min(spec.workers, spec.connections)
@@ -782,6 +811,8 @@ def run_load(spec: LoadSpec, cpu_probe=None) -> dict:
         t_start = _now() + 100_000_000  # every worker starts at the same instant
         for pipe in pipes:
             pipe.send(("start", t_start))
+        if on_start is not None:
+            on_start(t_start)
         if cpu_probe is not None:
             ws = t_start + int(spec.warmup_s * 1e9)
             probe_thread = threading.Thread(
@@ -841,6 +872,13 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
     sent = sum(r["sent_in_window"] for r in reports)
     cpu = [r["cpu_s"] for r in reports]
     cpu_total = sum(c for c in cpu if c is not None)
+    good_lat = np.concatenate([r["good_latencies_ns"] for r in reports])
+    default_lat = np.concatenate([r["default_latencies_ns"] for r in reports])
+    err_lat: dict[str, np.ndarray] = {}
+    for r in reports:
+        for k, v in r["error_latencies_ns"].items():
+            err_lat[k] = np.concatenate([err_lat[k], v]) if k in err_lat else v
+    err_lat = dict(sorted(err_lat.items()))
     out = {
         "mode": spec.mode,
         "target": f"{spec.host}:{spec.port}",
@@ -863,6 +901,12 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         "errors_total": sum(errors.values()),
         "errors_in_window": sum(r["errors_in_window"] for r in reports),
         "defaults": defaults,
+        # By outcome, over the replies to requests sent in the window (latency as in latency_ms):
+        "goodput_latency_ms": _percentiles_ms(good_lat),  # results from a model (not defaults)
+        "default_latency_ms": _percentiles_ms(default_lat),
+        "window_errors": {k: int(v.size) for k, v in err_lat.items()},  # "<code> <name>" -> count
+        "error_latency_ms": {k: _percentiles_ms(v) for k, v in err_lat.items()},
+        "overloaded": sum(int(v.size) for k, v in err_lat.items() if k.startswith(f"{OVERLOADED_CODE} ")),
         "unfinished": sum(r["unfinished"] for r in reports),
         "loadgen_cpu_s": round(cpu_total, 3),
         "loadgen_cpu_user_s": round(sum(r["cpu_user_s"] or 0.0 for r in reports), 3),
@@ -870,6 +914,14 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         "loadgen_cpu_per_worker": [None if c is None else round(c / window_s, 3) for c in cpu],
         "warnings": [],
     }
+    if spec.deadline_ms > 0:
+        limit_ns = spec.deadline_ms * 1e6
+        late = int((lat > limit_ns).sum()) + sum(int((v > limit_ns).sum()) for v in err_lat.values())
+        lost = errors.get("lost_in_flight", 0)
+        out["deadline_ms"] = spec.deadline_ms
+        out["late_replies"] = late  # replies to requests sent in the window that came after deadline_ms
+        # Every request sent in the window got a reply (result, default or error) within deadline_ms.
+        out["answered_by_deadline"] = late == 0 and out["unfinished"] == 0 and lost == 0
     if spec.mode == "closed":
         out["concurrency"] = spec.concurrency
         out["in_flight"] = spec.concurrency * spec.connections
@@ -922,6 +974,8 @@ def format_summary(r: dict) -> str:
         head += (
             f"; p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} p99.9 {lat['p99.9']:.3f} max {lat['max']:.3f} ms"
         )
+    if r.get("overloaded"):
+        head += f"; overloaded {r['overloaded']}"
     head += (
         f"; errors {r['errors_total']} defaults {r['defaults']}"
         f"; loadgen cpu {r['loadgen_cpu_cores']:.2f} cores"
@@ -959,6 +1013,8 @@ def main(argv=None) -> int:
                     help="report latency_cdf_ms at this many even quantile steps (plus the tail)")
     ap.add_argument("--tls", action="store_true", help="connect with TLS (verifying the server's certificate)")
     ap.add_argument("--cafile", default=None, help="PEM file of the CA to trust (implies --tls)")
+    ap.add_argument("--deadline-ms", type=float, default=0.0,
+                    help="count replies later than this after their (scheduled) send (0: no deadline)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = ap.parse_args(argv)
     spec = LoadSpec(
@@ -983,6 +1039,7 @@ def main(argv=None) -> int:
         latency_quantiles=args.latency_quantiles,
         tls=args.tls,
         tls_cafile=args.cafile,
+        deadline_ms=args.deadline_ms,
     )
     try:
         report = run_load(spec)

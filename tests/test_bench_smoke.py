@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import signal
 import subprocess
 import sys
@@ -199,3 +200,76 @@ def test_rpc_security_runner_measures_the_three_settings(tmp_path):
         assert best["errors"] == 0 and best["throughput_rps"] > 0 and best["level"] == "1x8"
     ratios = report["summary"]["noop"]["ratios"]
     assert ratios["curve/none throughput"]["median"] > 0 and ratios["ipc/none throughput"]["median"] > 0
+
+
+# ------------------------------------------------------------ issue 10's benches
+def test_harness_variant_is_a_valid_deployment(tmp_path):
+    from bench.harness import NOOP_TOML, slope_mb_per_min, write_deployment
+    from clipper.config import load_config_file
+
+    dst = write_deployment(NOOP_TOML, tmp_path / "v.toml", frontend={"admission_control": False},
+                           limits={"max_frame_bytes": 65536}, application={"on_overload": "error"},
+                           extra_apps=[{"name": "b", "input_dtype": "bytes", "slo_ms": 50}])
+    spec = load_config_file(dst)
+    assert spec["frontend"].admission_control is False and spec["frontend"].limits.max_frame_bytes == 65536
+    assert [a["name"] for a in spec["applications"]] == ["noop", "b"]
+    assert spec["applications"][0]["on_overload"] == "error"
+    assert Path(spec["models"][0]["entry"].rpartition(":")[0]).is_file()
+    series = [(t, 50.0 + 0.5 * t) for t in range(0, 120, 5)]  # +0.5 MB/s = +30 MB/min
+    assert slope_mb_per_min(series) == pytest.approx(30.0)
+
+
+def test_overload_level_figures():
+    from bench.overload import level_figures
+
+    r = {"window_s": 2.0, "rate_rps": 1000.0, "offered_rps": 990.0, "sent": 1980, "defaults": 100,
+         "overloaded": 400, "window_errors": {"309 OVERLOADED": 400, "306 QUEUE_FULL": 3},
+         "error_latency_ms": {"309 OVERLOADED": {"p50": 0.2, "p99": 0.8}}, "errors": {"lost_in_flight": 2},
+         "unfinished": 0, "goodput_latency_ms": {"count": 1400, "p50": 3.0, "p99": 15.0},
+         "default_latency_ms": {"p99": 19.0}, "send_lag_ms": {"p50": 0.05, "p99": 0.3}, "behind": False,
+         "loadgen_cpu_cores": 0.4, "server_cpu_cores": 1.1}
+    f = level_figures(r, capacity=1000.0, slo_ms=20.0)
+    assert f["goodput_rps"] == 700.0 and f["goodput_fraction"] == 0.7 and f["offered_x"] == 0.99
+    assert f["overloaded_rps"] == 200.0 and f["refusal_p99_ms"] == 0.8
+    assert f["other_errors"] == {"306 QUEUE_FULL": 3} and f["lost_in_flight"] == 2
+    assert f["goodput_p99_within_slo"] is True
+
+
+def test_abuse_big_list_frame_is_one_nested_list_predict():
+    from bench.abuse import big_list_frame
+
+    data = big_list_frame("noop", rows=3, cols=5)
+    (n,) = struct.unpack(">I", data[:4])
+    assert n == len(data) - 4
+    msg = wire.make_unpacker()(data[4:])
+    assert msg[:3] == [wire.PREDICT, 1, "noop"] and len(msg[3]) == 3 and msg[3][2] == [0, 1, 2, 3, 4]
+    assert len(big_list_frame("noop")) < 16 * 1024 * 1024  # 784 x 20,000 fits in a default frame
+
+
+def test_soak_runner_short(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--duration", "3", "--rate", "300", "--rest-rate", "20",
+         "--kill-every", "1.5", "--stop-every", "2", "--stop-s", "0.5", "--rss-interval", "0.5", "--quiet",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert proc.stdout.startswith("soak 3 s: RSS ")
+    s = json.loads(out.read_text())["summary"]
+    assert s["frontend_alive_at_end"] and s["kills"] >= 1 and s["stops"] >= 1
+    assert s["msgpack_answered"] > 0 and s["msgpack_unanswered"] == 0
+    assert s["rest_answered"] > 0 and s["rest_unanswered"] == 0
+    assert s["rss_first_mb"] > 0 and s["rss_slope_mb_per_min"] is not None
+
+
+def test_fuzz_bench_inproc_short(tmp_path):
+    out = tmp_path / "fuzz.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fuzz_protocol", "--engine", "mutate", "--seconds", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads(out.read_text())
+    assert r["engine"] == "mutate" and r["inputs"] > 1000 and r["findings"] == []
+    assert {"67", "ERROR 101"} <= set(r["replies"])  # PONGs and malformed frames at least
