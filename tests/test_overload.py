@@ -1,11 +1,10 @@
 """Issue 10's behaviour under overload and abusive clients, as tests.
 
 Admission control, graceful drain, byte budgets, timeouts on every port and
-bounded replies. Tests of features that are not on main yet are marked
-``xfail(strict=True)``: each fails now at the assertion that states the
-feature, and turns into a failure (XPASS) the moment the feature lands, so
-its mark can be removed. Nothing here asserts a tight timing: "at arrival"
-means well before the deadline, "closed" means within a few seconds.
+bounded replies. (Written before the features landed, as strict xfail tests
+that failed at the assertion stating each feature; the marks went when they
+passed.) Nothing here asserts a tight timing: "at arrival" means well before
+the deadline, "closed" means within a few seconds.
 """
 
 from __future__ import annotations
@@ -34,10 +33,6 @@ pytestmark = pytest.mark.timeout(90)
 OVERLOADED = 309
 QUEUE_FULL = 306
 SHUTTING_DOWN = 310
-
-
-def needs(feature: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 10: needs {feature}")
 
 
 def deploy(fe, app: str, fn: str, *, slo_ms: float, on_overload: str | None = None, max_batch: int = 8,
@@ -81,7 +76,6 @@ def _warm(fe, app: str, x) -> None:
 
 
 # ------------------------------------------------------------------ admission control
-@needs("admission control (OVERLOADED at arrival)")
 def test_overload_is_refused_at_arrival(frontend_factory):
     fe = frontend_factory()
     slo_ms = 300.0
@@ -99,7 +93,6 @@ def test_overload_is_refused_at_arrival(frontend_factory):
     assert admitted and max(admitted) < slo_ms / 1000 + 0.5
 
 
-@needs("admission control (on_overload = \"default\": the default at once)")
 def test_overload_default_is_answered_at_once(frontend_factory):
     fe = frontend_factory()
     slo_ms = 300.0
@@ -121,7 +114,6 @@ def test_admission_control_off_admits_everything(frontend_factory):
     assert any(m[4] for _, m in replies)  # the excess timed out into defaults: nothing refused it
 
 
-@needs("admission control on the REST port (503 with Retry-After)")
 def test_rest_overload_is_503_with_retry_after(frontend_factory):
     fe = frontend_factory()
     deploy(fe, "adm-rest", "sleep_by_input", slo_ms=300.0, on_overload="error", max_batch=1, batching="fixed")
@@ -141,7 +133,6 @@ def test_rest_overload_is_503_with_retry_after(frontend_factory):
 
 
 # ------------------------------------------------------------------ one owner per query
-@needs("one owner per query (an expired query leaves its queue: no QUEUE_FULL after an outage)")
 def test_outage_does_not_fill_the_queue_with_answered_queries(frontend_factory):
     fe = frontend_factory(max_queue_length=100)
     mv = deploy(fe, "outage", "row_sum", slo_ms=50.0)
@@ -169,7 +160,6 @@ def test_outage_does_not_fill_the_queue_with_answered_queries(frontend_factory):
 
 
 # ------------------------------------------------------------------ graceful drain
-@needs("graceful drain on SIGTERM (answer what is in flight, SHUTTING_DOWN for the rest)")
 def test_sigterm_leaves_no_request_without_a_reply(tmp_path):
     from bench.harness import NOOP_TOML, write_deployment
     from bench.run import clipper_server
@@ -260,7 +250,6 @@ def _ping_ok(port: int) -> bool:
         c.close()
 
 
-@needs("a frontend-wide budget for partial frames (max_partial_frame_bytes)")
 def test_partial_frames_past_the_budget_are_closed(frontend_factory):
     frame = 4 * 1024 * 1024
     fe = frontend_factory(max_frame_bytes=frame, max_partial_frame_bytes=8 * 1024 * 1024)
@@ -303,14 +292,12 @@ def _flood_without_reading(port: int, seconds: float) -> bool:
         s.close()
 
 
-@needs("flow control that closes a client that does not read (max_unread_reply_bytes, write_stall_timeout_ms)")
 def test_client_that_never_reads_is_closed(frontend_factory):
     fe = frontend_factory(max_unread_reply_bytes=1024 * 1024, write_stall_timeout_ms=300)
     assert _flood_without_reading(fe.port, 2.0)
     assert _ping_ok(fe.port)
 
 
-@needs("nothing slow on the event loop: unread /metrics scrapes do not stall the query port")
 def test_unread_metrics_requests_do_not_stall_the_query_port(frontend_factory):
     fe = frontend_factory()
     for i in range(10):  # a scrape with something in it (the code before issue 10: ~2 ms each, on the loop)
@@ -347,7 +334,6 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 # ------------------------------------------------------------------ timeouts and connection limits
 @pytest.mark.parametrize("port_name", ["query", "rest"])
-@needs("a header / first-frame timeout on every port (header_timeout_ms)")
 def test_slowloris_is_cut_off(frontend_factory, port_name):
     fe = frontend_factory(header_timeout_ms=200)
     port = fe.port if port_name == "query" else fe.fe.rest_port
@@ -370,7 +356,6 @@ def test_slowloris_is_cut_off(frontend_factory, port_name):
         s.close()
 
 
-@needs("an idle timeout (idle_timeout_ms)")
 def test_idle_connection_is_closed(frontend_factory):
     fe = frontend_factory(idle_timeout_ms=200)
     s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
@@ -380,7 +365,6 @@ def test_idle_connection_is_closed(frontend_factory):
         s.close()
 
 
-@needs("a header size limit on the REST port (max_header_bytes)")
 def test_oversized_rest_head_is_refused(frontend_factory):
     fe = frontend_factory(max_header_bytes=4096)
     s = socket.create_connection(("127.0.0.1", fe.fe.rest_port), timeout=10)
@@ -407,7 +391,6 @@ def test_oversized_rest_head_is_refused(frontend_factory):
 
 
 @pytest.mark.parametrize("port_name", ["metrics", "admin"])
-@needs("connection limits on the metrics and admin ports (max_metrics_connections, max_admin_connections)")
 def test_metrics_and_admin_connection_limits(frontend_factory, port_name):
     fe = frontend_factory(max_metrics_connections=8, max_admin_connections=8)
     port = fe.fe.metrics_port if port_name == "metrics" else fe.fe.admin_port
@@ -422,7 +405,6 @@ def test_metrics_and_admin_connection_limits(frontend_factory, port_name):
 
 
 # ------------------------------------------------------------------ bounded replies
-@needs("errors that never echo unbounded client data (request ids must be ints; messages truncated)")
 def test_a_huge_bin_request_id_is_not_echoed(frontend_factory, wire_conn):
     fe = frontend_factory()
     c = wire_conn(fe.port)
@@ -438,7 +420,6 @@ def test_a_huge_bin_request_id_is_not_echoed(frontend_factory, wire_conn):
     assert n < 4096, f"a 1 MiB bin request id came back as a {n}-byte error"
 
 
-@needs("a cap on REST input_batch items (max_batch_items)")
 def test_rest_input_batch_is_capped(frontend_factory):
     fe = frontend_factory(max_batch_items=1024)
     deploy(fe, "batchcap", "row_sum", slo_ms=200.0)
