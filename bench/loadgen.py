@@ -86,6 +86,7 @@ LOADGEN_SATURATED_CORES = 0.9
 
 _MAX_REPLY_BYTES = 64 * 1024 * 1024
 OVERLOADED_CODE = 309  # admission control's refusal (clipper.errors.OverloadedError)
+_MAX_LOST_TIMES = 100_000  # send times of requests lost with their connection, kept per worker
 
 
 class LoadgenError(RuntimeError):
@@ -126,6 +127,9 @@ class LoadSpec:
     # > 0: every reply (result, default or error) to a request sent in the window should arrive within
     # this many ms of its send (scheduled send, open loop); the report counts the late ones.
     deadline_ms: float = 0.0
+    # ERROR codes after which a connection sends nothing more (a well-behaved client told to go away,
+    # e.g. (310,) for SHUTTING_DOWN); its requests still due are skipped. Empty: never stop.
+    stop_on_codes: tuple = ()
 
     def validate(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -272,6 +276,7 @@ class _Connection(asyncio.Protocol):
         self.inflight: dict[int, int] = {}  # request id -> send (or scheduled) time, ns
         self.next_id = 0
         self.closing = False
+        self.stopped = False  # told to stop (LoadSpec.stop_on_codes): sends nothing more
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -285,13 +290,15 @@ class _Connection(asyncio.Protocol):
         lost = len(self.inflight)
         if lost:
             w.errors["lost_in_flight"] = w.errors.get("lost_in_flight", 0) + lost
+            if len(w.lost_sent) < _MAX_LOST_TIMES:
+                w.lost_sent.extend(list(self.inflight.values())[:_MAX_LOST_TIMES - len(w.lost_sent)])
             w.outstanding -= lost
             self.inflight.clear()
         w.check_drained()
 
     def send(self, n: int) -> None:
         """Closed loop: send ``n`` requests now."""
-        if self.transport is None:
+        if self.transport is None or self.stopped:
             return
         w = self.w
         templates = w.templates
@@ -363,6 +370,9 @@ class _Connection(asyncio.Protocol):
             elif kind == wire.ERROR:
                 key = _error_key(msg)
                 w.count_error(key)
+                if w.stop_codes and len(msg) >= 3 and msg[2] in w.stop_codes and not self.stopped:
+                    self.stopped = True
+                    w.stopped_connections += 1
                 if ws <= t0 < we:
                     w.error_latency(key).append(t_recv - t0)
             else:
@@ -397,6 +407,9 @@ class _Worker:
         # Workers start at different places in the pool.
         self.template_index = (index * 7) % len(self.templates)
         self.stamp = self._make_stamp() if spec.unique_inputs else None
+        self.stop_codes = frozenset(spec.stop_on_codes)
+        self.stopped_connections = 0
+        self.lost_sent = array("q")  # (scheduled) send times, ns, of requests lost with their connection
         self.conns: list[_Connection] = []
         self.latencies = array("q")  # ns, one per RESULT of a request sent in the window
         self.good_latencies = array("q")  # ns, the same for RESULTs that are not default outputs
@@ -585,7 +598,7 @@ class _Worker:
             if c == nconns:
                 c = 0
             conn = conns[ci]
-            if conn.transport is None:
+            if conn.transport is None or conn.stopped:
                 self.skipped += 1
                 continue
             buf = bufs[ci]
@@ -651,6 +664,8 @@ class _Worker:
             "scheduled_in_window": self.scheduled_in_window,
             "results_in_window": self.results_in_window,
             "skipped": self.skipped,
+            "stopped_connections": self.stopped_connections,
+            "lost_sent_ns": np.frombuffer(self.lost_sent, dtype=np.int64).copy(),
             "unfinished": unfinished,
             "cpu_s": cpu,
             "cpu_user_s": cpu_user,
@@ -908,6 +923,10 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         "error_latency_ms": {k: _percentiles_ms(v) for k, v in err_lat.items()},
         "overloaded": sum(int(v.size) for k, v in err_lat.items() if k.startswith(f"{OVERLOADED_CODE} ")),
         "unfinished": sum(r["unfinished"] for r in reports),
+        **({"stopped_connections": sum(r["stopped_connections"] for r in reports)} if spec.stop_on_codes else {}),
+        # CLOCK_MONOTONIC ns of the (scheduled) sends of requests lost with their connection (at most
+        # 100,000 per worker), so a caller can tell those in flight at an event from those sent after it.
+        "lost_sent_ns": sorted(int(t) for r in reports for t in r["lost_sent_ns"]),
         "loadgen_cpu_s": round(cpu_total, 3),
         "loadgen_cpu_user_s": round(sum(r["cpu_user_s"] or 0.0 for r in reports), 3),
         "loadgen_cpu_cores": round(cpu_total / window_s, 3),
