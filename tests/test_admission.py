@@ -170,3 +170,12 @@ def test_native_and_pure_prescans_agree_and_never_pass_a_misfit(shape, value, ap
     if ra is None:  # a pass means the decoded value really has that shape, with number leaves
         arr = np.array(value)
         assert arr.shape == shape and arr.dtype.kind in "biuf"
+
+
+@settings(max_examples=200, deadline=None)
+@given(req_id=st.integers(0, 2**64 - 1), code=st.integers(0, 2**16), name=st.text(max_size=20),
+       message=st.text(max_size=300))
+def test_error_frames_from_encoded_words_are_what_msgpack_makes(req_id, code, name, message):
+    tail = msgpack.packb(code) + msgpack.packb(name) + msgpack.packb(message)
+    expected = native.pack_frame(msgpack.packb([wire.ERROR, req_id, code, name, message]))
+    assert native.error_frame(req_id, tail) == twin.error_frame(req_id, tail) == expected

@@ -29,6 +29,10 @@ def result_frame(req_id: int, query_id: int, output_body: bytes, is_default: boo
     """The frame of ``[65, req_id, query_id, output, is_default, extra?]`` from the
     msgpack-encoded ``output_body`` and ``extra_body`` (None: no extra)."""
 
+def error_frame(req_id: int, tail: bytes) -> bytes:
+    """The frame of ``[127, req_id, code, name, message]`` from ``tail``, the msgpack encodings of
+    code, name and message concatenated (encoded once, spliced per request)."""
+
 def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
     """Copy each input (exactly ``item_nbytes`` bytes each) once into one buffer."""
 

@@ -203,6 +203,35 @@ cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body,
     return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
 
 
+cpdef bytes error_frame(uint64_t req_id, object tail):
+    """The frame of ``[ERROR, req_id, code, name, message]`` from ``tail``: the msgpack encodings of
+    code, name and message, concatenated (a refusal's words, encoded once). Byte for byte what
+    ``pack_frame(msgpack.packb([127, req_id, code, name, message]))`` gives."""
+    cdef Py_buffer tail_buf
+    cdef Py_ssize_t n, pos
+    cdef bytes frame
+    cdef char* q
+    PyObject_GetBuffer(tail, &tail_buf, PyBUF_SIMPLE)
+    try:
+        frame = PyBytes_FromStringAndSize(NULL, HEADER_BYTES + 2 + 9 + tail_buf.len)
+        q = PyBytes_AS_STRING(frame)
+        pos = HEADER_BYTES
+        q[pos] = <char>0x95
+        q[pos + 1] = <char>0x7F
+        pos += 2
+        pos += _put_uint(q + pos, req_id)
+        memcpy(q + pos, tail_buf.buf, tail_buf.len)
+        pos += tail_buf.len
+    finally:
+        PyBuffer_Release(&tail_buf)
+    n = pos - HEADER_BYTES
+    q[0] = <char>((n >> 24) & 0xFF)
+    q[1] = <char>((n >> 16) & 0xFF)
+    q[2] = <char>((n >> 8) & 0xFF)
+    q[3] = <char>(n & 0xFF)
+    return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
+
+
 cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes):
     """Copy each input's bytes once into one contiguous buffer.
 

@@ -287,3 +287,12 @@ def request_head(body):
     except UnicodeDecodeError:
         return None
     return (kind, req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)
+
+
+def error_frame(req_id: int, tail) -> bytes:
+    """The frame of ``[ERROR, req_id, code, name, message]`` from ``tail``: the msgpack encodings of
+    code, name and message, concatenated (a refusal's words, encoded once)."""
+    import msgpack
+
+    body = b"\x95\x7f" + msgpack.packb(req_id) + bytes(tail)
+    return _HEADER.pack(len(body)) + body

@@ -85,6 +85,8 @@ class ModelQueue:
         self.live = 0  # items waiting in pending (unsent, unsettled)
         self.bytes = 0  # their input bytes
         self.leftovers = 0  # items in pending that left it (settled elsewhere), to be skipped
+        self.refusing_until_ns = 0  # admission refused a moment ago: it refuses until then without re-estimating
+        self.refusing_stalled = False
         self.replicas: list = []
         self.free: deque = deque()
         self._scheduled = False

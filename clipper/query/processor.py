@@ -62,7 +62,6 @@ from ..errors import (
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
 from .._native import framing as _framing
-from ..protocol.wire import ERROR as ERROR_MSG
 from ..protocol.wire import PackedExtra, brief, pack
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
@@ -75,7 +74,8 @@ __all__ = ["AppRoute", "QueryProcessor", "Fanout"]
 
 _QUEUED = object()  # _submit: the query waits for its model
 _result_frame = _framing.result_frame
-pack_frame = _framing.pack_frame
+_error_frame = _framing.error_frame
+_REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
 _MARGIN_STEP_NS = 250_000  # the adaptive deadline margin moves at most this much per re-plan
 
 
@@ -362,8 +362,9 @@ class AppRoute:
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
 
-    def overload_text(self, queue, stalled: bool) -> tuple[str, PackedExtra]:
-        """The words of a fast refusal (made once per queue): the message, and the RESULT extra."""
+    def overload_text(self, queue, stalled: bool) -> tuple[str, PackedExtra, bytes]:
+        """The words of a fast refusal (made once per queue): the message, the RESULT extra, and the
+        encoded tail of the ERROR message (code, name, message)."""
         got = self._overload_texts.get((queue.key, stalled))
         if got is None:
             if stalled:
@@ -372,8 +373,9 @@ class AppRoute:
             else:
                 msg = (f"model {queue.key} cannot answer within the {self.slo_ns / 1e6:g} ms SLO of application "
                        f"{self.name!r} (estimated from its queue and batch latency): refused at arrival")
-            got = self._overload_texts[(queue.key, stalled)] = (msg, PackedExtra(explanation=msg, confidence=0.0,
-                                                                                   models=[]))
+            tail = pack(OverloadedError.code) + pack(OverloadedError.name) + pack(msg)
+            got = self._overload_texts[(queue.key, stalled)] = (
+                msg, PackedExtra(explanation=msg, confidence=0.0, models=[]), tail)
         return got
 
     def nested_error(self, bad: tuple) -> ClipperError:
@@ -775,7 +777,9 @@ class QueryProcessor:
                 cache.fail(token)
             self._refuse(conn, req_id, qid, route, why)
             return
-        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
+        # A busy loop read this request late by about its lag: the answer is planned that much earlier.
+        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns - min(self.loop_lag_ns,
+                                                                                        route.answer_ns // 2))
         q.extra = route.single_extra  # names the version it was sent to, even after a switch
         if token is not None:
             cache.set_leader(token, q)
@@ -839,20 +843,27 @@ class QueryProcessor:
             return None  # (a cached application's query may be a hit, answered even under overload)
         if not queue.live and queue.free:
             return None
-        est = queue.estimate_ns(time.monotonic_ns())
-        if est is None or est <= route.answer_ns - self.loop_lag_ns:
-            return None
+        now = time.monotonic_ns()
+        if now < queue.refusing_until_ns:  # refused a moment ago: the estimate holds for a few hundred us
+            stalled = queue.refusing_stalled
+        else:
+            est = queue.estimate_ns(now)
+            if est is None or est <= route.answer_ns - self.loop_lag_ns:
+                return None
+            stalled = est == float("inf")
+            queue.refusing_until_ns = now + _REFUSAL_HOLD_NS
+            queue.refusing_stalled = stalled
         route.requests += 1
         route.overloaded += 1
         qid = self._next_query_id
         self._next_query_id = qid + 1
-        msg, extra = route.overload_text(queue, est == float("inf"))
+        msg, extra, tail = route.overload_text(queue, stalled)
         if route.default_on_overload:
             route.defaults += 1
             route.latency.count_fast()
             return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
         route.errors += 1
-        return pack_frame(pack([ERROR_MSG, req_id, OverloadedError.code, OverloadedError.name, msg]))
+        return _error_frame(req_id, tail)
 
     def _refuse(self, conn, req_id, qid, route: AppRoute, why: str) -> None:
         """Answer a query admission refused: the default output at once, or OVERLOADED (raised)."""
