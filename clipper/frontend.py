@@ -371,7 +371,8 @@ class Frontend:
         """Register ``app``; queries to it are accepted from now on."""
         async with self._lock:
             self.registry.add_application(app)
-            self.processor.routes[app.name] = AppRoute(app, self.processor)
+            route = self.processor.routes[app.name] = AppRoute(app, self.processor)
+            self.processor.route_added(route)
             self._reroute([app.name])
             self._persist(apps=[app.name], links=[app.name])
             return app
@@ -386,6 +387,7 @@ class Frontend:
             route = self.processor.routes.pop(name, None)
             if route is not None:
                 route.close(drain=True)
+                self.processor.route_removed()
             self.processor.drop_states(name)
             self._reroute([name])
             self._persist(drop_apps=[name], drop_links=[name])

@@ -99,9 +99,9 @@ def test_admission_control_off_admits_everything(frontend_factory, wire_conn):
 
 
 # ---------------------------------------------------------------- nested lists, before decoding
-def test_a_huge_nested_list_is_refused_from_its_bytes(frontend, wire_conn):
+def test_a_frame_larger_than_any_valid_request_is_skipped_unbuffered(frontend, wire_conn):
     frontend.deploy("img", "row_sum", dtype="float32", shape=(784,))
-    rows = [[0.5] * 784 for _ in range(2000)]  # 1.6 M floats where 784 are expected
+    rows = [[0.5] * 784 for _ in range(2000)]  # 1.6 M floats (14 MB) where 784 are expected
     data = wire.frame(wire.pack(wire.predict(1, "img", rows)))
     del rows
     c = wire_conn(frontend.port)
@@ -112,12 +112,33 @@ def test_a_huge_nested_list_is_refused_from_its_bytes(frontend, wire_conn):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert _code(msg) == E.ShapeMismatchError.code and "2000 elements in its first dimension" in msg[4]
-    # The frontend held the frame's bytes (the reader's buffer, grown as they came); decoding would have
-    # built 1.6 M Python floats and their lists besides, more than three times as much again.
-    assert peak < 2.5 * len(data), (peak, len(data))
+    # No registered application takes a request that large: refused at its length prefix, its bytes
+    # skipped as they came, never buffered (let alone decoded).
+    assert msg[1] is None and _code(msg) == E.FrameTooLargeError.code, msg
+    assert "the largest request any registered application can take" in msg[4]
+    assert peak < 2 * 1024 * 1024, (peak, len(data))
     c.send(wire.predict(2, "img", [1.0] * 784))
     assert c.recv(1)[0][3] == pytest.approx(784.0)
+
+
+def test_a_nested_list_within_the_frame_bound_is_refused_from_its_bytes(frontend, wire_conn):
+    frontend.deploy("img", "row_sum", dtype="float32", shape=(784,))
+    frontend.deploy("big", "row_sum", dtype="float32", shape=(1_000_000,), model="big-model", replicas=0)
+    rows = [[0.5] * 784 for _ in range(500)]  # 392 k floats: within the bound "big" allows, wrong for "img"
+    data = wire.frame(wire.pack(wire.predict(1, "img", rows)))
+    del rows
+    c = wire_conn(frontend.port)
+    tracemalloc.start()
+    try:
+        c.send_raw(data)
+        msg = c.recv(1, timeout=30)[0]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert _code(msg) == E.ShapeMismatchError.code and "500 elements in its first dimension" in msg[4]
+    # The frontend held the frame's bytes (the reader's buffer, grown as they came); decoding would have
+    # built 392 k Python floats and their lists besides, several times as much again.
+    assert peak < 2.5 * len(data), (peak, len(data))
 
 
 @pytest.mark.parametrize("bad, code, words", [
@@ -137,9 +158,10 @@ def test_nested_list_refusals_name_what_is_wrong(frontend, wire_conn, bad, code,
 def test_errors_never_echo_a_huge_client_value(frontend, wire_conn):
     frontend.deploy("sum", "row_sum")
     c = wire_conn(frontend.port)
-    c.send([wire.PREDICT, b"x" * (4 * 1024 * 1024), "sum", X])  # a bin request id
-    c.send(wire.predict(1, "a" * 1_000_000, X))  # an unknown application with a long name
-    c.send(wire.hello(2, versions=list(range(100_000, 300_000))))
+    # (each frame within the largest request the frontend takes: ~64 KiB here)
+    c.send([wire.PREDICT, b"x" * 60_000, "sum", X])  # a bin request id
+    c.send(wire.predict(1, "a" * 60_000, X))  # an unknown application with a long name
+    c.send(wire.hello(2, versions=list(range(100_000, 112_000))))
     out = c.recv(3, timeout=30)
     assert all(len(msgpack.packb(m)) < 2048 for m in out), [len(msgpack.packb(m)) for m in out]
     assert [_code(m) for m in out] == [E.MalformedFrameError.code, E.UnknownApplicationError.code,

@@ -429,3 +429,27 @@ def test_rest_input_batch_is_capped(frontend_factory):
     r = h.getresponse()
     body = r.read()
     assert r.status in (400, 413) and len(body) < 64 * 1024, (r.status, len(body))
+
+
+def test_a_full_server_gives_a_slow_connections_slot_to_a_new_client(frontend_factory):
+    fe = frontend_factory(max_connections=16, header_timeout_ms=30_000)
+    slow = [socket.create_connection(("127.0.0.1", fe.port), timeout=10) for _ in range(16)]
+    try:
+        for s in slow:
+            s.sendall(b"\x00")  # one byte of a length prefix, then nothing (slowloris)
+        deadline = time.monotonic() + 15
+        while fe.call(lambda: len(fe.fe.query_server.evictable)) < 16:
+            assert time.monotonic() < deadline, "the sweep never found the slow connections"
+            time.sleep(0.05)
+        clients = []
+        for i in range(3):  # each new client (kept open) takes the slot of the slowest slow one
+            c = WireConn(fe.port)
+            clients.append(c)
+            c.send(wire.ping(i))
+            assert c.recv(1)[0] == [wire.PONG, i]
+        assert fe.call(lambda: fe.fe.query_server.closed_by.get("evicted_slow", 0)) == 3
+        for c in clients:
+            c.close()
+    finally:
+        for s in slow:
+            s.close()

@@ -9,7 +9,7 @@ cdef enum ReaderState:
     SKIP_BODY = 2        # discarding the body of an oversized frame
 
 cdef class FrameReader:
-    cdef readonly Py_ssize_t max_frame_bytes   # the frame-size limit
+    cdef public Py_ssize_t max_frame_bytes     # the frame-size limit (the server may lower it as apps change)
     cdef bytearray _buf          # bytes of an incomplete header or body
     cdef ReaderState _state      # what the next bytes are
     cdef Py_ssize_t _need        # bytes the current piece needs in all

@@ -596,6 +596,11 @@ class QueryProcessor:
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
+        # The largest frame any registered application could take as a valid request (its input, and
+        # room for the rest of the message); None: no bound beyond the port's max_frame_bytes. The
+        # msgpack port skips a larger frame without buffering it, so a stream of 15 MB junk frames
+        # costs a scan of their length, not their bytes copied.
+        self.frame_bound: int | None = None
         # How late the event loop runs what is due (a busy loop reads requests that late): admission
         # leaves that much less of the SLO to the model queue. Measured only while queries flow.
         self.loop_lag_ns = 0
@@ -631,6 +636,19 @@ class QueryProcessor:
         self._flush_timer: asyncio.TimerHandle | None = None
         self.state_flushes = 0
         self.state_flush_errors = 0
+
+    # ------------------------------------------------------------ the largest valid request
+    _FRAME_SLACK = 64 * 1024  # room for the message around the input (id, app, options, a feedback label)
+
+    def route_added(self, route: "AppRoute") -> None:
+        if route.max_valid_frame > 0:
+            bound = route.max_valid_frame + self._FRAME_SLACK
+            if self.frame_bound is None or bound > self.frame_bound:
+                self.frame_bound = bound
+
+    def route_removed(self) -> None:
+        bounds = [r.max_valid_frame + self._FRAME_SLACK for r in self.routes.values() if r.max_valid_frame > 0]
+        self.frame_bound = max(bounds) if bounds else self._FRAME_SLACK
 
     # ------------------------------------------------------------ states
     def state_table(self, app_name: str, policy: Policy, old=None):

@@ -92,6 +92,11 @@ class ClientServer:
         # Reading pauses before the hard cap, so that a client that reads slowly is paused, not cut off.
         self.high_water = max(1, min(limits.max_write_buffer_bytes, limits.max_unread_reply_bytes // 2))
         self._sweep_handle: asyncio.TimerHandle | None = None
+        # Connections the last sweep found in the middle of a request (or waiting for a first byte) for
+        # longer than evict_after_s: when the server is full, a new client takes the slot of one of them.
+        # Slow connections (slowloris) then cannot keep newcomers out by reopening as fast as they close.
+        self.evict_after_s = min(1.0, self.header_timeout_s / 2)
+        self.evictable: list = []
 
     async def start(self, host: str, port: int, ssl=None) -> int:
         """Listen; returns the bound port (``port`` 0 binds a free one).
@@ -144,10 +149,32 @@ class ClientServer:
         if not self.connections:
             return
         now = _monotonic()
+        slow = []
+        evict_after = self.evict_after_s
         for conn in list(self.connections):
             conn._check_timeouts(now)
+            since = conn._partial_since
+            if since and not conn.closed and now - since > evict_after:
+                slow.append((since, conn))
+        slow.sort(key=lambda sc: sc[0], reverse=True)  # the oldest last: popped first
+        self.evictable = [c for _, c in slow]
         if self.connections:
             self._arm_sweep()
+
+    def evict_one(self) -> bool:
+        """Close the slowest connection stuck in a request, for a new client (False: none is)."""
+        now = _monotonic()
+        evictable = self.evictable
+        while evictable:
+            conn = evictable.pop()
+            since = conn._partial_since
+            if not conn.closed and since and now - since > self.evict_after_s:
+                conn.close_for("evicted_slow", E.LimitExceededError(
+                    f"the server is full ({self.max_connections_name} is {self.max_connections}) and this "
+                    f"connection has not completed a request for {now - since:.1f} s: its slot went to a new client"),
+                    408)
+                return True
+        return False
 
 
 class ClientConnection(asyncio.Protocol):
@@ -187,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         srv = self.server
-        if len(srv.connections) >= srv.max_connections:
+        if len(srv.connections) >= srv.max_connections and not srv.evict_one():
             srv.count_close("max_connections")
             transport.write(self.refusal(E.LimitExceededError(
                 f"the server has {len(srv.connections)} open connections; "

@@ -83,6 +83,11 @@ class QueryConnection(ClientConnection):
     def data_received(self, data) -> None:
         now = self._last_active = _monotonic()
         reader = self.reader
+        bound = self.processor.frame_bound  # the largest request a registered application could take
+        if bound is not None:
+            bound = min(bound, self.server.limits.max_frame_bytes)
+            if reader.max_frame_bytes != bound:
+                reader.max_frame_bytes = bound
         items = reader.feed(data)
         # header_timeout_ms runs from the first byte of the frame that is still unfinished.
         if reader.mid_frame:
@@ -93,7 +98,10 @@ class QueryConnection(ClientConnection):
         for item in items:
             if type(item) is int:
                 self._write_error(None, E.FrameTooLargeError(
-                    f"frame of {item} bytes exceeds max_frame_bytes={self.server.limits.max_frame_bytes}"))
+                    f"frame of {item} bytes exceeds max_frame_bytes={reader.max_frame_bytes}"
+                    + ("" if reader.max_frame_bytes == self.server.limits.max_frame_bytes else
+                       " (the largest request any registered application can take; the port's limit is "
+                       f"{self.server.limits.max_frame_bytes})")))
             else:
                 self._on_frame(item)
         held = reader.buffered
