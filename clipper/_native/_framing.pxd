@@ -13,6 +13,7 @@ cdef class FrameReader:
     cdef bytearray _buf          # bytes of an incomplete header or body
     cdef ReaderState _state      # what the next bytes are
     cdef Py_ssize_t _need        # bytes the current piece needs in all
+    cdef Py_ssize_t _fill        # READ_BODY: bytes of the body in _buf so far (_buf is allocated whole)
     # Python properties (see _framing.pyi): buffered (len(_buf): the bytes an incomplete frame
     # holds) and mid_frame (_state != READ_HEADER or _buf not empty: a frame has begun).
 

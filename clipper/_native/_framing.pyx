@@ -30,6 +30,7 @@ cdef class FrameReader:
             raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
+        self._fill = 0
         self._set_state(READ_HEADER, HEADER_BYTES)
 
     cdef void _set_state(self, ReaderState state, Py_ssize_t need):
@@ -39,7 +40,7 @@ cdef class FrameReader:
     @property
     def buffered(self):
         """Bytes held for an incomplete frame (its header or body so far): what the stream costs in memory."""
-        return len(self._buf)
+        return self._fill if self._state == READ_BODY else len(self._buf)
 
     @property
     def mid_frame(self):
@@ -90,19 +91,25 @@ cdef class FrameReader:
                         self._set_state(READ_BODY, length)
                     continue
                 # READ_BODY
-                if buffered == 0 and avail >= self._need:
+                if self._fill == 0 and avail >= self._need:
                     if view is None:
                         view = memoryview(data).cast("B")
                     out.append(view[pos:pos + self._need])
                     pos += self._need
                 else:
-                    take = min(self._need - buffered, avail)
-                    self._buf += PyBytes_FromStringAndSize(<const char*>(p + pos), take)
+                    # A body split over reads: one buffer of its whole length (pages the kernel gives as
+                    # they are written), each byte copied once, and handed out as it is (no final copy).
+                    if self._fill == 0:
+                        self._buf = PyByteArray_FromStringAndSize(NULL, self._need)
+                    take = min(self._need - self._fill, avail)
+                    memcpy(PyByteArray_AS_STRING(self._buf) + self._fill, p + pos, take)
+                    self._fill += take
                     pos += take
-                    if len(self._buf) < self._need:
+                    if self._fill < self._need:
                         break
-                    out.append(bytes(self._buf))
-                    del self._buf[:]
+                    out.append(self._buf)
+                    self._buf = bytearray()
+                    self._fill = 0
                 self._set_state(READ_HEADER, HEADER_BYTES)
         finally:
             PyBuffer_Release(&pybuf)
