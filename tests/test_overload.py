@@ -453,3 +453,51 @@ def test_a_full_server_gives_a_slow_connections_slot_to_a_new_client(frontend_fa
     finally:
         for s in slow:
             s.close()
+
+
+def test_replies_a_client_has_not_read_wait_as_frames_not_as_bytes(frontend_factory):
+    # 50,000 HELLOs in one go (1 MB), nothing read: answering them all at once would pile up 10 MB of
+    # replies (a HELLO_OK is ten times its HELLO). The frontend stops answering once writing pauses and
+    # keeps the rest as frames; every reply still comes, in order, once the client reads.
+    fe = frontend_factory(max_write_buffer_bytes=64 * 1024, max_unread_reply_bytes=1024 * 1024)
+    c = WireConn(fe.port)
+    n = 50_000
+    c.send_raw(b"".join(framing.pack_frame(wire.pack(wire.hello(i))) for i in range(n)))
+    deadline = time.monotonic() + 20
+    conn = None
+    while conn is None or fe.call(lambda: conn._backlog is None):
+        conns = fe.call(lambda: list(fe.fe.query_server.connections))
+        conn = conns[0] if conns else None
+        assert time.monotonic() < deadline, "the frontend never held frames back"
+        time.sleep(0.01)
+    assert fe.call(lambda: conn.transport.get_write_buffer_size()) <= 1024 * 1024
+    out = c.recv(n, timeout=60)
+    assert [m[1] for m in out] == list(range(n)) and all(m[0] == wire.HELLO_OK for m in out)
+    assert not fe.call(lambda: conn.closed)
+    c.close()
+
+
+def test_a_client_streaming_oversized_frames_is_slowed(frontend_factory, monkeypatch):
+    from clipper.server import query_server as qs
+    from clipper.server._connection import PAUSED_JUNK
+
+    monkeypatch.setattr(qs, "JUNK_BYTES_PER_S", 1 << 20)
+    monkeypatch.setattr(qs, "JUNK_BURST_BYTES", 1 << 20)
+    fe = frontend_factory(max_frame_bytes=64 * 1024)
+    c = WireConn(fe.port)
+    junk = struct.pack(">I", 1 << 20) + b"\0" * (1 << 20)  # a 1 MiB frame over the 64 KiB limit
+    sender = threading.Thread(target=lambda: c.send_raw(junk * 4), daemon=True)
+    sender.start()
+    deadline = time.monotonic() + 20
+    paused = False
+    while not paused:
+        conns = fe.call(lambda: list(fe.fe.query_server.connections))
+        paused = any(fe.call(lambda: x._pause_mask & PAUSED_JUNK) for x in conns)
+        assert time.monotonic() < deadline, "the junk stream was never slowed"
+        time.sleep(0.005)
+    sender.join(30)
+    out = c.recv(4, timeout=30)  # slowed, not cut off: each frame still gets its error
+    assert [m[2] for m in out] == [102] * 4
+    c.send(wire.ping(9))
+    assert c.recv(1)[0] == [wire.PONG, 9]
+    c.close()

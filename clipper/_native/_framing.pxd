@@ -14,6 +14,7 @@ cdef class FrameReader:
     cdef ReaderState _state      # what the next bytes are
     cdef Py_ssize_t _need        # bytes the current piece needs in all
     cdef Py_ssize_t _fill        # READ_BODY: bytes of the body in _buf so far (_buf is allocated whole)
+    cdef public Py_ssize_t skipped  # bytes of oversized frames skipped so far (their senders may be slowed)
     # Python properties (see _framing.pyi): buffered (len(_buf): the bytes an incomplete frame
     # holds) and mid_frame (_state != READ_HEADER or _buf not empty: a frame has begun).
 

@@ -9,7 +9,8 @@ class FrameReader:
     ``int``; such a body is skipped without being buffered.
     """
 
-    max_frame_bytes: int
+    max_frame_bytes: int  # settable: the server lowers it to the largest request its applications take
+    skipped: int  # bytes of oversized frames skipped so far
     def __init__(self, max_frame_bytes: int) -> None: ...
     @property
     def buffered(self) -> int:

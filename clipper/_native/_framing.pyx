@@ -31,6 +31,7 @@ cdef class FrameReader:
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
         self._fill = 0
+        self.skipped = 0
         self._set_state(READ_HEADER, HEADER_BYTES)
 
     cdef void _set_state(self, ReaderState state, Py_ssize_t need):
@@ -64,6 +65,7 @@ cdef class FrameReader:
                 if self._state == SKIP_BODY:
                     take = min(self._need, n - pos)
                     pos += take
+                    self.skipped += take
                     self._need -= take
                     if self._need == 0:
                         self._set_state(READ_HEADER, HEADER_BYTES)

@@ -28,7 +28,7 @@ class FrameReader:
     normally.
     """
 
-    __slots__ = ("max_frame_bytes", "_buf", "_state", "_need")
+    __slots__ = ("max_frame_bytes", "_buf", "_state", "_need", "skipped")
 
     def __init__(self, max_frame_bytes: int) -> None:
         if max_frame_bytes <= 0:
@@ -37,6 +37,7 @@ class FrameReader:
         self._buf = bytearray()
         self._state = READ_HEADER
         self._need = HEADER_BYTES
+        self.skipped = 0  # bytes of oversized frames skipped so far
 
     @property
     def buffered(self) -> int:
@@ -59,6 +60,7 @@ class FrameReader:
             if state == SKIP_BODY:
                 take = min(self._need, n - pos)
                 pos += take
+                self.skipped += take
                 self._need -= take
                 if self._need == 0:
                     self._state = READ_HEADER

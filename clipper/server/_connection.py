@@ -37,6 +37,7 @@ _monotonic = time.monotonic
 PAUSED_WRITE = 1  # the client does not read its replies
 PAUSED_BACKLOG = 2  # HTTP: too many pipelined requests wait for their answers
 PAUSED_CLOSING = 4  # a closing reply is queued: nothing more is read
+PAUSED_JUNK = 8  # msgpack: the client sends oversized frames faster than JUNK_BYTES_PER_S
 
 # A connection holding at most this many partial bytes is never closed by the frontend-wide budget
 # (it is still charged): a pipelining client's small frames are split across reads all the time.

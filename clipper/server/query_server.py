@@ -23,7 +23,7 @@ import time
 
 from .. import errors as E
 from .._native import framing
-from ._connection import PAUSED_WRITE, ClientConnection, ClientServer
+from ._connection import PAUSED_JUNK, PAUSED_WRITE, ClientConnection, ClientServer
 from ..protocol import wire
 
 log = logging.getLogger("clipper.server")
@@ -36,6 +36,9 @@ _ERROR = wire.ERROR
 _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
 _request_head = framing.request_head
+EARLY_FLUSH_BYTES = 1 << 20  # replies gathered in one turn of the loop are written once they reach this
+JUNK_BYTES_PER_S = 16 << 20  # oversized frames a client may stream (skipped unread) before it is slowed
+JUNK_BURST_BYTES = 64 << 20
 _check_nested = framing.check_nested
 _brief = wire.brief
 # The grant of a connection that has not authenticated (API keys required): no application.
@@ -55,7 +58,12 @@ class QueryConnection(ClientConnection):
         self.pending = 0
         self.version = wire.PROTOCOL_VERSION
         self._out: list = []
+        self._out_bytes = 0  # bytes in _out
         self._flush_scheduled = False
+        self._backlog = None  # frames read but held back: the client stopped reading its replies
+        self._junk_seen = 0  # bytes of oversized frames the reader had skipped at the last look
+        self._junk_tokens = float(JUNK_BURST_BYTES)  # what it may still skip before it is slowed
+        self._junk_at = _monotonic()
         self.max_pending = server.limits.max_pending_per_connection
         # None: API keys are not required (every application is open). Else the applications this
         # connection may query: its key's live set (emptied if the key is revoked), or none yet.
@@ -95,8 +103,33 @@ class QueryConnection(ClientConnection):
                 self._partial_since = now
         else:
             self._partial_since = 0.0
-        for item in items:
+        if reader.skipped != self._junk_seen:
+            self._throttle_junk(reader.skipped, now)
+        self._process(items)
+        held = reader.buffered
+        if held != self._charged and not self._charge(held) and not self.closed:
+            self._on_partial_budget(held)
+
+    def _process(self, items, start: int = 0) -> None:
+        """Answer frames in order; stop (keeping the rest) as soon as the client stops reading its replies.
+
+        One read may bring thousands of small requests: answered all at once,
+        their replies could pile up far past what the client takes before the
+        transport can say so. Replies are written as they reach a few MiB, and
+        once writing pauses the remaining frames wait in ``_backlog`` until the
+        client reads again (:meth:`resume_writing`).
+        """
+        n = len(items)
+        i = start
+        while i < n:
+            if self._pause_mask & PAUSED_WRITE or self.closed:
+                if not self.closed:
+                    self._backlog = items[i:]
+                return
+            item = items[i]
+            i += 1
             if type(item) is int:
+                reader = self.reader
                 self._write_error(None, E.FrameTooLargeError(
                     f"frame of {item} bytes exceeds max_frame_bytes={reader.max_frame_bytes}"
                     + ("" if reader.max_frame_bytes == self.server.limits.max_frame_bytes else
@@ -104,9 +137,29 @@ class QueryConnection(ClientConnection):
                        f"{self.server.limits.max_frame_bytes})")))
             else:
                 self._on_frame(item)
-        held = reader.buffered
-        if held != self._charged and not self._charge(held) and not self.closed:
-            self._on_partial_budget(held)
+
+    def resume_writing(self) -> None:
+        backlog = self._backlog
+        if backlog is not None:  # the frames held back when the client stopped reading go first
+            self._backlog = None
+            self._stalled_since = 0.0
+            self._pause_mask &= ~PAUSED_WRITE
+            self._process(backlog)
+            if self._pause_mask & PAUSED_WRITE or self.closed:
+                return
+            self._pause_mask |= PAUSED_WRITE  # so that the base resumes reading
+        super().resume_writing()
+
+    def _throttle_junk(self, skipped: int, now: float) -> None:
+        """Oversized frames are skipped unread, but reading them still costs the loop: a client that
+        streams them faster than ``JUNK_BYTES_PER_S`` is slowed down (its reading paused)."""
+        junk = skipped - self._junk_seen
+        self._junk_seen = skipped
+        tokens = min(JUNK_BURST_BYTES, self._junk_tokens + (now - self._junk_at) * JUNK_BYTES_PER_S) - junk
+        self._junk_tokens, self._junk_at = tokens, now
+        if tokens < 0 and not self._pause_mask & PAUSED_JUNK and not self.closed:
+            self._pause(PAUSED_JUNK)
+            self.server.loop.call_later(-tokens / JUNK_BYTES_PER_S, self._resume, PAUSED_JUNK)
 
     def _on_partial_budget(self, held: int) -> None:
         """This connection's unfinished frame passes the frontend-wide budget: LIMIT_EXCEEDED, close."""
@@ -337,13 +390,17 @@ class QueryConnection(ClientConnection):
 
     def _queue(self, frame: bytes) -> None:
         self._out.append(frame)
-        if not self._flush_scheduled:
+        self._out_bytes += len(frame)
+        if self._out_bytes > EARLY_FLUSH_BYTES:
+            self._flush()  # may pause writing (the client reads slower than it asks): _process stops there
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.server.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
+        self._out_bytes = 0
         if not out or self.closed:
             out.clear()
             return
