@@ -456,13 +456,16 @@ def test_a_full_server_gives_a_slow_connections_slot_to_a_new_client(frontend_fa
 
 
 def test_replies_a_client_has_not_read_wait_as_frames_not_as_bytes(frontend_factory):
-    # 50,000 HELLOs in one go (1 MB), nothing read: answering them all at once would pile up 10 MB of
-    # replies (a HELLO_OK is ten times its HELLO). The frontend stops answering once writing pauses and
-    # keeps the rest as frames; every reply still comes, in order, once the client reads.
+    # 200,000 HELLOs (4 MB), nothing read: answering them all at once would pile up 40 MB of replies (a
+    # HELLO_OK is ten times its HELLO), more than the kernel's socket buffers take. The frontend stops
+    # answering once writing pauses and keeps the rest as frames; every reply still comes, in order,
+    # once the client reads.
     fe = frontend_factory(max_write_buffer_bytes=64 * 1024, max_unread_reply_bytes=1024 * 1024)
     c = WireConn(fe.port)
-    n = 50_000
-    c.send_raw(b"".join(framing.pack_frame(wire.pack(wire.hello(i))) for i in range(n)))
+    n = 200_000
+    data = b"".join(framing.pack_frame(wire.pack(wire.hello(i))) for i in range(n))
+    sender = threading.Thread(target=c.send_raw, args=(data,), daemon=True)  # it blocks once reading pauses
+    sender.start()
     deadline = time.monotonic() + 20
     conn = None
     while conn is None or fe.call(lambda: conn._backlog is None):
@@ -471,7 +474,8 @@ def test_replies_a_client_has_not_read_wait_as_frames_not_as_bytes(frontend_fact
         assert time.monotonic() < deadline, "the frontend never held frames back"
         time.sleep(0.01)
     assert fe.call(lambda: conn.transport.get_write_buffer_size()) <= 1024 * 1024
-    out = c.recv(n, timeout=60)
+    out = c.recv(n, timeout=90)
+    sender.join(30)
     assert [m[1] for m in out] == list(range(n)) and all(m[0] == wire.HELLO_OK for m in out)
     assert not fe.call(lambda: conn.closed)
     c.close()

@@ -795,8 +795,9 @@ class QueryProcessor:
                 cache.fail(token)
             self._refuse(conn, req_id, qid, route, why)
             return
-        # A busy loop read this request late by about its lag: the answer is planned that much earlier.
-        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns - min(self.loop_lag_ns,
+        # A busy loop read this request about its lag late, and will write the answer about as late:
+        # the answer is planned that much earlier (and admission left that much less to the queue).
+        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns - min(2 * self.loop_lag_ns,
                                                                                         route.answer_ns // 2))
         q.extra = route.single_extra  # names the version it was sent to, even after a switch
         if token is not None:
@@ -840,7 +841,8 @@ class QueryProcessor:
             # measuring: after a stall inflated the latency estimate, this is how it comes down again.
             return None
         est = queue.estimate_ns(now)
-        if est is None or est <= budget_ns - self.loop_lag_ns:
+        # The loop's lag twice: this request was read that late, and its answer will be written that late.
+        if est is None or est <= budget_ns - 2 * self.loop_lag_ns:
             return None
         if est == float("inf"):
             return (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
@@ -866,7 +868,7 @@ class QueryProcessor:
             stalled = queue.refusing_stalled
         else:
             est = queue.estimate_ns(now)
-            if est is None or est <= route.answer_ns - self.loop_lag_ns:
+            if est is None or est <= route.answer_ns - 2 * self.loop_lag_ns:
                 return None
             stalled = est == float("inf")
             queue.refusing_until_ns = now + _REFUSAL_HOLD_NS
