@@ -75,6 +75,8 @@ _PREDICT_HEAD = bytes((0x94, wire.PREDICT, 0xCE))
 ID_OFFSET = 4 + len(_PREDICT_HEAD)  # after the frame's length prefix
 _ID = struct.Struct(">I")
 _ID_MASK = 0xFFFFFFFF
+_LAG_BITS = 20  # an in-flight record: time << _LAG_BITS | the send lag in us (capped at ~1 s)
+_LAG_MASK = (1 << _LAG_BITS) - 1
 
 # Open-loop health: the generator is "behind" past these.
 BEHIND_P50_LAG_MS = 0.5
@@ -273,7 +275,10 @@ class _Connection(asyncio.Protocol):
         self.w = worker
         self.transport = None
         self.reader = FrameReader(_MAX_REPLY_BYTES)
-        self.inflight: dict[int, int] = {}  # request id -> send (or scheduled) time, ns
+        # request id -> its send (closed loop) or scheduled (open loop) time in ns, shifted left by
+        # _LAG_BITS, with how late the generator actually sent it (us, open loop) in the low bits:
+        # one int per request, so replies can be timed from the timetable and from the actual send.
+        self.inflight: dict[int, int] = {}
         self.next_id = 0
         self.closing = False
         self.stopped = False  # told to stop (LoadSpec.stop_on_codes): sends nothing more
@@ -291,7 +296,7 @@ class _Connection(asyncio.Protocol):
         if lost:
             w.errors["lost_in_flight"] = w.errors.get("lost_in_flight", 0) + lost
             if len(w.lost_sent) < _MAX_LOST_TIMES:
-                w.lost_sent.extend(list(self.inflight.values())[:_MAX_LOST_TIMES - len(w.lost_sent)])
+                w.lost_sent.extend([v >> _LAG_BITS for v in self.inflight.values()][:_MAX_LOST_TIMES - len(w.lost_sent)])
             w.outstanding -= lost
             self.inflight.clear()
         w.check_drained()
@@ -310,6 +315,7 @@ class _Connection(asyncio.Protocol):
         rid = self.next_id
         k = w.template_index
         t = _now()
+        tv = t << _LAG_BITS
         for _ in range(n):
             pos = len(buf)
             buf += templates[k]
@@ -319,7 +325,7 @@ class _Connection(asyncio.Protocol):
             pack_id(buf, pos + ID_OFFSET, rid)
             if stamp is not None:
                 stamp(buf, pos)
-            inflight[rid] = t
+            inflight[rid] = tv
             rid = (rid + 1) & _ID_MASK
         self.next_id = rid
         w.template_index = k
@@ -352,12 +358,13 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 w.count_error("malformed_reply")
                 continue
-            t0 = inflight.pop(rid, None)
-            if t0 is None:
+            v = inflight.pop(rid, None)
+            if v is None:
                 # An ERROR without a known id is about the connection, not a request.
                 w.count_error(_error_key(msg) if kind == wire.ERROR else "unmatched_reply")
                 continue
             done += 1
+            t0 = v >> _LAG_BITS
             if kind == wire.RESULT and len(msg) >= 5:
                 if ws <= t0 < we:
                     lat_append(t_recv - t0)
@@ -375,6 +382,8 @@ class _Connection(asyncio.Protocol):
                     w.stopped_connections += 1
                 if ws <= t0 < we:
                     w.error_latency(key).append(t_recv - t0)
+                    # the same from the actual send: the server's part, without the generator's lateness
+                    w.error_latency(key, True).append(t_recv - t0 - (v & _LAG_MASK) * 1000)
             else:
                 w.count_error(f"unexpected_reply_{kind!r}")
         if not done:
@@ -415,6 +424,7 @@ class _Worker:
         self.good_latencies = array("q")  # ns, the same for RESULTs that are not default outputs
         self.default_latencies = array("q")  # ns, ... and for the default outputs
         self.error_latencies: dict[str, array] = {}  # "<code> <name>" -> ns, ERRORs of requests sent in the window
+        self.error_sent_latencies: dict[str, array] = {}  # the same from the actual send (open loop: not scheduled)
         self.send_lags = array("q")  # ns, open loop: actual send - scheduled send
         self.errors: dict[str, int] = {}
         self.errors_in_window = 0
@@ -458,10 +468,11 @@ class _Worker:
         if self.window_start <= t < self.window_end:
             self.errors_in_window += 1
 
-    def error_latency(self, key: str) -> array:
-        arr = self.error_latencies.get(key)
+    def error_latency(self, key: str, from_send: bool = False) -> array:
+        table = self.error_sent_latencies if from_send else self.error_latencies
+        arr = table.get(key)
         if arr is None:
-            arr = self.error_latencies[key] = array("q")
+            arr = table[key] = array("q")
         return arr
 
     def check_drained(self) -> None:
@@ -614,7 +625,8 @@ class _Worker:
             pack_id(buf, pos + ID_OFFSET, rid)
             if stamp is not None:
                 stamp(buf, pos)
-            conn.inflight[rid] = t  # latency counts from the timetable
+            # latency counts from the timetable; the send lag (us) rides in the low bits
+            conn.inflight[rid] = (t << _LAG_BITS) | min(_LAG_MASK, (t_send - t) // 1000)
             n += 1
             if in_window:
                 self.sent_in_window += 1
@@ -644,8 +656,8 @@ class _Worker:
         unfinished = sum(
             1
             for conn in self.conns
-            for t in conn.inflight.values()
-            if self.window_start <= t < self.window_end
+            for v in conn.inflight.values()
+            if self.window_start <= v >> _LAG_BITS < self.window_end
         )
         w0, w1 = self.window_actual
         return {
@@ -656,6 +668,8 @@ class _Worker:
             "default_latencies_ns": np.frombuffer(self.default_latencies, dtype=np.int64).copy(),
             "error_latencies_ns": {k: np.frombuffer(v, dtype=np.int64).copy()
                                    for k, v in self.error_latencies.items()},
+            "error_sent_latencies_ns": {k: np.frombuffer(v, dtype=np.int64).copy()
+                                        for k, v in self.error_sent_latencies.items()},
             "send_lags_ns": np.frombuffer(self.send_lags, dtype=np.int64).copy(),
             "errors": dict(self.errors),
             "errors_in_window": self.errors_in_window,
@@ -894,6 +908,10 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         for k, v in r["error_latencies_ns"].items():
             err_lat[k] = np.concatenate([err_lat[k], v]) if k in err_lat else v
     err_lat = dict(sorted(err_lat.items()))
+    err_sent_lat: dict[str, np.ndarray] = {}
+    for r in reports:
+        for k, v in r.get("error_sent_latencies_ns", {}).items():
+            err_sent_lat[k] = np.concatenate([err_sent_lat[k], v]) if k in err_sent_lat else v
     out = {
         "mode": spec.mode,
         "target": f"{spec.host}:{spec.port}",
@@ -921,6 +939,8 @@ def _merge(spec: LoadSpec, workers: int, reports: list[dict]) -> dict:
         "default_latency_ms": _percentiles_ms(default_lat),
         "window_errors": {k: int(v.size) for k, v in err_lat.items()},  # "<code> <name>" -> count
         "error_latency_ms": {k: _percentiles_ms(v) for k, v in err_lat.items()},
+        # ... from the actual send instead of the timetable: the server's and the kernel's part alone
+        "error_latency_from_send_ms": {k: _percentiles_ms(v) for k, v in sorted(err_sent_lat.items())},
         "overloaded": sum(int(v.size) for k, v in err_lat.items() if k.startswith(f"{OVERLOADED_CODE} ")),
         "unfinished": sum(r["unfinished"] for r in reports),
         **({"stopped_connections": sum(r["stopped_connections"] for r in reports)} if spec.stop_on_codes else {}),

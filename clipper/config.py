@@ -122,6 +122,10 @@ class FrontendConfig:
     # Admission control: a query whose model queue cannot serve it within its SLO is refused at arrival
     # (OVERLOADED, or the default output: the application's on_overload). False admits everything.
     admission_control: bool = True
+    # ... and one that would wait behind more than this many batch latencies of queued work: a queue a
+    # couple of batches deep per replica keeps every replica busy; a deeper one only adds latency and
+    # admits queries that end as default outputs at their deadline (work spent on nothing).
+    admission_wait_batches: float = 2.0
 
     # ---- the trust boundary (docs/security.md)
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key
@@ -148,6 +152,9 @@ class FrontendConfig:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
         if self.state_path is not None and (not isinstance(self.state_path, str) or not self.state_path):
             raise InvalidConfigError(f"state_path {self.state_path!r} is not a file path (or \":memory:\")")
+        w = self.admission_wait_batches
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.5 <= w <= 1000:
+            raise InvalidConfigError(f"admission_wait_batches {w!r} is not a number in [0.5, 1000]")
         m = self.deadline_margin_ms
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1000:
             raise InvalidConfigError(f"deadline_margin_ms {m!r} is not a number in [0, 1000]")

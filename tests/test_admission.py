@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from clipper import errors as E
 from clipper._native import _framing as native
 from clipper._native import framing_py as twin
+from clipper.config import FrontendConfig
 from clipper.protocol import wire
 
 X = np.array([0.2, 0, 0, 0], np.float32)  # sleep_by_input: sleeps x[0] seconds, answers x[0]
@@ -71,6 +72,44 @@ def test_a_stalled_replica_drains_nothing_so_new_queries_are_refused_until_it_an
     frontend.wait_until(lambda s: s["models"]["slow-model:1"]["free_replicas"] == 1, what="the replica back")
     c.send(wire.predict(3, "slow", np.array([0.01, 0, 0, 0], np.float32)))
     assert c.recv(1)[0][0] == wire.RESULT  # answering again: admitted again
+
+
+@pytest.mark.parametrize("wait_batches", [2, 100])
+def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_slo(frontend_factory, wire_conn,
+                                                                                      wait_batches):
+    # Batches of one take ~100 ms and the SLO is 30 s: the SLO alone would admit all twelve. The queue
+    # ahead of a query may hold admission_wait_batches batch latencies of work: with 2, the query
+    # in flight and about two queued are admitted and the rest refused at once; with 100, all admitted.
+    fe = frontend_factory(admission_wait_batches=wait_batches)
+    fe.deploy("slow", "sleep_by_input", slo_ms=30_000, max_batch=1, batching="fixed", cache=False,
+              default_output=-1.0, on_overload="error")
+    c = wire_conn(fe.port)
+    x = np.array([0.1, 0, 0, 0], np.float32)
+    _warm(fe, c, "slow", x)
+    for i in range(1, 13):
+        c.send(wire.predict(i, "slow", x))
+    out = c.recv(12, timeout=60)
+    refused = [m for m in out if _code(m) == E.OverloadedError.code]
+    served = [m for m in out if m[0] == wire.RESULT and not m[4]]
+    assert len(refused) + len(served) == 12, out
+    if wait_batches == 2:
+        assert 2 <= len(served) <= 4, out
+        assert all("at capacity" in m[4] and "refused at arrival" in m[4] for m in refused), refused
+        # refused at arrival: every refusal came before the second answer
+        assert all(out.index(m) < out.index(served[1]) for m in refused)
+    else:
+        assert len(served) == 12 and not refused
+    st_ = fe.stats()
+    assert st_["applications"]["slow"]["overloaded"] == len(refused)
+    assert st_["models"]["slow-model:1"]["queries_sent"] == 1 + len(served)
+
+
+def test_admission_wait_batches_is_checked_at_load():
+    with pytest.raises(E.InvalidConfigError, match="admission_wait_batches"):
+        FrontendConfig(admission_wait_batches=0)
+    with pytest.raises(E.InvalidConfigError, match="admission_wait_batches"):
+        FrontendConfig(admission_wait_batches=True)
+    assert FrontendConfig(admission_wait_batches=3).admission_wait_batches == 3
 
 
 def test_the_in_flight_byte_budget_refuses_what_would_pass_it(frontend_factory, wire_conn):

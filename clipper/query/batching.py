@@ -86,7 +86,9 @@ class ModelQueue:
         self.bytes = 0  # their input bytes
         self.leftovers = 0  # items in pending that left it (settled elsewhere), to be skipped
         self.refusing_until_ns = 0  # admission refused a moment ago: it refuses until then without re-estimating
-        self.refusing_stalled = False
+        self.refusing_kind = 0  # and why (processor.REFUSE_*)
+        self.admitted_at_ns = 0  # when the msgpack fast path last admitted a query (its decision is reused)
+        self.est_lat_ns = 0.0  # the shortest replica batch latency the last estimate_ns used
         self.replicas: list = []
         self.free: deque = deque()
         self._scheduled = False
@@ -309,6 +311,7 @@ class ModelQueue:
                 lat_min = lat
         if rate <= 0.0:
             return float("inf")
+        self.est_lat_ns = lat_min
         est = self.live / rate + lat_min
         if busy == len(replicas) and residual > 0.0:
             est += residual

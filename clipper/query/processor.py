@@ -76,6 +76,28 @@ _QUEUED = object()  # _submit: the query waits for its model
 _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
+_ADMIT_REUSE_NS = 50_000  # an admission by the fast path stands this long (for the request it admitted)
+_INF = float("inf")
+# Admission's decisions (QueryProcessor.admits): admitted, or refused and why.
+ADMIT = 0
+REFUSE_SLO = 1  # the model cannot answer it within its application's SLO
+REFUSE_STALLED = 2  # no replica of the model is answering
+REFUSE_QUEUE = 3  # the work queued ahead of it is longer than admission_wait_batches batch latencies
+
+
+def overload_message(queue, route, kind: int, est: float | None) -> str:
+    """The OVERLOADED message of a refusal of ``kind`` (``est``: the estimate in ns, when known)."""
+    if kind == REFUSE_STALLED:
+        return (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
+                f"refused at arrival")
+    said = f"estimated {est / 1e6:.1f} ms" if est is not None else "estimated from its queue and batch latency"
+    if kind == REFUSE_QUEUE:
+        return (f"model {queue.key} is at capacity: its queue holds more work than admission lets a query wait "
+                f"behind ({said}; application {route.name!r}, SLO {route.slo_ns / 1e6:g} ms): refused at arrival")
+    return (f"model {queue.key} cannot answer within the {route.slo_ns / 1e6:g} ms SLO of application "
+            f"{route.name!r} ({said}): refused at arrival")
+
+
 _MARGIN_STEP_NS = 250_000  # the adaptive deadline margin moves at most this much per re-plan
 
 
@@ -362,19 +384,14 @@ class AppRoute:
                 raise InvalidInputError(f"list input has values outside the range of {dt.name}")
         return np.ascontiguousarray(arr, dtype=dt)
 
-    def overload_text(self, queue, stalled: bool) -> tuple[str, PackedExtra, bytes]:
-        """The words of a fast refusal (made once per queue): the message, the RESULT extra, and the
-        encoded tail of the ERROR message (code, name, message)."""
-        got = self._overload_texts.get((queue.key, stalled))
+    def overload_text(self, queue, kind: int) -> tuple[str, PackedExtra, bytes]:
+        """The words of a fast refusal (made once per queue and kind, ``REFUSE_*``): the message, the
+        RESULT extra, and the encoded tail of the ERROR message (code, name, message)."""
+        got = self._overload_texts.get((queue.key, kind))
         if got is None:
-            if stalled:
-                msg = (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
-                       f"refused at arrival")
-            else:
-                msg = (f"model {queue.key} cannot answer within the {self.slo_ns / 1e6:g} ms SLO of application "
-                       f"{self.name!r} (estimated from its queue and batch latency): refused at arrival")
+            msg = overload_message(queue, self, kind, None)
             tail = pack(OverloadedError.code) + pack(OverloadedError.name) + pack(msg)
-            got = self._overload_texts[(queue.key, stalled)] = (
+            got = self._overload_texts[(queue.key, kind)] = (
                 msg, PackedExtra(explanation=msg, confidence=0.0, models=[]), tail)
         return got
 
@@ -590,9 +607,11 @@ class QueryProcessor:
                  state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
                  deadline_margin_ms: float = 2.0, adaptive_margin: bool = True, admission: bool = True,
-                 max_inflight_bytes: int = 1 << 62) -> None:
+                 admission_wait_batches: float = 2.0, max_inflight_bytes: int = 1 << 62) -> None:
         self.loop = loop
         self.admission = admission  # refuse at arrival what its model cannot answer in time
+        # ... or would queue behind more than this many batch latencies of work (see admits)
+        self.admission_wait_batches = float(admission_wait_batches)
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
@@ -836,19 +855,46 @@ class QueryProcessor:
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             return (f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                     f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        if not self.admission or (not queue.live and queue.free):
+        if not self.admission:
+            return None
+        if now - queue.admitted_at_ns < _ADMIT_REUSE_NS:
+            return None  # the msgpack port's fast path (shed) admitted this very request a moment ago
+        kind, est = self.admits(queue, now, budget_ns)
+        if kind == ADMIT:
+            return None
+        return overload_message(queue, route, kind, est)
+
+    def admits(self, queue: ModelQueue, now: int, budget_ns: int) -> tuple[int, float]:
+        """Admission's decision for a query arriving now at ``queue``: (``ADMIT`` or the ``REFUSE_*``
+        reason, the estimate it was made from in ns).
+
+        A query is admitted when its model can answer it in time *and* the
+        work queued ahead of it is short: the estimated answer time (the
+        queue's :meth:`~ModelQueue.estimate_ns`) within the budget (the
+        application's planned answer time less twice the loop's lag: the
+        request was read that late and its answer will be written that late),
+        and the wait before its batch leaves at most ``admission_wait_batches``
+        batch latencies. A queue holding a couple of batches per replica keeps
+        every replica busy, so the cap costs no throughput; what it saves is
+        the queries a deeper queue would admit only to answer by default at
+        their deadline, work spent for nothing exactly when the frontend has
+        none to spare.
+        """
+        if not queue.live and queue.free:
             # Nothing queued and a replica free: admitted, always. Besides costing nothing, it keeps
             # measuring: after a stall inflated the latency estimate, this is how it comes down again.
-            return None
+            return ADMIT, 0.0
         est = queue.estimate_ns(now)
-        # The loop's lag twice: this request was read that late, and its answer will be written that late.
-        if est is None or est <= budget_ns - 2 * self.loop_lag_ns:
-            return None
-        if est == float("inf"):
-            return (f"no replica of model {queue.key} is answering now (none connected, or all stalled): "
-                    f"refused at arrival")
-        return (f"model {queue.key} cannot answer within the {route.slo_ns / 1e6:g} ms SLO of application "
-                f"{route.name!r} (estimated {est / 1e6:.1f} ms): refused at arrival")
+        if est is None:
+            return ADMIT, 0.0
+        if est == _INF:
+            return REFUSE_STALLED, est
+        if est > budget_ns - 2 * self.loop_lag_ns:
+            return REFUSE_SLO, est
+        lat = queue.est_lat_ns
+        if est - lat > self.admission_wait_batches * lat:
+            return REFUSE_QUEUE, est
+        return ADMIT, est
 
     def shed(self, route: AppRoute, req_id, frame_bytes: int) -> bytes | None:
         """The refusal frame of a query admission would refuse, known from its application alone
@@ -865,19 +911,19 @@ class QueryProcessor:
             return None
         now = time.monotonic_ns()
         if now < queue.refusing_until_ns:  # refused a moment ago: the estimate holds for a few hundred us
-            stalled = queue.refusing_stalled
+            kind = queue.refusing_kind
         else:
-            est = queue.estimate_ns(now)
-            if est is None or est <= route.answer_ns - 2 * self.loop_lag_ns:
+            kind, _ = self.admits(queue, now, route.answer_ns)
+            if kind == ADMIT:
+                queue.admitted_at_ns = now  # predict, on the same frame, need not estimate again
                 return None
-            stalled = est == float("inf")
             queue.refusing_until_ns = now + _REFUSAL_HOLD_NS
-            queue.refusing_stalled = stalled
+            queue.refusing_kind = kind
         route.requests += 1
         route.overloaded += 1
         qid = self._next_query_id
         self._next_query_id = qid + 1
-        msg, extra, tail = route.overload_text(queue, stalled)
+        msg, extra, tail = route.overload_text(queue, kind)
         if route.default_on_overload:
             route.defaults += 1
             route.latency.count_fast()
