@@ -240,3 +240,95 @@ def test_error_frames_from_encoded_words_are_what_msgpack_makes(req_id, code, na
     tail = msgpack.packb(code) + msgpack.packb(name) + msgpack.packb(message)
     expected = native.pack_frame(msgpack.packb([wire.ERROR, req_id, code, name, message]))
     assert native.error_frame(req_id, tail) == twin.error_frame(req_id, tail) == expected
+
+
+_run_item = st.one_of(
+    # PREDICT for the refused application (any id width, any input), the common case
+    st.tuples(st.just("predict"), st.integers(0, 2**64 - 1), st.just("noop"),
+              st.one_of(st.binary(max_size=40), st.lists(st.floats(allow_nan=False), max_size=4))),
+    # PREDICT for another application, FEEDBACK for the same one, other messages: each ends the run
+    st.tuples(st.just("predict"), st.integers(0, 2**32), st.sampled_from(["noop2", "noo", "", "nööp"]),
+              st.just([1.0])),
+    st.tuples(st.just("feedback"), st.integers(0, 2**32), st.just("noop"), st.just([1.0])),
+    st.tuples(st.just("ping"), st.integers(0, 2**32), st.none(), st.none()),
+    st.tuples(st.just("junk"), st.binary(max_size=12), st.none(), st.none()),
+    st.tuples(st.just("oversized"), st.integers(1, 2**31), st.none(), st.none()),
+)
+
+
+def _run_items(specs) -> list:
+    items = []
+    for kind, a, app, x in specs:
+        if kind == "predict":
+            items.append(msgpack.packb([1, a, app, x]))
+        elif kind == "feedback":
+            items.append(msgpack.packb([2, a, app, x, 1.0]))
+        elif kind == "ping":
+            items.append(msgpack.packb([3, a]))
+        elif kind == "junk":
+            items.append(a)
+        else:
+            items.append(a)  # the reader's int for a frame over its limit
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=st.lists(_run_item, max_size=12), start=st.integers(0, 3), max_body=st.integers(0, 80),
+       as_views=st.booleans())
+def test_refusing_a_run_of_frames_natively_matches_the_twin_and_frame_by_frame(specs, start, max_body, as_views):
+    items = _run_items(specs)
+    if as_views:  # the reader hands out memoryviews onto the read and bytearrays for split bodies
+        items = [memoryview(x) if type(x) is bytes and len(x) % 2 else bytearray(x) if type(x) is bytes else x
+                 for x in items]
+    start = min(start, len(items))
+    tail = msgpack.packb(309) + msgpack.packb("OVERLOADED") + msgpack.packb("refused")
+    out_a, out_b = bytearray(), bytearray()
+    end_a = native.refuse_run(items, start, b"noop", max_body, tail, out_a)
+    end_b = twin.refuse_run(items, start, b"noop", max_body, tail, out_b)
+    assert (end_a, out_a) == (end_b, out_b)
+    # frame by frame: every refused item is a PREDICT for "noop" within max_body, and its frame is the
+    # one error_frame makes; the item where the run stopped is not one
+    expected = bytearray()
+    for item in items[start:end_a]:
+        head = native.request_head(item)
+        assert head is not None and head[0] == 1 and head[2] == "noop" and len(item) <= max_body
+        expected += native.error_frame(head[1], tail)
+    assert out_a == expected
+    if end_a < len(items):
+        item = items[end_a]
+        head = None if type(item) is int else native.request_head(item)
+        assert head is None or head[0] != 1 or head[2] != "noop" or len(item) > max_body
+
+
+def test_a_pipelined_burst_past_capacity_is_refused_in_runs_with_every_request_answered_once(frontend, wire_conn):
+    # One write carries 300 PREDICTs for a model busy for ~0.3 s, with a PING and a PREDICT for an
+    # unknown application in the middle: after the first few admitted, the rest are refused (most in
+    # native runs); every id is answered exactly once, in a reply of the right kind.
+    frontend.deploy("slow", "sleep_by_input", slo_ms=400, max_batch=1, batching="fixed", cache=False,
+                    default_output=-1.0, on_overload="error")
+    c = wire_conn(frontend.port)
+    x = np.array([0.15, 0, 0, 0], np.float32)
+    _warm(frontend, c, "slow", x)
+    frames = []
+    for i in range(1, 301):
+        frames.append(wire.predict(i, "slow", x))
+        if i == 150:
+            frames.append([wire.PING, 1000])
+            frames.append(wire.predict(1001, "no-such-app", x))
+    c.send_raw(b"".join(native.pack_frame(wire.pack(m)) for m in frames))
+    out = c.recv(302, timeout=60)
+    by_id = {}
+    for m in out:
+        assert m[1] not in by_id, f"request {m[1]} answered twice"
+        by_id[m[1]] = m
+    assert set(by_id) == set(range(1, 301)) | {1000, 1001}
+    assert by_id[1000][0] == wire.PONG
+    assert _code(by_id[1001]) == E.UnknownApplicationError.code
+    refused = [i for i in range(1, 301) if _code(by_id[i]) == E.OverloadedError.code]
+    served = [i for i in range(1, 301) if by_id[i][0] == wire.RESULT and not by_id[i][4]]
+    assert len(refused) + len(served) == 300 and len(refused) >= 290, (len(refused), len(served))
+    assert all("refused at arrival" in by_id[i][4] for i in refused)
+    st_ = frontend.stats()["applications"]["slow"]
+    assert st_["overloaded"] == len(refused) and st_["requests"] == 301  # the warm-up query, and these
+    # most refusals came in native runs (a frame refused at its head takes the frames after it along)
+    assert frontend.call(lambda: frontend.fe.processor.refused_in_runs) >= len(refused) // 2

@@ -50,3 +50,8 @@ def check_nested(body: bytes | bytearray | memoryview, offset: int, shape: tuple
 def request_head(body: bytes | bytearray | memoryview) -> tuple[int, int, str, int, bool] | None:
     """``(kind, req_id, app, input_offset, input_is_list)`` of a PREDICT/FEEDBACK frame with an
     unsigned integer id and a str app, read from its bytes; None for any other frame."""
+
+def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, out: bytearray) -> int:
+    """From ``items[start]``, append to ``out`` the :func:`error_frame` of each PREDICT body for exactly
+    the application ``app`` (UTF-8) of at most ``max_body`` bytes; return the index of the first item
+    that is anything else (admission refusing a run of frames in one pass)."""

@@ -2,10 +2,10 @@
 """Stream framing and batch assembly (native). See framing_py.py for the twin."""
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
@@ -492,3 +492,90 @@ cpdef object request_head(object body):
         return (kind, req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)
     finally:
         PyBuffer_Release(&pybuf)
+
+
+cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, object tail,
+                            bytearray out):
+    """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
+
+    From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
+    app, ...]`` with an unsigned integer id, exactly the application name
+    ``app`` (its UTF-8 bytes) and at most ``max_body`` bytes, appends to
+    ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
+    Stops at the first item that is anything else (another kind, another
+    application, a malformed head, an oversized frame's int) and returns its
+    index: the caller takes that one the whole way.
+    """
+    cdef Py_ssize_t i = start, n_items = len(items), n, pos, slen, alen = PyBytes_GET_SIZE(app)
+    cdef Py_ssize_t base, flen, k, j
+    cdef Py_buffer pybuf, tail_buf
+    cdef const uint8_t* p
+    cdef const char* a = PyBytes_AS_STRING(app)
+    cdef uint8_t b
+    cdef uint64_t req_id
+    cdef char* q
+    cdef char idbuf[9]
+    cdef Py_ssize_t idlen
+    cdef object item
+    PyObject_GetBuffer(tail, &tail_buf, PyBUF_SIMPLE)
+    try:
+        while i < n_items:
+            item = items[i]
+            if type(item) is int:
+                break
+            PyObject_GetBuffer(item, &pybuf, PyBUF_SIMPLE)
+            try:
+                p = <const uint8_t*>pybuf.buf
+                n = pybuf.len
+                if n > max_body or n < 4 or not (0x94 <= p[0] <= 0x96) or p[1] != 1:
+                    break
+                pos = 2
+                b = p[pos]
+                req_id = 0
+                if b <= 0x7F:
+                    req_id = b
+                    pos += 1
+                elif 0xCC <= b <= 0xCF:
+                    k = 1 << (b - 0xCC)
+                    if pos + 1 + k > n:
+                        break
+                    for j in range(k):
+                        req_id = (req_id << 8) | p[pos + 1 + j]
+                    pos += 1 + k
+                else:
+                    break
+                if pos >= n:
+                    break
+                b = p[pos]
+                if 0xA0 <= b <= 0xBF:
+                    slen = b & 0x1F
+                    pos += 1
+                elif b == 0xD9 and pos + 2 <= n:
+                    slen = p[pos + 1]
+                    pos += 2
+                elif b == 0xDA and pos + 3 <= n:
+                    slen = _be16(p + pos + 1)
+                    pos += 3
+                else:
+                    break
+                if slen != alen or pos + slen >= n or memcmp(p + pos, a, alen) != 0:
+                    break
+            finally:
+                PyBuffer_Release(&pybuf)
+            idlen = _put_uint(idbuf, req_id)
+            flen = 2 + idlen + tail_buf.len
+            base = len(out)
+            PyByteArray_Resize(out, base + HEADER_BYTES + flen)
+            q = PyByteArray_AS_STRING(out) + base
+            q[0] = <char>((flen >> 24) & 0xFF)
+            q[1] = <char>((flen >> 16) & 0xFF)
+            q[2] = <char>((flen >> 8) & 0xFF)
+            q[3] = <char>(flen & 0xFF)
+            q[4] = <char>0x95
+            q[5] = <char>0x7F
+            memcpy(q + 6, idbuf, idlen)
+            memcpy(q + 6 + idlen, tail_buf.buf, tail_buf.len)
+            i += 1
+    finally:
+        PyBuffer_Release(&tail_buf)
+    return i

@@ -298,3 +298,27 @@ def error_frame(req_id: int, tail) -> bytes:
 
     body = b"\x95\x7f" + msgpack.packb(req_id) + bytes(tail)
     return _HEADER.pack(len(body)) + body
+
+
+def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: bytearray) -> int:
+    """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
+
+    From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
+    app, ...]`` with an unsigned integer id, exactly the application name
+    ``app`` (its UTF-8 bytes) and at most ``max_body`` bytes, appends to
+    ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
+    Returns the index of the first item that is anything else.
+    """
+    i = start
+    while i < len(items):
+        item = items[i]
+        if type(item) is int or len(item) > max_body:
+            break
+        head = request_head(item)
+        if head is None or head[0] != 1:
+            break
+        if head[2].encode("utf-8") != app:
+            break
+        out += error_frame(head[1], tail)
+        i += 1
+    return i

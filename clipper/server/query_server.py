@@ -61,6 +61,7 @@ class QueryConnection(ClientConnection):
         self._out_bytes = 0  # bytes in _out
         self._flush_scheduled = False
         self._backlog = None  # frames read but held back: the client stopped reading its replies
+        self._shedding = None  # the route whose frame admission just refused at its head (see _process)
         self._junk_seen = 0  # bytes of oversized frames the reader had skipped at the last look
         self._junk_tokens = float(JUNK_BURST_BYTES)  # what it may still skip before it is slowed
         self._junk_at = _monotonic()
@@ -137,6 +138,14 @@ class QueryConnection(ClientConnection):
                        f"{self.server.limits.max_frame_bytes})")))
             else:
                 self._on_frame(item)
+                route = self._shedding
+                if route is not None:  # admission refused it at the head: refuse the run that follows at once
+                    self._shedding = None
+                    if i < n and (self.allowed is None or route.name in self.allowed):
+                        out = bytearray()
+                        i = self.processor.shed_run(route, items, i, out)
+                        if out:
+                            self._queue(out)
 
     def resume_writing(self) -> None:
         backlog = self._backlog
@@ -252,6 +261,8 @@ class QueryConnection(ClientConnection):
             frame = self.processor.shed(route, req_id, len(body))
             if frame is not None:
                 self._queue(frame)
+                if not route.default_on_overload:
+                    self._shedding = route
                 return True
         if not is_list or route.np_dtype is None:
             return False
