@@ -25,6 +25,12 @@ With ``tls`` (``--tls``, ``--cafile``) every connection speaks TLS, verifying
 the server's certificate against ``tls_cafile`` (or the system's CAs); the
 frames inside are the same.
 
+Two engines run the workers: ``engine="python"`` (the default; uvloop
+processes, as above) and ``engine="c"`` (``--engine c``): bench/cload/cload.c,
+one single-threaded C process per worker doing the same (same timetable,
+frames, matching and records; no TLS) at a fraction of the CPU. It is compiled
+with the system's gcc on first use into bench/cload/build/.
+
 Every run stops by itself: the measurement window is ``warmup_s +
 duration_s``, in-flight requests get ``drain_s`` to finish, and both the
 workers and the parent enforce a hard timeout.
@@ -46,14 +52,19 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import select
+import shutil
 import signal
 import ssl
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from array import array
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -95,6 +106,9 @@ class LoadgenError(RuntimeError):
     """The load generator could not run (connection refused, worker died, ...)."""
 
 
+ENGINES = ("python", "c")
+
+
 @dataclass
 class LoadSpec:
     """What to send, how, and for how long. Times are seconds; rates req/s."""
@@ -132,8 +146,13 @@ class LoadSpec:
     # ERROR codes after which a connection sends nothing more (a well-behaved client told to go away,
     # e.g. (310,) for SHUTTING_DOWN); its requests still due are skipped. Empty: never stop.
     stop_on_codes: tuple = ()
+    # "python": uvloop worker processes; "c": bench/cload/cload.c worker processes (same behaviour, less
+    # CPU per request; no TLS).
+    engine: str = "python"
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine is {self.engine!r}; expected one of {', '.join(map(repr, ENGINES))}")
         if self.mode not in ("closed", "open"):
             raise ValueError(f"mode is {self.mode!r}; expected 'closed' or 'open'")
         if self.arrivals not in ("uniform", "poisson"):
@@ -788,6 +807,266 @@ def _sample_window(probe, t_from: int, t_to: int, out: dict, stop) -> None:
         out["server_cpu_error"] = repr(exc)
 
 
+# ------------------------------------------------------------ worker handles
+class _PyWorkerProc:
+    """A Python worker process (:func:`_worker_main`) and the parent's end of its pipe."""
+
+    def __init__(self, ctx, spec_dict: dict, index: int, n_connections: int, rate: float) -> None:
+        self.index = index
+        parent_end, child_end = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(child_end, spec_dict, index, n_connections, rate),
+            name=f"loadgen-{index}",
+            daemon=True,
+        )
+        self.proc.start()
+        child_end.close()
+        self.pipe = parent_end
+
+    def wait_ready(self, timeout: float) -> None:
+        i = self.index
+        if not self.pipe.poll(timeout):
+            raise LoadgenError(f"worker {i} did not connect in time")
+        try:
+            kind, payload = self.pipe.recv()
+        except EOFError:
+            code = self.proc.exitcode
+            raise LoadgenError(f"worker {i} died while starting (exit code {code})") from None
+        if kind != "ready":
+            raise LoadgenError(payload)
+
+    def start(self, t_start: int) -> None:
+        self.pipe.send(("start", t_start))
+
+    def wait_result(self, timeout: float) -> dict:
+        i = self.index
+        if not self.pipe.poll(timeout):
+            raise LoadgenError(f"worker {i} did not finish within the hard timeout")
+        try:
+            kind, payload = self.pipe.recv()
+        except EOFError:
+            raise LoadgenError(f"worker {i} died (exit code {self.proc.exitcode})") from None
+        if kind != "result":
+            raise LoadgenError(payload)
+        return payload
+
+    def join(self, timeout: float) -> None:
+        self.proc.join(timeout=timeout)
+
+    def reap(self) -> None:
+        p = self.proc
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+CLOAD_SOURCE = Path(__file__).resolve().parent / "cload" / "cload.c"
+CLOAD_BUILD = CLOAD_SOURCE.parent / "build"
+
+
+def cload_binary() -> str:
+    """The C engine's executable, compiled with the system's gcc when missing or older than its source."""
+    exe = CLOAD_BUILD / "cload"
+    try:
+        if exe.stat().st_mtime >= CLOAD_SOURCE.stat().st_mtime:
+            return str(exe)
+    except FileNotFoundError:
+        pass
+    if not CLOAD_SOURCE.is_file():
+        raise LoadgenError(f"the C engine's source {CLOAD_SOURCE} is missing")
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise LoadgenError(
+            "engine 'c' needs a C compiler but gcc is not installed (scripts/bench-setup.sh installs it); "
+            "or use engine 'python'"
+        )
+    # concurrent builds (processes, threads) each rename a whole file into place
+    tmp = CLOAD_BUILD / f"cload.tmp{os.getpid()}-{threading.get_ident()}"
+    try:
+        CLOAD_BUILD.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [gcc, "-O2", "-std=gnu11", "-Wall", "-o", str(tmp), str(CLOAD_SOURCE), "-lm"],
+            capture_output=True, text=True, timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LoadgenError(f"cannot compile {CLOAD_SOURCE} with {gcc}: {exc}") from None
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise LoadgenError(f"compiling {CLOAD_SOURCE} failed:\n{(proc.stderr or proc.stdout).strip()[-3000:]}")
+    os.replace(tmp, exe)
+    return str(exe)
+
+
+def _write_templates(path: Path, frames: list) -> None:
+    # The C engine's template file: "CCLT", u32 count, then per frame u32 length + bytes (little-endian).
+    with open(path, "wb") as fh:
+        fh.write(b"CCLT" + struct.pack("<I", len(frames)))
+        for f in frames:
+            fh.write(struct.pack("<I", len(f)))
+            fh.write(bytes(f))
+
+
+def _read_c_report(out: Path, index: int, n_connections: int) -> dict:
+    """Turn a C worker's output files into the dict :meth:`_Worker.report` returns."""
+
+    def arr(name: str) -> np.ndarray:
+        return np.fromfile(out / name, dtype="<i8").astype(np.int64, copy=False)
+
+    scalars = {}
+    for line in (out / "scalars.txt").read_text().splitlines():
+        k, _, v = line.partition("=")
+        scalars[k] = int(v)
+    errors: dict[str, int] = {}
+    err_lat: dict[str, np.ndarray] = {}
+    err_sent: dict[str, np.ndarray] = {}
+    data = (out / "errors.bin").read_bytes()
+    pos = 0
+    while pos < len(data):
+        (klen,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        key = data[pos:pos + klen].decode("utf-8", "replace")
+        pos += klen
+        count, has = struct.unpack_from("<qB", data, pos)
+        pos += 9
+        errors[key] = errors.get(key, 0) + count
+        if has:
+            for table in (err_lat, err_sent):
+                (n,) = struct.unpack_from("<Q", data, pos)
+                pos += 8
+                table[key] = np.frombuffer(data, dtype="<i8", count=n, offset=pos).astype(np.int64)
+                pos += 8 * n
+    cpu = cpu_user = window_ns = None
+    if "window_ns" in scalars:
+        cpu_user = scalars["cpu_user_us"] / 1e6
+        cpu = (scalars["cpu_user_us"] + scalars["cpu_sys_us"]) / 1e6
+        window_ns = scalars["window_ns"]
+    return {
+        "index": index,
+        "connections": n_connections,
+        "latencies_ns": arr("latencies.i64"),
+        "good_latencies_ns": arr("good.i64"),
+        "default_latencies_ns": arr("default.i64"),
+        "error_latencies_ns": err_lat,
+        "error_sent_latencies_ns": err_sent,
+        "send_lags_ns": arr("lags.i64"),
+        "errors": errors,
+        "errors_in_window": scalars["errors_in_window"],
+        "defaults": scalars["defaults"],
+        "sent_in_window": scalars["sent_in_window"],
+        "scheduled_in_window": scalars["scheduled_in_window"],
+        "results_in_window": scalars["results_in_window"],
+        "skipped": scalars["skipped"],
+        "stopped_connections": scalars["stopped_connections"],
+        "lost_sent_ns": arr("lost_sent.i64"),
+        "unfinished": scalars["unfinished"],
+        "cpu_s": cpu,
+        "cpu_user_s": cpu_user,
+        "window_ns": window_ns,
+    }
+
+
+class _CWorkerProc:
+    """A C worker process (bench/cload/cload.c): "ready" on its stdout, "start <ns>" on its stdin,
+    its records in files under ``out``."""
+
+    def __init__(self, exe: str, spec: LoadSpec, spec_dict: dict, index: int, n_connections: int, rate: float,
+                 templates: Path, data_offset: int, out: Path) -> None:
+        self.index = index
+        self.n_connections = n_connections
+        self.out = out
+        out.mkdir()
+        stamp = 0
+        if spec.unique_inputs:
+            stamp = 4 if np.dtype(spec.dtype) == np.float32 else 8
+        args = [
+            f"host={spec.host}", f"port={spec.port}", f"mode={spec.mode}", f"arrivals={spec.arrivals}",
+            f"index={index}", f"workers={spec_dict['workers']}", f"connections={n_connections}",
+            f"concurrency={spec.concurrency}", f"rate={float(rate)!r}", f"total_rate={float(spec.rate)!r}",
+            f"seed={int(spec.seed)}",
+            f"warmup_ns={int(spec.warmup_s * 1e9)}", f"duration_ns={int(spec.duration_s * 1e9)}",
+            f"drain_ns={int(spec.drain_s * 1e9)}", f"connect_timeout_ns={int(spec.connect_timeout_s * 1e9)}",
+            f"hard_timeout_ns={int(spec.hard_timeout() * 1e9)}", f"quantum_ns={int(spec.send_quantum_us * 1000)}",
+            f"max_outstanding={int(spec.max_outstanding)}", f"templates={templates}",
+            f"template_start={(index * 7) % spec.inputs}", f"id_offset={ID_OFFSET}", f"data_offset={data_offset}",
+            f"stamp={stamp}", f"salt={max(int(spec_dict['stamp_salt']), 0)}",
+            f"wire_result={wire.RESULT}", f"wire_error={wire.ERROR}",
+            f"stop_codes={','.join(str(int(c)) for c in spec.stop_on_codes)}", f"out={out}",
+        ]
+        try:
+            self.proc = subprocess.Popen(
+                [exe, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+            )
+        except OSError as exc:
+            raise LoadgenError(f"cannot start the C worker {exe}: {exc}") from None
+
+    def _failure(self, what: str) -> str:
+        # The worker's one-line message, or what became of it.
+        p = self.proc
+        try:
+            p.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        lines = []
+        if p.returncode is not None:
+            lines = p.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"worker {self.index} {what} (exit code {p.returncode})"
+
+    def wait_ready(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
+        if not ready:
+            raise LoadgenError(f"worker {self.index} did not connect in time")
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise LoadgenError(self._failure("died while starting"))
+
+    def start(self, t_start: int) -> None:
+        try:
+            self.proc.stdin.write(f"start {t_start}\n".encode())
+        except OSError:
+            raise LoadgenError(self._failure("died")) from None
+
+    def wait_result(self, timeout: float) -> dict:
+        try:
+            code = self.proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            raise LoadgenError(f"worker {self.index} did not finish within the hard timeout") from None
+        if code != 0:
+            raise LoadgenError(self._failure("died"))
+        try:
+            return _read_c_report(self.out, self.index, self.n_connections)
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            raise LoadgenError(f"worker {self.index} left an unreadable report in {self.out}: {exc!r}") from None
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def reap(self) -> None:
+        p = self.proc
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
 def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
     """Run one measurement; return the report (see bench/README.md).
 
@@ -798,6 +1077,9 @@ def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
     workers are told it, so a caller can time events (a fault) against the window.
     """
     spec.validate()
+    c_engine = spec.engine == "c"
+    if c_engine and (spec.tls or spec.tls_cafile):
+        raise LoadgenError("the C engine (engine 'c') does not speak TLS; use engine 'python' with tls")
     workers = min(spec.workers, spec.connections)
     conns = _split(spec.connections, workers)
     rates = [spec.rate * c / spec.connections for c in conns]
@@ -806,40 +1088,32 @@ def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
     if spec.stamp_salt < 0:  # one salt per run, shared by its workers (their counters interleave)
         spec_dict["stamp_salt"] = int.from_bytes(os.urandom(2), "little")
     spec_dict["shape"] = tuple(spec.shape)
-    ctx = mp.get_context("spawn")
-    procs, pipes = [], []
+    handles: list = []
     probed: dict = {}
     probe_stop = threading.Event()
     probe_thread = None
+    c_dir = None
     deadline = time.monotonic() + spec.hard_timeout() + 15
     try:
-        for i in range(workers):
-            parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(
-                target=_worker_main,
-                args=(child_end, spec_dict, i, conns[i], rates[i]),
-                name=f"loadgen-{i}",
-                daemon=True,
-            )
-            p.start()
-            child_end.close()
-            procs.append(p)
-            pipes.append(parent_end)
+        if c_engine:
+            exe = cload_binary()
+            c_dir = Path(tempfile.mkdtemp(prefix="cload-"))
+            frames, data_offset = build_templates(spec.app, spec.inputs, spec.dtype, spec.shape, spec.seed)
+            _write_templates(c_dir / "templates.bin", frames)
+            for i in range(workers):
+                handles.append(_CWorkerProc(exe, spec, spec_dict, i, conns[i], rates[i], c_dir / "templates.bin",
+                                            data_offset, c_dir / f"worker-{i}"))
+        else:
+            ctx = mp.get_context("spawn")
+            for i in range(workers):
+                handles.append(_PyWorkerProc(ctx, spec_dict, i, conns[i], rates[i]))
         # Every worker connected?
         ready_by = time.monotonic() + spec.connect_timeout_s + 30
-        for i, pipe in enumerate(pipes):
-            if not pipe.poll(max(0.0, ready_by - time.monotonic())):
-                raise LoadgenError(f"worker {i} did not connect in time")
-            try:
-                kind, payload = pipe.recv()
-            except EOFError:
-                code = procs[i].exitcode
-                raise LoadgenError(f"worker {i} died while starting (exit code {code})") from None
-            if kind != "ready":
-                raise LoadgenError(payload)
+        for h in handles:
+            h.wait_ready(max(0.0, ready_by - time.monotonic()))
         t_start = _now() + 100_000_000  # every worker starts at the same instant
-        for pipe in pipes:
-            pipe.send(("start", t_start))
+        for h in handles:
+            h.start(t_start)
         if on_start is not None:
             on_start(t_start)
         if cpu_probe is not None:
@@ -850,32 +1124,19 @@ def run_load(spec: LoadSpec, cpu_probe=None, on_start=None) -> dict:
                 daemon=True,
             )
             probe_thread.start()
-        reports = []
-        for i, pipe in enumerate(pipes):
-            if not pipe.poll(max(0.0, deadline - time.monotonic())):
-                raise LoadgenError(f"worker {i} did not finish within the hard timeout")
-            try:
-                kind, payload = pipe.recv()
-            except EOFError:
-                raise LoadgenError(f"worker {i} died (exit code {procs[i].exitcode})") from None
-            if kind != "result":
-                raise LoadgenError(payload)
-            reports.append(payload)
+        reports = [h.wait_result(max(0.0, deadline - time.monotonic())) for h in handles]
         if probe_thread is not None:
             probe_thread.join(timeout=5)
     finally:
         probe_stop.set()
-        for p in procs:
-            p.join(timeout=2)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for pipe in pipes:
-            pipe.close()
+        for h in handles:
+            h.join(2)
+        for h in handles:
+            h.reap()
+        for h in handles:
+            h.close()
+        if c_dir is not None:
+            shutil.rmtree(c_dir, ignore_errors=True)
     report = _merge(spec, workers, reports)
     report.update(probed)
     if spec.unique_inputs:
@@ -1054,6 +1315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cafile", default=None, help="PEM file of the CA to trust (implies --tls)")
     ap.add_argument("--deadline-ms", type=float, default=0.0,
                     help="count replies later than this after their (scheduled) send (0: no deadline)")
+    ap.add_argument("--engine", choices=ENGINES, default="python",
+                    help="worker processes: python (uvloop) or c (bench/cload, less CPU per request; no TLS)")
     ap.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = ap.parse_args(argv)
     spec = LoadSpec(
@@ -1079,6 +1342,7 @@ def main(argv=None) -> int:
         tls=args.tls,
         tls_cafile=args.cafile,
         deadline_ms=args.deadline_ms,
+        engine=args.engine,
     )
     try:
         report = run_load(spec)

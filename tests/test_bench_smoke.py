@@ -273,3 +273,181 @@ def test_fuzz_bench_inproc_short(tmp_path):
     r = json.loads(out.read_text())
     assert r["engine"] == "mutate" and r["inputs"] > 1000 and r["findings"] == []
     assert {"67", "ERROR 101"} <= set(r["replies"])  # PONGs and malformed frames at least
+
+
+# ------------------------------------------------------------ the C engine (bench/cload)
+def test_engine_is_validated_and_c_refuses_tls():
+    with pytest.raises(ValueError, match="engine"):
+        LoadSpec(port=1, engine="rust").validate()
+    with pytest.raises(LoadgenError, match="TLS"):
+        run_load(LoadSpec(port=1, engine="c", tls=True, duration_s=0.5))
+    with pytest.raises(LoadgenError, match="TLS"):
+        run_load(LoadSpec(port=1, engine="c", tls_cafile="/nonexistent.pem", duration_s=0.5))
+
+
+def test_c_engine_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    import bench.loadgen as lg
+
+    monkeypatch.setattr(lg, "CLOAD_BUILD", tmp_path / "build")  # nothing built there yet
+    monkeypatch.setattr(lg.shutil, "which", lambda name: None)
+    with pytest.raises(LoadgenError, match="gcc"):
+        run_load(LoadSpec(port=1, duration_s=0.5, engine="c"))
+    monkeypatch.undo()
+    assert Path(lg.cload_binary()).is_file()  # the real build works (and is cached)
+
+
+def test_c_engine_refused_connection_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LoadgenError, match="cannot connect"):
+        run_load(LoadSpec(port=port, duration_s=0.5, warmup_s=0, connect_timeout_s=2, engine="c"))
+
+
+def test_c_engine_against_a_frontend_closed_and_open(frontend):
+    frontend.deploy("cl", "row_sum", shape=(784,), max_batch=32, cache=False)
+    r = run_load(LoadSpec(port=frontend.port, app="cl", mode="closed", workers=2, connections=2, concurrency=8,
+                          duration_s=1.0, warmup_s=0.2, drain_s=2.0, engine="c"))
+    _check_common(r)
+    assert r["workers"] == 2 and r["in_flight"] == 16
+    assert r["latency_ms"]["count"] == r["sent"] == r["goodput_latency_ms"]["count"]
+    assert r["loadgen_cpu_per_worker"][0] is not None and r["window_s"] == pytest.approx(1.0, abs=0.01)
+
+    rate = 1500.0
+    r = run_load(LoadSpec(port=frontend.port, app="cl", mode="open", workers=1, connections=2, rate=rate,
+                          duration_s=1.0, warmup_s=0.2, drain_s=2.0, unique_inputs=True, engine="c"))
+    _check_common(r)
+    # The timetable is kept exactly (uniform arrivals: rate x window requests), every request answered.
+    assert abs(r["scheduled"] - rate * 1.0) <= 1
+    assert r["sent"] == r["scheduled"] and r["skipped"] == 0 and not r["behind"]
+    assert r["latency_ms"]["count"] == r["sent"] == r["send_lag_ms"]["count"]
+    assert r["send_lag_ms"]["p50"] >= 0 and r["latency_ms"]["p50"] >= r["send_lag_ms"]["p50"]
+    assert r["throughput_rps"] == pytest.approx(rate, rel=0.1)
+
+
+def test_c_engine_counts_errors_by_code_and_name(frontend):
+    key = "202 UNKNOWN_APPLICATION"  # no application is registered on this frontend
+    r = run_load(LoadSpec(port=frontend.port, app="nobody", mode="open", rate=2000.0, connections=2,
+                          duration_s=0.5, warmup_s=0.2, drain_s=1.0, engine="c"))
+    assert r["sent"] > 0 and r["completed"] == 0 and r["latency_ms"]["count"] == 0
+    assert set(r["errors"]) == {key} and r["errors"][key] >= r["sent"]
+    assert r["window_errors"] == {key: r["sent"]} and r["unfinished"] == 0
+    assert r["error_latency_ms"][key]["count"] == r["error_latency_from_send_ms"][key]["count"] == r["sent"]
+    assert 0 < r["error_latency_from_send_ms"][key]["p50"] <= r["error_latency_ms"][key]["p50"] + 1e-3
+    # A connection told one of stop_on_codes sends nothing more: each sent its first 4 and stopped.
+    for engine in ("c", "python"):
+        r = run_load(LoadSpec(port=frontend.port, app="nobody", mode="closed", connections=2, concurrency=4,
+                              duration_s=0.5, warmup_s=0.0, drain_s=1.0, stop_on_codes=(202,), engine=engine))
+        assert r["stopped_connections"] == 2 and r["errors"] == {key: 8}, (engine, r["errors"])
+
+
+def test_engines_agree_on_an_open_loop(echo_port):
+    rate = 3000.0
+    reports = {
+        engine: run_load(LoadSpec(port=echo_port, mode="open", workers=2, connections=2, rate=rate, duration_s=1.0,
+                                  warmup_s=0.2, drain_s=1.0, unique_inputs=True, engine=engine))
+        for engine in ("python", "c")
+    }
+    for engine, r in reports.items():
+        _check_common(r)
+        assert r["workers"] == 2 and r["skipped"] == 0, engine
+        assert r["latency_ms"]["count"] == r["sent"] == r["scheduled"], engine
+    py, c = reports["python"], reports["c"]
+    assert abs(c["scheduled"] - rate) <= 2  # exactly the timetable's requests in the window
+    # The Python workers end the window on a millisecond timer: they may miss the last request or two.
+    assert abs(py["scheduled"] - c["scheduled"]) <= 5
+    assert py["completed"] == pytest.approx(c["completed"], abs=10)
+
+
+def _scripted_server(stop):
+    """A server whose replies follow a script by request id (mod 8): results, defaults, errors, junk."""
+    import msgpack
+
+    from bench.loadgen import ID_OFFSET
+
+    nested = {"a": [1, 2.5, None, b"x", msgpack.ExtType(5, b"abc"), msgpack.Timestamp(1, 5), [[[[[]]]]], -7],
+              "b": {"c": True, "d": {}}}
+
+    def reply(r: int) -> bytes:
+        k = r % 8
+        if k == 0:
+            body = msgpack.packb([65, r, 1, 0.0, False])
+        elif k == 1:  # a default, with nested output and extra of every kind
+            body = msgpack.packb([65, r, 1, nested, True, {"extra": "é", "n": 2**63}], use_bin_type=True)
+        elif k == 2:
+            body = msgpack.packb([127, r, 309, "OVERLOADED", "busy"])
+        elif k == 3:  # trailing bytes
+            body = msgpack.packb([65, r, 1, 0.0, False]) + b"\xc0"
+        elif k == 4:  # nobody's id
+            body = msgpack.packb([65, r + 1_000_000, 1, 0.0, False])
+        elif k == 5:  # about the connection, no id
+            body = msgpack.packb([127, None, 105, "LIMIT_EXCEEDED", "x"])
+        elif k == 6:  # too short a RESULT
+            body = msgpack.packb([65, r])
+        else:  # a float id and an int flag
+            body = msgpack.packb([65, float(r), 1, [1.5], 1])
+        return struct.pack(">I", len(body)) + body
+
+    import threading
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+
+    def serve(conn):
+        buf = b""
+        conn.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data = conn.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            out = []
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                n = struct.unpack(">I", buf[:4])[0]
+                out.append(reply(struct.unpack(">I", buf[ID_OFFSET:ID_OFFSET + 4])[0]))
+                buf = buf[4 + n:]
+            try:
+                conn.sendall(b"".join(out))
+            except OSError:
+                return
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        lsock.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return lsock.getsockname()[1]
+
+
+def test_engines_classify_odd_replies_alike():
+    import threading
+
+    stop = threading.Event()
+    port = _scripted_server(stop)
+    try:
+        for engine in ("c", "python"):
+            # One connection, no warmup: request ids 0..sent-1, every one of them in the window.
+            r = run_load(LoadSpec(port=port, mode="open", rate=800.0, connections=1, duration_s=0.5, warmup_s=0.0,
+                                  drain_s=0.5, inputs=2, shape=(8,), engine=engine))
+            n = r["sent"]
+            c = [len(range(k, n, 8)) for k in range(8)]
+            assert n > 300 and r["skipped"] == 0, engine
+            assert r["errors"] == {"309 OVERLOADED": c[2], "malformed_reply": c[3], "unmatched_reply": c[4],
+                                   "105 LIMIT_EXCEEDED": c[5], "unexpected_reply_65": c[6]}, engine
+            assert r["window_errors"] == {"309 OVERLOADED": c[2]}, engine
+            assert r["defaults"] == c[1] + c[7] == r["default_latency_ms"]["count"], engine
+            assert r["goodput_latency_ms"]["count"] == c[0], engine
+            assert r["latency_ms"]["count"] == c[0] + c[1] + c[7], engine
+            assert r["unfinished"] == c[3] + c[4] + c[5], engine
+    finally:
+        stop.set()
