@@ -332,3 +332,36 @@ def test_a_pipelined_burst_past_capacity_is_refused_in_runs_with_every_request_a
     assert st_["overloaded"] == len(refused) and st_["requests"] == 301  # the warm-up query, and these
     # most refusals came in native runs (a frame refused at its head takes the frames after it along)
     assert frontend.call(lambda: frontend.fe.processor.refused_in_runs) >= len(refused) // 2
+
+
+def test_a_refusal_run_never_outlives_its_application():
+    # shed_run refuses frames for the application admission refused last, while the refusal holds;
+    # once the application is removed (or replaced by a new route), its frames go the whole way.
+    import asyncio
+
+    from clipper.config import Limits
+    from clipper.management.registry import Application
+    from clipper.query.batching import ModelQueue
+    from clipper.query.processor import REFUSE_SLO, AppRoute, QueryProcessor
+
+    loop = asyncio.new_event_loop()
+    try:
+        proc = QueryProcessor(loop, Limits().max_input_bytes, 0)
+        route = AppRoute(Application("a", "float32", [4], slo_ms=20, cache=False, on_overload="error"), proc)
+        proc.routes["a"] = route
+        queue = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=10,
+                           max_batch_retries=1, max_batch=8, budget_ns=10_000_000)
+        route.set_links([("m", queue)])
+        queue.refusing_until_ns = time.monotonic_ns() + 60_000_000_000
+        queue.refusing_kind = REFUSE_SLO
+        items = [msgpack.packb([1, i, "a", [0.0] * 4]) for i in range(3)]
+        out = bytearray()
+        assert proc.shed_run(route, items, 0, out) == 3 and proc.refused_in_runs == 3
+        assert route.overloaded == 3 and route.errors == 3 and route.requests == 3
+        del proc.routes["a"]
+        out = bytearray()
+        assert proc.shed_run(route, items, 0, out) == 0 and not out
+        proc.routes["a"] = AppRoute(Application("a", "float32", [4], slo_ms=20, cache=False), proc)
+        assert proc.shed_run(route, items, 0, out) == 0 and not out
+    finally:
+        loop.close()

@@ -618,6 +618,7 @@ class QueryProcessor:
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
+        self.refusing_route = None  # the application shed last refused with OVERLOADED (its refusal may hold)
         # The largest frame any registered application could take as a valid request (its input, and
         # room for the rest of the message); None: no bound beyond the port's max_frame_bytes. The
         # msgpack port skips a larger frame without buffering it, so a stream of 15 MB junk frames
@@ -932,6 +933,7 @@ class QueryProcessor:
             route.latency.count_fast()
             return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
         route.errors += 1
+        self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         return _error_frame(req_id, tail)
 
     def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray) -> int:
@@ -942,8 +944,8 @@ class QueryProcessor:
         and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
         queue = route.queue
         if (queue is None or route.default_on_overload or self.draining
-                or time.monotonic_ns() >= queue.refusing_until_ns):
-            return start
+                or time.monotonic_ns() >= queue.refusing_until_ns or self.routes.get(route.name) is not route):
+            return start  # (the last: the application was removed or replaced since)
         tail = route.overload_text(queue, queue.refusing_kind)[2]
         end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out)
         n = end - start

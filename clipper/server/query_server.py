@@ -122,6 +122,14 @@ class QueryConnection(ClientConnection):
         """
         n = len(items)
         i = start
+        route = self.processor.refusing_route
+        if route is not None and i < n and (self.allowed is None or route.name in self.allowed):
+            # admission refuses that application's queries at the moment: a read that starts with some
+            # is refused up to its first other frame in one native pass, before any Python per frame
+            out = bytearray()
+            i = self.processor.shed_run(route, items, i, out)
+            if out:
+                self._queue(out)
         while i < n:
             if self._pause_mask & PAUSED_WRITE or self.closed:
                 if not self.closed:
