@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from clipper._native import cache as cache_mod
 from clipper.errors import ContainerFailedError, DeadlineExceededError, ModelError
@@ -366,6 +367,7 @@ def test_the_estimate_follows_queue_length_and_measured_latency_and_sees_a_stall
     now = time.monotonic_ns()
     assert t.queue.estimate_ns(now) is None  # no history yet: admit
     r.lat_ewma_ns = 2 * MS
+    t.queue.replicas_changed()
     assert t.queue.estimate_ns(now) == pytest.approx(2 * MS)  # empty queue: one batch
     for i in range(8):
         t.query([i], lead=False)
@@ -381,10 +383,96 @@ def test_a_replica_well_under_its_budget_is_counted_at_the_batch_size_it_will_gr
     r = Replica(1)
     t.queue.add_replica(r)
     r.lat_ewma_ns = 2 * MS  # batches of 1 so far, far under the 50 ms budget
+    t.queue.replicas_changed()
     t.queue.max_queue_length = 1000
     for i in range(600):
         t.query([i], lead=False)
     now = time.monotonic_ns()
     assert t.queue.estimate_ns(now) == pytest.approx(600 / (64 / (2 * MS)) + 2 * MS)
     r.lat_ewma_ns = 45 * MS  # at its budget: it will not grow, today's size counts
+    t.queue.replicas_changed()
     assert t.queue.estimate_ns(now) == pytest.approx(600 / (1 / (45 * MS)) + 45 * MS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("queries"), st.integers(1, 70)),
+    st.tuples(st.just("batch"), st.just(0)),
+    st.tuples(st.just("done"), st.integers(100_000, 30_000_000)),  # a batch back after this many ns
+    st.tuples(st.just("tick"), st.integers(0, 400_000)),  # the clock moves (within and past the memo)
+), max_size=30), replicas=st.integers(1, 3))
+def test_the_estimate_kept_between_replica_changes_is_what_a_fresh_look_gives(ops, replicas):
+    # estimate_ns keeps its look at the replicas while none changes; whatever happens to the queue,
+    # its answer must equal the one computed from scratch at the same instant.
+    t = Harness(cache=False, max_batch=64, batching="aimd", budget_ns=10 * MS)
+    try:
+        t.queue.max_queue_length = 10_000
+        reps = [Replica(i) for i in range(replicas)]
+        for r in reps:
+            t.queue.add_replica(r)
+            r.lat_ewma_ns = (1 + r.replica_id) * MS
+        t.queue.replicas_changed()
+        now = time.monotonic_ns()
+        for kind, arg in ops:
+            if kind == "queries":
+                for i in range(arg):
+                    t.query([i], lead=False)
+            elif kind == "batch" and t.queue.live and t.queue.free:
+                t.next_batch()
+            elif kind == "done":
+                busy = [r for r in reps if r.batch is not None]
+                if busy:
+                    b = busy[0].batch
+                    b.sent_ns -= arg  # it took that long
+                    t.queue.deliver(busy[0], b, [0.0] * len(b.queries))
+            elif kind == "tick":
+                now += arg
+            kept = t.queue.estimate_ns(now)
+            t.queue._est_memo = None
+            fresh = t.queue.estimate_ns(now)
+            assert kept == fresh or kept == pytest.approx(fresh, rel=1e-9), (kind, kept, fresh)
+    finally:
+        t.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(lats=st.lists(st.floats(0.2, 40.0), min_size=1, max_size=3), busy=st.booleans(),
+       live=st.integers(1, 400), more=st.integers(0, 400), slo_ms=st.floats(2.0, 200.0),
+       wait_batches=st.floats(0.5, 8.0), lag_us=st.integers(0, 3000))
+def test_admissions_bound_on_queue_length_admits_only_what_a_full_estimate_admits(
+        lats, busy, live, more, slo_ms, wait_batches, lag_us):
+    # admits() leaves the queue a length below which a query is admitted without estimating (until a
+    # replica changes): every length under it must be one a full estimate at that instant admits.
+    from clipper.query.processor import ADMIT, QueryProcessor
+
+    t = Harness(cache=False, max_batch=64, batching="aimd", budget_ns=int(slo_ms * MS / 2))
+    try:
+        proc = QueryProcessor(t.loop, 1 << 20, 0, admission_wait_batches=wait_batches)
+        proc.loop_lag_ns = lag_us * 1000
+        t.queue.max_queue_length = 10_000
+        for i, lat in enumerate(lats):
+            r = Replica(i)
+            t.queue.add_replica(r)
+            r.lat_ewma_ns = lat * MS
+        t.queue.free.clear()
+        now = time.monotonic_ns()
+        if busy:
+            for r in t.queue.replicas:
+                r.batch = type("B", (), {"sent_ns": now - MS // 10})()
+        t.queue.replicas_changed()
+        for i in range(live):
+            t.query([i], lead=False)
+        budget = int(slo_ms * MS)
+        kind, _ = proc.admits(t.queue, now, budget)
+        if kind != ADMIT:
+            return
+        bound = t.queue.admit_below
+        assert bound > live - 1  # the length it was admitted at is under its own bound
+        for extra in range(min(more, max(0, bound - 1 - live)) + 1):
+            if live + extra >= bound:
+                break
+            t.queue._est_memo = None
+            t.queue.live = live + extra
+            assert proc.admits(t.queue, now, budget)[0] == ADMIT, (live + extra, bound)
+    finally:
+        t.close()

@@ -51,6 +51,8 @@ __all__ = ["Query", "Part", "Batch", "ModelQueue"]
 
 _COMPACT_MIN = 256  # leftovers (settled, unsent items) tolerated in a deque before it is compacted
 _EWMA = 0.2  # weight of a new batch latency in a replica's average
+_INF = float("inf")
+_EST_MEMO_NS = 200_000  # estimate_ns reuses its look at the replicas this long while none changes
 
 
 class Batch:
@@ -89,6 +91,17 @@ class ModelQueue:
         self.refusing_kind = 0  # and why (processor.REFUSE_*)
         self.admitted_at_ns = 0  # when the msgpack fast path last admitted a query (its decision is reused)
         self.est_lat_ns = 0.0  # the shortest replica batch latency the last estimate_ns used
+        # estimate_ns's last look at the replicas (valid while replica_version is unchanged, for _EST_MEMO_NS):
+        # (version, at_ns, drain rate, shortest latency, when the soonest busy replica is free)
+        self._est_memo = None
+        self.replica_version = 0  # bumped whenever a replica's state changes (batch out or back, added, removed)
+        self.est_rate = 0.0  # the drain rate (queries per ns) the last estimate used
+        # Admission's shortcut (QueryProcessor.admits): while replica_version is admit_version and
+        # before admit_until_ns, a query arriving at a queue shorter than admit_below is admitted.
+        self.admit_below = 0
+        self.admit_budget_ns = 0
+        self.admit_version = -1
+        self.admit_until_ns = 0
         self.replicas: list = []
         self.free: deque = deque()
         self._scheduled = False
@@ -234,6 +247,7 @@ class ModelQueue:
             for q in queries:
                 q.attempts += 1
             replica.batch = batch
+            self.replica_version += 1
             try:
                 self._send_batch(replica, batch)
             except Exception as exc:  # the replica vanished under us: requeue and drop it
@@ -281,41 +295,73 @@ class ModelQueue:
         is stalled and drains nothing; with no replica draining, the answer
         is infinite.
         """
-        rate = 0.0
+        replicas = self.replicas
+        live = self.live
+        # A replica whose batches take well under the budget will grow its batch size (the sizer's
+        # job): count it at the size the queue would give it, up to max_batch, not at today's size.
+        share = min(self.max_batch, max(1, live // max(1, len(replicas))))
+        memo = self._est_memo
+        if memo is None or memo[0] != self.replica_version or now - memo[1] >= _EST_MEMO_NS:
+            memo = self._look(now)
+            if memo is None:
+                return None  # a replica without history: no estimate yet (admit)
+        _, _, fixed_rate, growable, lat_min, busy_until = memo
+        # Nothing changed among the replicas since that look (no batch sent or back): what they drain
+        # is as measured then; only the queue's length (so the size growable replicas will reach) and
+        # the clock moved.
+        rate = fixed_rate
+        for size, lat in growable:
+            rate += (share if size < share else size) / lat
+        if rate <= 0.0:
+            return _INF
+        self.est_rate = rate
+        est = live / rate + lat_min
+        if busy_until > now:
+            est += busy_until - now
+        return est
+
+    def _look(self, now: int):
+        """estimate_ns's look at the replicas, kept in ``_est_memo`` while none changes (for at most
+        ``_EST_MEMO_NS``): (version, when, drain rate of the replicas that will not grow, (batch size,
+        latency) of those that may, the shortest latency, when the soonest busy replica is free when
+        all are busy, else 0). None when a replica has no measured latency yet."""
+        fixed_rate = 0.0
+        growable = []
         lat_min = 0.0
         residual = -1.0
         busy = 0
         replicas = self.replicas
-        # A replica whose batches take well under the budget will grow its batch size (the sizer's
-        # job): count it at the size the queue would give it, up to max_batch, not at today's size.
-        share = min(self.max_batch, max(1, self.live // max(1, len(replicas))))
         grow_below = 0.8 * self.budget_ns
         for r in replicas:
             lat = r.lat_ewma_ns
             if lat <= 0.0:
-                return None  # a replica without history: no estimate yet (admit)
+                self._est_memo = None
+                return None
             b = r.batch
             if b is not None:
                 age = now - b.sent_ns
                 if age > 2.0 * lat and age > self.budget_ns:
-                    continue  # stalled
+                    continue  # stalled: drains nothing
                 busy += 1
                 rem = lat - age
                 if residual < 0.0 or rem < residual:
                     residual = rem
             size = r.sizer.current
-            if lat < grow_below and size < share:
-                size = share
-            rate += size / lat
+            if lat < grow_below:
+                growable.append((size, lat))
+            else:
+                fixed_rate += size / lat
             if lat_min == 0.0 or lat < lat_min:
                 lat_min = lat
-        if rate <= 0.0:
-            return float("inf")
         self.est_lat_ns = lat_min
-        est = self.live / rate + lat_min
-        if busy == len(replicas) and residual > 0.0:
-            est += residual
-        return est
+        busy_until = now + residual if busy == len(replicas) and residual > 0.0 else 0
+        memo = self._est_memo = (self.replica_version, now, fixed_rate, tuple(growable), lat_min, busy_until)
+        return memo
+
+    def replicas_changed(self) -> None:
+        """A replica's figures changed outside the queue's own paths (its batches sent and back,
+        replicas added and removed): the next :meth:`estimate_ns` looks at the replicas again."""
+        self.replica_version += 1
 
     # ------------------------------------------------------------ replicas
     def make_sizer(self):
@@ -326,6 +372,7 @@ class ModelQueue:
         replica.sizer = self.make_sizer()
         replica.lat_ewma_ns = 0.0
         self.replicas.append(replica)
+        self.replica_version += 1
         self.replica_free(replica)
 
     def set_budget(self, budget_ns: int) -> None:
@@ -334,6 +381,7 @@ class ModelQueue:
         if budget_ns == self.budget_ns:
             return
         self.budget_ns = budget_ns
+        self.replica_version += 1
         for r in self.replicas:
             r.sizer.budget_ns = budget_ns
 
@@ -345,6 +393,7 @@ class ModelQueue:
 
     def remove_replica(self, replica, reason: str) -> None:
         """Drop ``replica``; its batch in flight is retried or failed."""
+        self.replica_version += 1
         if replica in self.replicas:
             self.replicas.remove(replica)
         try:
@@ -419,6 +468,7 @@ class ModelQueue:
 
     def _batch_done(self, replica, batch: Batch, observe: bool) -> None:
         replica.batch = None
+        self.replica_version += 1
         n = len(batch.queries)
         latency = time.monotonic_ns() - batch.sent_ns
         self.last_batch_size = n

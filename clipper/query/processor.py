@@ -77,6 +77,7 @@ _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
 _REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
+_ADMIT_HOLD_NS = 200_000  # an admission's bound on the queue's length stands this long (while no replica changes)
 _ADMIT_REUSE_NS = 50_000  # an admission by the fast path stands this long (for the request it admitted)
 _INF = float("inf")
 # Admission's decisions (QueryProcessor.admits): admitted, or refused and why.
@@ -863,6 +864,9 @@ class QueryProcessor:
             return None
         if now - queue.admitted_at_ns < _ADMIT_REUSE_NS:
             return None  # the msgpack port's fast path (shed) admitted this very request a moment ago
+        if (queue.live < queue.admit_below and queue.admit_version == queue.replica_version
+                and now < queue.admit_until_ns and budget_ns >= queue.admit_budget_ns):
+            return None  # admitted by the last look's bound (see admits)
         kind, est = self.admits(queue, now, budget_ns)
         if kind == ADMIT:
             return None
@@ -898,6 +902,15 @@ class QueryProcessor:
         lat = queue.est_lat_ns
         if est - lat > self.admission_wait_batches * lat:
             return REFUSE_QUEUE, est
+        # Admitted. The same look at the replicas admits any queue up to this length (a longer queue
+        # only drains faster while it fills bigger batches): until a replica changes, or for
+        # _ADMIT_HOLD_NS, a query need not be estimated at all while the queue stays shorter.
+        rate = queue.est_rate
+        room = min(budget_ns - 2 * self.loop_lag_ns, (self.admission_wait_batches + 1.0) * lat) - (est - queue.live / rate)
+        queue.admit_below = int(room * rate)
+        queue.admit_budget_ns = budget_ns  # (an application with a shorter budget is estimated for itself)
+        queue.admit_version = queue.replica_version
+        queue.admit_until_ns = now + _ADMIT_HOLD_NS
         return ADMIT, est
 
     def shed(self, route: AppRoute, req_id, frame_bytes: int) -> bytes | None:
@@ -914,6 +927,10 @@ class QueryProcessor:
         if not queue.live and queue.free:
             return None
         now = time.monotonic_ns()
+        if (queue.live < queue.admit_below and queue.admit_version == queue.replica_version
+                and now < queue.admit_until_ns and route.answer_ns >= queue.admit_budget_ns):
+            queue.admitted_at_ns = now  # admitted by the last look's bound (see admits)
+            return None
         if now < queue.refusing_until_ns:  # refused a moment ago: the estimate holds for a few hundred us
             kind = queue.refusing_kind
         else:
