@@ -126,6 +126,10 @@ class FrontendConfig:
     # couple of batches deep per replica keeps every replica busy; a deeper one only adds latency and
     # admits queries that end as default outputs at their deadline (work spent on nothing).
     admission_wait_batches: float = 2.0
+    # ... while the queue is overloaded: not empty for this long, or refusing within this time. A burst
+    # that fits the SLO and drains sooner (a client pipelining a thousand queries at an idle model) is
+    # judged by the SLO alone.
+    admission_standing_ms: float = 1000.0
 
     # ---- the trust boundary (docs/security.md)
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key
@@ -155,6 +159,9 @@ class FrontendConfig:
         w = self.admission_wait_batches
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.5 <= w <= 1000:
             raise InvalidConfigError(f"admission_wait_batches {w!r} is not a number in [0.5, 1000]")
+        a = self.admission_standing_ms
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 60_000:
+            raise InvalidConfigError(f"admission_standing_ms {a!r} is not a number in [0, 60000]")
         m = self.deadline_margin_ms
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1000:
             raise InvalidConfigError(f"deadline_margin_ms {m!r} is not a number in [0, 1000]")

@@ -102,6 +102,7 @@ class Frontend:
                                         adaptive_margin=cfg.adaptive_deadline_margin,
                                         admission=cfg.admission_control,
                                         admission_wait_batches=cfg.admission_wait_batches,
+                                        admission_standing_ms=cfg.admission_standing_ms,
                                         max_inflight_bytes=lim.max_inflight_input_bytes)
         ipc_dir = None
         if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":

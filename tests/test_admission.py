@@ -80,7 +80,7 @@ def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_
     # Batches of one take ~100 ms and the SLO is 30 s: the SLO alone would admit all twelve. The queue
     # ahead of a query may hold admission_wait_batches batch latencies of work: with 2, the query
     # in flight and about two queued are admitted and the rest refused at once; with 100, all admitted.
-    fe = frontend_factory(admission_wait_batches=wait_batches)
+    fe = frontend_factory(admission_wait_batches=wait_batches, admission_standing_ms=0)
     fe.deploy("slow", "sleep_by_input", slo_ms=30_000, max_batch=1, batching="fixed", cache=False,
               default_output=-1.0, on_overload="error")
     c = wire_conn(fe.port)
@@ -104,12 +104,46 @@ def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_
     assert st_["models"]["slow-model:1"]["queries_sent"] == 1 + len(served)
 
 
+def test_a_burst_at_an_idle_model_is_judged_by_the_slo_alone_and_a_standing_queue_is_capped(frontend_factory,
+                                                                                            wire_conn):
+    # The cap on queued work applies to a standing queue (not empty for admission_standing_ms): 12
+    # queries sent at once to an idle model are all admitted (the 30 s SLO allows them); a stream that
+    # keeps the queue from emptying for longer than that is capped at ~2 batches of queued work.
+    fe = frontend_factory(admission_standing_ms=300)
+    fe.deploy("slow", "sleep_by_input", slo_ms=30_000, max_batch=1, batching="fixed", cache=False,
+              default_output=-1.0, on_overload="error")
+    c = wire_conn(fe.port)
+    x = np.array([0.1, 0, 0, 0], np.float32)
+    _warm(fe, c, "slow", x)
+    for i in range(1, 13):
+        c.send(wire.predict(i, "slow", x))
+    first = c.recv(12, timeout=60)
+    assert all(m[0] == wire.RESULT and not m[4] for m in first), first  # all served
+    # now a stream: 12 more at once, then one more whenever an answer comes back; the queue stays
+    # non-empty for over a second, so past 300 ms arrivals meet the cap
+    for i in range(100, 112):
+        c.send(wire.predict(i, "slow", x))
+    out, sent = [], 112
+    while len(out) < 30:
+        m = c.recv(1, timeout=60)[0]
+        out.append(m)
+        if sent < 130:
+            c.send(wire.predict(sent, "slow", x))
+            sent += 1
+    out += c.recv(sent - 100 - len(out), timeout=60)
+    refused = [m for m in out if _code(m) == E.OverloadedError.code]
+    assert refused and all("at capacity" in m[4] for m in refused), [m[:2] for m in out]
+    assert fe.stats()["applications"]["slow"]["overloaded"] == len(refused)
+
+
 def test_admission_wait_batches_is_checked_at_load():
     with pytest.raises(E.InvalidConfigError, match="admission_wait_batches"):
         FrontendConfig(admission_wait_batches=0)
     with pytest.raises(E.InvalidConfigError, match="admission_wait_batches"):
         FrontendConfig(admission_wait_batches=True)
     assert FrontendConfig(admission_wait_batches=3).admission_wait_batches == 3
+    with pytest.raises(E.InvalidConfigError, match="admission_standing_ms"):
+        FrontendConfig(admission_standing_ms=-1)
 
 
 def test_the_in_flight_byte_budget_refuses_what_would_pass_it(frontend_factory, wire_conn):

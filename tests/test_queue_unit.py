@@ -438,16 +438,18 @@ def test_the_estimate_kept_between_replica_changes_is_what_a_fresh_look_gives(op
 @settings(max_examples=150, deadline=None)
 @given(lats=st.lists(st.floats(0.2, 40.0), min_size=1, max_size=3), busy=st.booleans(),
        live=st.integers(1, 400), more=st.integers(0, 400), slo_ms=st.floats(2.0, 200.0),
-       wait_batches=st.floats(0.5, 8.0), lag_us=st.integers(0, 3000))
+       wait_batches=st.floats(0.5, 8.0), lag_us=st.integers(0, 3000), standing=st.booleans())
 def test_admissions_bound_on_queue_length_admits_only_what_a_full_estimate_admits(
-        lats, busy, live, more, slo_ms, wait_batches, lag_us):
+        lats, busy, live, more, slo_ms, wait_batches, lag_us, standing):
     # admits() leaves the queue a length below which a query is admitted without estimating (until a
     # replica changes): every length under it must be one a full estimate at that instant admits.
     from clipper.query.processor import ADMIT, QueryProcessor
 
     t = Harness(cache=False, max_batch=64, batching="aimd", budget_ns=int(slo_ms * MS / 2))
     try:
-        proc = QueryProcessor(t.loop, 1 << 20, 0, admission_wait_batches=wait_batches)
+        # standing: the queue has not been empty for admission_standing_ms (0 here), so the cap applies
+        proc = QueryProcessor(t.loop, 1 << 20, 0, admission_wait_batches=wait_batches,
+                              admission_standing_ms=0 if standing else 60_000)
         proc.loop_lag_ns = lag_us * 1000
         t.queue.max_queue_length = 10_000
         for i, lat in enumerate(lats):

@@ -100,6 +100,8 @@ class ModelQueue:
         # before admit_until_ns, a query arriving at a queue shorter than admit_below is admitted.
         self.admit_below = 0
         self.admit_budget_ns = 0
+        self.nonempty_since_ns = 0  # when the queue last went from empty to not (see admits: overloaded)
+        self.refused_at_ns = -(1 << 62)  # when admission last refused a query of this queue (never yet)
         self.admit_version = -1
         self.admit_until_ns = 0
         self.replicas: list = []
@@ -134,6 +136,8 @@ class ModelQueue:
                 f"model {self.key} holds {self.bytes} bytes of queued inputs; max_queue_bytes is "
                 f"{self.max_queue_bytes}")
         q.queue = self
+        if not self.live:
+            self.nonempty_since_ns = q.arrival_ns  # a standing queue is one not empty for a while
         self.live += 1
         self.bytes += q.nbytes
         self.pending.append(q)

@@ -610,11 +610,13 @@ class QueryProcessor:
                  state_flush_ms: int = 100, feedback_timeout_ms: int = 1000, max_user_id_len: int = 256,
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
                  deadline_margin_ms: float = 2.0, adaptive_margin: bool = True, admission: bool = True,
-                 admission_wait_batches: float = 2.0, max_inflight_bytes: int = 1 << 62) -> None:
+                 admission_wait_batches: float = 2.0, admission_standing_ms: float = 1000.0,
+                 max_inflight_bytes: int = 1 << 62) -> None:
         self.loop = loop
         self.admission = admission  # refuse at arrival what its model cannot answer in time
         # ... or would queue behind more than this many batch latencies of work (see admits)
         self.admission_wait_batches = float(admission_wait_batches)
+        self.admission_standing_ns = int(admission_standing_ms * 1_000_000)  # ... once the queue stands this long
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
@@ -881,12 +883,17 @@ class QueryProcessor:
         queue's :meth:`~ModelQueue.estimate_ns`) within the budget (the
         application's planned answer time less twice the loop's lag: the
         request was read that late and its answer will be written that late),
-        and the wait before its batch leaves at most ``admission_wait_batches``
-        batch latencies. A queue holding a couple of batches per replica keeps
-        every replica busy, so the cap costs no throughput; what it saves is
-        the queries a deeper queue would admit only to answer by default at
-        their deadline, work spent for nothing exactly when the frontend has
-        none to spare.
+        and, while the queue is overloaded (not empty for
+        ``admission_standing_ms``, or it refused a query within that time),
+        the wait before its batch at most ``admission_wait_batches`` batch
+        latencies. A queue holding a couple of
+        batches per replica keeps every replica busy, so the cap costs no
+        throughput; what it saves under sustained overload is the queries a
+        deeper queue would admit only to answer by default at their deadline,
+        work spent for nothing exactly when the frontend has none to spare. A
+        burst that fits its SLO and drains within the standing time is judged
+        by the SLO alone (a client pipelining hundreds of queries at an idle
+        model gets them all served).
         """
         if not queue.live and queue.free:
             # Nothing queued and a replica free: admitted, always. Besides costing nothing, it keeps
@@ -896,17 +903,25 @@ class QueryProcessor:
         if est is None:
             return ADMIT, 0.0
         if est == _INF:
+            queue.refused_at_ns = now
             return REFUSE_STALLED, est
-        if est > budget_ns - 2 * self.loop_lag_ns:
+        limit = budget_ns - 2 * self.loop_lag_ns
+        if est > limit:
+            queue.refused_at_ns = now
             return REFUSE_SLO, est
         lat = queue.est_lat_ns
-        if est - lat > self.admission_wait_batches * lat:
-            return REFUSE_QUEUE, est
+        standing = self.admission_standing_ns
+        if now - queue.nonempty_since_ns > standing or now - queue.refused_at_ns < standing:
+            # Overloaded: the queue has not emptied for a while, or it refused a moment ago. Capped too.
+            if est - lat > self.admission_wait_batches * lat:
+                queue.refused_at_ns = now
+                return REFUSE_QUEUE, est
+            limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
         # Admitted. The same look at the replicas admits any queue up to this length (a longer queue
         # only drains faster while it fills bigger batches): until a replica changes, or for
         # _ADMIT_HOLD_NS, a query need not be estimated at all while the queue stays shorter.
         rate = queue.est_rate
-        room = min(budget_ns - 2 * self.loop_lag_ns, (self.admission_wait_batches + 1.0) * lat) - (est - queue.live / rate)
+        room = limit - (est - queue.live / rate)
         queue.admit_below = int(room * rate)
         queue.admit_budget_ns = budget_ns  # (an application with a shorter budget is estimated for itself)
         queue.admit_version = queue.replica_version
