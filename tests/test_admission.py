@@ -388,6 +388,7 @@ def test_a_refusal_run_never_outlives_its_application():
         route.set_links([("m", queue)])
         queue.refusing_until_ns = time.monotonic_ns() + 60_000_000_000
         queue.refusing_kind = REFUSE_SLO
+        queue.refusing_budget_ns = route.answer_ns  # (an SLO refusal of this application)
         items = [msgpack.packb([1, i, "a", [0.0] * 4]) for i in range(3)]
         out = bytearray()
         assert proc.shed_run(route, items, 0, out) == 3 and proc.refused_in_runs == 3
@@ -397,5 +398,79 @@ def test_a_refusal_run_never_outlives_its_application():
         assert proc.shed_run(route, items, 0, out) == 0 and not out
         proc.routes["a"] = AppRoute(Application("a", "float32", [4], slo_ms=20, cache=False), proc)
         assert proc.shed_run(route, items, 0, out) == 0 and not out
+    finally:
+        loop.close()
+
+
+def _shared_queue(short_slo_ms: float = 20):
+    """A processor with applications a (SLO 10 s) and b (SLO ``short_slo_ms``) on one model queue whose
+    only replica takes 100 ms per batch of one and is busy: ~100-400 ms of estimated work."""
+    import asyncio
+
+    from clipper.config import Limits
+    from clipper.management.registry import Application
+    from clipper.query.batching import ModelQueue
+    from clipper.query.processor import AppRoute, QueryProcessor
+
+    class Replica:
+        def __init__(self) -> None:
+            self.replica_id, self.pid, self.dead, self.batch, self.sizer = 1, 1, False, None, None
+
+    class Sink:
+        def send_result(self, *a):
+            pass
+
+    loop = asyncio.new_event_loop()
+    proc = QueryProcessor(loop, Limits().max_input_bytes, 0)
+    q = ModelQueue("m:1", loop, lambda r, b: None, deployment_id=1, max_queue_length=1000, max_batch_retries=1,
+                   max_batch=1, batching="fixed", budget_ns=50_000_000)
+    r = Replica()
+    q.add_replica(r)
+    r.lat_ewma_ns = 100e6
+    q.free.clear()
+    r.batch = type("B", (), {"sent_ns": time.monotonic_ns()})()
+    q.replicas_changed()
+    a = AppRoute(Application("a", "float32", [4], slo_ms=10_000, cache=False, on_overload="error"), proc)
+    b = AppRoute(Application("b", "float32", [4], slo_ms=short_slo_ms, cache=False, on_overload="error"), proc)
+    for rt in (a, b):
+        proc.routes[rt.name] = rt
+        rt.set_links([("m", q)])
+    return loop, proc, q, a, b, Sink()
+
+
+def test_an_admission_on_the_fast_path_admits_that_request_only():
+    # Two applications share a model queue: a (10 s SLO) fits, b (20 ms) does not. The fast path
+    # admitting a's frame must not let b's next query (REST, or any other path) skip its own check.
+    loop, proc, q, a, b, sink = _shared_queue()
+    x = np.zeros(4, np.float32)
+    try:
+        proc.predict(sink, 1, "a", x)  # something queued, so nothing is admitted for free
+        with pytest.raises(E.OverloadedError):
+            proc.predict(sink, 2, "b", x)
+        assert proc.shed(a, 3, 40, sink) is None  # a's frame admitted at its head ...
+        with pytest.raises(E.OverloadedError):
+            proc.predict(sink, 4, "b", x)  # ... which admits nothing else
+        assert proc.shed(a, 5, 40, sink) is None
+        proc.predict(sink, 5, "a", x)  # the frame it admitted goes through
+        assert a.overloaded == 0 and b.overloaded == 2
+    finally:
+        loop.close()
+
+
+def test_one_applications_refusal_does_not_refuse_another_with_a_longer_slo():
+    loop, proc, q, a, b, sink = _shared_queue()
+    x = np.zeros(4, np.float32)
+    try:
+        proc.predict(sink, 1, "a", x)
+        assert proc.shed(b, 2, 40, sink) is not None  # b refused: its 20 ms SLO cannot be met
+        assert proc.shed(a, 3, 40, sink) is None  # a is not: the hold was b's SLO
+        items = [msgpack.packb([1, i, "a", [0.0] * 4]) for i in range(3)]
+        assert proc.shed_run(a, items, 0, bytearray()) == 0  # nor a run of a's frames
+        # b's SLO refusal with the queue under the cap does not make the queue overloaded for a:
+        # a's queries keep being judged by a's SLO alone (here ~0.3 s of work, far under 10 s)
+        for i in range(10, 14):
+            assert proc.shed(a, i, 40, sink) is None
+            proc.predict(sink, i, "a", x)
+        assert a.overloaded == 0
     finally:
         loop.close()

@@ -506,17 +506,24 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     application, a malformed head, an oversized frame's int) and returns its
     index: the caller takes that one the whole way.
     """
-    cdef Py_ssize_t i = start, n_items = len(items), n, pos, slen, alen = PyBytes_GET_SIZE(app)
+    cdef Py_ssize_t i = start, n_items, n, pos, slen, alen
     cdef Py_ssize_t base, flen, k, j
     cdef Py_buffer pybuf, tail_buf
     cdef const uint8_t* p
-    cdef const char* a = PyBytes_AS_STRING(app)
+    cdef const char* a
     cdef uint8_t b
     cdef uint64_t req_id
     cdef char* q
     cdef char idbuf[9]
     cdef Py_ssize_t idlen
     cdef object item
+    if items is None or app is None or out is None:
+        raise TypeError("refuse_run: items, app and out must not be None")
+    n_items = len(items)
+    alen = PyBytes_GET_SIZE(app)
+    a = PyBytes_AS_STRING(app)
+    if i < 0:
+        i = 0
     PyObject_GetBuffer(tail, &tail_buf, PyBUF_SIMPLE)
     try:
         while i < n_items:

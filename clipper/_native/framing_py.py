@@ -309,7 +309,9 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
     ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
     Returns the index of the first item that is anything else.
     """
-    i = start
+    if items is None or app is None or out is None:
+        raise TypeError("refuse_run: items, app and out must not be None")
+    i = max(start, 0)
     while i < len(items):
         item = items[i]
         if type(item) is int or len(item) > max_body:

@@ -89,7 +89,7 @@ class ModelQueue:
         self.leftovers = 0  # items in pending that left it (settled elsewhere), to be skipped
         self.refusing_until_ns = 0  # admission refused a moment ago: it refuses until then without re-estimating
         self.refusing_kind = 0  # and why (processor.REFUSE_*)
-        self.admitted_at_ns = 0  # when the msgpack fast path last admitted a query (its decision is reused)
+        self.refusing_budget_ns = 0  # the budget of the application refused (an SLO refusal holds for shorter ones)
         self.est_lat_ns = 0.0  # the shortest replica batch latency the last estimate_ns used
         # estimate_ns's last look at the replicas (valid while replica_version is unchanged, for _EST_MEMO_NS):
         # (version, at_ns, drain rate, shortest latency, when the soonest busy replica is free)
@@ -155,6 +155,8 @@ class ModelQueue:
 
     def _requeue(self, q) -> None:
         """Put ``q`` back at the head (a retry, or an heir taking its leader's place)."""
+        if not self.live:
+            self.nonempty_since_ns = time.monotonic_ns()
         q.queue = self
         self.live += 1
         self.bytes += q.nbytes
@@ -305,11 +307,12 @@ class ModelQueue:
         # job): count it at the size the queue would give it, up to max_batch, not at today's size.
         share = min(self.max_batch, max(1, live // max(1, len(replicas))))
         memo = self._est_memo
-        if memo is None or memo[0] != self.replica_version or now - memo[1] >= _EST_MEMO_NS:
+        if (memo is None or memo[0] != self.replica_version or now - memo[1] >= _EST_MEMO_NS
+                or now >= memo[6]):
             memo = self._look(now)
             if memo is None:
                 return None  # a replica without history: no estimate yet (admit)
-        _, _, fixed_rate, growable, lat_min, busy_until = memo
+        _, _, fixed_rate, growable, lat_min, busy_until, _ = memo
         # Nothing changed among the replicas since that look (no batch sent or back): what they drain
         # is as measured then; only the queue's length (so the size growable replicas will reach) and
         # the clock moved.
@@ -326,9 +329,10 @@ class ModelQueue:
 
     def _look(self, now: int):
         """estimate_ns's look at the replicas, kept in ``_est_memo`` while none changes (for at most
-        ``_EST_MEMO_NS``): (version, when, drain rate of the replicas that will not grow, (batch size,
-        latency) of those that may, the shortest latency, when the soonest busy replica is free when
-        all are busy, else 0). None when a replica has no measured latency yet."""
+        ``_EST_MEMO_NS``, and not past the moment a busy replica would count as stalled): (version,
+        when, drain rate of the replicas that will not grow, (batch size, latency) of those that may,
+        the shortest latency, when the soonest busy replica is free when all are busy, else 0, that
+        moment). None when a replica has no measured latency yet."""
         fixed_rate = 0.0
         growable = []
         lat_min = 0.0
@@ -336,6 +340,7 @@ class ModelQueue:
         busy = 0
         replicas = self.replicas
         grow_below = 0.8 * self.budget_ns
+        stall_at = _INF  # when the first busy replica not yet stalled would count as stalled
         for r in replicas:
             lat = r.lat_ewma_ns
             if lat <= 0.0:
@@ -346,6 +351,9 @@ class ModelQueue:
                 age = now - b.sent_ns
                 if age > 2.0 * lat and age > self.budget_ns:
                     continue  # stalled: drains nothing
+                at = b.sent_ns + max(2.0 * lat, self.budget_ns)
+                if at < stall_at:
+                    stall_at = at
                 busy += 1
                 rem = lat - age
                 if residual < 0.0 or rem < residual:
@@ -359,7 +367,8 @@ class ModelQueue:
                 lat_min = lat
         self.est_lat_ns = lat_min
         busy_until = now + residual if busy == len(replicas) and residual > 0.0 else 0
-        memo = self._est_memo = (self.replica_version, now, fixed_rate, tuple(growable), lat_min, busy_until)
+        memo = self._est_memo = (self.replica_version, now, fixed_rate, tuple(growable), lat_min, busy_until,
+                                 stall_at)
         return memo
 
     def replicas_changed(self) -> None:

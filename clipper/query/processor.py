@@ -78,7 +78,6 @@ _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
 _REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
 _ADMIT_HOLD_NS = 200_000  # an admission's bound on the queue's length stands this long (while no replica changes)
-_ADMIT_REUSE_NS = 50_000  # an admission by the fast path stands this long (for the request it admitted)
 _INF = float("inf")
 # Admission's decisions (QueryProcessor.admits): admitted, or refused and why.
 ADMIT = 0
@@ -622,6 +621,7 @@ class QueryProcessor:
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
         self.refusing_route = None  # the application shed last refused with OVERLOADED (its refusal may hold)
+        self._shed_admitted = None  # (route, req_id, conn) shed just admitted: predict of that frame skips admission
         # The largest frame any registered application could take as a valid request (its input, and
         # room for the rest of the message); None: no bound beyond the port's max_frame_bytes. The
         # msgpack port skips a larger frame without buffering it, so a stream of 15 MB junk frames
@@ -815,7 +815,14 @@ class QueryProcessor:
             token = found  # a miss: this query will lead the reservation
         now = time.monotonic_ns()
         nbytes = _nbytes(x)
-        why = self._refusal(route, queue, now, nbytes, route.answer_ns)
+        # The msgpack fast path admitted this very request from its frame head: no second estimate.
+        shed_ok = self._shed_admitted
+        if shed_ok is not None:
+            self._shed_admitted = None
+            admitted = shed_ok[0] is route and shed_ok[1] == req_id and shed_ok[2] is conn
+        else:
+            admitted = False
+        why = self._refusal(route, queue, now, nbytes, route.answer_ns, admitted)
         if why is not None:
             if token is not None:
                 cache.fail(token)
@@ -854,18 +861,18 @@ class QueryProcessor:
         self._lag_due = now + 0.002
         self._lag_timer = self.loop.call_at(self._lag_due, self._probe_lag)
 
-    def _refusal(self, route: AppRoute, queue: ModelQueue, now: int, nbytes: int, budget_ns: int) -> str | None:
-        """Why a query cannot be admitted to ``queue`` now (None: it can)."""
+    def _refusal(self, route: AppRoute, queue: ModelQueue, now: int, nbytes: int, budget_ns: int,
+                 admitted: bool = False) -> str | None:
+        """Why a query cannot be admitted to ``queue`` now (None: it can). ``admitted``: admission
+        already admitted this request (:meth:`shed`); only the byte budget is left to check."""
         if self._lag_timer is None and self.admission:
             self._lag_due = self.loop.time() + 0.002
             self._lag_timer = self.loop.call_at(self._lag_due, self._probe_lag)
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             return (f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                     f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        if not self.admission:
+        if not self.admission or admitted:
             return None
-        if now - queue.admitted_at_ns < _ADMIT_REUSE_NS:
-            return None  # the msgpack port's fast path (shed) admitted this very request a moment ago
         if (queue.live < queue.admit_below and queue.admit_version == queue.replica_version
                 and now < queue.admit_until_ns and budget_ns >= queue.admit_budget_ns):
             return None  # admitted by the last look's bound (see admits)
@@ -904,17 +911,21 @@ class QueryProcessor:
             return ADMIT, 0.0
         if est == _INF:
             queue.refused_at_ns = now
+            queue.admit_until_ns = 0
             return REFUSE_STALLED, est
         limit = budget_ns - 2 * self.loop_lag_ns
-        if est > limit:
-            queue.refused_at_ns = now
-            return REFUSE_SLO, est
         lat = queue.est_lat_ns
+        if est > limit:
+            if est - lat > self.admission_wait_batches * lat:  # (an app with a short SLO alone does not
+                queue.refused_at_ns = now                       # make the queue overloaded for the others)
+            queue.admit_until_ns = 0
+            return REFUSE_SLO, est
         standing = self.admission_standing_ns
-        if now - queue.nonempty_since_ns > standing or now - queue.refused_at_ns < standing:
+        if (queue.live and now - queue.nonempty_since_ns > standing) or now - queue.refused_at_ns < standing:
             # Overloaded: the queue has not emptied for a while, or it refused a moment ago. Capped too.
             if est - lat > self.admission_wait_batches * lat:
                 queue.refused_at_ns = now
+                queue.admit_until_ns = 0
                 return REFUSE_QUEUE, est
             limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
         # Admitted. The same look at the replicas admits any queue up to this length (a longer queue
@@ -926,9 +937,10 @@ class QueryProcessor:
         queue.admit_budget_ns = budget_ns  # (an application with a shorter budget is estimated for itself)
         queue.admit_version = queue.replica_version
         queue.admit_until_ns = now + _ADMIT_HOLD_NS
+        queue.refusing_until_ns = 0  # a refusal's hold ends with the first admission after it
         return ADMIT, est
 
-    def shed(self, route: AppRoute, req_id, frame_bytes: int) -> bytes | None:
+    def shed(self, route: AppRoute, req_id, frame_bytes: int, conn=None) -> bytes | None:
         """The refusal frame of a query admission would refuse, known from its application alone
         (None: it goes the whole way). For the msgpack port's fast path: nothing is decoded.
 
@@ -944,17 +956,19 @@ class QueryProcessor:
         now = time.monotonic_ns()
         if (queue.live < queue.admit_below and queue.admit_version == queue.replica_version
                 and now < queue.admit_until_ns and route.answer_ns >= queue.admit_budget_ns):
-            queue.admitted_at_ns = now  # admitted by the last look's bound (see admits)
+            self._shed_admitted = (route, req_id, conn)  # admitted by the last look's bound (see admits)
             return None
-        if now < queue.refusing_until_ns:  # refused a moment ago: the estimate holds for a few hundred us
-            kind = queue.refusing_kind
+        if now < queue.refusing_until_ns and (queue.refusing_kind != REFUSE_SLO
+                                              or route.answer_ns <= queue.refusing_budget_ns):
+            kind = queue.refusing_kind  # refused a moment ago: the estimate holds for a few hundred us
         else:
             kind, _ = self.admits(queue, now, route.answer_ns)
             if kind == ADMIT:
-                queue.admitted_at_ns = now  # predict, on the same frame, need not estimate again
+                self._shed_admitted = (route, req_id, conn)  # predict, on this frame, need not estimate again
                 return None
             queue.refusing_until_ns = now + _REFUSAL_HOLD_NS
             queue.refusing_kind = kind
+            queue.refusing_budget_ns = route.answer_ns
         route.requests += 1
         route.overloaded += 1
         qid = self._next_query_id
@@ -975,9 +989,12 @@ class QueryProcessor:
         index of the first frame left for the whole way. Under overload most of a read is such a run,
         and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
         queue = route.queue
-        if (queue is None or route.default_on_overload or self.draining
-                or time.monotonic_ns() >= queue.refusing_until_ns or self.routes.get(route.name) is not route):
+        if queue is None or route.default_on_overload or self.draining or self.routes.get(route.name) is not route:
             return start  # (the last: the application was removed or replaced since)
+        now = time.monotonic_ns()
+        if (now >= queue.refusing_until_ns or (not queue.live and queue.free)
+                or (queue.refusing_kind == REFUSE_SLO and route.answer_ns > queue.refusing_budget_ns)):
+            return start  # the hold is over, or shed would admit (an idle model), or it was another app's SLO
         tail = route.overload_text(queue, queue.refusing_kind)[2]
         end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out)
         n = end - start

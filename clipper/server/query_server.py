@@ -266,7 +266,7 @@ class QueryConnection(ClientConnection):
         if route is None:
             return False
         if kind == _PREDICT:
-            frame = self.processor.shed(route, req_id, len(body))
+            frame = self.processor.shed(route, req_id, len(body), self)
             if frame is not None:
                 self._queue(frame)
                 if not route.default_on_overload:
