@@ -74,13 +74,8 @@ def test_a_stalled_replica_drains_nothing_so_new_queries_are_refused_until_it_an
     assert c.recv(1)[0][0] == wire.RESULT  # answering again: admitted again
 
 
-@pytest.mark.parametrize("wait_batches", [2, 100])
-def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_slo(frontend_factory, wire_conn,
-                                                                                      wait_batches):
-    # Batches of one take ~100 ms and the SLO is 30 s: the SLO alone would admit all twelve. The queue
-    # ahead of a query may hold admission_wait_batches batch latencies of work: with 2, the query
-    # in flight and about two queued are admitted and the rest refused at once; with 100, all admitted.
-    fe = frontend_factory(admission_wait_batches=wait_batches, admission_standing_ms=0)
+def _slow_burst(fe, wire_conn):
+    """A model taking ~100 ms per batch of one behind a 30 s SLO, warmed up, then 12 queries sent at once."""
     fe.deploy("slow", "sleep_by_input", slo_ms=30_000, max_batch=1, batching="fixed", cache=False,
               default_output=-1.0, on_overload="error")
     c = wire_conn(fe.port)
@@ -88,6 +83,17 @@ def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_
     _warm(fe, c, "slow", x)
     for i in range(1, 13):
         c.send(wire.predict(i, "slow", x))
+    return c, x
+
+
+@pytest.mark.parametrize("wait_batches", [2, 100])
+def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_slo(frontend_factory, wire_conn,
+                                                                                      wait_batches):
+    # Batches of one take ~100 ms and the SLO is 30 s: the SLO alone would admit all twelve. The queue
+    # ahead of a query may hold admission_wait_batches batch latencies of work: with 2, the query
+    # in flight and about two queued are admitted and the rest refused at once; with 100, all admitted.
+    fe = frontend_factory(admission_wait_batches=wait_batches, admission_standing_ms=0)
+    c, x = _slow_burst(fe, wire_conn)
     out = c.recv(12, timeout=60)
     refused = [m for m in out if _code(m) == E.OverloadedError.code]
     served = [m for m in out if m[0] == wire.RESULT and not m[4]]
@@ -110,13 +116,7 @@ def test_a_burst_at_an_idle_model_is_judged_by_the_slo_alone_and_a_standing_queu
     # queries sent at once to an idle model are all admitted (the 30 s SLO allows them); a stream that
     # keeps the queue from emptying for longer than that is capped at ~2 batches of queued work.
     fe = frontend_factory(admission_standing_ms=300)
-    fe.deploy("slow", "sleep_by_input", slo_ms=30_000, max_batch=1, batching="fixed", cache=False,
-              default_output=-1.0, on_overload="error")
-    c = wire_conn(fe.port)
-    x = np.array([0.1, 0, 0, 0], np.float32)
-    _warm(fe, c, "slow", x)
-    for i in range(1, 13):
-        c.send(wire.predict(i, "slow", x))
+    c, x = _slow_burst(fe, wire_conn)
     first = c.recv(12, timeout=60)
     assert all(m[0] == wire.RESULT and not m[4] for m in first), first  # all served
     # now a stream: 12 more at once, then one more whenever an answer comes back; the queue stays

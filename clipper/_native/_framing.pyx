@@ -432,6 +432,48 @@ cpdef object check_nested(object body, Py_ssize_t offset, tuple shape):
     return None
 
 
+cdef inline Py_ssize_t _head(const uint8_t* p, Py_ssize_t n, uint64_t* req_id, Py_ssize_t* slen) noexcept nogil:
+    """Parse ``[kind, id, app, ...]``'s head: kind 1 or 2 (PREDICT, FEEDBACK), an unsigned integer id
+    and a str app name; on success set ``req_id`` and ``slen`` (the name's length) and return where
+    the name starts, with at least one byte after it; -1 for any other frame."""
+    cdef Py_ssize_t pos = 2, k, i
+    cdef uint8_t b
+    cdef uint64_t v = 0
+    if n < 4 or not (0x94 <= p[0] <= 0x96) or not (p[1] == 1 or p[1] == 2):
+        return -1
+    b = p[pos]
+    if b <= 0x7F:
+        v = b
+        pos += 1
+    elif 0xCC <= b <= 0xCF:
+        k = 1 << (b - 0xCC)
+        if pos + 1 + k > n:
+            return -1
+        for i in range(k):
+            v = (v << 8) | p[pos + 1 + i]
+        pos += 1 + k
+    else:
+        return -1
+    if pos >= n:
+        return -1
+    b = p[pos]
+    if 0xA0 <= b <= 0xBF:
+        slen[0] = b & 0x1F
+        pos += 1
+    elif b == 0xD9 and pos + 2 <= n:
+        slen[0] = p[pos + 1]
+        pos += 2
+    elif b == 0xDA and pos + 3 <= n:
+        slen[0] = _be16(p + pos + 1)
+        pos += 3
+    else:
+        return -1
+    if slen[0] > 4096 or pos + slen[0] >= n:
+        return -1
+    req_id[0] = v
+    return pos
+
+
 cpdef object request_head(object body):
     """The head of a PREDICT or FEEDBACK frame, read from its bytes without decoding the rest.
 
@@ -443,53 +485,21 @@ cpdef object request_head(object body):
     """
     cdef Py_buffer pybuf
     cdef const uint8_t* p
-    cdef Py_ssize_t n, pos, slen = 0, i
-    cdef uint8_t b, kind
+    cdef Py_ssize_t pos, slen = 0
+    cdef uint8_t b
     cdef uint64_t req_id = 0
-    cdef int k
     PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
     try:
         p = <const uint8_t*>pybuf.buf
-        n = pybuf.len
-        if n < 4 or not (0x94 <= p[0] <= 0x96) or not (p[1] == 1 or p[1] == 2):
-            return None
-        kind = p[1]
-        pos = 2
-        b = p[pos]
-        if b <= 0x7F:
-            req_id = b
-            pos += 1
-        elif 0xCC <= b <= 0xCF:
-            k = 1 << (b - 0xCC)
-            if pos + 1 + k > n:
-                return None
-            for i in range(k):
-                req_id = (req_id << 8) | p[pos + 1 + i]
-            pos += 1 + k
-        else:
-            return None
-        if pos >= n:
-            return None
-        b = p[pos]
-        if 0xA0 <= b <= 0xBF:
-            slen = b & 0x1F
-            pos += 1
-        elif b == 0xD9 and pos + 2 <= n:
-            slen = p[pos + 1]
-            pos += 2
-        elif b == 0xDA and pos + 3 <= n:
-            slen = _be16(p + pos + 1)
-            pos += 3
-        else:
-            return None
-        if slen > 4096 or pos + slen >= n:
+        pos = _head(p, pybuf.len, &req_id, &slen)
+        if pos < 0:
             return None
         b = p[pos + slen]
         try:
             app = (<const char*>(p + pos))[:slen].decode("utf-8")
         except UnicodeDecodeError:
             return None
-        return (kind, req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)
+        return (p[1], req_id, app, pos + slen, 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD)
     finally:
         PyBuffer_Release(&pybuf)
 
@@ -534,36 +544,10 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
             try:
                 p = <const uint8_t*>pybuf.buf
                 n = pybuf.len
-                if n > max_body or n < 4 or not (0x94 <= p[0] <= 0x96) or p[1] != 1:
+                if n > max_body or n < 4 or p[1] != 1:
                     break
-                pos = 2
-                b = p[pos]
-                req_id = 0
-                if b <= 0x7F:
-                    req_id = b
-                    pos += 1
-                elif 0xCC <= b <= 0xCF:
-                    k = 1 << (b - 0xCC)
-                    if pos + 1 + k > n:
-                        break
-                    for j in range(k):
-                        req_id = (req_id << 8) | p[pos + 1 + j]
-                    pos += 1 + k
-                else:
-                    break
-                if pos >= n:
-                    break
-                b = p[pos]
-                if 0xA0 <= b <= 0xBF:
-                    slen = b & 0x1F
-                    pos += 1
-                elif b == 0xD9 and pos + 2 <= n:
-                    slen = p[pos + 1]
-                    pos += 2
-                elif b == 0xDA and pos + 3 <= n:
-                    slen = _be16(p + pos + 1)
-                    pos += 3
-                else:
+                pos = _head(p, n, &req_id, &slen)
+                if pos < 0:
                     break
                 if slen != alen or pos + slen >= n or memcmp(p + pos, a, alen) != 0:
                     break
