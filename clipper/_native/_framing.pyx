@@ -164,6 +164,26 @@ cdef inline Py_ssize_t _put_uint(char* q, uint64_t v) noexcept nogil:
     return 1 + n
 
 
+cdef inline void _put_be32(char* q, Py_ssize_t n) noexcept nogil:
+    q[0] = <char>((n >> 24) & 0xFF)
+    q[1] = <char>((n >> 16) & 0xFF)
+    q[2] = <char>((n >> 8) & 0xFF)
+    q[3] = <char>(n & 0xFF)
+
+
+cdef inline Py_ssize_t _put_error(char* q, uint64_t req_id, const char* tail, Py_ssize_t tail_len) noexcept nogil:
+    """Write the frame of ``[ERROR, req_id, <tail>]`` at ``q`` (room: HEADER_BYTES + 11 + tail_len);
+    return its length."""
+    cdef Py_ssize_t pos = HEADER_BYTES + 2
+    q[HEADER_BYTES] = <char>0x95
+    q[HEADER_BYTES + 1] = <char>0x7F
+    pos += _put_uint(q + pos, req_id)
+    memcpy(q + pos, tail, tail_len)
+    pos += tail_len
+    _put_be32(q, pos - HEADER_BYTES)
+    return pos
+
+
 cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body, bint is_default,
                          object extra_body):
     """The frame of ``[RESULT, req_id, query_id, output, is_default, extra?]``, in one allocation.
@@ -204,11 +224,7 @@ cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body,
                 PyBuffer_Release(&extra_buf)
     finally:
         PyBuffer_Release(&out_buf)
-    n = pos - HEADER_BYTES
-    q[0] = <char>((n >> 24) & 0xFF)
-    q[1] = <char>((n >> 16) & 0xFF)
-    q[2] = <char>((n >> 8) & 0xFF)
-    q[3] = <char>(n & 0xFF)
+    _put_be32(q, pos - HEADER_BYTES)
     return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
 
 
@@ -224,20 +240,9 @@ cpdef bytes error_frame(uint64_t req_id, object tail):
     try:
         frame = PyBytes_FromStringAndSize(NULL, HEADER_BYTES + 2 + 9 + tail_buf.len)
         q = PyBytes_AS_STRING(frame)
-        pos = HEADER_BYTES
-        q[pos] = <char>0x95
-        q[pos + 1] = <char>0x7F
-        pos += 2
-        pos += _put_uint(q + pos, req_id)
-        memcpy(q + pos, tail_buf.buf, tail_buf.len)
-        pos += tail_buf.len
+        pos = _put_error(q, req_id, <const char*>tail_buf.buf, tail_buf.len)
     finally:
         PyBuffer_Release(&tail_buf)
-    n = pos - HEADER_BYTES
-    q[0] = <char>((n >> 24) & 0xFF)
-    q[1] = <char>((n >> 16) & 0xFF)
-    q[2] = <char>((n >> 8) & 0xFF)
-    q[3] = <char>(n & 0xFF)
     return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
 
 
@@ -517,15 +522,13 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     index: the caller takes that one the whole way.
     """
     cdef Py_ssize_t i = start, n_items, n, pos, slen, alen
-    cdef Py_ssize_t base, flen, k, j
+    cdef Py_ssize_t base
     cdef Py_buffer pybuf, tail_buf
     cdef const uint8_t* p
     cdef const char* a
     cdef uint8_t b
     cdef uint64_t req_id
     cdef char* q
-    cdef char idbuf[9]
-    cdef Py_ssize_t idlen
     cdef object item
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
@@ -553,19 +556,10 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
                     break
             finally:
                 PyBuffer_Release(&pybuf)
-            idlen = _put_uint(idbuf, req_id)
-            flen = 2 + idlen + tail_buf.len
             base = len(out)
-            PyByteArray_Resize(out, base + HEADER_BYTES + flen)
-            q = PyByteArray_AS_STRING(out) + base
-            q[0] = <char>((flen >> 24) & 0xFF)
-            q[1] = <char>((flen >> 16) & 0xFF)
-            q[2] = <char>((flen >> 8) & 0xFF)
-            q[3] = <char>(flen & 0xFF)
-            q[4] = <char>0x95
-            q[5] = <char>0x7F
-            memcpy(q + 6, idbuf, idlen)
-            memcpy(q + 6 + idlen, tail_buf.buf, tail_buf.len)
+            PyByteArray_Resize(out, base + HEADER_BYTES + 11 + tail_buf.len)
+            n = _put_error(PyByteArray_AS_STRING(out) + base, req_id, <const char*>tail_buf.buf, tail_buf.len)
+            PyByteArray_Resize(out, base + n)
             i += 1
     finally:
         PyBuffer_Release(&tail_buf)

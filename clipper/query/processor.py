@@ -621,7 +621,11 @@ class QueryProcessor:
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
         self.refusing_route = None  # the application shed last refused with OVERLOADED (its refusal may hold)
-        self._shed_admitted = None  # (route, req_id, conn) shed just admitted: predict of that frame skips admission
+        # The request shed just admitted (its route, id and connection; no tuple per request): predict
+        # of that very frame skips admission; any other request clears it.
+        self._shed_route = None
+        self._shed_id = None
+        self._shed_conn = None
         # The largest frame any registered application could take as a valid request (its input, and
         # room for the rest of the message); None: no bound beyond the port's max_frame_bytes. The
         # msgpack port skips a larger frame without buffering it, so a stream of 15 MB junk frames
@@ -816,12 +820,8 @@ class QueryProcessor:
         now = time.monotonic_ns()
         nbytes = _nbytes(x)
         # The msgpack fast path admitted this very request from its frame head: no second estimate.
-        shed_ok = self._shed_admitted
-        if shed_ok is not None:
-            self._shed_admitted = None
-            admitted = shed_ok[0] is route and shed_ok[1] == req_id and shed_ok[2] is conn
-        else:
-            admitted = False
+        admitted = self._shed_route is route and self._shed_conn is conn and self._shed_id == req_id
+        self._shed_route = self._shed_conn = None
         why = self._refusal(route, queue, now, nbytes, route.answer_ns, admitted)
         if why is not None:
             if token is not None:
@@ -956,7 +956,8 @@ class QueryProcessor:
         now = time.monotonic_ns()
         if (queue.live < queue.admit_below and queue.admit_version == queue.replica_version
                 and now < queue.admit_until_ns and route.answer_ns >= queue.admit_budget_ns):
-            self._shed_admitted = (route, req_id, conn)  # admitted by the last look's bound (see admits)
+            # admitted by the last look's bound (see admits)
+            self._shed_route, self._shed_id, self._shed_conn = route, req_id, conn
             return None
         if now < queue.refusing_until_ns and (queue.refusing_kind != REFUSE_SLO
                                               or route.answer_ns <= queue.refusing_budget_ns):
@@ -964,7 +965,8 @@ class QueryProcessor:
         else:
             kind, _ = self.admits(queue, now, route.answer_ns)
             if kind == ADMIT:
-                self._shed_admitted = (route, req_id, conn)  # predict, on this frame, need not estimate again
+                # predict, on this frame, need not estimate again
+                self._shed_route, self._shed_id, self._shed_conn = route, req_id, conn
                 return None
             queue.refusing_until_ns = now + _REFUSAL_HOLD_NS
             queue.refusing_kind = kind
@@ -989,12 +991,16 @@ class QueryProcessor:
         index of the first frame left for the whole way. Under overload most of a read is such a run,
         and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
         queue = route.queue
-        if queue is None or route.default_on_overload or self.draining or self.routes.get(route.name) is not route:
-            return start  # (the last: the application was removed or replaced since)
         now = time.monotonic_ns()
-        if (now >= queue.refusing_until_ns or (not queue.live and queue.free)
+        if queue is None or now >= queue.refusing_until_ns or self.routes.get(route.name) is not route:
+            # the hold is over (or the application was removed or replaced): reads stop trying runs
+            # until shed refuses again
+            if self.refusing_route is route:
+                self.refusing_route = None
+            return start
+        if (route.default_on_overload or self.draining or (not queue.live and queue.free)
                 or (queue.refusing_kind == REFUSE_SLO and route.answer_ns > queue.refusing_budget_ns)):
-            return start  # the hold is over, or shed would admit (an idle model), or it was another app's SLO
+            return start  # shed would admit (an idle model), or the hold was another app's SLO
         tail = route.overload_text(queue, queue.refusing_kind)[2]
         end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out)
         n = end - start
