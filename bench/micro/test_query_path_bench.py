@@ -62,8 +62,14 @@ def hit_processor(loop, key) -> tuple[QueryProcessor, AppRoute]:
     return proc, route
 
 
-def test_cache_hit_path(benchmark, frames):
+@pytest.mark.parametrize("per_read", [FRAMES, 1], ids=["pipelined", "one-frame-per-read"])
+def test_cache_hit_path(benchmark, frames, per_read):
+    """``pipelined``: all ``FRAMES`` in one read. ``one-frame-per-read``: one frame per read and one
+    write per read, what an open-loop client sending one query at a time costs; the difference per
+    query is the per-read cost (``data_received``'s bookkeeping, the reply's flush)."""
     data, x = frames
+    size = len(data) // FRAMES * per_read
+    reads = [data[i:i + size] for i in range(0, len(data), size)]
     loop = uvloop.new_event_loop()
     try:
         proc, route = hit_processor(loop, x)
@@ -71,12 +77,66 @@ def test_cache_hit_path(benchmark, frames):
         conn.transport = NullTransport()
 
         def run():
-            conn.data_received(data)
-            conn._flush()
+            for chunk in reads:
+                conn.data_received(chunk)
+                conn._flush()
 
         benchmark.extra_info["frames_per_round"] = FRAMES
         benchmark(run)
         assert route.cache_hits >= FRAMES and conn.pending == 0 and conn.transport.written > 0
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["array-fast-path", "decoded"])
+def test_queued_path(benchmark, frames, fast_path):
+    """``FRAMES`` pipelined queries that miss the cache (it is off): each admitted, its input taken from
+    the frame (the array fast path; ``decoded``: the full msgpack decoder, as before it) and queued, the
+    batches sent to a replica that answers at once. Per query: the whole frontend path between the read
+    and the write of a query that reaches a model, without the RPC."""
+    data, x = frames
+    loop = uvloop.new_event_loop()
+    try:
+        lim = Limits()
+        proc = QueryProcessor(loop, lim.max_input_bytes, 0)
+        proc.admission = False  # every query admitted (the burst would be capped by admission's queue limit)
+        route = AppRoute(Application("cheap", "float32", [784], slo_ms=20, cache=False), proc)
+        proc.routes["cheap"] = route
+        sent = []
+        queue = ModelQueue("m:1", loop, lambda r, b: sent.append((r, b)), deployment_id=1, max_queue_length=2000,
+                           max_batch_retries=1, max_batch=64, budget_ns=10_000_000)
+        route.set_links([("m", queue)])
+        if not fast_path:
+            route.ext_head = None  # what the msgpack port compares inputs with: none, so all are decoded
+
+        class Replica:
+            replica_id, pid, dead, sizer = 1, None, False, None
+
+        queue.add_replica(Replica())
+        conn = QueryConnection(QueryServer(loop, proc, Limits(), "bench"))
+        conn.transport = NullTransport()
+        outputs = {}
+
+        def turn():  # one turn of the loop: its ready callbacks (the queue's dispatch, the flush)
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+
+        def run():
+            conn.data_received(data)
+            turn()
+            while sent:
+                while sent:
+                    replica, batch = sent.pop()
+                    n = len(batch.queries)
+                    out = outputs.get(n)
+                    if out is None:
+                        out = outputs[n] = [0.0] * n
+                    queue.deliver(replica, batch, out)
+                turn()
+
+        benchmark.extra_info["frames_per_round"] = FRAMES
+        benchmark(run)
+        assert route.answered >= FRAMES and conn.pending == 0 and conn.transport.written > 0
     finally:
         loop.close()
 

@@ -55,3 +55,8 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, 
     """From ``items[start]``, append to ``out`` the :func:`error_frame` of each PREDICT body for exactly
     the application ``app`` (UTF-8) of at most ``max_body`` bytes; return the index of the first item
     that is anything else (admission refusing a run of frames in one pass)."""
+
+def array_input(body: bytes | bytearray | memoryview, offset: int, ext_head: bytes, dtype, shape: tuple[int, ...]):
+    """A PREDICT frame ``[1, id, app, x]``'s input as a read-only ndarray over the frame's bytes, when
+    ``x`` (at ``offset``) is the ndarray extension of exactly ``dtype`` and ``shape`` (its encoding
+    begins with ``ext_head``, ``wire.ndarray_ext_head``) and ends the frame; None otherwise."""

@@ -7,6 +7,18 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
+from cpython.pyport cimport PY_SSIZE_T_MAX
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    PyTypeObject PyArray_Type
+    # (not declared by numpy's own .pxd) steals a reference to descr
+    object PyArray_NewFromDescr(PyTypeObject* subtype, PyObject* descr, int nd, cnp.npy_intp* dims,
+                                cnp.npy_intp* strides, void* data, int flags, PyObject* obj)
 
 cdef enum:
     HEADER_BYTES = 4
@@ -564,3 +576,49 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     finally:
         PyBuffer_Release(&tail_buf)
     return i
+
+
+cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dtype dtype, tuple shape):
+    """The input of a PREDICT frame as a read-only ndarray over the frame's own bytes (no copy, nothing
+    decoded), or None for the full decoder to judge.
+
+    ``body`` must be ``[1, id, app, x]`` (exactly four items), ``offset``
+    where ``x`` starts (:func:`request_head`), and ``x`` an ``EXT_NDARRAY``
+    whose encoding begins with ``ext_head`` (``wire.ndarray_ext_head`` of
+    ``dtype`` and ``shape``: the application's) and whose data, of
+    ``dtype.itemsize * prod(shape)`` bytes, ends the frame. The array keeps
+    ``body`` alive (a bytearray is locked against resizing by a memoryview).
+    """
+    cdef Py_buffer pybuf
+    cdef Py_ssize_t hlen = PyBytes_GET_SIZE(ext_head), ndim = len(shape), nbytes, i, d
+    cdef cnp.npy_intp dims[32]
+    cdef const uint8_t* p
+    cdef object base = body
+    cdef cnp.ndarray arr
+    if ndim > 32 or offset < 0:
+        return None
+    if type(body) is bytearray:
+        base = memoryview(body)  # the view's export keeps the bytearray from being resized under the array
+    PyObject_GetBuffer(base, &pybuf, PyBUF_SIMPLE)
+    try:
+        p = <const uint8_t*>pybuf.buf
+        nbytes = dtype.itemsize
+        for i in range(ndim):
+            d = shape[i]
+            if d < 0 or (d and nbytes > PY_SSIZE_T_MAX // d):  # (a zero dimension later may end at 0)
+                return None
+            dims[i] = d
+            nbytes *= d
+        if (pybuf.len < 1 or p[0] != 0x94 or offset > pybuf.len - hlen - nbytes
+                or offset + hlen + nbytes != pybuf.len
+                or memcmp(p + offset, PyBytes_AS_STRING(ext_head), hlen) != 0):
+            return None
+        # PyArray_NewFromDescr steals a reference to the dtype; flags 0: read-only (alignment and
+        # contiguity are computed by numpy from the pointer and the default strides)
+        Py_INCREF(dtype)
+        arr = PyArray_NewFromDescr(&PyArray_Type, <PyObject*>dtype, <int>ndim, dims, NULL,
+                                   <void*>(p + offset + hlen), 0, NULL)
+    finally:
+        PyBuffer_Release(&pybuf)
+    cnp.set_array_base(arr, base)
+    return arr

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 _HEADER = struct.Struct(">I")
 HEADER_BYTES = 4
 
@@ -324,3 +326,29 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
         out += error_frame(head[1], tail)
         i += 1
     return i
+
+
+def array_input(body, offset, ext_head, dtype, shape):
+    """The input of a PREDICT frame as a read-only ndarray over the frame's own bytes, or None.
+
+    ``body`` must be ``[1, id, app, x]`` (exactly four items), ``offset``
+    where ``x`` starts, and ``x`` an ``EXT_NDARRAY`` whose encoding begins
+    with ``ext_head`` (``wire.ndarray_ext_head`` of ``dtype`` and ``shape``)
+    and whose data, of ``dtype.itemsize * prod(shape)`` bytes, ends the frame.
+    """
+    if len(shape) > 32 or offset < 0:
+        return None
+    view = memoryview(body).cast("B")
+    n = len(view)
+    nbytes = dtype.itemsize
+    for d in shape:
+        if d < 0:
+            return None
+        nbytes *= d
+    hlen = len(ext_head)
+    if n < 1 or view[0] != 0x94 or offset + hlen + nbytes != n or view[offset:offset + hlen] != ext_head:
+        return None
+    count = nbytes // dtype.itemsize
+    arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset + hlen).reshape(shape)
+    arr.flags.writeable = False  # (a bytearray body would give a writeable view)
+    return arr

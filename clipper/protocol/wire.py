@@ -51,6 +51,7 @@ __all__ = [
     "DecodeLimits",
     "encode_ndarray",
     "decode_ndarray",
+    "ndarray_ext_head",
     "pack",
     "make_unpacker",
     "frame",
@@ -144,6 +145,33 @@ def encode_ndarray(arr: np.ndarray) -> msgpack.ExtType:
     if arr.size == 0:
         return msgpack.ExtType(EXT_NDARRAY, head)
     return msgpack.ExtType(EXT_NDARRAY, b"".join((head, arr.reshape(-1).view(np.uint8))))
+
+
+def ndarray_ext_head(dtype: np.dtype, shape: tuple) -> bytes | None:
+    """The bytes that begin the msgpack encoding of every ``EXT_NDARRAY`` of ``dtype`` and ``shape``
+    as :func:`encode_ndarray` and msgpack's packer write them (the extension's marker, length and
+    type, then the array header): what the msgpack port's array fast path compares a frame's input
+    with (``framing.array_input``). None for a dtype that cannot travel or too many dimensions."""
+    ts = _TYPESTR.get(np.dtype(dtype))
+    if ts is None or len(shape) > MAX_NDIM:
+        return None
+    nbytes = np.dtype(dtype).itemsize
+    for d in shape:
+        nbytes *= d
+    head = bytes((len(ts),)) + ts + bytes((len(shape),)) + b"".join(_DIM.pack(d) for d in shape)
+    size = len(head) + nbytes  # the extension's payload
+    fixext = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}.get(size)
+    if fixext is not None:
+        marker = bytes((fixext, EXT_NDARRAY))
+    elif size <= 0xFF:
+        marker = bytes((0xC7, size, EXT_NDARRAY))
+    elif size <= 0xFFFF:
+        marker = b"\xc8" + size.to_bytes(2, "big") + bytes((EXT_NDARRAY,))
+    elif size <= 0xFFFFFFFF:
+        marker = b"\xc9" + size.to_bytes(4, "big") + bytes((EXT_NDARRAY,))
+    else:
+        return None
+    return marker + head
 
 
 def decode_ndarray(data: bytes) -> np.ndarray:

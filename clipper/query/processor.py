@@ -62,7 +62,7 @@ from ..errors import (
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
 from .._native import framing as _framing
-from ..protocol.wire import PackedExtra, brief, pack
+from ..protocol.wire import PackedExtra, brief, ndarray_ext_head, pack
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue
@@ -292,8 +292,12 @@ class AppRoute:
                 items *= d
             nbytes = items * app.np_dtype.itemsize
             self.max_valid_frame = -1 if nbytes > self.processor.max_input_bytes else 9 * items + 512
+            # how every valid ndarray input's encoding begins: the msgpack port's array fast path
+            self.ext_head = (ndarray_ext_head(app.np_dtype, self.shape)
+                             if nbytes <= self.processor.max_input_bytes else None)
         else:
             self.max_valid_frame = self.processor.max_input_bytes + 512
+            self.ext_head = None
         self.error_on_deadline = app.on_deadline == "error"
         self.default_on_overload = app.on_overload == "default"
         self.use_cache = bool(app.cache)
@@ -778,7 +782,23 @@ class QueryProcessor:
         if route is None:
             raise UnknownApplicationError(f"no application named {_short(app_name)} is registered")
         route.requests += 1
-        x = route.check_input(x)
+        try:
+            x = route.check_input(x)
+        except ClipperError:
+            route.errors += 1  # a refused input is an outcome too (requests = answered + defaults + errors ...)
+            raise
+        self._start(conn, req_id, route, x, options)
+
+    def predict_array(self, conn, req_id: int, route: AppRoute, x) -> None:
+        """:meth:`predict` of an input already known to be ``route``'s (its dtype and shape exactly,
+        within max_input_bytes), with no options: the msgpack port's array fast path, whose input is a
+        view of the frame's own bytes (``framing.array_input``), decoded by nobody."""
+        if self.draining:
+            raise ShuttingDownError("the frontend is shutting down and takes no new queries")
+        route.requests += 1
+        self._start(conn, req_id, route, x, None)
+
+    def _start(self, conn, req_id: int, route: AppRoute, x, options) -> None:
         if not route.simple:
             return self._predict_selected(conn, req_id, route, x, self._user(options))
         if options is not None:

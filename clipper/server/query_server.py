@@ -36,6 +36,7 @@ _ERROR = wire.ERROR
 _PackedExtra = wire.PackedExtra
 _result_frame = framing.result_frame
 _request_head = framing.request_head
+_array_input = framing.array_input
 EARLY_FLUSH_BYTES = 1 << 20  # replies gathered in one turn of the loop are written once they reach this
 JUNK_BYTES_PER_S = 16 << 20  # oversized frames a client may stream (skipped unread) before it is slowed
 JUNK_BURST_BYTES = 64 << 20
@@ -252,6 +253,11 @@ class QueryConnection(ClientConnection):
           (``QueryProcessor.shed``), its input never decoded; under overload that
           keeps a refusal far cheaper than an answer, so the loop has room for the
           queries it admits.
+        * An ndarray input of exactly the application's dtype and shape, ending
+          the frame (``[1, id, app, x]``, no options: what the clients send), is
+          taken as a view of the frame's bytes (``framing.array_input``) and the
+          query started: nothing is decoded, the data is copied once, into its
+          batch.
         * A nested-list input is walked in the frame's bytes against the
           application's shape (``framing.check_nested``): a list longer than the
           shape allows is refused as soon as its length is read, so a 15 MB frame
@@ -272,6 +278,14 @@ class QueryConnection(ClientConnection):
                 if not route.default_on_overload:
                     self._shedding = route
                 return True
+            ext = route.ext_head
+            if ext is not None and not is_list:
+                # [1, id, app, x] with x an ndarray of exactly the application's dtype and shape: x is a
+                # view of the frame's bytes, nothing decoded (anything else is decoded and judged in full)
+                x = _array_input(body, offset, ext, route.np_dtype, route.shape)
+                if x is not None:
+                    self._predict_array(req_id, route, x)
+                    return True
         if not is_list or route.np_dtype is None:
             return False
         bad = _check_nested(body, offset, route.shape)
@@ -282,6 +296,20 @@ class QueryConnection(ClientConnection):
             route.errors += 1
         self._write_error(req_id, route.nested_error(bad))
         return True
+
+    def _predict_array(self, req_id: int, route, x) -> None:
+        try:
+            self._admit()
+            try:
+                self.processor.predict_array(self, req_id, route, x)
+            except BaseException:
+                self.pending -= 1
+                raise
+        except E.ClipperError as exc:
+            self._write_error(req_id, exc)
+        except Exception as exc:  # a bug: fail the request, keep the connection
+            log.exception("internal error on request %s", req_id)
+            self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _admit(self) -> None:
         """Count one more request awaiting its reply, within max_pending_per_connection."""

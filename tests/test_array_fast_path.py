@@ -1,0 +1,179 @@
+"""The msgpack port's array fast path: a PREDICT ``[1, id, app, x]`` whose ``x`` is an ndarray of exactly
+the application's dtype and shape is started from a view of the frame's bytes (``framing.array_input``),
+never decoded; everything else goes through the full decoder and is judged as before."""
+
+from __future__ import annotations
+
+import gc
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from clipper import errors as E
+from clipper._native import _framing as native
+from clipper._native import framing_py as twin
+from clipper.protocol import wire
+
+DTYPES = sorted(wire.ALLOWED_DTYPES)
+_shapes = st.lists(st.integers(0, 6), max_size=3).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=st.sampled_from(DTYPES), shape=_shapes, big=st.sampled_from([0, 1, 300, 70_000]))
+def test_the_expected_head_is_how_the_encoder_begins_every_array_of_that_dtype_and_shape(ts, shape, big):
+    """``ndarray_ext_head`` against msgpack's own packer, across fixext, ext8, ext16 and ext32 sizes.
+    (Mutation: a wrong marker threshold, e.g. ``size < 0xFF`` for ext8, fails here.)"""
+    dt = wire.ALLOWED_DTYPES[ts]
+    if big:
+        shape = (big,)
+    arr = np.zeros(shape, dt)
+    encoded = wire.pack(arr)
+    head = wire.ndarray_ext_head(dt, shape)
+    assert head is not None and encoded[:len(head)] == head and len(encoded) == len(head) + arr.nbytes
+
+
+def _frame(req_id, app, x, options=None) -> bytes:
+    return wire.pack(wire.predict(req_id, app, x, options))
+
+
+_arrays = st.tuples(st.sampled_from(DTYPES), _shapes).flatmap(
+    lambda t: st.builds(lambda raw: np.frombuffer(raw, wire.ALLOWED_DTYPES[t[0]]).reshape(t[1]).copy()
+                        if wire.ALLOWED_DTYPES[t[0]] != np.bool_
+                        else np.frombuffer(bytes(b & 1 for b in raw), np.bool_).reshape(t[1]).copy(),
+                        st.binary(min_size=int(np.prod(t[1])) * wire.ALLOWED_DTYPES[t[0]].itemsize,
+                                  max_size=int(np.prod(t[1])) * wire.ALLOWED_DTYPES[t[0]].itemsize)))
+
+
+def _as(kind: str, body: bytes):
+    if kind == "bytes":
+        return body
+    if kind == "bytearray":
+        return bytearray(body)
+    return memoryview(b"\x00\x01\x02" + body + b"\x07")[3:-1]  # a slice of a read, as FrameReader gives
+
+
+@settings(max_examples=500, deadline=None)
+@given(x=_arrays, route=st.tuples(st.sampled_from(DTYPES), _shapes), req_id=st.integers(0, 2**64 - 1),
+       app=st.text(max_size=6), options=st.sampled_from([None, {"user": "u"}]),
+       cut=st.integers(0, 40), junk=st.binary(max_size=3), as_=st.sampled_from(["bytes", "bytearray", "view"]))
+def test_native_and_twin_take_exactly_the_arrays_the_full_decoder_would_accept(x, route, req_id, app, options,
+                                                                               cut, junk, as_):
+    """Differential: native == twin; a taken input equals what the full decoder gives and is exactly the
+    route's dtype and shape; every 4-item frame with such an input is taken (no needless fallback); a
+    truncated, extended or mismatched frame is never taken. (Mutations: dropping the ``offset + hlen +
+    nbytes == len`` check lets the truncated/extended frames through; dropping the ``0x94`` check takes a
+    frame with options.)"""
+    dt, shape = wire.ALLOWED_DTYPES[route[0]], route[1]
+    ext_head = wire.ndarray_ext_head(dt, shape)
+    body = _frame(req_id, app, x, options)
+    variants = [body, body[:len(body) - cut] if cut else body, body + junk]
+    for raw in variants:
+        head = native.request_head(raw)
+        if head is None:
+            continue
+        b = _as(as_, raw)
+        got_n = native.array_input(b, head[3], ext_head, dt, shape)
+        got_t = twin.array_input(_as(as_, raw), head[3], ext_head, dt, shape)
+        assert (got_n is None) == (got_t is None)
+        try:
+            msg = msgpack.unpackb(raw, ext_hook=wire._ext_hook)
+        except Exception:
+            msg = None
+        fits = (msg is not None and len(msg) == 4 and type(msg[3]) is np.ndarray and msg[3].dtype == dt
+                and msg[3].shape == shape)
+        assert (got_n is not None) == fits, (raw, head)
+        if got_n is not None:
+            assert got_n.dtype == dt and got_n.shape == shape and not got_n.flags.writeable
+            assert got_n.tobytes() == msg[3].tobytes() == got_t.tobytes()
+
+
+def test_the_array_is_a_view_that_keeps_its_frame_alive_and_locks_a_bytearray():
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)
+    dt, shape = x.dtype, x.shape
+    ext_head = wire.ndarray_ext_head(dt, shape)
+    read = b"\x00\x00\x00\x00" + _frame(5, "m", x)
+    view = memoryview(read)[4:]
+    off = native.request_head(view)[3]
+    arr = native.array_input(view, off, ext_head, dt, shape)
+    assert np.shares_memory(arr, np.frombuffer(read, np.uint8)) or arr.ctypes.data > 0
+    del read, view
+    gc.collect()
+    assert (arr == x).all()  # the read's bytes are still alive under the array
+    ba = bytearray(_frame(5, "m", x))
+    arr2 = native.array_input(ba, off, ext_head, dt, shape)
+    with pytest.raises(BufferError):
+        ba.extend(b"more")  # a bytearray cannot move under the array
+    assert (arr2 == x).all()
+    del arr2
+    gc.collect()
+    ba.extend(b"more")  # and is free again once the array is gone
+
+
+def test_a_refcount_is_neither_leaked_nor_stolen():
+    import sys
+    x = np.ones(784, np.float32)
+    dt = np.dtype(np.float32)
+    body = _frame(1, "noop", x)
+    ext_head = wire.ndarray_ext_head(dt, (784,))
+    off = native.request_head(body)[3]
+    before = sys.getrefcount(dt), sys.getrefcount(body)
+    for _ in range(5000):
+        a = native.array_input(body, off, ext_head, dt, (784,))
+    del a
+    gc.collect()
+    assert (sys.getrefcount(dt), sys.getrefcount(body)) == before
+
+
+def _record(proc):
+    """Which entry each PREDICT took: ``predict`` (decoded in full) or ``predict_array`` (the fast path)."""
+    seen = []
+    full, fast = proc.predict, proc.predict_array
+
+    def predict(conn, req_id, *a, **kw):
+        seen.append(("full", req_id))
+        return full(conn, req_id, *a, **kw)
+
+    def predict_array(conn, req_id, *a, **kw):
+        seen.append(("fast", req_id))
+        return fast(conn, req_id, *a, **kw)
+
+    proc.predict, proc.predict_array = predict, predict_array
+    return seen
+
+
+def test_end_to_end_the_fast_path_answers_as_the_full_decoder_does(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum")
+    seen = _record(frontend.fe.processor)
+    c = wire_conn(frontend.port)
+    xs = [np.arange(4, dtype=np.float32) * i for i in range(20)]
+    for i, x in enumerate(xs):  # even ids plain (fast path), odd ids with options (decoded in full)
+        c.send(wire.predict(i, "sum", x, None if i % 2 == 0 else {"user": "u1"}))
+    c.send(wire.predict(100, "sum", np.arange(4, dtype=np.float64)))  # wrong dtype: decoded, typed error
+    c.send(wire.predict(101, "sum", np.arange(5, dtype=np.float32)))  # wrong shape: decoded, typed error
+    c.send(wire.predict(102, "sum", [1, 2, 3, 4]))  # a list: decoded and converted
+    out = {m[1]: m for m in c.recv(23)}
+    for i, x in enumerate(xs):
+        assert out[i][0] == wire.RESULT and not out[i][4] and out[i][3] == pytest.approx(float(x.sum()))
+    assert out[100][0] == wire.ERROR and out[100][2] == E.DTypeMismatchError.code
+    assert out[101][0] == wire.ERROR and out[101][2] == E.ShapeMismatchError.code
+    assert out[102][0] == wire.RESULT and out[102][3] == 10.0
+    paths = dict((rid, path) for path, rid in seen)
+    assert {rid for rid, p in paths.items() if p == "fast"} == set(range(0, 20, 2))
+    assert {rid for rid, p in paths.items() if p == "full"} == set(range(1, 20, 2)) | {100, 101, 102}
+    route = frontend.fe.processor.routes["sum"]
+    assert route.requests == 23 and route.answered == 21 and route.errors == 2  # both paths counted
+
+
+def test_the_fast_path_keeps_the_connection_rules(frontend_factory, wire_conn):
+    """max_pending_per_connection and draining apply to the fast path as to the full one."""
+    fe = frontend_factory(max_pending_per_connection=3)
+    fe.deploy("slow", "sleep_by_input")
+    c = wire_conn(fe.port)
+    x = np.array([0.3, 0, 0, 0], np.float32)
+    for i in range(5):
+        c.send(wire.predict(i, "slow", x))
+    out = {m[1]: m for m in c.recv(5)}
+    codes = sorted(m[2] if m[0] == wire.ERROR else 0 for m in out.values())
+    assert codes.count(E.LimitExceededError.code) == 2 and codes.count(0) == 3
