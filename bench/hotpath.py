@@ -25,8 +25,10 @@ aimd-vs-quantile
     regression; batch sizes are polled from the admin API for the plot.
 delay
     the cheap model in open loops (Poisson arrivals) at a fraction of its
-    measured capacity and at a low rate whose mean gap exceeds the delay:
-    delayed batching off against ``batch_delay_ms`` on.
+    measured capacity, at a low rate whose mean gap exceeds the delay, and
+    as one closed-loop client with one query in flight (``lone``: holding can
+    gather nothing for it): delayed batching off against ``batch_delay_ms``
+    on.
 cache
     an all-hit workload (a small pool of inputs, cache on) against the bare
     echo floor (``bench.echo_server``), and the same pool with the cache off.
@@ -588,6 +590,8 @@ def scenario_delay(ctx: Context) -> dict:
             rate = out["moderate_rate_rps"]
             entry["moderate"] = t.measure(f"open {rate:,.0f}/s", rate=rate, **open_kw)
             entry["low"] = t.measure(f"open {low_rate:,.0f}/s", rate=low_rate, **open_kw)
+            # one client, one query in flight: a hold can gather nothing (the client waits for this answer)
+            entry["lone"] = t.measure("closed 1x1", mode="closed", connections=1, concurrency=1, unique_inputs=True)
     return out
 
 
@@ -696,8 +700,8 @@ def summarize(name: str, per: list[dict], slo_ms: float | None = None) -> dict:
         s["moderate_rate_rps"] = med([p.get("moderate_rate_rps") for p in per])
         s["low_rate_rps"] = per[0].get("low_rate_rps")
         names = list(per[0]["variants"])
-        for load in ("moderate", "low"):
-            row: dict = {"variants": {}, "minus_off": {}}
+        for load in ("moderate", "low", "lone"):
+            row: dict = {"variants": {}, "minus_off": {}, "p50_vs_off": {}}
             for v in names:
                 row["variants"][v] = med_figures([figures(p["variants"][v][load])
                                                   if load in p["variants"].get(v, {}) else {} for p in per])
@@ -711,6 +715,9 @@ def summarize(name: str, per: list[dict], slo_ms: float | None = None) -> dict:
                         vals.append(round(on - off, 4) if on is not None and off is not None else None)
                     d[f"{key}_ms"] = med(vals)
                 row["minus_off"][v] = d
+                row["p50_vs_off"][v] = med([_ratio(_m(p, "variants", v, load, "latency_ms", "p50"),
+                                                   _m(p, "variants", names[0], load, "latency_ms", "p50"))
+                                            for p in per])
             s[load] = row
         return s
     if name == "cache":
@@ -765,12 +772,14 @@ def summary_line(name: str, s: dict) -> str:
         return line + n
     if name == "delay":
         parts = []
-        for load in ("moderate", "low"):
+        for load in ("moderate", "low", "lone"):
             row = s.get(load, {})
             rate = M(s, "moderate_rate_rps") if load == "moderate" else s.get("low_rate_rps")
             bits = [f"{v} p50 {_fmt(M(f, 'p50_ms'), '.2f')} p99 {_fmt(M(f, 'p99_ms'), '.2f')} ms"
+                    + (f" (p50 {_fmt(M(row['p50_vs_off'], v), '.2f')}x off)" if row.get("p50_vs_off", {}).get(v) else "")
                     for v, f in row.get("variants", {}).items()]
-            parts.append(f"{load} {_fmt(rate)}/s: " + ", ".join(bits))
+            parts.append(("one closed-loop client" if load == "lone" else f"{load} {_fmt(rate)}/s") + ": "
+                         + ", ".join(bits))
         return f"delay (capacity {_fmt(M(s, 'capacity_rps'))} req/s): " + "; ".join(parts) + n
     if name == "cache":
         return (f"cache: all-hit {_fmt(M(s['cache_on'], 'throughput_rps'))} req/s = "

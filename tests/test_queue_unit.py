@@ -290,6 +290,71 @@ def test_delay_is_skipped_once_the_oldest_query_waited_long_enough(h):
     assert len(b.queries) == 2 and t.queue.delayed_batches == 0
 
 
+def _round(t, r, n_more: int, base: int):
+    """One round of a client: a query, ``n_more`` more while it may be held, then its batch sent and
+    answered. Returns the batch."""
+    before = len(t.sent)
+    t.query([base])
+    t.settle()  # the queue looks: a hold begins here, or the batch leaves at once
+    for i in range(n_more):
+        t.query([base + 1 + i])
+    b = t.sent[before] if len(t.sent) > before else t.next_batch()
+    t.queue.deliver(r, b, [0.0] * len(b.queries))
+    while t.queue.live:  # (the rest, when the first batch left without them)
+        b2 = t.next_batch()
+        t.queue.deliver(r, b2, [0.0] * len(b2.queries))
+    return b
+
+
+def test_a_closed_loop_client_is_not_held_once_holds_are_seen_to_gather_nothing(h):
+    """One query in flight at a time: a hold waits for arrivals that cannot come (the client waits for
+    this very answer). After a few holds that gained nothing the queue stops holding, though the arrival
+    rate alone (gaps far under the delay) would hold every query. (Mutations: without the gain check in
+    ``_should_wait`` every one of the 8 rounds is held; a gain measured as the batch's size instead of
+    what joined it during the hold never stops holding.)"""
+    from clipper.query import batching
+
+    t = h(max_batch=8, batch_delay_ms=20)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.query([1000], age_ms=2)
+    t.query([1001], age_ms=1)  # gaps of 1 ms so far: the rate gate says "hold"
+    first = t.next_batch()
+    t.queue.deliver(r, first, [0.0] * len(first.queries))
+    for k in range(8):
+        _round(t, r, 0, 10 * k)
+    held = t.queue.delayed_batches
+    assert held <= 4, f"{held} of 9 batches held"  # the first 2-3 holds measure; then none
+    assert t.queue.hold_gain < batching.MIN_HOLD_GAIN
+    assert t.queue._gap_ewma_ns < 20 * MS  # the rate gate alone would still hold
+
+
+def test_holds_that_gather_queries_go_on_and_a_probe_brings_holding_back(h, monkeypatch):
+    """Arrivals during each hold (an open stream) keep holding on; after holding stopped, a probe hold
+    (here at once: HOLD_PROBE_NS = 0) that gathers queries turns it back on. (Mutation: never probing
+    once the gain is low leaves the probe round unheld, a batch of 1.)"""
+    from clipper.query import batching
+
+    monkeypatch.setattr(batching, "HOLD_PROBE_NS", 0)
+    t = h(max_batch=8, batch_delay_ms=20)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    t.query([1000], age_ms=2)
+    t.query([1001], age_ms=1)
+    first = t.next_batch()
+    t.queue.deliver(r, first, [0.0] * len(first.queries))
+    sizes = [len(_round(t, r, 3, 10 * k).queries) for k in range(4)]
+    assert sizes == [4, 4, 4, 4] and t.queue.hold_gain >= batching.MIN_HOLD_GAIN
+    held = t.queue.delayed_batches
+    assert held >= 4  # each of them held for the 3 that followed
+    t.queue.hold_gain = 0.0  # as after a stretch of holds that gathered nothing
+    b = _round(t, r, 3, 100)  # the probe: held, and it gathers 3
+    assert len(b.queries) == 4 and t.queue.delayed_batches == held + 1
+    assert t.queue.hold_gain > 0.5
+    b = _round(t, r, 3, 200)
+    assert len(b.queries) == 4 and t.queue.hold_gain >= batching.MIN_HOLD_GAIN
+
+
 # ------------------------------------------------------------------ batch sizes
 def test_aimd_replica_grows_its_batch_under_the_budget(h):
     t = h(max_batch=64, batching="aimd", budget_ns=50 * MS)
