@@ -11,6 +11,10 @@ completed go out in one write.
 
     python -m bench.echo_server --port 0 --ready-file /tmp/echo.json
 
+``--http`` serves the REST path's floor instead: HTTP/1.1 keep-alive parsed by
+httptools, each JSON body decoded with orjson and answered with the shape of
+Clipper's REST no-op answer (:class:`HttpEchoProtocol`).
+
 The ready file gets ``{"query_port": int, "pid": int}`` (the keys Clipper's
 ready file uses). SIGTERM or SIGINT stops the server.
 """
@@ -35,7 +39,7 @@ from clipper.protocol import wire
 FrameReader = _framing.FrameReader
 pack_frame = _framing.pack_frame
 
-__all__ = ["EchoProtocol", "serve", "main"]
+__all__ = ["EchoProtocol", "HttpEchoProtocol", "serve", "main"]
 
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 # Pause reading while this many reply bytes wait to be sent (bounded memory).
@@ -106,11 +110,72 @@ class EchoProtocol(asyncio.Protocol):
             self._transport.write(b"".join(out))
 
 
-async def serve(host: str, port: int, ready_file: str | None, stop: asyncio.Event) -> None:
+class HttpEchoProtocol(asyncio.Protocol):
+    """The REST path's floor: one keep-alive HTTP/1.1 connection parsed by httptools; every request's
+    JSON body is decoded with orjson (as Clipper's REST port decodes it) and answered ``{"query_id": n,
+    "output": 0.0, "default": false}``, the shape of Clipper's no-op answer. The replies to everything
+    one ``data_received`` call completed go out in one write."""
+
+    def __init__(self, query_ids) -> None:
+        import httptools
+
+        self._transport = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._error = httptools.HttpParserError
+        self._query_ids = query_ids
+        self._body: list = []
+        self._out: list = []
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self._transport = None
+
+    def data_received(self, data) -> None:
+        try:
+            self._parser.feed_data(data)
+        except self._error:
+            self._out.append(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            if self._transport is not None:
+                self._transport.write(b"".join(self._out))
+                self._transport.close()
+            return
+        if self._out and self._transport is not None:
+            self._transport.write(b"".join(self._out))
+            self._out.clear()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._body.clear()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        import orjson
+
+        try:
+            doc = orjson.loads(b"".join(self._body)) if self._body else None
+            ok = type(doc) is dict and "input" in doc
+        except orjson.JSONDecodeError:
+            ok = False
+        if ok:
+            reply = b'{"query_id":%d,"output":0.0,"default":false}' % next(self._query_ids)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        else:
+            reply = b'{"error":"the body must be a JSON object with an input"}'
+            head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        self._out.append(head % len(reply) + reply)
+
+
+async def serve(host: str, port: int, ready_file: str | None, stop: asyncio.Event, http: bool = False) -> None:
+    """Serve the msgpack echo floor (``http``: the HTTP/JSON one) until ``stop`` is set."""
     loop = asyncio.get_running_loop()
     unpack = wire.make_unpacker(wire.DecodeLimits(max_frame_bytes=DEFAULT_MAX_FRAME_BYTES))
     query_ids = itertools.count(1)
-    server = await loop.create_server(lambda: EchoProtocol(unpack, query_ids), host, port, backlog=1024)
+    factory = (lambda: HttpEchoProtocol(query_ids)) if http else (lambda: EchoProtocol(unpack, query_ids))
+    server = await loop.create_server(factory, host, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     if ready_file:
         tmp = f"{ready_file}.tmp{os.getpid()}"
@@ -130,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 binds a free port")
     ap.add_argument("--ready-file", help="write {'query_port', 'pid'} here once listening")
+    ap.add_argument("--http", action="store_true",
+                    help="the REST floor: HTTP/1.1 with JSON bodies (httptools, orjson) instead of msgpack")
     args = ap.parse_args(argv)
 
     async def run() -> None:
@@ -137,7 +204,7 @@ def main(argv=None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args.host, args.port, args.ready_file, stop)
+        await serve(args.host, args.port, args.ready_file, stop, http=args.http)
 
     uvloop.run(run())
     return 0

@@ -11,10 +11,15 @@ every query reaches the model). Then, on the same frontend:
 2. REST: wrk (C, one thread) with ``--connections`` keep-alive connections
    POSTing ``{"input": [784 numbers]}`` to ``/<app>/predict``.
 
+3. the REST floor: the same wrk run against ``bench.echo_server --http``
+   (httptools parsing, orjson decoding each body, a constant answer; no
+   model, no queue) started for the repeat and stopped after it.
+
 Both drive about the same number of requests in flight. Reported: each
-side's throughput and latency percentiles, their ratio, and the load
-generators' own CPU (wrk's from ``getrusage`` of the child, the loadgen's
-from its workers) so a reader can tell the generator was not the limit.
+side's throughput and latency percentiles, their ratio, REST against its
+floor, and the load generators' own CPU (wrk's from ``getrusage`` of the
+child, the loadgen's from its workers) so a reader can tell the generator
+was not the limit.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .loadgen import LoadSpec, format_summary, run_load
-from .run import REPO, TargetError, clipper_server, machine_info, parse_sweep
+from .run import REPO, TargetError, clipper_server, echo_server, machine_info, parse_sweep
 
 LUA = """
 wrk.method = "POST"
@@ -132,7 +137,20 @@ def main(argv=None) -> int:
                       f"non-2xx {rest['non_2xx']}; wrk cpu {rest['loadgen_cpu_cores']} cores", file=sys.stderr)
             finally:
                 server.stop()
+            floor_server = echo_server(tmp, args.ready_timeout, f"r{rep}", http=True)
+            floor_info = floor_server.start()
+            try:
+                floor = run_wrk(args, int(floor_info["query_port"]), args.app, body, tmp,
+                                cpu_probe=floor_server.cpu_seconds)
+                print(f"[{rep + 1}/{args.repeat}] REST floor (wrk): {floor['throughput_rps']:,.0f} req/s "
+                      f"p50 {floor['latency_ms'].get('p50')} p99 {floor['latency_ms'].get('p99')} ms; "
+                      f"non-2xx {floor['non_2xx']}", file=sys.stderr)
+            finally:
+                floor_server.stop()
             report["runs"].append({
+                "rest_floor": {k: v for k, v in floor.items() if k != "raw"},
+                "rest_vs_floor": round(rest["throughput_rps"] / floor["throughput_rps"], 4)
+                if rest["throughput_rps"] and floor["throughput_rps"] else None,
                 "msgpack": {"throughput_rps": mp["throughput_rps"], "latency_ms": mp["latency_ms"],
                             "errors": mp["errors_total"], "defaults": mp["defaults"],
                             "loadgen_cpu_cores": mp["loadgen_cpu_cores"], "server_cpu_cores": mp.get("server_cpu_cores")},
@@ -143,10 +161,14 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = [r["rest_vs_msgpack"] for r in report["runs"] if r["rest_vs_msgpack"]]
+    floor_ratios = [r["rest_vs_floor"] for r in report["runs"] if r["rest_vs_floor"]]
     report["summary"] = {
         "msgpack_rps_median": statistics.median(r["msgpack"]["throughput_rps"] for r in report["runs"]),
         "rest_rps_median": statistics.median(r["rest"]["throughput_rps"] for r in report["runs"]),
         "rest_vs_msgpack": {"median": statistics.median(ratios) if ratios else None, "per_repeat": ratios},
+        "rest_floor_rps_median": statistics.median(r["rest_floor"]["throughput_rps"] or 0 for r in report["runs"]),
+        "rest_vs_floor": {"median": statistics.median(floor_ratios) if floor_ratios else None,
+                          "per_repeat": floor_ratios},
         "rest_p99_ms_median": statistics.median(r["rest"]["latency_ms"].get("p99", 0) for r in report["runs"]),
         "msgpack_p99_ms_median": statistics.median(r["msgpack"]["latency_ms"]["p99"] for r in report["runs"]),
     }
@@ -155,7 +177,9 @@ def main(argv=None) -> int:
     s = report["summary"]
     print(f"REST {s['rest_rps_median']:,.0f} req/s vs msgpack {s['msgpack_rps_median']:,.0f} req/s: "
           f"{s['rest_vs_msgpack']['median']:.3f}x (per repeat {s['rest_vs_msgpack']['per_repeat']}); "
-          f"p99 {s['rest_p99_ms_median']} vs {s['msgpack_p99_ms_median']} ms")
+          f"p99 {s['rest_p99_ms_median']} vs {s['msgpack_p99_ms_median']} ms; REST floor "
+          f"{s['rest_floor_rps_median']:,.0f} req/s: REST {s['rest_vs_floor']['median'] or 0:.3f}x of it "
+          f"(per repeat {s['rest_vs_floor']['per_repeat']})")
     print(f"report: {args.out}")
     return 0
 

@@ -223,9 +223,12 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def echo_server(tmp: Path, timeout_s: float, tag: str) -> Server:
-    ready = tmp / "floor.ready.json"
+def echo_server(tmp: Path, timeout_s: float, tag: str, http: bool = False) -> Server:
+    """The bare echo floor (``bench.echo_server``): msgpack, or ``http`` the REST one."""
+    ready = tmp / f"floor{'-http' if http else ''}.ready.json"
     argv = [sys.executable, "-m", "bench.echo_server", "--port", "0", "--ready-file", str(ready)]
+    if http:
+        argv.append("--http")
     return Server("floor", argv, ready, tmp / f"{tag}-floor.log", timeout_s)
 
 

@@ -177,3 +177,40 @@ def test_the_fast_path_keeps_the_connection_rules(frontend_factory, wire_conn):
     out = {m[1]: m for m in c.recv(5)}
     codes = sorted(m[2] if m[0] == wire.ERROR else 0 for m in out.values())
     assert codes.count(E.LimitExceededError.code) == 2 and codes.count(0) == 3
+
+
+_numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.booleans())
+
+
+@settings(max_examples=500, deadline=None)
+@given(items=st.lists(st.one_of(_numbers, st.just("1.5"), st.none(), st.just([1.0])), max_size=12),
+       dt=st.sampled_from([np.float32, np.float64, np.int32, np.float16]))
+def test_a_list_of_numbers_converts_natively_exactly_as_numpy_converts_it(items, dt):
+    """``floats_to_array`` (native and twin) against numpy's conversion of the same list: equal bits
+    whenever it converts; None (the general path) for strings, None, nested lists, other dtypes and
+    ints past a double. (Mutations: accepting a str item, or writing float64 data into a float32 array,
+    fail here.)"""
+    dt = np.dtype(dt)
+    a, b = native.floats_to_array(items, dt), twin.floats_to_array(items, dt)
+    assert (a is None) == (b is None)
+    if a is None:
+        assert (dt not in (np.dtype(np.float32), np.dtype(np.float64))
+                or any(type(v) not in (float, int, bool) for v in items)
+                or any(type(v) is int and abs(v) > 2**1023 for v in items))
+        return
+    with np.errstate(over="ignore"):
+        want = np.array([float(v) for v in items], dtype=np.float64).astype(dt)
+    assert a.dtype == dt and a.shape == (len(items),) and a.flags.c_contiguous and a.flags.writeable
+    assert a.tobytes() == want.tobytes() == b.tobytes()
+
+
+def test_rest_and_list_inputs_take_the_native_conversion_and_keep_their_errors(frontend, wire_conn):
+    frontend.deploy("sum", "row_sum")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(1, "sum", [1, 2.5, True, 0.25]))  # ints, floats and a bool: converted
+    c.send(wire.predict(2, "sum", [1, "2", 3, 4]))  # a str among them: the general path's typed error
+    c.send(wire.predict(3, "sum", [1, 2, 3]))  # too short
+    out = {m[1]: m for m in c.recv(3)}
+    assert out[1][0] == wire.RESULT and out[1][3] == pytest.approx(4.75)
+    assert out[2][0] == wire.ERROR and out[2][2] in (E.DTypeMismatchError.code, E.InvalidInputError.code)
+    assert out[3][0] == wire.ERROR and out[3][2] == E.ShapeMismatchError.code

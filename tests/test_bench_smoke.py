@@ -13,6 +13,7 @@ import struct
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -451,3 +452,41 @@ def test_engines_classify_odd_replies_alike():
             assert r["unfinished"] == c[3] + c[4] + c[5], engine
     finally:
         stop.set()
+
+
+def test_the_rest_floor_answers_pipelined_json_requests_in_order():
+    """bench.echo_server --http (the REST path's floor): keep-alive, pipelined requests answered in order,
+    a body that is not a JSON object with an input answered 400, the connection kept."""
+    import asyncio
+
+    import uvloop
+
+    from bench.echo_server import serve
+
+    def req(body: bytes) -> bytes:
+        return (b"POST /noop/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def main():
+        stop = asyncio.Event()
+        ready = Path(tempfile.mkdtemp()) / "ready.json"
+        task = asyncio.ensure_future(serve("127.0.0.1", 0, str(ready), stop, http=True))
+        while not ready.exists():
+            await asyncio.sleep(0.01)
+        port = json.loads(ready.read_text())["query_port"]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(req(b'{"input": [1, 2, 3]}') + req(b"[not json") + req(b'{"input": 0.5}'))
+        replies = []
+        for _ in range(3):
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            n = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+                    .split(b":")[1])
+            replies.append((head.split(b" ")[1], json.loads(await r.readexactly(n))))
+        w.close()
+        stop.set()
+        await task
+        return replies
+
+    replies = uvloop.run(main())
+    assert [status for status, _ in replies] == [b"200", b"400", b"200"]
+    assert replies[0][1] == {"query_id": 1, "output": 0.0, "default": False} and replies[2][1]["query_id"] == 2

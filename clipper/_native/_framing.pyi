@@ -60,3 +60,7 @@ def array_input(body: bytes | bytearray | memoryview, offset: int, ext_head: byt
     """A PREDICT frame ``[1, id, app, x]``'s input as a read-only ndarray over the frame's bytes, when
     ``x`` (at ``offset``) is the ndarray extension of exactly ``dtype`` and ``shape`` (its encoding
     begins with ``ext_head``, ``wire.ndarray_ext_head``) and ends the frame; None otherwise."""
+
+def floats_to_array(items: list, dtype):
+    """A flat list of floats and ints as a new 1-D float32/float64 array, converted as numpy converts
+    them; None for any other dtype or item (or an int too large for a double)."""

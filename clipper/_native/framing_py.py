@@ -352,3 +352,24 @@ def array_input(body, offset, ext_head, dtype, shape):
     arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset + hlen).reshape(shape)
     arr.flags.writeable = False  # (a bytearray body would give a writeable view)
     return arr
+
+
+def floats_to_array(items, dtype):
+    """A flat list of Python floats and ints (bools are ints) as a new 1-D array of ``dtype`` (float32 or
+    float64), converted as numpy converts them; None for any other dtype or item, or an int too large
+    for a double."""
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return None
+    values = []
+    for v in items:
+        if isinstance(v, float):
+            values.append(float(v))
+        elif isinstance(v, int):
+            try:
+                values.append(float(v))
+            except OverflowError:
+                return None
+        else:
+            return None
+    with np.errstate(over="ignore"):  # (past float32's range is inf, as in the native cast)
+        return np.array(values, dtype=np.float64).astype(dtype)

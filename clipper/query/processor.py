@@ -76,6 +76,7 @@ _QUEUED = object()  # _submit: the query waits for its model
 _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
+_floats_to_array = _framing.floats_to_array
 _REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
 _ADMIT_HOLD_NS = 200_000  # an admission's bound on the queue's length stands this long (while no replica changes)
 _INF = float("inf")
@@ -373,6 +374,12 @@ class AppRoute:
         if nbytes > self.max_input_bytes:
             raise InputTooLargeError(
                 f"input of {nbytes} bytes (as {dt.name}) exceeds max_input_bytes={self.max_input_bytes}")
+        if len(shape) == 1:
+            # a flat list of numbers for a float32/float64 application (a REST body's input): converted in
+            # one native pass; anything else (or None from it) goes the general way below
+            arr = _floats_to_array(x, dt)
+            if arr is not None:
+                return arr
         try:
             arr = np.array(x)
         except (ValueError, TypeError, OverflowError) as exc:
