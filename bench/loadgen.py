@@ -149,6 +149,9 @@ class LoadSpec:
     # "python": uvloop worker processes; "c": bench/cload/cload.c worker processes (same behaviour, less
     # CPU per request; no TLS).
     engine: str = "python"
+    # > 0: the worker processes run at this niceness (os.nice), so that on a small machine the server
+    # measured gets the CPU first; a generator that then cannot keep its timetable says so (behind).
+    nice: int = 0
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -173,6 +176,8 @@ class LoadSpec:
             raise ValueError(f"deadline_ms is {self.deadline_ms}; expected >= 0 (0: no deadline)")
         if self.latency_quantiles < 0:
             raise ValueError(f"latency_quantiles is {self.latency_quantiles}; expected >= 0")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice is {self.nice}; expected an integer in [0, 19]")
         if self.unique_inputs and np.dtype(self.dtype) not in (np.float32, np.float64):
             raise ValueError(f"unique_inputs needs a float32 or float64 input, not {self.dtype}")
 
@@ -715,6 +720,8 @@ class _Worker:
 def _worker_main(pipe, spec_dict: dict, index: int, n_connections: int, rate: float) -> None:
     """Entry point of a worker process; talks to the parent over ``pipe``."""
     spec = LoadSpec(**spec_dict)
+    if spec.nice:
+        os.nice(spec.nice)
     # Last resort: the process ends itself even if its loop is wedged.
     signal.alarm(int(spec.hard_timeout()) + 5)
     gc.disable()  # no collector pauses inside the window; little garbage is cyclic
@@ -1002,6 +1009,7 @@ class _CWorkerProc:
         try:
             self.proc = subprocess.Popen(
                 [exe, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                preexec_fn=(lambda n=spec.nice: os.nice(n)) if spec.nice else None,
             )
         except OSError as exc:
             raise LoadgenError(f"cannot start the C worker {exe}: {exc}") from None

@@ -168,7 +168,8 @@ def run(args, log) -> dict:
             srv = servers[s]
             spec = LoadSpec(port=int(srv.info["query_port"]), app=args.app, duration_s=args.duration,
                             warmup_s=args.warmup, drain_s=args.drain, seed=args.seed,
-                            **({"engine": args.engine} if args.engine != "python" else {}), **kw)
+                            **({"engine": args.engine} if args.engine != "python" else {}),
+                            **({"nice": args.loadgen_nice} if args.loadgen_nice else {}), **kw)
             r = run_load(spec, cpu_probe=srv.cpu_seconds)
             log(f"  admission {s} {label}: {format_summary(r)}")
             if srv.proc is not None and srv.proc.poll() is not None:
@@ -338,6 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=("python", "c"), default="python",
                     help="the load generator's workers: Python (uvloop) or the C engine (bench/cload), which "
                          "offers 2x-4x of capacity on 2 cores without starving the server it measures")
+    ap.add_argument("--loadgen-nice", type=int, default=0, choices=range(0, 20), metavar="0..19",
+                    help="run the load generator at this niceness, so the frontend and its containers get the "
+                         "CPU first on a small machine (a generator that then falls behind says so)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="a sentence stored in the report (e.g. which code it ran on)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "overload.json")

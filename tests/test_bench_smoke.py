@@ -490,3 +490,15 @@ def test_the_rest_floor_answers_pipelined_json_requests_in_order():
     replies = uvloop.run(main())
     assert [status for status, _ in replies] == [b"200", b"400", b"200"]
     assert replies[0][1] == {"query_id": 1, "output": 0.0, "default": False} and replies[2][1]["query_id"] == 2
+
+
+@pytest.mark.parametrize("engine", ["python", "c"])
+def test_a_niced_generator_still_runs_its_timetable(echo_port, engine):
+    """``LoadSpec(nice=...)`` (``bench.overload --loadgen-nice``): the workers run niced and still send every
+    scheduled request of a light open loop; a niceness outside 0..19 is refused before anything starts."""
+    r = run_load(LoadSpec(port=echo_port, mode="open", connections=1, rate=500.0, duration_s=0.5, warmup_s=0.1,
+                          drain_s=0.5, engine=engine, nice=5))
+    _check_common(r)
+    assert r["sent"] == r["scheduled"] > 0 and r["skipped"] == 0
+    with pytest.raises(ValueError, match="nice"):
+        LoadSpec(port=echo_port, nice=20).validate()
