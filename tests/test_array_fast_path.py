@@ -215,3 +215,23 @@ def test_rest_and_list_inputs_take_the_native_conversion_and_keep_their_errors(f
     assert out[1][0] == wire.RESULT and out[1][3] == pytest.approx(4.75)
     assert out[2][0] == wire.ERROR and out[2][2] in (E.DTypeMismatchError.code, E.InvalidInputError.code)
     assert out[3][0] == wire.ERROR and out[3][2] == E.ShapeMismatchError.code
+
+
+@pytest.mark.parametrize("impl", [native, twin], ids=["native", "twin"])
+def test_an_input_from_a_read_of_many_frames_is_copied_so_a_waiting_query_never_pins_the_read(impl):
+    """A view into a read of many frames would keep the whole read alive while its query waits in a queue
+    (the byte budgets count the input, not the read): past PIN_RATIO the data is copied; a read of about one
+    frame is viewed. (Mutation: always viewing fails the first assertion.)"""
+    x = np.arange(784, dtype=np.float32)
+    frame = _frame(3, "noop", x)
+    ext_head = wire.ndarray_ext_head(x.dtype, x.shape)
+    off = native.request_head(frame)[3]
+    read = frame * 50  # one read of 50 frames
+    arr = impl.array_input(memoryview(read)[:len(frame)], off, ext_head, x.dtype, x.shape)
+    span = np.frombuffer(read, np.uint8).ctypes.data
+    assert not (span <= arr.ctypes.data < span + len(read))  # its own memory
+    assert (arr == x).all() and not arr.flags.writeable
+    alone = frame + b"\x00" * 10  # a read of one frame and a little more: viewed
+    arr2 = impl.array_input(memoryview(alone)[:len(frame)], off, ext_head, x.dtype, x.shape)
+    span2 = np.frombuffer(alone, np.uint8).ctypes.data
+    assert span2 <= arr2.ctypes.data < span2 + len(alone) and (arr2 == x).all()

@@ -14,6 +14,10 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+# array_input copies an input out of a read (instead of viewing it) when the read is more than this many
+# times the frame: a view would keep the whole read alive for as long as the query waits.
+PIN_RATIO = 2
+
 cdef extern from "numpy/arrayobject.h":
     PyTypeObject PyArray_Type
     # (not declared by numpy's own .pxd) steals a reference to descr
@@ -587,7 +591,11 @@ cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dty
     whose encoding begins with ``ext_head`` (``wire.ndarray_ext_head`` of
     ``dtype`` and ``shape``: the application's) and whose data, of
     ``dtype.itemsize * prod(shape)`` bytes, ends the frame. The array keeps
-    ``body`` alive (a bytearray is locked against resizing by a memoryview).
+    ``body`` alive (a bytearray is locked against resizing by a memoryview) --
+    unless ``body`` is a slice of a read more than ``PIN_RATIO`` times its
+    size: then the data is copied into an array of its own, so that a queued
+    query never holds a whole read of other frames in memory (the frontend's
+    byte budgets count the input, not the read).
     """
     cdef Py_buffer pybuf
     cdef Py_ssize_t hlen = PyBytes_GET_SIZE(ext_head), ndim = len(shape), nbytes, i, d
@@ -595,10 +603,13 @@ cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dty
     cdef const uint8_t* p
     cdef object base = body
     cdef cnp.ndarray arr
+    cdef bint copy = False
     if ndim > 32 or offset < 0:
         return None
     if type(body) is bytearray:
         base = memoryview(body)  # the view's export keeps the bytearray from being resized under the array
+    elif type(body) is memoryview and len((<object>body).obj) > PIN_RATIO * len(body):
+        copy = True  # a slice of a much larger read: do not pin the read
     PyObject_GetBuffer(base, &pybuf, PyBUF_SIMPLE)
     try:
         p = <const uint8_t*>pybuf.buf
@@ -616,6 +627,11 @@ cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dty
         # PyArray_NewFromDescr steals a reference to the dtype; flags 0: read-only (alignment and
         # contiguity are computed by numpy from the pointer and the default strides)
         Py_INCREF(dtype)
+        if copy:
+            arr = PyArray_NewFromDescr(&PyArray_Type, <PyObject*>dtype, <int>ndim, dims, NULL, NULL, 0, NULL)
+            memcpy(cnp.PyArray_DATA(arr), p + offset + hlen, nbytes)
+            cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)  # read-only, as the view would be
+            return arr
         arr = PyArray_NewFromDescr(&PyArray_Type, <PyObject*>dtype, <int>ndim, dims, NULL,
                                    <void*>(p + offset + hlen), 0, NULL)
     finally:

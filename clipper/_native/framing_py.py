@@ -328,6 +328,9 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
     return i
 
 
+PIN_RATIO = 2  # array_input copies an input out of a read more than this many times the frame
+
+
 def array_input(body, offset, ext_head, dtype, shape):
     """The input of a PREDICT frame as a read-only ndarray over the frame's own bytes, or None.
 
@@ -350,7 +353,9 @@ def array_input(body, offset, ext_head, dtype, shape):
         return None
     count = nbytes // dtype.itemsize
     arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset + hlen).reshape(shape)
-    arr.flags.writeable = False  # (a bytearray body would give a writeable view)
+    if type(body) is memoryview and len(body.obj) > PIN_RATIO * len(body):
+        arr = arr.copy()  # a slice of a much larger read: do not pin the read
+    arr.flags.writeable = False  # read-only (a bytearray body would give a writeable view)
     return arr
 
 

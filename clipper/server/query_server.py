@@ -255,9 +255,9 @@ class QueryConnection(ClientConnection):
           queries it admits.
         * An ndarray input of exactly the application's dtype and shape, ending
           the frame (``[1, id, app, x]``, no options: what the clients send), is
-          taken as a view of the frame's bytes (``framing.array_input``) and the
-          query started: nothing is decoded, the data is copied once, into its
-          batch.
+          taken as a view of the frame's bytes (``framing.array_input``; copied
+          out instead when the read holds many other frames, which the view
+          would pin) and the query started: nothing is decoded.
         * A nested-list input is walked in the frame's bytes against the
           application's shape (``framing.check_nested``): a list longer than the
           shape allows is refused as soon as its length is read, so a 15 MB frame
