@@ -7,6 +7,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcmp, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from cpython.float cimport PyFloat_Check, PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_Check, PyLong_AsDouble
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -14,9 +16,11 @@ cimport numpy as cnp
 
 cnp.import_array()
 
-# array_input copies an input out of a read (instead of viewing it) when the read is more than this many
-# times the frame: a view would keep the whole read alive for as long as the query waits.
-PIN_RATIO = 2
+cdef enum:
+    # array_input copies an input out of a read (instead of viewing it) when the read is more than this many
+    # times the frame: a view would keep the whole read alive for as long as the query waits.
+    _PIN_RATIO = 2
+PIN_RATIO = _PIN_RATIO
 
 cdef extern from "numpy/arrayobject.h":
     PyTypeObject PyArray_Type
@@ -608,7 +612,7 @@ cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dty
         return None
     if type(body) is bytearray:
         base = memoryview(body)  # the view's export keeps the bytearray from being resized under the array
-    elif type(body) is memoryview and len((<object>body).obj) > PIN_RATIO * len(body):
+    elif type(body) is memoryview and len((<object>body).obj) > _PIN_RATIO * len(body):
         copy = True  # a slice of a much larger read: do not pin the read
     PyObject_GetBuffer(base, &pybuf, PyBUF_SIMPLE)
     try:
@@ -638,10 +642,6 @@ cpdef object array_input(object body, Py_ssize_t offset, bytes ext_head, cnp.dty
         PyBuffer_Release(&pybuf)
     cnp.set_array_base(arr, base)
     return arr
-
-
-from cpython.float cimport PyFloat_Check, PyFloat_AS_DOUBLE
-from cpython.long cimport PyLong_Check, PyLong_AsDouble
 
 
 cpdef object floats_to_array(list items, cnp.dtype dtype):

@@ -127,6 +127,11 @@ class DecodeLimits:
 
 
 # ------------------------------------------------------------------- ndarrays
+def _array_header(ts: bytes, shape: tuple) -> bytes:
+    """An ``EXT_NDARRAY`` payload's header: the typestr's length and bytes, ndim, each dimension (BE u32)."""
+    return bytes((len(ts),)) + ts + bytes((len(shape),)) + b"".join(_DIM.pack(d) for d in shape)
+
+
 def encode_ndarray(arr: np.ndarray) -> msgpack.ExtType:
     """Encode ``arr`` as an ``EXT_NDARRAY`` extension (one copy of the data)."""
     dt = arr.dtype
@@ -139,7 +144,7 @@ def encode_ndarray(arr: np.ndarray) -> msgpack.ExtType:
             raise TypeError(f"array dtype {dt} cannot travel; allowed: {sorted(ALLOWED_DTYPES)}")
     if arr.ndim > MAX_NDIM:
         raise TypeError(f"array has {arr.ndim} dimensions; at most {MAX_NDIM} may travel")
-    head = bytes((len(ts),)) + ts + bytes((arr.ndim,)) + b"".join(_DIM.pack(d) for d in arr.shape)
+    head = _array_header(ts, arr.shape)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     if arr.size == 0:
@@ -158,7 +163,7 @@ def ndarray_ext_head(dtype: np.dtype, shape: tuple) -> bytes | None:
     nbytes = np.dtype(dtype).itemsize
     for d in shape:
         nbytes *= d
-    head = bytes((len(ts),)) + ts + bytes((len(shape),)) + b"".join(_DIM.pack(d) for d in shape)
+    head = _array_header(ts, shape)
     size = len(head) + nbytes  # the extension's payload
     fixext = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}.get(size)
     if fixext is not None:
