@@ -381,6 +381,7 @@ class _Replica:
         self.replica_id = replica_id
         self.pid = None
         self.batch = None
+        self.batch2 = None
         self.sizer = None
         self.dead = False
 

@@ -98,6 +98,9 @@ class FrontendConfig:
     heartbeat_interval_ms: int = 1000  # frontend <-> container heartbeats
     heartbeat_timeout_ms: int = 5000  # a container silent this long is dead
     batch_timeout_ms: int = 30_000  # a batch held longer marks its container hung
+    # Batches a replica may hold at once: with 2, a second whole batch is sent while the first is out, so
+    # the container starts it the moment it answers (no round trip idle between batches); 1: one at a time.
+    batches_in_flight: int = 2
     container_start_timeout_ms: int = 60_000
     restart_backoff_ms: tuple[int, int] = (100, 5000)  # first and longest restart delay
     # A model's batch latency budget, when its deployment gives none: this
@@ -156,6 +159,9 @@ class FrontendConfig:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
         if self.state_path is not None and (not isinstance(self.state_path, str) or not self.state_path):
             raise InvalidConfigError(f"state_path {self.state_path!r} is not a file path (or \":memory:\")")
+        b = self.batches_in_flight
+        if isinstance(b, bool) or b not in (1, 2):
+            raise InvalidConfigError(f"batches_in_flight {b!r} is not 1 or 2")
         w = self.admission_wait_batches
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.5 <= w <= 1000:
             raise InvalidConfigError(f"admission_wait_batches {w!r} is not a number in [0.5, 1000]")

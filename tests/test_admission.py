@@ -414,7 +414,7 @@ def _shared_queue(short_slo_ms: float = 20):
 
     class Replica:
         def __init__(self) -> None:
-            self.replica_id, self.pid, self.dead, self.batch, self.sizer = 1, 1, False, None, None
+            self.replica_id, self.pid, self.dead, self.batch, self.batch2, self.sizer = 1, 1, False, None, None, None
 
     class Sink:
         def send_result(self, *a):

@@ -67,6 +67,31 @@ def test_restarted_container_takes_the_retried_batch(frontend, wire_conn, tmp_pa
     assert new and victim not in new
 
 
+def test_killed_with_two_batches_out_both_are_retried_on_the_restarted_container(frontend, wire_conn, tmp_path):
+    # batches_in_flight = 2 (the default): with batches of one, the second query is sent while the
+    # first runs. The first sleeps a second so the kill lands while both are out.
+    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=1, max_batch=1, batching="fixed",
+                         env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    c = wire_conn(frontend.port)
+    inputs = [1.0, 0.01, 0.02]
+    for i, v in enumerate(inputs):
+        c.send(wire.predict(i, "sleepy", np.array([v, 0, 0, 0], np.float32)))
+
+    def both_out():
+        return frontend.call(lambda: next((r.pid for r in frontend.fe.rpc.replicas.values() if r.key == mv.key
+                                           and r.batch is not None and r.batch2 is not None), None))
+
+    victim = _wait_for(both_out, what="two batches out to one replica")
+    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
+    os.kill(victim, signal.SIGKILL)
+    out = {m[1]: m for m in c.recv(3, timeout=30)}
+    assert [(out[i][0], out[i][3], out[i][4]) for i in range(3)] == [
+        (wire.RESULT, pytest.approx(v), False) for v in inputs], out
+    # every input was computed by the restarted container: the two lost batches and the one queued
+    stats = frontend.call(frontend.fe.rpc.stats)
+    assert [(s["pid"] != victim, s["batches_done"]) for s in stats if s["model"] == mv.key] == [(True, 3)]
+
+
 def test_hung_container_is_dropped_after_the_batch_timeout(frontend_factory, wire_conn):
     fe = frontend_factory(batch_timeout_ms=500, max_batch_retries=0)
     mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)

@@ -72,6 +72,7 @@ class Replica:
         self.pid = 1000 + rid
         self.dead = False
         self.batch = None
+        self.batch2 = None
         self.sizer = None
 
 
@@ -241,6 +242,110 @@ def test_fail_all_answers_every_queued_query_and_follower(h):
     a, b = t.query([1]), t.query([1])
     t.queue.fail_all(DeadlineExceededError("model removed"))
     assert t.app.outcomes[a.query_id][0] == "error" and t.app.outcomes[b.query_id][0] == "error"
+
+
+# ------------------------------------------------------------------ two batches in flight
+def test_one_batch_at_a_time_without_pipelining(h):
+    t = h(max_batch=2)  # batches_in_flight = 1: the queue's own default
+    r = Replica(1)
+    t.queue.add_replica(r)
+    qs = [t.query([i]) for i in range(6)]
+    b = t.next_batch()
+    t.settle()
+    assert t.sent == [b] and r.batch is b and r.batch2 is None and t.queue.live == 4
+    t.queue.deliver(r, b, [0.0, 1.0])
+    assert t.next_batch().queries == qs[2:4]
+
+
+def test_a_second_batch_goes_out_only_when_a_whole_batch_waits(h):
+    t = h(max_batch=3, batches_in_flight=2)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    qs = [t.query([i]) for i in range(3)]
+    b1 = t.next_batch()
+    assert b1.queries == qs and r.batch is b1 and list(t.queue.half) == [r]
+    qs += [t.query([3]), t.query([4])]
+    t.settle()
+    assert t.sent == [b1] and r.batch2 is None  # two queued: less than a batch, left to grow
+    qs.append(t.query([5]))
+    b2 = t.next_batch()
+    assert b2.queries == qs[3:6] and r.batch is b1 and r.batch2 is b2 and not t.queue.half
+    qs += [t.query([i]) for i in range(6, 10)]
+    t.settle()
+    assert t.sent == [b1, b2]  # two out: the replica takes no third
+    before = time.monotonic_ns()
+    t.queue.deliver(r, b1, [0.0, 1.0, 2.0])
+    # the second batch now leads, its latency counted from this answer; a third may follow it
+    assert r.batch is b2 and b2.sent_ns >= before
+    b3 = t.next_batch()
+    assert b3.queries == qs[6:9] and r.batch2 is b3
+    t.queue.deliver(r, b2, [3.0, 4.0, 5.0])
+    t.queue.deliver(r, b3, [6.0, 7.0, 8.0])
+    b4 = t.next_batch()  # the replica is idle again: the last query goes out alone
+    assert b4.queries == [qs[9]] and r.batch is b4 and r.batch2 is None
+    assert [t.app.outcomes[q.query_id] for q in qs[:9]] == [("result", float(i)) for i in range(9)]
+
+
+def test_a_second_batch_answered_first_is_served_and_the_replica_takes_another(h):
+    t = h(max_batch=2, batches_in_flight=2)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    qs = [t.query([i]) for i in range(4)]
+    t.next_batch()
+    t.settle()
+    b1, b2 = t.sent
+    assert r.batch is b1 and r.batch2 is b2
+    t.queue.deliver(r, b2, [2.0, 3.0])
+    assert r.batch is b1 and r.batch2 is None and list(t.queue.half) == [r]
+    qs += [t.query([4]), t.query([5])]
+    b3 = t.next_batch()
+    assert b3.queries == qs[4:6] and r.batch2 is b3
+    t.queue.fail_batch(r, b1, ModelError("boom"))
+    assert r.batch is b3 and r.batch2 is None
+    assert [t.app.outcomes[q.query_id][0] for q in qs[:4]] == ["error", "error", "result", "result"]
+
+
+def test_a_replica_lost_with_two_batches_out_has_both_retried_in_order(h):
+    t = h(max_batch=2, batches_in_flight=2)
+    r1, r2 = Replica(1), Replica(2)
+    t.queue.add_replica(r1)
+    qs = [t.query([i]) for i in range(5)]
+    t.next_batch()
+    t.settle()
+    assert len(t.sent) == 2 and r1.batch2 is t.sent[1]
+    r1.dead = True
+    t.queue.remove_replica(r1, "exited (return code -9)")
+    assert r1.batch is None and r1.batch2 is None and r1 not in t.queue.half
+    assert [q for q in t.queue.pending if q.queue is t.queue] == qs  # back at the head, in their order
+    t.queue.add_replica(r2)
+    t.next_batch()
+    t.settle()
+    a, b = t.sent[2:]
+    assert (a.queries, b.queries, r2.batch, r2.batch2) == (qs[:2], qs[2:4], a, b)
+    got = []
+    for batch in (a, b):
+        got += batch.queries
+        t.queue.deliver(r2, batch, [float(q.input[0]) for q in batch.queries])
+    c = t.next_batch()
+    got += c.queries
+    t.queue.deliver(r2, c, [4.0])
+    assert got == qs
+    assert [t.app.outcomes[q.query_id] for q in qs] == [("result", float(i)) for i in range(5)]
+
+
+def test_the_estimate_counts_the_batch_behind_a_busy_replicas_first(h):
+    t = h(max_batch=2, batches_in_flight=2)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    [t.query([i]) for i in range(4)]
+    t.next_batch()
+    t.settle()
+    b1, _ = t.sent
+    r.lat_ewma_ns = 2.0 * MS
+    t.queue.replicas_changed()
+    # nothing queued; one replica busy with two batches: the soonest it is free is after both
+    now = b1.sent_ns
+    assert t.queue.estimate_ns(now) == pytest.approx(2 * MS + 4 * MS)
 
 
 # ------------------------------------------------------------------ delayed batching

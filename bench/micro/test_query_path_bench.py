@@ -110,7 +110,7 @@ def test_queued_path(benchmark, frames, fast_path):
             route.ext_head = None  # what the msgpack port compares inputs with: none, so all are decoded
 
         class Replica:
-            replica_id, pid, dead, sizer = 1, None, False, None
+            replica_id, pid, dead, sizer, batch, batch2 = 1, None, False, None, None, None
 
         queue.add_replica(Replica())
         conn = QueryConnection(QueryServer(loop, proc, Limits(), "bench"))
@@ -219,7 +219,7 @@ def test_refusal_path(benchmark, frames):
         route.set_links([("m", queue)])
 
         class Stalled:  # its batch has been out far longer than its usual latency: drains nothing
-            replica_id, pid, dead, sizer = 1, None, False, None
+            replica_id, pid, dead, sizer, batch, batch2 = 1, None, False, None, None, None
 
         replica = Stalled()
         queue.add_replica(replica)

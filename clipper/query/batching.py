@@ -35,6 +35,16 @@ hold slows its next arrival, which stops the holding, which speeds it up...).
 Holding is the queue's decision (its arrivals, one timer), so the gain is
 learned per queue. One timer per queue; nothing polls.
 
+Two batches per replica (``batches_in_flight`` = 2): a replica with one batch
+out sits in ``half`` and takes a second only when a whole batch (its batch
+size) waits in the queue; its container reads it while running the first and
+starts it the moment it answers, so no round trip passes idle between
+batches under load, while at light load nothing changes. The second batch's
+latency counts from the first one's answer (``Batch.sent_ns`` moves there):
+that is the service time the sizer and admission learn, not the time it sat
+behind the first. A replica lost with two batches out has both retried, in
+order.
+
 With the prediction cache, a queued item may *lead* a cache reservation
 (``token``) that other items joined (``followers``). The leader's outcome is
 theirs too; a leader that leaves the queue unsent hands the reservation to its
@@ -71,6 +81,10 @@ _EST_MEMO_NS = 200_000  # estimate_ns reuses its look at the replicas this long 
 
 
 class Batch:
+    """One batch out to a replica. ``sent_ns``: when its container could start it -- when it was sent,
+    or, for a batch sent behind another (``batches_in_flight`` = 2), when that one's answer arrived.
+    Its latency (what the batch sizer and admission learn) and its batch timeout count from there."""
+
     __slots__ = ("batch_id", "queries", "replica", "sent_ns")
 
     def __init__(self, batch_id: int, queries: list, replica, sent_ns: int):
@@ -85,7 +99,8 @@ class ModelQueue:
 
     def __init__(self, key: str, loop, send_batch: Callable, *, deployment_id: int = 0, max_queue_length: int,
                  max_batch_retries: int, max_batch: int, batching: str = "aimd", batch_delay_ms: float = 0.0,
-                 budget_ns: int = 50_000_000, cache=None, max_queue_bytes: int = 1 << 62):
+                 budget_ns: int = 50_000_000, cache=None, max_queue_bytes: int = 1 << 62,
+                 batches_in_flight: int = 1):
         self.key = key
         self.loop = loop
         self._send_batch = send_batch  # (replica, batch) -> None; raises on a dead replica
@@ -120,7 +135,11 @@ class ModelQueue:
         self.admit_version = -1
         self.admit_until_ns = 0
         self.replicas: list = []
-        self.free: deque = deque()
+        self.free: deque = deque()  # replicas with no batch out
+        if batches_in_flight not in (1, 2):
+            raise ValueError(f"batches_in_flight {batches_in_flight!r} is not 1 or 2")
+        self.depth = batches_in_flight
+        self.half: deque = deque()  # depth 2: replicas with one batch out, which may take a second
         self._scheduled = False
         self._next_batch_id = 1
         self._delay_timer = None
@@ -168,7 +187,7 @@ class ModelQueue:
                 gap = now - last
                 ewma = self._gap_ewma_ns
                 self._gap_ewma_ns = gap if ewma == float("inf") else 0.875 * ewma + 0.125 * gap
-        if self.free and not self._scheduled:
+        if not self._scheduled and (self.free or (self.half and self.live >= self.half[0].sizer.current)):
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
 
@@ -238,14 +257,32 @@ class ModelQueue:
         self._scheduled = False
         pending = self.pending
         now = time.monotonic_ns()
-        while self.free and self.live:
-            replica = self.free[0]
-            if replica.dead:
-                self.free.popleft()
-                continue
-            if self.delay_ns and self._should_wait(replica, now):
-                return
-            self.free.popleft()
+        free = self.free
+        half = self.half
+        while self.live:
+            if free:
+                replica = free[0]
+                if replica.dead:
+                    free.popleft()
+                    continue
+                if self.delay_ns and self._should_wait(replica, now):
+                    return
+                free.popleft()
+                second = False
+            elif half:
+                # A replica with a batch out takes a second only when a whole batch waits: its container
+                # starts it the moment it answers the first (no round trip idle between them), and a
+                # queue shorter than a batch is better left to grow into the next one.
+                replica = half[0]
+                if replica.dead or replica.batch is None or replica.batch2 is not None:
+                    half.popleft()
+                    continue
+                if self.live < replica.sizer.current:
+                    break
+                half.popleft()
+                second = True
+            else:
+                break
             limit = replica.sizer.current
             queries = []
             wait_total = 0
@@ -265,7 +302,7 @@ class ModelQueue:
                 queries.append(q)
                 wait_total += now - q.arrival_ns
             if not queries:
-                self.free.appendleft(replica)
+                (half if second else free).appendleft(replica)
                 break
             if self._delay_due:
                 self._delay_due = False
@@ -282,17 +319,25 @@ class ModelQueue:
             self._next_batch_id += 1
             for q in queries:
                 q.attempts += 1
-            replica.batch = batch
+            if second:
+                replica.batch2 = batch
+            else:
+                replica.batch = batch
             self.replica_version += 1
             try:
                 self._send_batch(replica, batch)
             except Exception as exc:  # the replica vanished under us: requeue and drop it
-                replica.batch = None
+                if second:
+                    replica.batch2 = None
+                else:
+                    replica.batch = None
                 self._requeue_or_fail(batch, ContainerFailedError(f"sending a batch to replica {replica} failed: {exc}"))
                 replica.dead = True
                 continue
             self.batches_sent += 1
             self.queries_sent += len(queries)
+            if not second and self.depth > 1:
+                half.append(replica)
         if not self.live:
             self._delay_due = False
             self._holding = False  # (a hold whose queries all expired measures nothing)
@@ -387,6 +432,8 @@ class ModelQueue:
                     stall_at = at
                 busy += 1
                 rem = lat - age
+                if r.batch2 is not None:
+                    rem += lat  # and the batch queued behind it
                 if residual < 0.0 or rem < residual:
                     residual = rem
             size = r.sizer.current
@@ -440,16 +487,19 @@ class ModelQueue:
         self.replica_version += 1
         if replica in self.replicas:
             self.replicas.remove(replica)
-        try:
-            self.free.remove(replica)
-        except ValueError:
-            pass
-        batch = replica.batch
-        replica.batch = None
-        if batch is not None:
-            self._requeue_or_fail(batch, ContainerFailedError(
-                f"the container of model {self.key} (replica {replica.replica_id}"
-                f"{'' if replica.pid is None else f', pid {replica.pid}'}) {reason} while it held this query"))
+        for pool in (self.free, self.half):
+            try:
+                pool.remove(replica)
+            except ValueError:
+                pass
+        batch, second = replica.batch, replica.batch2
+        replica.batch = replica.batch2 = None
+        # Retried in order: the second batch's queries go back to the head first, then the first's before them.
+        for b in (second, batch):
+            if b is not None:
+                self._requeue_or_fail(b, ContainerFailedError(
+                    f"the container of model {self.key} (replica {replica.replica_id}"
+                    f"{'' if replica.pid is None else f', pid {replica.pid}'}) {reason} while it held this query"))
 
     def _requeue_or_fail(self, batch: Batch, exc: ClipperError) -> None:
         retry = []
@@ -511,10 +561,19 @@ class ModelQueue:
             q.on_error(exc)
 
     def _batch_done(self, replica, batch: Batch, observe: bool) -> None:
-        replica.batch = None
+        now = time.monotonic_ns()
+        if batch is replica.batch:
+            nxt = replica.batch2
+            replica.batch = nxt
+            if nxt is not None:  # the batch sent behind it: its container starts it now
+                replica.batch2 = None
+                if nxt.sent_ns < now:
+                    nxt.sent_ns = now
+        elif batch is replica.batch2:  # (answered out of order)
+            replica.batch2 = None
         self.replica_version += 1
         n = len(batch.queries)
-        latency = time.monotonic_ns() - batch.sent_ns
+        latency = now - batch.sent_ns
         self.last_batch_size = n
         self.last_batch_latency_ns = latency
         self.batch_sizes.observe(n)
@@ -524,7 +583,18 @@ class ModelQueue:
             ewma = replica.lat_ewma_ns
             replica.lat_ewma_ns = float(latency) if ewma <= 0.0 else ewma + _EWMA * (latency - ewma)
         if not replica.dead:
-            self.replica_free(replica)
+            if replica.batch is None:
+                if self.depth > 1:
+                    try:
+                        self.half.remove(replica)
+                    except ValueError:
+                        pass
+                self.replica_free(replica)
+            elif replica.batch2 is None and self.depth > 1 and replica not in self.half:
+                self.half.append(replica)  # one batch still out: it may take a second
+                if self.live >= replica.sizer.current and not self._scheduled:
+                    self._scheduled = True
+                    self.loop.call_soon(self._dispatch)
 
     def fail_all(self, exc: ClipperError) -> None:
         """Fail every waiting item (the model is being removed, or the frontend stops)."""
@@ -548,6 +618,7 @@ class ModelQueue:
             "queue_bytes": self.bytes,
             "replicas": len(self.replicas),
             "free_replicas": len(self.free),
+            "batches_in_flight": self.depth,
             "batching": self.batching,
             "max_batch": self.max_batch,
             "batch_delay_ms": self.delay_ns / 1e6,

@@ -26,7 +26,11 @@ children.
 Liveness: heartbeats both ways every ``heartbeat_interval_ms``; a container
 silent for ``heartbeat_timeout_ms``, holding a batch longer than
 ``batch_timeout_ms``, or whose process the manager saw exit, is dropped, and
-its batch in flight is retried on another replica or failed.
+its batches in flight are retried on another replica or failed.
+
+A replica may hold two batches (``batches_in_flight``): the container reads
+the second from its socket while it runs the first and answers them in
+order; an answer names its batch id, so one for either is accepted.
 
 Each socket is driven by the event loop: ``add_reader`` on ZeroMQ's
 edge-triggered FD, drained until ``EVENTS`` has no POLLIN, and re-checked
@@ -73,7 +77,7 @@ _unpack_header = functools.partial(
 class Replica:
     """One connected model container."""
 
-    __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "sizer",
+    __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "batch2", "sizer",
                  "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns")
 
     def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
@@ -86,7 +90,8 @@ class Replica:
         self.peer = None  # the address its connection comes from
         self.sdk = None
         self.queue = queue
-        self.batch = None  # the batch in flight, if any
+        self.batch = None  # the (oldest) batch in flight, if any
+        self.batch2 = None  # a batch sent behind it (batches_in_flight = 2), if any
         self.sizer = None  # its batch-size controller, set by the queue
         self.lat_ewma_ns = 0.0  # its batch latency, smoothed (the queue's admission estimate)
         self.dead = False
@@ -415,17 +420,32 @@ class ContainerServer:
         if self.on_replica_change:
             self.on_replica_change()
 
+    @staticmethod
+    def _batch_of(replica: Replica, batch_id):
+        """The batch of ``replica`` that ``batch_id`` names; None for a late answer to one already
+        retried elsewhere. Containers answer in order, but one answering the second batch first
+        is served as well."""
+        batch = replica.batch
+        if batch is not None and batch.batch_id == batch_id:
+            return batch
+        batch = replica.batch2
+        if batch is not None and batch.batch_id == batch_id:
+            return batch
+        return None
+
     def _on_result(self, replica: Replica, header: list, payload) -> None:
         batch = replica.batch
         if batch is None:
             return
-        queries = batch.queries
         try:
             if len(header) != 5:
                 raise ModelError(f"model {replica.key}: its container sent a malformed result header")
             _, batch_id, count, encoding, meta = header
             if batch_id != batch.batch_id:
-                return  # a late answer for a batch already retried elsewhere
+                batch = self._batch_of(replica, batch_id)
+                if batch is None:
+                    return  # a late answer for a batch already retried elsewhere
+            queries = batch.queries
             if count != len(queries):
                 raise WrongOutputCountError(
                     f"model {replica.key} returned {count!r} outputs for a batch of {len(queries)} inputs")
@@ -458,7 +478,8 @@ class ContainerServer:
             exc = ModelError(f"model {replica.key}: its container sent a malformed error")
         else:
             _, batch_id, code, message = header
-            if batch_id != batch.batch_id:
+            batch = self._batch_of(replica, batch_id)
+            if batch is None:
                 return
             message = message[:MAX_ERROR_MESSAGE_CHARS]
             exc = error_for_code(code, f"model {replica.key}: {message}")
@@ -577,6 +598,7 @@ class ContainerServer:
             "transport": r.channel.name,
             "credential": r.grant.id if r.grant is not None else None,
             "busy": r.batch is not None,
+            "batches_out": (r.batch is not None) + (r.batch2 is not None),
             "max_batch": r.sizer.current if r.sizer is not None else None,
             "batches_done": r.batches_done,
             "connected_s": round((now - r.connected_ns) / 1e9, 3),
