@@ -113,6 +113,9 @@ class FrontendConfig:
     # `clipper start` defaults it to clipper-state.sqlite next to its config file.
     state_path: str | None = None
     state_flush_ms: int = 100  # changed policy states are written at most this long after the change
+    # A request whose user's policy state is not in memory waits at most this long for the store's read
+    # (done off the event loop); then it goes on with a fresh state (a feedback: STATE_UNAVAILABLE).
+    state_load_timeout_ms: int = 1000
     feedback_timeout_ms: int = 1000  # feedback waits this long (at least the SLO) for the predictions it needs
     # A query still unanswered at SLO minus this margin (at most a tenth of the SLO) is answered
     # then from what has arrived, so timer ticks and a busy loop do not push the answer past the SLO.
@@ -171,7 +174,7 @@ class FrontendConfig:
         m = self.deadline_margin_ms
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1000:
             raise InvalidConfigError(f"deadline_margin_ms {m!r} is not a number in [0, 1000]")
-        for name in ("state_flush_ms", "feedback_timeout_ms"):
+        for name in ("state_flush_ms", "feedback_timeout_ms", "state_load_timeout_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 3_600_000:
                 raise InvalidConfigError(f"{name} = {v!r} is not an integer in [1, 3600000]")

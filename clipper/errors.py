@@ -43,6 +43,7 @@ __all__ = [
     "QueueFullError",
     "OverloadedError",
     "ShuttingDownError",
+    "StateUnavailableError",
     "ConnectionClosedError",
     "ClientTimeoutError",
     "InternalError",
@@ -273,6 +274,15 @@ class ShuttingDownError(ServingError):
 
     code = 310
     name = "SHUTTING_DOWN"
+
+
+class StateUnavailableError(ServingError):
+    """The state store could not be read in time (it is down, or slow): a feedback whose user's
+    policy state could not be loaded learns nothing, rather than overwrite what the store holds
+    with a fresh state. Sending it again later may succeed; REST answers 503."""
+
+    code = 311
+    name = "STATE_UNAVAILABLE"
 
 
 class ConnectionClosedError(ServingError, ConnectionError):

@@ -96,6 +96,7 @@ class Frontend:
         keys = self.api_keys if cfg.require_api_keys else None
         self.processor = QueryProcessor(self.loop, lim.max_input_bytes, lim.cache_bytes, store=self.store,
                                         state_flush_ms=cfg.state_flush_ms, feedback_timeout_ms=cfg.feedback_timeout_ms,
+                                        state_load_timeout_ms=cfg.state_load_timeout_ms,
                                         max_user_id_len=lim.max_user_id_len, max_user_states=lim.max_user_states,
                                         max_user_states_in_memory=lim.max_user_states_in_memory,
                                         deadline_margin_ms=cfg.deadline_margin_ms,

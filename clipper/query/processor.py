@@ -57,6 +57,7 @@ from ..errors import (
     OverloadedError,
     ShapeMismatchError,
     ShuttingDownError,
+    StateUnavailableError,
     UnknownApplicationError,
 )
 from ..management.registry import Application
@@ -541,7 +542,9 @@ class AppRoute:
                 f"application {self.name!r} no longer has a learning policy over linked models"))
             return
         try:
-            state = states.get(f.user)
+            state = states.peek(f.user)
+            if state is None:  # (memory let it go while the feedback waited: the state it started from)
+                state = f.state
             new = policy.observe(state, f.input, f.label, preds)
             if not isinstance(new, dict):
                 raise InternalError(f"policy {policy.name!r} returned a {type(new).__name__} as its state; "
@@ -613,7 +616,8 @@ class QueryProcessor:
 
     ``store`` keeps the policies' per-user states (a
     :class:`~clipper.store.StateStore`); changed states are written in one
-    transaction at most every ``state_flush_ms``.
+    transaction at most every ``state_flush_ms``; a state not in memory is read
+    off the event loop, the request waiting for it up to ``state_load_timeout_ms``.
     """
 
     def __init__(self, loop, max_input_bytes: int, cache_bytes: int = 0, *, store=None,
@@ -621,7 +625,7 @@ class QueryProcessor:
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
                  deadline_margin_ms: float = 2.0, adaptive_margin: bool = True, admission: bool = True,
                  admission_wait_batches: float = 2.0, admission_standing_ms: float = 1000.0,
-                 max_inflight_bytes: int = 1 << 62) -> None:
+                 max_inflight_bytes: int = 1 << 62, state_load_timeout_ms: int = 1000) -> None:
         self.loop = loop
         self.admission = admission  # refuse at arrival what its model cannot answer in time
         # ... or would queue behind more than this many batch latencies of work (see admits)
@@ -669,6 +673,8 @@ class QueryProcessor:
             store = SQLiteStore(":memory:")
         self.store = store
         self.state_flush_s = state_flush_ms / 1000
+        self.state_load_timeout_s = state_load_timeout_ms / 1000
+        self.waiting_for_state = 0  # requests waiting for their user's policy state to be read
         self.feedback_timeout_ns = int(feedback_timeout_ms * 1_000_000)
         self.max_user_id_len = max_user_id_len
         self.max_user_states = max_user_states
@@ -701,7 +707,8 @@ class QueryProcessor:
             self.flush_states()  # what the old policy learned is saved before memory is reset
         if table is None:
             table = StateTable(self.store, app_name, policy.name, policy.init, max_in_memory=self.max_user_states_in_memory,
-                               max_states=self.max_user_states, on_dirty=self._states_dirty)
+                               max_states=self.max_user_states, on_dirty=self._states_dirty, loop=self.loop,
+                               load_timeout_s=self.state_load_timeout_s)
             self._tables[app_name] = table
         else:
             table.reset(policy.name, policy.init)
@@ -1071,10 +1078,48 @@ class QueryProcessor:
             return self._refuse(conn, req_id, qid, route, (
                 f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                 f"max_inflight_input_bytes is {self.max_inflight_bytes}"))
-        state = route.states.get(user) if route.states is not None else None
-        names = self._selection(route, policy.select(state, x), "select")
+        states = route.states
+        state = None
+        if states is not None:
+            state = states.peek(user)
+            if state is None:  # read from the store off the loop; the query goes on when it arrives
+                self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._select(
+                    conn, req_id, qid, route, x, nbytes, now, user, st))
+                return
+        self._select(conn, req_id, qid, route, x, nbytes, now, user, state)
+
+    def _select(self, conn, req_id, qid, route: AppRoute, x, nbytes: int, now: int, user: str, state) -> None:
+        names = self._selection(route, route.policy.select(state, x), "select")
         self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
+
+    def _wait_for_state(self, conn, req_id, route: AppRoute, nbytes: int, user: str, go) -> None:
+        """Hold a request until its user's policy state is read (``StateTable.fetch``), then ``go(state,
+        known)``. Meanwhile it counts as unsettled (a drain waits for it) and its input against the
+        in-flight budget; an error raised going on is its answer. A state store that does not answer
+        within the table's load timeout lets it go on with a fresh state."""
+        self.inflight_bytes += nbytes
+        self.unsettled += 1
+        self.waiting_for_state += 1
+
+        def resume(state, known) -> None:
+            self.inflight_bytes -= nbytes
+            self.unsettled -= 1
+            self.waiting_for_state -= 1
+            try:
+                if self.routes.get(route.name) is not route or route.policy is None:
+                    raise NoModelAvailableError(f"application {route.name!r} was removed or changed while its "
+                                                "policy state was read")
+                go(state, known)
+            except ClipperError as exc:
+                conn.send_error(req_id, exc)
+            except Exception as exc:  # a bug: fail the request, keep the connection
+                log.exception("internal error on request %s", req_id)
+                conn.send_error(req_id, InternalError(f"{type(exc).__name__}: {exc}"))
+            if self.draining and not self.unsettled:
+                self.on_idle()
+
+        route.states.fetch(user, resume)
 
     def _selection(self, route: AppRoute, names, what: str) -> list[str]:
         """Check what a policy's select (or feedback_models) returned."""
@@ -1171,7 +1216,22 @@ class QueryProcessor:
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             raise OverloadedError(f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                                   f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        state = route.states.get(user)
+        state = route.states.peek(user)
+        if state is None:  # read from the store off the loop; the feedback goes on when it arrives
+            self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._feedback_fan_out(
+                conn, req_id, route, x, nbytes, user, label, st, known))
+            return
+        self._feedback_fan_out(conn, req_id, route, x, nbytes, user, label, state, True)
+
+    def _feedback_fan_out(self, conn, req_id, route: AppRoute, x, nbytes: int, user: str, label, state,
+                          known: bool) -> None:
+        if not known:  # learning from a fresh state would overwrite what the store holds for this user
+            raise StateUnavailableError(f"the policy state of user {_short(user)} of application {route.name!r} "
+                                        "could not be read from the state store in time; nothing was learned")
+        policy = route.policy
+        if not policy.learns or route.states is None:
+            conn.send_feedback_ok(req_id, None)
+            return
         names = self._selection(route, policy.feedback_models(state, x), "feedback_models")
         now = time.monotonic_ns()
         qid = self._next_query_id
@@ -1220,7 +1280,8 @@ class QueryProcessor:
             "applications": {name: r.stats() for name, r in self.routes.items()},
             "models": {key: q.stats() for key, q in self.queues.items()},
             "cache": self.cache.stats() if self.cache is not None else None,
-            "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors},
+            "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors,
+                       "waiting_for_state": self.waiting_for_state},
         }
 
 

@@ -59,7 +59,7 @@ _SLICE = 64 * 1024  # bytes fed to httptools at once when a read is larger (so t
 _WRITE_BATCH = 256 * 1024  # replies joined into one write up to this size
 
 _SERVING_UNAVAILABLE = (E.NoModelAvailableError, E.QueueFullError, E.DeadlineExceededError, E.OverloadedError,
-                        E.ShuttingDownError)
+                        E.ShuttingDownError, E.StateUnavailableError)
 
 
 def clip(value, limit: int = 100) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 __all__ = ["StateStore"]
 
@@ -19,6 +19,17 @@ class StateStore:
     def load(self, namespace: str, key: str) -> bytes | None:
         """The value under ``(namespace, key)``, or None."""
         raise NotImplementedError
+
+    def load_later(self, namespace: str, key: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
+        """Read ``(namespace, key)`` off the caller's thread; ``done(value, None)`` or ``done(None, error)``
+        is called once, from the store's own thread (or, for a store without one, at once). The query
+        path reads policy states this way, so a store read never holds up the event loop."""
+        try:
+            value = self.load(namespace, key)
+        except Exception as exc:
+            done(None, exc)
+            return
+        done(value, None)
 
     def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
         """Store every ``(namespace, key, value)`` atomically, each as the most recent of its namespace."""

@@ -14,6 +14,8 @@ without losing it. Reads stay on the caller's connection (WAL readers never
 wait for the writer) and see writes not yet committed through an overlay, so
 a value read back is always the last one written. ``count``, ``keys`` and
 ``delete_namespace`` wait for the writer first (rare, management-time calls).
+:meth:`SQLiteStore.load_later` reads on the writer thread too, after the
+writes handed to it before (the query path's reads of policy states).
 """
 
 from __future__ import annotations
@@ -96,6 +98,19 @@ class SQLiteStore(StateStore):
             return None if type(pending) is _Deleted else pending
         row = self.db.execute("SELECT value FROM kv WHERE ns = ? AND key = ?", (namespace, key)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def load_later(self, namespace: str, key: str, done) -> None:
+        """:meth:`load` on the writer thread, in order with the writes handed to it (at once without one)."""
+        if self._jobs is None:
+            return super().load_later(namespace, key, done)
+        pending = self._overlay.get((namespace, key))
+        if pending is not None:
+            done(None if type(pending) is _Deleted else pending, None)
+            return
+        if self._thread is None:
+            done(None, RuntimeError(f"state store {self.path!r} is closed"))
+            return
+        self._jobs.put(("load", (namespace, key, done)))
 
     def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
         if self._jobs is not None:
@@ -196,6 +211,7 @@ class SQLiteStore(StateStore):
                 except queue.Empty:
                     break
             work = [j for j in batch if j[0] in ("save", "delete", "trim")]
+            reads = [j[1] for j in batch if j[0] == "load"]
             stopping = any(j[0] == "stop" for j in batch)
             attempt = 0
             while work:
@@ -210,6 +226,16 @@ class SQLiteStore(StateStore):
                         break
                     log.error("state store %s: a commit failed (%s); retrying", self.path, exc)
                     time.sleep(min(2.0, 0.1 * attempt))
+            for ns, key, done in reads:  # after the writes that came before them
+                try:
+                    row = db.execute("SELECT value FROM kv WHERE ns = ? AND key = ?", (ns, key)).fetchone()
+                    value, error = (None if row is None else bytes(row[0])), None
+                except sqlite3.Error as exc:
+                    value, error = None, exc
+                try:
+                    done(value, error)
+                except Exception:
+                    log.exception("a state store read's callback failed")
             for kind, arg in batch:
                 if kind == "flush" or kind == "stop":
                     arg.set()

@@ -1,7 +1,12 @@
 """The selection-policy states of one application, one per user, over a :class:`StateStore`.
 
 Reads come from a bounded in-memory LRU first (most queries of an active
-user find their state there), then from the store. Writes go to memory at
+user find their state there), then from the store: on the query path
+(:meth:`StateTable.peek`, then :meth:`StateTable.fetch`) off the event loop,
+the store's read handed to its own thread and the query resumed when the
+state arrives, or after ``load_timeout_s`` without it (then the policy sees a
+fresh state that is not kept: the next query of that user tries the store
+again). Concurrent misses for one user share one read. Writes go to memory at
 once and to the store in batches: :meth:`StateTable.take_dirty` hands the
 changed states to the frontend's flush, which commits every application's in
 one transaction. A state is saved with the name of the policy that made it;
@@ -51,7 +56,8 @@ class StateTable:
     """
 
     def __init__(self, store: StateStore, app_name: str, policy_name: str, init: Callable[[], dict], *,
-                 max_in_memory: int, max_states: int, on_dirty: Callable[[], None] | None = None) -> None:
+                 max_in_memory: int, max_states: int, on_dirty: Callable[[], None] | None = None,
+                 loop=None, load_timeout_s: float = 1.0) -> None:
         self.store = store
         self.namespace = f"policy/{app_name}"
         self.policy_name = policy_name
@@ -63,6 +69,10 @@ class StateTable:
         self.dirty: dict[str, dict] = {}
         self._saved_since_trim = 0
         self.unstorable = 0
+        self.loop = loop  # where fetch's callbacks run (needed by fetch only)
+        self.load_timeout_s = load_timeout_s
+        self._loading: dict[str, tuple[list, object]] = {}  # user -> (callbacks, timeout timer): reads out
+        self.load_failures = 0  # reads that failed or timed out (the query went on with a fresh state)
         # figures
         self.loads = 0
         self.fresh = 0
@@ -96,6 +106,74 @@ class StateTable:
                 state = self.init()
         self._remember(user, state)
         return state
+
+    def peek(self, user: str) -> dict | None:
+        """The state of ``user`` if memory holds it (None: it must be fetched from the store)."""
+        state = self.lru.get(user)
+        if state is not None:
+            self.lru.move_to_end(user)
+            return state
+        state = self.dirty.get(user)
+        if state is not None:
+            self._remember(user, state)
+        return state
+
+    def fetch(self, user: str, callback: Callable[[dict, bool], None]) -> None:
+        """Read the state of ``user`` from the store off the event loop; ``callback(state, known)``
+        runs on the loop when it arrives (``known``), or with a fresh state that is not kept when the
+        read fails or takes longer than ``load_timeout_s`` (not ``known``). Every callback runs exactly once."""
+        entry = self._loading.get(user)
+        if entry is not None:
+            entry[0].append(callback)
+            return
+        loop = self.loop
+        self.loads += 1
+        token = object()  # this read's identity: a late answer to an earlier, timed-out read is not it
+        timer = loop.call_later(self.load_timeout_s, self._loaded, user, token, None,
+                                TimeoutError(f"no answer from the state store within {self.load_timeout_s:g} s"))
+        self._loading[user] = ([callback], timer, token)
+
+        def done(value, error):  # on the store's thread (or right here)
+            try:
+                loop.call_soon_threadsafe(self._loaded, user, token, value, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        try:
+            self.store.load_later(self.namespace, user, done)
+        except Exception as exc:
+            self._loaded(user, token, None, exc)
+
+    def _loaded(self, user: str, token, value, error) -> None:
+        entry = self._loading.get(user)
+        if entry is None or entry[2] is not token:
+            return  # answered already (this is the late answer of a read that timed out)
+        del self._loading[user]
+        callbacks, timer, _ = entry
+        timer.cancel()
+        known = True
+        state = self.peek(user)  # a state put while the read was out is newer than the stored one
+        if state is None:
+            if error is None:
+                if value is not None:
+                    name, state = decode_state(value)
+                    if name != self.policy_name:
+                        state = None
+                if state is None:
+                    self.fresh += 1
+                    state = self.init()
+                self._remember(user, state)
+            else:
+                self.load_failures += 1
+                log.warning("application %s, user %r: reading the policy state failed (%s); going on with a "
+                            "fresh one", self.namespace, user, error)
+                state = self.init()
+                known = False
+        for cb in callbacks:
+            try:
+                cb(state, known)
+            except Exception:
+                log.exception("a policy state's waiter failed")
 
     def put(self, user: str, state: dict) -> None:
         self.updates += 1
@@ -160,4 +238,4 @@ class StateTable:
     def stats(self) -> dict:
         return {"in_memory": len(self.lru), "unsaved": len(self.dirty), "loads": self.loads, "fresh": self.fresh,
                 "updates": self.updates, "evicted_from_memory": self.evicted_from_memory, "trimmed": self.trimmed,
-                "unstorable": self.unstorable}
+                "unstorable": self.unstorable, "reading": len(self._loading), "load_failures": self.load_failures}
