@@ -335,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tcp (CURVE, like remote containers)")
     s.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     s.add_argument("--state", dest="state_path", default=None,
-                   help="state store file (policy states), relative to the config file's folder; ':memory:' "
-                        "keeps nothing (default: clipper-state.sqlite there)")
+                   help="state store (registry, policy states, keys): a SQLite file relative to the config file's "
+                        "folder (default: clipper-state.sqlite there), ':memory:' (keeps nothing), or a Redis "
+                        "server, redis://HOST:PORT/DB or unix:///PATH/redis.sock (pip install "
+                        "'clipper-serving[redis]')")
     s.add_argument("--tls-cert", default=None, metavar="FILE",
                    help="TLS on the query ports (msgpack and REST): PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", default=None, metavar="FILE", help="the PEM private key of --tls-cert")

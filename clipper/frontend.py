@@ -85,11 +85,15 @@ class Frontend:
         self.loop = asyncio.get_running_loop()
         from .security import ApiKeyRegistry, query_tls_context
         from .security.container_keys import ContainerKeyring
+        from .store.redis import RedisStore, is_redis_url
         from .store.sqlite import SQLiteStore
 
         lim = cfg.limits
         tls = query_tls_context(cfg, self.base_dir)  # first: a bad certificate or key file stops the start here
-        self.store = SQLiteStore(self._state_path(), background=True)  # writes off the event loop
+        if is_redis_url(cfg.state_path):  # shared by every frontend pointed at the same server
+            self.store = RedisStore(cfg.state_path)
+        else:
+            self.store = SQLiteStore(self._state_path(), background=True)  # writes off the event loop
         self.keyring = ContainerKeyring.open(cfg.rpc_security, self.secrets_dir())
         self.keyring.attach_store(self.store)
         self.api_keys = ApiKeyRegistry(self.store)  # managed always; checked on the query ports if required
@@ -357,9 +361,13 @@ class Frontend:
         return False
 
     def _state_path(self) -> str:
+        from .store.redis import is_redis_url
+
         path = self.config.state_path
         if path is None or path == ":memory:":
             return ":memory:"
+        if is_redis_url(path):
+            return path
         p = Path(path).expanduser()
         return str(p if p.is_absolute() else self.base_dir / p)
 
@@ -462,19 +470,25 @@ class Frontend:
                           closure={**info, "path": str(path)}, **kw)
         return await self.deploy_model(mv, wait=bool(wait))
 
-    def _closure_dir(self) -> Path:
+    def _local_dir(self) -> Path:
+        """Where this frontend keeps its files: beside its state file; with a Redis state store, its base
+        folder (the config file's); a temporary folder when its state is not kept."""
+        from .store.redis import is_redis_url
+
         state = self._state_path()
-        base = Path(state).parent if state != ":memory:" else Path(self._scratch_dir())
-        folder = base / "clipper-closures"
+        if is_redis_url(state):
+            return Path(self.base_dir)
+        return Path(state).parent if state != ":memory:" else Path(self._scratch_dir())
+
+    def _closure_dir(self) -> Path:
+        folder = self._local_dir() / "clipper-closures"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def secrets_dir(self) -> Path:
         """Where the frontend keeps its credentials: ``clipper-secrets/`` (0700) beside the state file,
         or in a temporary folder for a frontend whose state is not kept."""
-        state = self._state_path()
-        base = Path(state).parent if state != ":memory:" else Path(self._scratch_dir())
-        return base / "clipper-secrets"
+        return self._local_dir() / "clipper-secrets"
 
     def _process_exited(self, grant, returncode) -> None:
         """The manager saw a child exit: its credentials go, and with them its replica."""

@@ -230,3 +230,79 @@ def wire_conn():
     yield make
     for c in conns:
         c.close()
+
+
+class RedisServer:
+    """A real redis-server on a private Unix socket (TCP off), started by the test that needs it."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+        import subprocess
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.log = folder / "redis.log"
+        self.proc = subprocess.Popen(
+            [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--save", "",
+             "--appendonly", "no", "--dir", str(folder), "--logfile", str(self.log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_ready()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if self.socket.exists() and self.client().ping():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer within 10 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # (a test may have paused it)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session's tests that only read and write (each uses its own key prefix)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_factory(tmp_path_factory):
+    """Fresh redis-servers for tests that stop, pause or restart them."""
+    made = []
+
+    def make() -> RedisServer:
+        made.append(RedisServer(tmp_path_factory.mktemp("redis")))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()

@@ -153,3 +153,152 @@ def _hold_writer_nowait(store):
 
     store.trim_later("nothing", 1, stuck)
     return release, busy
+
+
+# ------------------------------------------------------------------ the Redis store
+import os  # noqa: E402
+import signal  # noqa: E402
+import uuid  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from clipper.store.redis import RedisStore  # noqa: E402
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("save"), st.lists(st.tuples(st.sampled_from(["a", "b/x"]), st.sampled_from("uvwxyz"),
+                                                  st.binary(max_size=8)), max_size=4)),
+    st.tuples(st.just("trim"), st.sampled_from(["a", "b/x"]), st.integers(0, 5)),
+    st.tuples(st.just("delete"), st.sampled_from(["a", "b/x"]), st.sampled_from("uvwxyz")),
+    st.tuples(st.just("drop"), st.sampled_from(["a", "b/x"])),
+), max_size=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq=ops)
+def test_redis_store_matches_a_reference_model(redis_server, seq):
+    # writes are applied behind the caller's back, in order: every read must still see the last write
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    ref: dict[str, dict[str, tuple[int, bytes]]] = {"a": {}, "b/x": {}}  # ns -> key -> (recency, value)
+    clock = 0
+    try:
+        for op in seq:
+            if op[0] == "save":
+                store.save_many(op[1])
+                for ns, key, value in op[1]:
+                    clock += 1
+                    ref[ns][key] = (clock, value)
+            elif op[0] == "trim":
+                _, ns, keep = op
+                gone = store.trim(ns, keep)
+                newest = sorted(ref[ns].items(), key=lambda kv: -kv[1][0])
+                assert gone == max(0, len(newest) - keep)
+                ref[ns] = dict(newest[:keep])
+            elif op[0] == "delete":
+                _, ns, key = op
+                store.delete(ns, key)
+                ref[ns].pop(key, None)
+            else:
+                store.delete_namespace(op[1])
+                ref[op[1]] = {}
+            for ns in ("a", "b/x"):
+                for key in "uvwxyz":  # before the writes are applied (the overlay) ...
+                    want = ref[ns].get(key)
+                    assert store.load(ns, key) == (want[1] if want else None)
+            for ns in ("a", "b/x"):  # ... and after (count and keys wait for them)
+                assert store.count(ns) == len(ref[ns])
+                assert store.keys(ns) == [k for k, _ in sorted(ref[ns].items(), key=lambda kv: -kv[1][0])]
+                for key, (_, value) in ref[ns].items():
+                    assert store.load(ns, key) == value
+    finally:
+        store.close()
+
+
+def test_two_frontends_stores_share_values_and_one_recency_order(redis_server):
+    prefix = f"t{uuid.uuid4().hex}"
+    one, two = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    try:
+        one.save_many([("policy/app", "alice", b"1")])
+        one.flush()
+        two.save_many([("policy/app", "bob", b"2")])
+        two.flush()
+        one.save_many([("policy/app", "carol", b"3")])
+        one.flush()
+        assert two.load("policy/app", "alice") == b"1" and one.load("policy/app", "bob") == b"2"
+        assert one.keys("policy/app") == two.keys("policy/app") == ["carol", "bob", "alice"]
+        assert two.trim("policy/app", 1) == 2 and one.keys("policy/app") == ["carol"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_state_table_on_redis_reads_off_the_loop(loop, redis_server):
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    try:
+        store.save_many([("policy/app", "alice", encode_state("exp4", {"logw": {"a": -1.0}, "updates": 3}))])
+        store.flush()
+        t = StateTable(store, "app", "exp4", _init, max_in_memory=10, max_states=100, loop=loop)
+        got = []
+        t.fetch("alice", lambda s, known: got.append((s, known, threading.current_thread())))
+        assert got == []
+        _run_until(loop, lambda: got)
+        assert got == [({"logw": {"a": -1.0}, "updates": 3}, True, threading.main_thread())]
+    finally:
+        store.close()
+
+
+def test_writes_wait_out_a_redis_outage_and_reads_fail_fast_meanwhile(loop, redis_factory):
+    server = redis_factory()
+    store = RedisStore(server.url, prefix="p", timeout_s=0.3)
+    try:
+        store.save_many([("policy/app", "alice", encode_state("exp4", {"logw": {}, "updates": 1}))])
+        store.flush()
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the server stops answering (not even closing sockets)
+        try:
+            store.save_many([("policy/app", "bob", b"kept")])
+            assert store.load("policy/app", "bob") == b"kept"  # the overlay answers while it waits
+            assert not store.flush(timeout=1.0)  # not applied: the server does not answer
+            assert store.write_errors >= 1 and not store.available
+            t = StateTable(store, "app", "exp4", _init, max_in_memory=10, max_states=100, loop=loop,
+                           load_timeout_s=2.0)
+            got = []
+            t.fetch("alice", lambda s, known: got.append((s, known)))
+            _run_until(loop, lambda: got)
+            assert got == [(INIT, False)] and t.peek("alice") is None  # the read failed: fresh, not kept
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert store.flush(timeout=10.0) and store.available  # the queued write went through
+        assert server.client().hget("p:v:policy/app", "bob") == b"kept"
+        assert store.keys("policy/app") == ["bob", "alice"]
+    finally:
+        store.close()
+
+
+def test_an_unreachable_redis_stops_the_start_with_a_clear_error(tmp_path):
+    from clipper.errors import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError, match="did not answer"):
+        RedisStore(f"unix://{tmp_path}/nobody.sock", timeout_s=0.3)
+    with pytest.raises(InvalidConfigError, match="not a redis"):
+        RedisStore("http://example.invalid/")
+    assert not [t for t in threading.enumerate() if t.name == "clipper-redis"]  # nothing left running
+
+
+def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(frontend_factory, redis_server, tmp_path):
+    prefix_url = redis_server.url
+    models = [("right", "first_as_label", None), ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})]
+    first = frontend_factory(state_path=prefix_url)
+    assert "RedisStore" in first.stats()["states"]["store"]
+    first.deploy_ensemble("shared", models, output_kind="label")
+    with Client("127.0.0.1", first.port) as c:
+        for i in range(1, 5):
+            c.feedback("shared", np.array([i, 0, 0, 0], np.float32), i, user="carol")
+    before = first.state("shared", "carol")
+    assert before["updates"] == 4
+    first.close()  # its last states are written to Redis
+    second = frontend_factory(state_path=prefix_url)  # another frontend: the registry comes from Redis
+    for model, _, _ in models:
+        second.call(second.fe.wait_ready(model, "1", timeout_s=60))
+    assert second.state("shared", "carol") == before
+    with Client("127.0.0.1", second.port) as c:
+        p = c.predict("shared", np.array([3, 0, 0, 0], np.float32), user="carol")
+    assert p.output == 3 and not p.is_default

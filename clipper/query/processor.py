@@ -1281,7 +1281,8 @@ class QueryProcessor:
             "models": {key: q.stats() for key, q in self.queues.items()},
             "cache": self.cache.stats() if self.cache is not None else None,
             "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors,
-                       "waiting_for_state": self.waiting_for_state},
+                       "waiting_for_state": self.waiting_for_state,
+                       **({"store_figures": self.store.stats()} if hasattr(self.store, "stats") else {})},
         }
 
 

@@ -1,0 +1,382 @@
+"""A state store on a Redis server: what several frontends share (``--state redis://HOST:PORT/DB``).
+
+Layout, under a key prefix (``clipper`` by default), per namespace ``NS``:
+``PREFIX:v:NS`` is a hash of key -> value and ``PREFIX:r:NS`` a sorted set of
+key -> save sequence number (the recency order), numbered from the counter
+``PREFIX:seq`` by the same Lua script that writes the values, so a save is
+atomic and "most recently saved" holds across every frontend writing to the
+server. A trim is one script too.
+
+Nothing here blocks the frontend's event loop on the network. The client
+(redis-py's asyncio client, with the hiredis parser when installed) lives on
+a thread of its own with its own event loop; writes (:meth:`save_many`,
+:meth:`delete`, :meth:`delete_namespace`, :meth:`trim_later`) are handed to it
+in order and applied in batches, one transaction each, and a batch that fails
+(Redis down) is retried, in order, until it goes through; reads on the query
+path (:meth:`load_later`) run there too and call back. Until a write is
+applied an overlay answers reads of what it wrote, so a value read back is
+always the last one written. The synchronous reads (:meth:`load`,
+:meth:`count`, :meth:`keys`) wait for the server, up to ``timeout_s``: they
+are for the frontend's start and for management, not for queries.
+
+Unapplied writes are bounded in bytes (``max_pending_bytes``): past it a new
+write is dropped and counted (``dropped_writes``), logged, rather than let a
+Redis outage grow the frontend without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import Callable, Iterable
+
+from ..errors import InvalidConfigError, StateUnavailableError
+from .base import StateStore
+
+__all__ = ["RedisStore", "is_redis_url"]
+
+log = logging.getLogger("clipper.store")
+
+# KEYS[1]: the counter; then (hash, sorted set) per item. ARGV: (field, value) per item.
+_SAVE = """
+local n = (#KEYS - 1) / 2
+local top = redis.call('INCRBY', KEYS[1], n)
+for i = 1, n do
+  redis.call('HSET', KEYS[2 * i], ARGV[2 * i - 1], ARGV[2 * i])
+  redis.call('ZADD', KEYS[2 * i + 1], top - n + i, ARGV[2 * i - 1])
+end
+return n
+"""
+# KEYS: hash, sorted set. ARGV[1]: how many of the most recent to keep. Returns how many went.
+_TRIM = """
+local keep = tonumber(ARGV[1])
+local n = redis.call('ZCARD', KEYS[2])
+if n <= keep then return 0 end
+local gone = redis.call('ZRANGE', KEYS[2], 0, n - keep - 1)
+for i = 1, #gone, 256 do
+  redis.call('HDEL', KEYS[1], unpack(gone, i, math.min(i + 255, #gone)))
+end
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1)
+return #gone
+"""
+_BATCH = 256  # writes per transaction
+_RETRY_MAX_S = 2.0
+
+
+def is_redis_url(path: str | None) -> bool:
+    return isinstance(path, str) and path.split("://", 1)[0] in ("redis", "rediss", "unix")
+
+
+class _Deleted:
+    """The overlay's mark of a value deleted but not yet applied (one object per delete)."""
+
+    __slots__ = ()
+
+
+class RedisStore(StateStore):
+    """A :class:`StateStore` on a Redis server (``redis://``, ``rediss://`` or ``unix://`` URL)."""
+
+    def __init__(self, url: str, *, prefix: str = "clipper", timeout_s: float = 2.0,
+                 max_pending_bytes: int = 64 * 1024 * 1024) -> None:
+        try:
+            import redis.asyncio as aioredis
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise InvalidConfigError("a Redis state store needs the redis package: pip install "
+                                     "'clipper-serving[redis]'") from None
+        if not is_redis_url(url):
+            raise InvalidConfigError(f"state store {url!r} is not a redis://, rediss:// or unix:// URL")
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.max_pending_bytes = max_pending_bytes
+        self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        self._overlay: dict = {}  # (ns, key) -> value or _Deleted, handed to the writer, not yet applied
+        self._lock = threading.Lock()  # the overlay and the figures, between callers and the store's thread
+        self._jobs: deque = deque()  # writes in order, on the store's loop only
+        self.pending_bytes = 0
+        self.dropped_writes = 0
+        self.write_errors = 0
+        self.commits = 0
+        self.available = True  # the last command reached the server
+        self._closing = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="clipper-redis", daemon=True)
+        self._thread.start()
+        try:
+            self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            self._call(self._start())
+        except BaseException as exc:
+            self._stop_thread()
+            if isinstance(exc, StateUnavailableError):
+                raise InvalidConfigError(f"state store {self._where()}: {exc.message}") from None
+            if isinstance(exc, (ValueError, TypeError)):
+                raise InvalidConfigError(f"state store {self._where()}: {exc}") from None
+            raise
+
+    def _where(self) -> str:
+        return self.url.split("@", 1)[-1] if "@" in self.url else self.url  # no password in messages
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self._where()} prefix {self.prefix}>"
+
+    def _h(self, ns: str) -> str:
+        return f"{self.prefix}:v:{ns}"
+
+    def _z(self, ns: str) -> str:
+        return f"{self.prefix}:r:{ns}"
+
+    # ------------------------------------------------------------ on the store's thread
+    async def _start(self) -> None:
+        await self._client.ping()
+        self._save = self._client.register_script(_SAVE)
+        self._trim = self._client.register_script(_TRIM)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def _enqueue(self, job) -> None:
+        self._jobs.append(job)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        jobs = self._jobs
+        while True:
+            if not jobs:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [jobs[i] for i in range(min(_BATCH, len(jobs)))]
+            attempt = 0
+            while True:
+                try:
+                    results = await self._apply(batch)
+                    break
+                except self._errors as exc:
+                    self.write_errors += 1
+                    self.available = False
+                    attempt += 1
+                    if self._closing and attempt >= 3:
+                        log.error("state store %s: giving up on %d writes at close: %s", self._where(), len(batch),
+                                  exc)
+                        results = None
+                        break
+                    if attempt == 1 or attempt % 20 == 0:
+                        log.error("state store %s: writing failed (%s); retrying", self._where(), exc)
+                    await asyncio.sleep(min(_RETRY_MAX_S, 0.05 * 2 ** min(attempt, 6)))
+            self.available = results is not None
+            self.commits += results is not None
+            for _ in batch:
+                jobs.popleft()
+            self._applied(batch, results)
+
+    async def _apply(self, batch: list) -> list:
+        pipe = self._client.pipeline(transaction=True)
+        for kind, arg in batch:
+            if kind == "save":
+                keys = [f"{self.prefix}:seq"]
+                args = []
+                for ns, key, value in arg:
+                    keys += (self._h(ns), self._z(ns))
+                    args += (key, value)
+                await self._save(keys=keys, args=args, client=pipe)
+            elif kind == "delete":
+                ns, key, _ = arg
+                pipe.hdel(self._h(ns), key)
+                pipe.zrem(self._z(ns), key)
+            elif kind == "drop":
+                pipe.delete(self._h(arg), self._z(arg))
+            else:  # trim
+                ns, keep, _ = arg
+                await self._trim(keys=[self._h(ns), self._z(ns)], args=[keep], client=pipe)
+        return await pipe.execute()
+
+    def _applied(self, batch: list, results) -> None:
+        done_items, after, freed = [], [], 0
+        i = 0
+        for kind, arg in batch:
+            if kind == "save":
+                done_items.extend(((ns, key), value) for ns, key, value in arg)
+                freed += sum(len(v) + len(k) for _, k, v in arg)
+                i += 1
+            elif kind == "delete":
+                ns, key, mark = arg
+                done_items.append(((ns, key), mark))
+                i += 2
+            elif kind == "drop":
+                i += 1
+            else:
+                ns, keep, on_done = arg
+                if on_done is not None:
+                    after.append((on_done, int(results[i]) if results is not None else 0))
+                i += 1
+        with self._lock:
+            self.pending_bytes -= freed
+            overlay = self._overlay
+            for k, value in done_items:
+                if overlay.get(k) is value:  # not written again since
+                    del overlay[k]
+        for on_done, n in after:
+            try:
+                on_done(n)
+            except Exception:
+                log.exception("a trim callback failed")
+
+    def _call(self, coro, timeout: float | None = None):
+        """Run ``coro`` on the store's loop and wait for it (start, management, tests: not queries)."""
+        if not self._thread.is_alive():
+            coro.close()
+            raise StateUnavailableError(f"state store {self._where()} is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(self.timeout_s * 2 if timeout is None else timeout)
+        except self._errors as exc:
+            self.available = False
+            raise StateUnavailableError(f"the Redis server at {self._where()} did not answer: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        except TimeoutError:
+            fut.cancel()
+            self.available = False
+            raise StateUnavailableError(f"the Redis server at {self._where()} did not answer within "
+                                        f"{self.timeout_s * 2:g} s") from None
+
+    def _submit(self, job) -> None:
+        if self._closing:
+            raise StateUnavailableError(f"state store {self._where()} is closed")
+        self._loop.call_soon_threadsafe(self._enqueue, job)
+
+    # ------------------------------------------------------------ StateStore
+    def load(self, namespace: str, key: str) -> bytes | None:
+        pending = self._overlay.get((namespace, key))
+        if pending is not None:
+            return None if type(pending) is _Deleted else pending
+        return self._call(self._client.hget(self._h(namespace), key))
+
+    def load_later(self, namespace: str, key: str, done: Callable) -> None:
+        pending = self._overlay.get((namespace, key))
+        if pending is not None:
+            done(None if type(pending) is _Deleted else pending, None)
+            return
+        if self._closing:
+            done(None, StateUnavailableError(f"state store {self._where()} is closed"))
+            return
+
+        async def read():
+            try:
+                value = await self._client.hget(self._h(namespace), key)
+            except self._errors as exc:
+                self.available = False
+                value, error = None, exc
+            else:
+                self.available = True
+                error = None
+            # A write handed over while the read was out is newer than what the server said.
+            pending = self._overlay.get((namespace, key))
+            if pending is not None:
+                value, error = (None if type(pending) is _Deleted else pending), None
+            try:
+                done(value, error)
+            except Exception:
+                log.exception("a state store read's callback failed")
+
+        asyncio.run_coroutine_threadsafe(read(), self._loop)
+
+    def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
+        items = [(ns, key, bytes(value)) for ns, key, value in items]
+        if not items:
+            return
+        nbytes = sum(len(v) + len(k) for _, k, v in items)
+        if self._closing:
+            raise StateUnavailableError(f"state store {self._where()} is closed")
+        with self._lock:
+            if self.pending_bytes + nbytes > self.max_pending_bytes:
+                self.dropped_writes += 1
+                log.error("state store %s: %d bytes of writes wait for the server; max_pending_bytes is %d: %d "
+                          "values dropped", self._where(), self.pending_bytes, self.max_pending_bytes, len(items))
+                return
+            self.pending_bytes += nbytes
+            for ns, key, value in items:
+                self._overlay[(ns, key)] = value
+        self._submit(("save", items))
+
+    def delete(self, namespace: str, key: str) -> None:
+        """Queue the delete; returns None (whether the value existed is not known without a read)."""
+        mark = _Deleted()
+        with self._lock:
+            self._overlay[(namespace, key)] = mark
+        self._submit(("delete", (namespace, key, mark)))
+
+    def delete_namespace(self, namespace: str) -> None:
+        """Queue the removal of the namespace; returns None (its size is not known without a read)."""
+        with self._lock:
+            for k in [k for k in self._overlay if k[0] == namespace]:
+                self._overlay[k] = _Deleted()
+        self._submit(("drop", namespace))
+
+    def count(self, namespace: str) -> int:
+        self.flush()
+        return int(self._call(self._client.hlen(self._h(namespace))))
+
+    def trim(self, namespace: str, keep: int) -> int:
+        if keep < 0:
+            raise ValueError(f"keep is {keep}; expected >= 0")
+        self.flush()
+        return int(self._call(self._trim(keys=[self._h(namespace), self._z(namespace)], args=[keep])))
+
+    def trim_later(self, namespace: str, keep: int, on_done: Callable[[int], None] | None = None) -> None:
+        """:meth:`trim` in order with the writes (``on_done(count)`` runs on the store's thread)."""
+        self._submit(("trim", (namespace, keep, on_done)))
+
+    def keys(self, namespace: str, limit: int = 1000) -> list[str]:
+        self.flush()
+        raw = self._call(self._client.zrevrange(self._z(namespace), 0, max(0, limit) - 1)) if limit > 0 else []
+        return [k.decode() if isinstance(k, bytes) else k for k in raw]
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every write handed over so far is applied (True), or ``timeout`` passed."""
+        if not self._thread.is_alive():
+            return True
+
+        async def idle():
+            await self._idle.wait()
+
+        fut = asyncio.run_coroutine_threadsafe(idle(), self._loop)
+        try:
+            fut.result(timeout)
+            return True
+        except TimeoutError:
+            fut.cancel()
+            return False
+
+    def stats(self) -> dict:
+        return {"available": self.available, "pending_bytes": self.pending_bytes, "write_errors": self.write_errors,
+                "dropped_writes": self.dropped_writes, "commits": self.commits}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Apply what is queued (up to ``timeout``; a server that is down gets three more tries), then stop."""
+        if self._closing or not self._thread.is_alive():
+            return
+        self._closing = True
+        if not self.flush(timeout):
+            log.error("state store %s: %d bytes of writes not applied at close", self._where(), self.pending_bytes)
+
+        async def shut():
+            self._writer.cancel()
+            await self._client.aclose()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(self.timeout_s)
+        except Exception:
+            pass
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
