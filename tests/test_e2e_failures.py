@@ -22,6 +22,36 @@ def _wait_for(pred, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class Gates:
+    """The marks and gates of ``model_zoo.gated`` in one folder."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.env = {"CLIPPER_TEST_MARK_DIR": str(folder)}
+
+    def batches(self) -> list[tuple[int, list[float]]]:
+        """Every batch a container started, as (pid, x[0] of its inputs), in the order each container ran them."""
+        out = []
+        for f in self.folder.glob("*.batch"):
+            pid, n, _ = f.name.split(".")
+            out.append((int(pid), int(n), [float(v) for v in f.read_text().split(",")]))
+        return [(pid, xs) for pid, _, xs in sorted(out)]
+
+    def wait_batch(self, x0: float, timeout: float = 30.0) -> int:
+        """The pid of the first container seen to start a batch holding input ``x0``."""
+        return _wait_for(lambda: next((pid for pid, xs in self.batches() if x0 in xs), None), timeout,
+                         what=f"a batch holding input {x0} to start")
+
+    def open(self, k: int = 1) -> None:
+        (self.folder / f"gate-{k}").touch()
+
+
+def _gx(x0: float, hold: int = 0, count: int = 0) -> np.ndarray:
+    """An input of ``model_zoo.gated``: answered ``x0``, its batch held at gate ``hold``, one output
+    too many (``count`` 1) or too few (-1) for its batch."""
+    return np.array([x0, hold, count, 0], np.float32)
+
+
 def _holder(frontend, key):
     """The pid of the replica holding a batch of model ``key``, once one does."""
     return frontend.call(lambda: next((r.pid for r in frontend.fe.rpc.replicas.values()
@@ -144,3 +174,57 @@ def test_container_that_cannot_load_fails_the_deploy_clearly(frontend):
     frontend.call(frontend.fe.deploy_model(mv))
     with pytest.raises(E.NoModelAvailableError, match="has no attribute 'no_such_function'"):
         frontend.call(frontend.fe.wait_ready("broken", "1", timeout_s=30))
+
+
+# ------------------------------------------------------------------ a model that fails a batch of several
+def _batch_of_three_behind_a_held_one(frontend, c, gates, mv, third_x0: float, third_count: int = 0) -> None:
+    """Query 0 is held in the container (gate 1) while queries 1-3 queue behind it; gate 1 opens and the
+    three leave as one batch, held at gate 2; query 4 then queues behind that batch."""
+    c.send(wire.predict(0, "g", _gx(1.0, hold=1)))
+    gates.wait_batch(1.0)
+    for i, x in ((1, _gx(2.0, hold=2)), (2, _gx(third_x0, count=third_count)), (3, _gx(4.0))):
+        c.send(wire.predict(i, "g", x))
+    frontend.wait_until(lambda s: s["models"][mv.key]["queue_length"] == 3, what="three queries queued")
+    gates.open(1)
+    assert c.recv(1)[0][:4] == [wire.RESULT, 0, 1, 1.0]
+    gates.wait_batch(2.0)
+    c.send(wire.predict(4, "g", _gx(5.0)))
+    frontend.wait_until(lambda s: s["models"][mv.key]["queue_length"] == 1, what="query 4 queued")
+    gates.open(2)
+
+
+def test_a_predict_that_raises_fails_every_query_of_its_batch_and_nothing_else(frontend, wire_conn, tmp_path):
+    """The batch [2, -3, 4] raises: its three queries get the model's error; query 4, queued behind the
+    batch, is answered. Caught mutations: failing only the batch's first query (the other two are left
+    waiting); failing the queue's waiting queries with the batch (query 4 gets an error)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("g", "gated", max_batch=8, batching="fixed", cache=False, env=gates.env)
+    (pid,) = frontend.replica_pids(mv.key)
+    c = wire_conn(frontend.port)
+    _batch_of_three_behind_a_held_one(frontend, c, gates, mv, -3.0)
+    out = {m[1]: m for m in c.recv(4, timeout=20)}
+    assert gates.batches() == [(pid, [1.0]), (pid, [2.0, -3.0, 4.0]), (pid, [5.0])]
+    for i in (1, 2, 3):
+        assert out[i][0] == wire.ERROR and out[i][2] == E.ModelError.code, out[i]
+        assert "ValueError: negative first value -3.0" in out[i][4]
+    assert out[4][0] == wire.RESULT and out[4][3] == 5.0
+    assert frontend.replica_pids(mv.key) == [pid]  # a model's exception costs no container
+
+
+@pytest.mark.parametrize("extra", [1, -1], ids=["one-too-many", "one-too-few"])
+def test_a_wrong_output_count_fails_every_query_of_its_batch_and_nothing_else(frontend, wire_conn, tmp_path,
+                                                                                extra):
+    """predict answers the batch [2, 3, 4] with 4 (or 2) outputs: none of them is taken for any query's
+    answer; all three get WRONG_OUTPUT_COUNT naming the batch's size; query 4, queued behind, is
+    answered. Caught mutation: the container SDK's count check removed (zip pairs the first outputs
+    with the first queries: results instead of errors, or a query left waiting)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("g", "gated", max_batch=8, batching="fixed", cache=False, env=gates.env)
+    c = wire_conn(frontend.port)
+    _batch_of_three_behind_a_held_one(frontend, c, gates, mv, 3.0, third_count=extra)
+    out = {m[1]: m for m in c.recv(4, timeout=20)}
+    assert [xs for _, xs in gates.batches()] == [[1.0], [2.0, 3.0, 4.0], [5.0]]
+    for i in (1, 2, 3):
+        assert out[i][0] == wire.ERROR and out[i][2] == E.WrongOutputCountError.code, out[i]
+        assert f"returned {3 + extra} outputs for a batch of 3 inputs" in out[i][4]
+    assert out[4][0] == wire.RESULT and out[4][3] == 5.0
