@@ -228,3 +228,87 @@ def test_a_wrong_output_count_fails_every_query_of_its_batch_and_nothing_else(fr
         assert out[i][0] == wire.ERROR and out[i][2] == E.WrongOutputCountError.code, out[i]
         assert f"returned {3 + extra} outputs for a batch of 3 inputs" in out[i][4]
     assert out[4][0] == wire.RESULT and out[4][3] == 5.0
+
+
+# ------------------------------------------------------------------ a container that goes silent mid-batch
+def test_a_silent_container_mid_batch_is_dropped_and_its_batch_answered_by_another_replica(
+        frontend_factory, wire_conn, tmp_path):
+    """A container SIGSTOPped while it holds a batch stops sending heartbeats: after heartbeat_timeout_ms
+    it is dropped and its batch runs again on the other replica. Caught mutation: the heartbeat check
+    skipped (the stopped replica holds its batch for good: no answer)."""
+    fe = frontend_factory(heartbeat_timeout_ms=1500)
+    gates = Gates(tmp_path)
+    mv = fe.deploy("g", "gated", replicas=2, max_batch=8, batching="fixed", cache=False, env=gates.env)
+    c = wire_conn(fe.port)
+    xs = [1.0, 2.0, 3.0]
+    for i, x0 in enumerate(xs):
+        c.send(wire.predict(i, "g", _gx(x0, hold=1)))
+    victim = gates.wait_batch(1.0)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        held = next(b for pid, b in gates.batches() if pid == victim)
+        gates.open(1)  # the other replica may answer now; the stopped one cannot
+        out = {m[1]: m for m in c.recv(3, timeout=30)}
+        assert [(out[i][0], out[i][3]) for i in range(3)] == [(wire.RESULT, x0) for x0 in xs], out
+        assert victim not in fe.replica_pids(mv.key)
+        # what the victim held was computed again, by the other container
+        (survivor,) = {pid for pid, _ in gates.batches()} - {victim}
+        redone = [x for pid, b in gates.batches() if pid == survivor for x in b]
+        assert set(held) <= set(redone), (held, gates.batches())
+    finally:
+        os.kill(victim, signal.SIGCONT)
+
+
+def test_a_silent_container_mid_batch_without_retries_fails_its_queries_with_a_clear_error(
+        frontend_factory, wire_conn, tmp_path):
+    """With max_batch_retries = 0 every query of the silent container's batch gets CONTAINER_FAILED
+    saying why, while the process is still there (stopped). Caught mutation: the heartbeat check
+    skipped (no answer at all)."""
+    fe = frontend_factory(heartbeat_timeout_ms=1500, max_batch_retries=0)
+    gates = Gates(tmp_path)
+    mv = fe.deploy("g", "gated", max_batch=8, batching="fixed", cache=False, env=gates.env, slo_ms=30_000)
+    (victim,) = fe.replica_pids(mv.key)
+    c = wire_conn(fe.port)
+    c.send(wire.predict(0, "g", _gx(1.0, hold=1)))
+    gates.wait_batch(1.0)
+    for i in (1, 2):
+        c.send(wire.predict(i, "g", _gx(1.0 + i)))
+    fe.wait_until(lambda s: s["models"][mv.key]["queue_length"] == 2, what="two queries queued")
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        out = {m[1]: m for m in c.recv(1, timeout=30)}
+        assert out[0][0] == wire.ERROR and out[0][2] == E.ContainerFailedError.code, out
+        assert "went silent for over 1500 ms" in out[0][4] and f"pid {victim}" in out[0][4]
+    finally:
+        gates.open(1)
+        os.kill(victim, signal.SIGCONT)
+    # the queries that waited behind it are answered once the container, awake again, reconnects
+    out = {m[1]: m for m in c.recv(2, timeout=30)}
+    assert [(out[i][0], out[i][3]) for i in (1, 2)] == [(wire.RESULT, 2.0), (wire.RESULT, 3.0)], out
+
+
+# ------------------------------------------------------------------ a model deleted while queries wait for it
+def test_deleting_a_model_answers_every_query_waiting_for_it(frontend, wire_conn, tmp_path):
+    """One query held in the container, two queued behind it, SLO a minute away: the delete answers
+    all three at once with a typed error, and leaves nothing waiting. Caught mutation: the deleted
+    queue's waiting queries not failed (they would wait for their deadline)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("g", "gated", max_batch=8, batching="fixed", cache=False, env=gates.env,
+                         slo_ms=60_000, on_deadline="error")
+    c = wire_conn(frontend.port)
+    c.send(wire.predict(0, "g", _gx(1.0, hold=1)))
+    gates.wait_batch(1.0)
+    for i in (1, 2):
+        c.send(wire.predict(i, "g", _gx(1.0 + i)))
+    frontend.wait_until(lambda s: s["models"][mv.key]["queue_length"] == 2, what="two queries queued")
+    assert frontend.call(frontend.fe.delete_model(mv.name)) == [mv.key]
+    out = {m[1]: m for m in c.recv(3, timeout=15)}
+    for i in range(3):
+        assert out[i][0] == wire.ERROR and out[i][2] == E.NoModelAvailableError.code, out[i]
+        assert f"model {mv.key} was deleted" in out[i][4], out[i]
+    st = frontend.stats()
+    assert mv.key not in st["models"] and st["applications"]["g"]["errors"] == 3
+    # the application is answered at once from now on, and says why
+    c.send(wire.predict(3, "g", _gx(4.0)))
+    (msg,) = c.recv(1, timeout=15)
+    assert msg[0] == wire.ERROR and msg[2] == E.NoModelAvailableError.code
