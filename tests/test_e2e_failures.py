@@ -58,68 +58,89 @@ def _holder(frontend, key):
                                        if r.key == key and r.batch is not None), None))
 
 
+def _kill_and_wait_dropped(frontend, key, pid) -> None:
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: pid not in frontend.replica_pids(key), what=f"the killed replica (pid {pid}) to be dropped")
+
+
 def test_killed_mid_batch_is_retried_on_another_replica(frontend, wire_conn, tmp_path):
-    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=2, max_batch=4,
-                         env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    """Every batch waits at a gate the test opens only once the killed replica is gone, so the kill always
+    lands mid-batch: the killed container's inputs are computed again by another one and answered.
+    Caught mutation: a lost batch failed instead of retried (CONTAINER_FAILED instead of results)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("sleepy", "gated", replicas=2, max_batch=4, batching="fixed", cache=False, env=gates.env)
     c = wire_conn(frontend.port)
-    x = np.array([0.4, 0, 0, 0], np.float32)
-    for i in range(3):
-        c.send(wire.predict(i, "sleepy", x))
-    victim = _wait_for(lambda: _holder(frontend, mv.key), what="a batch in flight")
-    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
-    os.kill(victim, signal.SIGKILL)
+    xs = [1.0, 2.0, 3.0]
+    for i, x0 in enumerate(xs):
+        c.send(wire.predict(i, "sleepy", _gx(x0, hold=1)))
+    victim = gates.wait_batch(1.0)
+    (held,) = [b for pid, b in gates.batches() if pid == victim]
+    _kill_and_wait_dropped(frontend, mv.key, victim)
+    gates.open(1)
     out = {m[1]: m for m in c.recv(3, timeout=30)}
-    assert all(m[0] == wire.RESULT and m[3] == pytest.approx(0.4) and not m[4] for m in out.values()), out
+    assert [(out[i][0], out[i][3], out[i][4]) for i in range(3)] == [(wire.RESULT, x0, False) for x0 in xs], out
+    redone = [x for pid, b in gates.batches() if pid != victim for x in b]
+    assert set(held) <= set(redone), gates.batches()
 
 
-def test_killed_mid_batch_without_retries_fails_with_a_clear_error(frontend_factory, wire_conn):
+def test_killed_mid_batch_without_retries_fails_with_a_clear_error(frontend_factory, wire_conn, tmp_path):
+    gates = Gates(tmp_path)
     fe = frontend_factory(max_batch_retries=0)
-    mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)
+    mv = fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
     c = wire_conn(fe.port)
-    c.send(wire.predict(1, "sleepy", np.array([5.0, 0, 0, 0], np.float32)))
-    victim = _wait_for(lambda: _holder(fe, mv.key), what="a batch in flight")
+    c.send(wire.predict(1, "sleepy", _gx(1.0, hold=1)))
+    victim = gates.wait_batch(1.0)
     os.kill(victim, signal.SIGKILL)
     msg = c.recv(1, timeout=10)[0]
     assert msg[0] == wire.ERROR and msg[2] == E.ContainerFailedError.code
     assert f"pid {victim}" in msg[4] and "exited" in msg[4]
+    assert [pid for pid, _ in gates.batches()] == [victim]  # no other container ran it
 
 
 def test_restarted_container_takes_the_retried_batch(frontend, wire_conn, tmp_path):
-    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    """The only replica is killed while its batch waits at the gate; the manager's new container runs
+    that batch again. Caught mutation: no retry (CONTAINER_FAILED)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
     c = wire_conn(frontend.port)
-    c.send(wire.predict(1, "sleepy", np.array([0.2, 0, 0, 0], np.float32)))
-    victim = _wait_for(lambda: _holder(frontend, mv.key), what="a batch in flight")
-    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
-    os.kill(victim, signal.SIGKILL)
+    c.send(wire.predict(1, "sleepy", _gx(1.0, hold=1)))
+    victim = gates.wait_batch(1.0)
+    _kill_and_wait_dropped(frontend, mv.key, victim)
+    gates.open(1)
     msg = c.recv(1, timeout=30)[0]
-    assert msg[0] == wire.RESULT and msg[3] == pytest.approx(0.2)
-    new = frontend.replica_pids(mv.key)
-    assert new and victim not in new
+    assert msg[0] == wire.RESULT and msg[3] == 1.0
+    (new,) = frontend.replica_pids(mv.key)
+    assert new != victim
+    assert sorted(gates.batches(), key=lambda b: b[0] != victim) == [(victim, [1.0]), (new, [1.0])]
 
 
 def test_killed_with_two_batches_out_both_are_retried_on_the_restarted_container(frontend, wire_conn, tmp_path):
-    # batches_in_flight = 2 (the default): with batches of one, the second query is sent while the
-    # first runs. The first sleeps a second so the kill lands while both are out.
-    mv = frontend.deploy("sleepy", "sleep_by_input", replicas=1, max_batch=1, batching="fixed",
-                         env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    """batches_in_flight = 2 (the default): with batches of one, the second query is sent while the first
+    waits at the gate, so the kill lands while both are out. Caught mutation: only the first (or only
+    the second) lost batch retried (its query gets CONTAINER_FAILED or waits for its deadline)."""
+    gates = Gates(tmp_path)
+    mv = frontend.deploy("sleepy", "gated", replicas=1, max_batch=1, batching="fixed", cache=False, env=gates.env)
     c = wire_conn(frontend.port)
-    inputs = [1.0, 0.01, 0.02]
-    for i, v in enumerate(inputs):
-        c.send(wire.predict(i, "sleepy", np.array([v, 0, 0, 0], np.float32)))
+    xs = [1.0, 2.0, 3.0]
+    for i, x0 in enumerate(xs):
+        c.send(wire.predict(i, "sleepy", _gx(x0, hold=1 if i == 0 else 0)))
 
     def both_out():
         return frontend.call(lambda: next((r.pid for r in frontend.fe.rpc.replicas.values() if r.key == mv.key
                                            and r.batch is not None and r.batch2 is not None), None))
 
     victim = _wait_for(both_out, what="two batches out to one replica")
-    _wait_for(lambda: (tmp_path / f"{victim}.start").exists(), what="the container to start predicting")
-    os.kill(victim, signal.SIGKILL)
+    gates.wait_batch(1.0)
+    _kill_and_wait_dropped(frontend, mv.key, victim)
+    gates.open(1)
     out = {m[1]: m for m in c.recv(3, timeout=30)}
-    assert [(out[i][0], out[i][3], out[i][4]) for i in range(3)] == [
-        (wire.RESULT, pytest.approx(v), False) for v in inputs], out
-    # every input was computed by the restarted container: the two lost batches and the one queued
+    assert [(out[i][0], out[i][3], out[i][4]) for i in range(3)] == [(wire.RESULT, x0, False) for x0 in xs], out
+    # every input was computed by the restarted container, in order: the two lost batches and the one queued
+    (new,) = frontend.replica_pids(mv.key)
+    assert [b for pid, b in gates.batches() if pid == new] == [[1.0], [2.0], [3.0]]
+    assert [b for pid, b in gates.batches() if pid == victim] == [[1.0]]
     stats = frontend.call(frontend.fe.rpc.stats)
-    assert [(s["pid"] != victim, s["batches_done"]) for s in stats if s["model"] == mv.key] == [(True, 3)]
+    assert [(s["pid"], s["batches_done"]) for s in stats if s["model"] == mv.key] == [(new, 3)]
 
 
 def test_hung_container_is_dropped_after_the_batch_timeout(frontend_factory, wire_conn):
@@ -135,17 +156,29 @@ def test_hung_container_is_dropped_after_the_batch_timeout(frontend_factory, wir
     assert c.recv(1)[0][3] == 0.0
 
 
-def test_long_predict_keeps_its_container_alive(frontend_factory, wire_conn):
-    # predict runs inline on the container's main thread; its heartbeat thread
-    # must keep the frontend from taking a 1.2 s predict for a silent container.
-    fe = frontend_factory(heartbeat_interval_ms=100, heartbeat_timeout_ms=400, max_batch_retries=0)
-    mv = fe.deploy("sleepy", "sleep_by_input", replicas=1)
-    before = fe.replica_pids(mv.key)
+def test_long_predict_keeps_its_container_alive(frontend_factory, wire_conn, tmp_path):
+    """predict runs inline on the container's main thread; its heartbeat thread must keep the frontend
+    from taking a predict three heartbeat timeouts long for a silent container. The timeout is a wide
+    1 s (a loaded machine delays a beat by far less), and the batch is held at a gate for 3 s counted
+    from when the container started it. Caught mutation: the heartbeat thread not beating while
+    predict runs (the replica is dropped, the query retried on a new container)."""
+    gates = Gates(tmp_path)
+    fe = frontend_factory(heartbeat_interval_ms=100, heartbeat_timeout_ms=1000, max_batch_retries=0)
+    mv = fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
+    before = fe.call(fe.fe.rpc.stats)
     c = wire_conn(fe.port)
-    c.send(wire.predict(1, "sleepy", np.array([1.2, 0, 0, 0], np.float32)))
+    c.send(wire.predict(1, "sleepy", _gx(1.0, hold=1)))
+    gates.wait_batch(1.0)
+    held_until = time.monotonic() + 3.0
+    while time.monotonic() < held_until:
+        ids = [r["replica_id"] for r in fe.call(fe.fe.rpc.stats)]
+        assert ids == [before[0]["replica_id"]], f"the busy replica was dropped: replicas now {ids}"
+        time.sleep(0.05)
+    gates.open(1)
     msg = c.recv(1, timeout=10)[0]
-    assert msg[0] == wire.RESULT and msg[3] == pytest.approx(1.2)
-    assert fe.replica_pids(mv.key) == before
+    assert msg[0] == wire.RESULT and msg[3] == 1.0
+    (after,) = fe.call(fe.fe.rpc.stats)
+    assert (after["replica_id"], after["pid"], after["batches_done"]) == (before[0]["replica_id"], before[0]["pid"], 1)
 
 
 def test_stopped_frontend_leaves_no_container_behind(frontend_factory):
