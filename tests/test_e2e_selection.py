@@ -117,6 +117,41 @@ def test_probability_outputs_are_averaged(frontend):
     assert np.allclose(p.output, [0.4, 0.6]) and p.confidence == 0.5
 
 
+def test_exp4_learns_from_probability_outputs_end_to_end(frontend):
+    """Feedback on probability vectors: each model's loss is 1 - p(label), so with label 0 the [0.9, 0.1]
+    model loses 0.1 and the [0.2, 0.8] one 0.8; eta 0.2 moves their log-weights apart by 0.14, and the
+    next answer averages the vectors with those weights. Caught mutation: the probability loss taken as
+    p(label) (the weights move the other way)."""
+    keys = frontend.deploy_ensemble("pl", [("sure", "fixed_probabilities", {"CLIPPER_TEST_PROBS": "0.9,0.1"}),
+                                           ("doubt", "fixed_probabilities", {"CLIPPER_TEST_PROBS": "0.2,0.8"})],
+                                    output_kind="probabilities", policy_options={"eta": 0.2})
+    with Client("127.0.0.1", frontend.port) as c:
+        assert c.feedback("pl", X, 0)["models"] == keys
+        assert frontend.state("pl") == {"logw": {"sure": 0.0, "doubt": pytest.approx(-0.2 * 0.8 + 0.2 * 0.1)},
+                                        "updates": 1}
+        p = c.predict("pl", np.array([8, 0, 0, 0], np.float32))
+    w = math.exp(-0.14)
+    assert np.allclose(p.output, [(0.9 + 0.2 * w) / (1 + w), (0.1 + 0.8 * w) / (1 + w)])
+    assert list(p.models) == keys and p.confidence == pytest.approx(1 / (1 + w))  # only "sure" backs class 0
+
+
+def test_exp4_learns_from_number_outputs_end_to_end(frontend):
+    """Feedback on numbers: the loss is |output - label| / loss_scale, clipped to 1. With label 2 for
+    x[0] = 1, "double" (2 x[0]) loses 0 and "quint" (5 x[0]) loses 3 / 4; eta 0.5 puts quint's log-weight
+    at -0.375, and the next answer is the mean weighted by that. Caught mutations: loss_scale ignored
+    (quint loses 1: -0.5); the mean left unweighted (3.5)."""
+    keys = frontend.deploy_ensemble("nl", [("double", "Scaled", {"CLIPPER_TEST_FACTOR": "2"}),
+                                           ("quint", "Scaled", {"CLIPPER_TEST_FACTOR": "5"})],
+                                    output_kind="number", policy_options={"eta": 0.5, "loss_scale": 4.0})
+    one = np.array([1, 0, 0, 0], np.float32)
+    with Client("127.0.0.1", frontend.port) as c:
+        assert c.feedback("nl", one, 2.0)["models"] == keys
+        assert frontend.state("nl") == {"logw": {"double": 0.0, "quint": pytest.approx(-0.375)}, "updates": 1}
+        p = c.predict("nl", np.array([2, 0, 0, 0], np.float32))
+    w = math.exp(-0.375)
+    assert p.output == pytest.approx((4.0 + 10.0 * w) / (1 + w)) and list(p.models) == keys
+
+
 def test_feedback_updates_the_policy_state_from_cached_predictions(frontend):
     keys = frontend.deploy_ensemble("learn", [("right", "first_as_label", None), ("wrong", "constant", const(0))],
                                     output_kind="label", policy_options={"eta": 0.2})
