@@ -62,10 +62,16 @@ class Scaled:
 
 
 def constant(batch):
-    """Every input gets the integer $CLIPPER_TEST_CONST, after sleeping $CLIPPER_TEST_SLEEP_S (default 0)."""
+    """Every input gets the integer $CLIPPER_TEST_CONST, after sleeping $CLIPPER_TEST_SLEEP_S (default 0),
+    and, if $CLIPPER_TEST_GATE names a file, once that file exists (at most 120 s)."""
     delay = float(os.environ.get("CLIPPER_TEST_SLEEP_S", "0"))
     if delay:
         time.sleep(delay)
+    gate = os.environ.get("CLIPPER_TEST_GATE")
+    if gate:
+        deadline = time.monotonic() + 120.0
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
     return np.full(len(batch), int(os.environ.get("CLIPPER_TEST_CONST", "0")), dtype=np.int64)
 
 

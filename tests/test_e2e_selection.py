@@ -7,7 +7,6 @@ policy states (including across a restart of the frontend).
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -32,22 +31,22 @@ def test_exp4_ensemble_votes_and_reports_confidence_and_models(frontend):
     assert not p.low_confidence
 
 
-def test_straggler_is_left_out_at_the_deadline_and_fills_the_cache_later(frontend):
+def test_straggler_is_left_out_at_the_deadline_and_fills_the_cache_later(frontend, tmp_path):
+    # The slow model answers only once the test opens its gate: the answer at the 300 ms deadline
+    # cannot have waited for it, however loaded the machine (no clock is read).
+    gate = tmp_path / "gate"
     keys = frontend.deploy_ensemble(
         "strag", [("fast1", "constant", const(4)), ("fast2", "constant", const(4)),
-                  ("slow", "constant", const(9, CLIPPER_TEST_SLEEP_S=2.0))], slo_ms=300, output_kind="label")
-    with Client("127.0.0.1", frontend.port) as c:
-        t0 = time.monotonic()
+                  ("slow", "constant", const(9, CLIPPER_TEST_GATE=gate))], slo_ms=300, output_kind="label")
+    with Client("127.0.0.1", frontend.port, timeout=15) as c:
         p = c.predict("strag", X)
-        elapsed = time.monotonic() - t0
-    # The answer comes at the 300 ms deadline, not after the slow model's 2 s.
-    assert elapsed < 1.5, elapsed
     assert p.output == 4 and not p.is_default and p.confidence == 1.0
     assert list(p.models) == keys[:2]
     assert len(p.missing) == 1 and p.missing[0].startswith("slow:1 (no answer in time")
     st = frontend.stats()["applications"]["strag"]
     assert st["partial"] == 1 and st["answered"] == 1
     # The slow model's late answer still lands in the cache: once it has, all three answer at once.
+    gate.touch()
     frontend.wait_until(lambda s: s["cache"]["entries"] >= 3 and s["models"]["slow:1"]["queries_sent"] == 1,
                         what="the late answer to be cached")
     frontend.wait_until(lambda s: s["cache"]["pending"] == 0, what="no computation pending")
@@ -243,16 +242,23 @@ def test_linking_two_versions_of_one_model(frontend):
     assert p.output == pytest.approx(3.5) and list(p.models) == ["scaled:1", "scaled:2"]
 
 
-def test_a_query_whose_application_loses_its_links_still_gets_an_answer(frontend, wire_conn):
+def test_a_query_whose_application_loses_its_links_still_gets_an_answer(frontend, wire_conn, tmp_path):
+    # "late" answers only once its gate opens: the query still waits for it when both links go, and is
+    # answered at its deadline. The SLO (2.5 s) only has to outlast two unlinks on the loop; that it did
+    # is checked, not assumed.
     from clipper.protocol import wire
 
+    gate = tmp_path / "gate"
     frontend.deploy_ensemble("orphaned", [("quick", "constant", const(1)),
-                                          ("late", "constant", const(2, CLIPPER_TEST_SLEEP_S=3))],
-                             slo_ms=600, output_kind="label", cache=False, on_deadline="error")
+                                          ("late", "constant", const(2, CLIPPER_TEST_GATE=gate))],
+                             slo_ms=2500, output_kind="label", cache=False, on_deadline="error")
     c = wire_conn(frontend.port)
     c.send(wire.predict(1, "orphaned", X))
     frontend.wait_until(lambda s: s["models"]["late:1"]["queries_sent"] >= 1, what="both models asked")
     frontend.call(frontend.fe.unlink("orphaned", "quick"))
     frontend.call(frontend.fe.unlink("orphaned", "late"))
-    (msg,) = c.recv(1, timeout=10)
+    st = frontend.stats()["applications"]["orphaned"]
+    assert st["answered"] == st["errors"] == st["defaults"] == 0, f"answered before the unlinks: {st}"
+    (msg,) = c.recv(1, timeout=15)
+    gate.touch()
     assert msg[0] == wire.ERROR and msg[1] == 1 and msg[2] == E.NoModelAvailableError.code
