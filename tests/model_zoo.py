@@ -62,10 +62,16 @@ class Scaled:
 
 
 def constant(batch):
-    """Every input gets the integer $CLIPPER_TEST_CONST, after sleeping $CLIPPER_TEST_SLEEP_S (default 0)."""
+    """Every input gets the integer $CLIPPER_TEST_CONST, after sleeping $CLIPPER_TEST_SLEEP_S (default 0),
+    and, if $CLIPPER_TEST_GATE names a file, once that file exists (at most 120 s)."""
     delay = float(os.environ.get("CLIPPER_TEST_SLEEP_S", "0"))
     if delay:
         time.sleep(delay)
+    gate = os.environ.get("CLIPPER_TEST_GATE")
+    if gate:
+        deadline = time.monotonic() + 120.0
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
     return np.full(len(batch), int(os.environ.get("CLIPPER_TEST_CONST", "0")), dtype=np.int64)
 
 
@@ -78,3 +84,39 @@ def fixed_probabilities(batch):
     """Every input gets the probability vector $CLIPPER_TEST_PROBS (comma-separated)."""
     p = np.array([float(v) for v in os.environ["CLIPPER_TEST_PROBS"].split(",")], dtype=np.float64)
     return np.tile(p, (len(batch), 1))
+
+
+_batches_seen = 0
+
+
+def gated(batch):
+    """Answers x[0] for each input x; the test decides when, and how it fails.
+
+    Each batch is recorded first: ``$CLIPPER_TEST_MARK_DIR/<pid>.<n>.batch`` (written whole, by a
+    rename) holds the x[0] of its inputs, so a test sees which container holds which inputs. A batch
+    whose largest x[1] is k > 0 then waits until the file ``gate-k`` exists in that folder (at most
+    120 s): the test holds the batch exactly as long as it needs, with no race against a sleep.
+    Then an input with x[0] < 0 makes the whole batch raise, and one with x[2] > 0 (< 0) makes
+    predict return one output too many (too few).
+    """
+    global _batches_seen
+    mark = os.environ["CLIPPER_TEST_MARK_DIR"]
+    _batches_seen += 1
+    path = os.path.join(mark, f"{os.getpid()}.{_batches_seen}.batch")
+    with open(path + ".tmp", "w") as fh:
+        fh.write(",".join(repr(float(x[0])) for x in batch))
+    os.replace(path + ".tmp", path)
+    hold = int(batch[:, 1].max())
+    if hold > 0:
+        gate = os.path.join(mark, f"gate-{hold}")
+        deadline = time.monotonic() + 120.0
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    if (batch[:, 0] < 0).any():
+        raise ValueError(f"negative first value {float(batch[:, 0].min())}")
+    out = batch[:, 0].astype(np.float64)
+    if (batch[:, 2] > 0).any():
+        return np.append(out, 0.0)
+    if (batch[:, 2] < 0).any():
+        return out[:-1]
+    return out

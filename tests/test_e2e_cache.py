@@ -32,11 +32,14 @@ def test_repeated_input_is_answered_from_the_cache(frontend, wire_conn):
     assert st["cache"]["hits"] == 1 and st["cache"]["ready"] == 1
 
 
-def test_equal_inputs_in_flight_are_computed_once(frontend, wire_conn):
-    frontend.deploy("sleepy", "sleep_by_input", max_batch=1)
+def test_equal_inputs_in_flight_are_computed_once(frontend, wire_conn, tmp_path):
+    # model_zoo.gated holds the computation at gate 1 until all five have joined it
+    frontend.deploy("sleepy", "gated", max_batch=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
     for i in range(5):
-        c.send(wire.predict(i, "sleepy", vec(0.3, 9)))
+        c.send(wire.predict(i, "sleepy", vec(0.3, 1)))
+    frontend.wait_until(lambda st: st["applications"]["sleepy"]["cache_joins"] == 4, what="four joins")
+    (tmp_path / "gate-1").touch()
     out = c.recv(5)
     assert sorted(m[1] for m in out) == list(range(5))
     assert all(m[0] == wire.RESULT and m[3] == np.float32(0.3) and not m[4] for m in out)
@@ -62,39 +65,48 @@ def test_a_failed_computation_is_not_cached(frontend, wire_conn):
     assert st["cache"]["fails"] == 2 and st["cache"]["entries"] == 0
 
 
-def test_a_late_result_still_fills_the_cache(frontend, wire_conn):
-    frontend.deploy("sleepy", "sleep_by_input", slo_ms=150, default_output=-1.0)
+def test_a_late_result_still_fills_the_cache(frontend, wire_conn, tmp_path):
+    # the model answers only once gate 1 opens, after the deadline's default
+    frontend.deploy("sleepy", "gated", slo_ms=150, default_output=-1.0, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
-    c.send(wire.predict(1, "sleepy", vec(0.4)))
+    c.send(wire.predict(1, "sleepy", vec(0.4, 1)))
     late = c.recv(1)[0]
     assert late[0] == wire.RESULT and late[3] == -1.0 and late[4]  # the default, at the deadline
+    (tmp_path / "gate-1").touch()
     frontend.wait_until(lambda st: st["cache"]["fills"] == 1, what="the late result filling the cache")
-    c.send(wire.predict(2, "sleepy", vec(0.4)))
+    c.send(wire.predict(2, "sleepy", vec(0.4, 1)))
     hit = c.recv(1)[0]
     assert hit[0] == wire.RESULT and hit[3] == np.float32(0.4) and not hit[4]
     assert frontend.stats()["applications"]["sleepy"]["cache_hits"] == 1
 
 
-def test_a_follower_takes_over_from_a_leader_whose_deadline_passed(frontend, wire_conn):
+def test_a_follower_takes_over_from_a_leader_whose_deadline_passed(frontend_factory, wire_conn, tmp_path):
     # Two applications share one model; the one with the short SLO leads the
     # computation of an input, the other joins it. The leader's deadline
     # passes while it is still queued: it is not sent, and the follower
-    # (another application, a long SLO) inherits the computation.
-    frontend.deploy("short", "sleep_by_input", slo_ms=100, default_output=-1.0, max_batch=1,
-                    batching="fixed", model="shared")
-    frontend.call(frontend.fe.register_application(Application("long", "float32", (4,), slo_ms=10_000)))
-    frontend.call(frontend.fe.link("long", "shared"))
-    c = wire_conn(frontend.port)
-    c.send(wire.predict(1, "long", vec(0.4, 1)))  # holds the only replica for 0.4 s
-    frontend.wait_until(lambda st: st["models"]["shared:1"]["queries_sent"] == 1, what="the first batch sent")
-    c.send(wire.predict(2, "short", vec(0.05, 2)))  # queued: leads this input
-    c.send(wire.predict(3, "long", vec(0.05, 2)))  # joins it
-    out = {m[1]: m for m in c.recv(3)}
-    assert out[2][4] and out[2][3] == -1.0  # the short SLO passed: its default
+    # (another application, a long SLO) inherits the computation. One batch in
+    # flight per replica, so that the leader waits in the queue (with two, a
+    # batch of one is sent behind the held one at once), and the first batch is
+    # held at gate 1 until the leader's deadline has passed.
+    fe = frontend_factory(batches_in_flight=1)
+    fe.deploy("short", "gated", slo_ms=100, default_output=-1.0, max_batch=1, batching="fixed", model="shared",
+              env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    fe.call(fe.fe.register_application(Application("long", "float32", (4,), slo_ms=10_000)))
+    fe.call(fe.fe.link("long", "shared"))
+    c = wire_conn(fe.port)
+    c.send(wire.predict(1, "long", vec(0.4, 1)))  # holds the only replica until gate 1 opens
+    fe.wait_until(lambda st: st["models"]["shared:1"]["queries_sent"] == 1, what="the first batch sent")
+    c.send(wire.predict(2, "short", vec(0.05)))  # queued: leads this input
+    c.send(wire.predict(3, "long", vec(0.05)))  # joins it
+    (short,) = c.recv(1)
+    assert short[1] == 2 and short[4] and short[3] == -1.0  # the short SLO passed: its default
+    (tmp_path / "gate-1").touch()
+    out = {m[1]: m for m in c.recv(2)}
     assert out[1][3] == np.float32(0.4)
     assert out[3][0] == wire.RESULT and not out[3][4] and out[3][3] == np.float32(0.05)
-    st = frontend.stats()
-    assert st["models"]["shared:1"]["queries_sent"] == 2  # the expired leader was never sent
+    st = fe.stats()
+    m = st["models"]["shared:1"]
+    assert m["queries_sent"] == 2 and m["left_unsent"] == 1  # the expired leader was never sent
     assert st["applications"]["long"]["cache_joins"] == 1
     assert st["cache"]["pending"] == 0
 
@@ -124,22 +136,24 @@ def test_an_application_can_turn_the_cache_off(frontend, wire_conn):
     assert st["applications"]["fresh"]["cache_hits"] == 0 and st["cache"]["lookups"] == 0
 
 
-def test_expired_queries_are_not_sent_to_the_model(frontend, wire_conn):
-    frontend.deploy("sleepy", "sleep_by_input", slo_ms=100, default_output=-1.0, max_batch=8, batching="fixed")
+def test_expired_queries_are_not_sent_to_the_model(frontend, wire_conn, tmp_path):
+    frontend.deploy("sleepy", "gated", slo_ms=100, default_output=-1.0, max_batch=8, batching="fixed",
+                    env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
-    c.send(wire.predict(0, "sleepy", vec(0.4)))  # holds the replica past every deadline below
+    c.send(wire.predict(0, "sleepy", vec(0.4, 1)))  # holds the replica (gate 1) past every deadline below
     frontend.wait_until(lambda st: st["models"]["sleepy-model:1"]["queries_sent"] == 1, what="the first batch")
     for i in range(1, 6):
-        c.send(wire.predict(i, "sleepy", vec(0.0, i)))
+        c.send(wire.predict(i, "sleepy", vec(0.0, 0, 0, i)))
     out = c.recv(6)
     assert all(m[4] and m[3] == -1.0 for m in out)
     # Answered by default at their deadline, they left the queue then, while the replica was still busy
-    # (its 0.4 s batch is out): the queue holds nothing answered, and their reservations were given back.
+    # (its batch is held): the queue holds nothing answered, and their reservations were given back.
     st = frontend.stats()
     m = st["models"]["sleepy-model:1"]
     assert m["free_replicas"] == 0 and m["queue_length"] == 0 and m["queue_bytes"] == 0
     assert m["left_unsent"] == 5 and m["queries_sent"] == 1
     assert st["cache"]["pending"] == 1  # only the batch in flight still holds a reservation
+    (tmp_path / "gate-1").touch()
 
 
 def test_aimd_grows_the_batch_size_under_load(frontend, wire_conn):

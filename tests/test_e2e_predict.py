@@ -61,17 +61,22 @@ def test_str_application_batches_travel_as_one_buffer(frontend, wire_conn):
     assert [out[i][3] for i in range(len(words))] == [f"{w.upper()}:str" for w in words]
 
 
-def test_pipelining_out_of_order_completion(frontend, wire_conn):
-    # Two replicas, batches of one: the slow query holds one replica while the
-    # fast ones go through the other, so replies overtake the slow one.
-    frontend.deploy("sleepy", "sleep_by_input", replicas=2, max_batch=1)
+def test_pipelining_out_of_order_completion(frontend_factory, wire_conn, tmp_path):
+    # Two replicas, batches of one, one batch in flight each (with two, a fast query could be sent
+    # behind the held one): the slow query is held in one replica (model_zoo.gated, gate 1) until the
+    # five fast ones, through the other replica, have been answered: replies overtake it. A connection
+    # that answered in order would never send them (the gate opens after).
+    frontend = frontend_factory(batches_in_flight=1)
+    frontend.deploy("sleepy", "gated", replicas=2, max_batch=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
-    c.send(wire.predict(100, "sleepy", np.array([0.5, 0, 0, 0], np.float32)))
+    c.send(wire.predict(100, "sleepy", np.array([0.5, 1, 0, 0], np.float32)))
     for i in range(5):
-        c.send(wire.predict(i, "sleepy", np.array([0.0, 0, 0, 0], np.float32)))
-    order = [m[1] for m in c.recv(6)]
-    assert sorted(order) == [0, 1, 2, 3, 4, 100]
-    assert order[-1] == 100, f"the slow query should finish last, got {order}"
+        c.send(wire.predict(i, "sleepy", np.array([0.0, 0, 0, i], np.float32)))
+    fast = c.recv(5, timeout=20)
+    assert sorted(m[1] for m in fast) == [0, 1, 2, 3, 4]
+    (tmp_path / "gate-1").touch()
+    (slow,) = c.recv(1)
+    assert slow[1] == 100 and slow[3] == 0.5
 
 
 def test_predict_that_raises_fails_only_its_batch(frontend, wire_conn):

@@ -135,6 +135,22 @@ def test_exp3_update_rule_by_hand():
     assert s3["updates"] == 3
 
 
+def test_exp3_update_with_exploration_uses_the_mixed_probability():
+    """gamma > 0: the importance weight is the probability the model was drawn with, (1 - gamma) w_i / sum(w)
+    + gamma / K, not w_i / sum(w). Caught mutation: ``p = w / sum(w)`` in observe (b's step would be
+    0.1 / 0.25 = 0.4, not 0.1 / 0.35)."""
+    p = make_policy("exp3", ["a", "b"], output_kind="label", options={"eta": 0.1, "gamma": 0.4})
+    s = {"logw": {"a": 0.0, "b": math.log(1 / 3)}, "updates": 4}  # w = 3:1, so w / sum(w) = 0.75 / 0.25
+    assert p.probabilities(s) == pytest.approx([0.65, 0.35])  # 0.6 * 0.75 + 0.2, 0.6 * 0.25 + 0.2
+    # b was drawn and was wrong: log w_b -= 0.1 * 1 / 0.35
+    s2 = p.observe(s, None, 1, {"b": 0})
+    assert s2 == {"logw": {"a": 0.0, "b": pytest.approx(math.log(1 / 3) - 0.1 / 0.35)}, "updates": 5}
+    # a was drawn and was wrong: a falls by 0.1 / 0.65 and stays the largest, so the new zero (b: -0.944766)
+    s3 = p.observe(s, None, 1, {"a": 0})
+    assert s3["logw"] == pytest.approx({"a": 0.0, "b": math.log(1 / 3) + 0.1 / 0.65})
+    assert s3["logw"]["b"] == pytest.approx(-0.944766, abs=1e-6)
+
+
 def test_exp3_draws_follow_the_probabilities():
     p = make_policy("exp3", ["a", "b"], options={"seed": 11})
     s = {"logw": {"a": 0.0, "b": math.log(1 / 3)}, "updates": 0}  # p = 0.75 / 0.25
