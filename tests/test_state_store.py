@@ -302,3 +302,90 @@ def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(fronten
     with Client("127.0.0.1", second.port) as c:
         p = c.predict("shared", np.array([3, 0, 0, 0], np.float32), user="carol")
     assert p.output == 3 and not p.is_default
+
+
+# ------------------------------------------------------------------ several frontends, one user's state
+from clipper.store.states import decode_state, merge_states  # noqa: E402
+
+
+def test_merge_adds_what_this_frontend_learned_to_what_the_store_holds():
+    base = encode_state("exp4", {"logw": {"a": 0.0, "b": -1.0}, "updates": 2})
+    other = encode_state("exp4", {"logw": {"a": -0.5, "b": -1.0}, "updates": 3})  # another frontend's step
+    mine = encode_state("exp4", {"logw": {"a": 0.0, "b": -1.25}, "updates": 3})  # this one's, from base
+    assert decode_state(merge_states(other, base, mine)) == (
+        "exp4", {"logw": {"a": -0.5, "b": -1.25}, "updates": 4})
+    assert merge_states(None, base, mine) == mine  # nothing stored: mine
+    assert decode_state(merge_states(base, base, mine))[1] == decode_state(mine)[1]  # nobody else wrote: mine
+    # no base (a user this frontend found fresh): its numbers count whole
+    fresh = encode_state("exp4", {"logw": {"a": -0.25}, "updates": 1})
+    assert decode_state(merge_states(other, None, fresh))[1] == {"logw": {"a": -0.75, "b": -1.0}, "updates": 4}
+    # another policy's state, or non-numbers: the last write wins
+    ucb = encode_state("ucb1", {"n": {"a": 1.0}})
+    assert merge_states(ucb, base, mine) == mine
+    inf = encode_state("exp4", {"logw": {"a": float("-inf")}, "updates": 3})
+    assert decode_state(merge_states(other, base, inf))[1]["logw"]["a"] == float("-inf")
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.dictionaries(st.sampled_from("abc"), st.integers(-1000, 1000), max_size=3),
+       steps=st.lists(st.tuples(st.booleans(), st.sampled_from("abc"), st.integers(-50, 50)), max_size=12))
+def test_concurrent_steps_merged_in_any_interleaving_all_count(start, steps):
+    # two writers, each adding integer steps to its own copy read at some point, writing with its base:
+    # whatever the interleaving, the stored value is the start plus every step
+    stored = encode_state("p", dict(start))
+    copies = [(stored, dict(start)), (stored, dict(start))]  # (base, mine) per writer
+    for who, key, step in steps:
+        base, mine = copies[who]
+        mine = dict(mine)
+        mine[key] = mine.get(key, 0) + step
+        new = encode_state("p", mine)
+        stored = merge_states(stored, base, new)
+        copies[who] = (new, mine)  # what it wrote is its next base (its memory keeps its own view)
+    total = dict(start)
+    for _, key, step in steps:
+        total[key] = total.get(key, 0) + step
+    got = decode_state(stored)[1]
+    assert {k: v for k, v in got.items() if v} == {k: v for k, v in total.items() if v}
+
+
+def test_two_frontends_learning_about_one_user_lose_no_update(redis_server):
+    from clipper.query.processor import QueryProcessor
+    from clipper.selection import make_policy
+
+    prefix = f"t{uuid.uuid4().hex}"
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    stores = [RedisStore(redis_server.url, prefix=prefix) for _ in range(2)]
+    try:
+        procs = [QueryProcessor(lp, 1024, 0, store=s) for lp, s in zip(loops, stores)]
+        policy = make_policy("exp4", ["a", "b"])
+        tables = [p.state_table("app", policy) for p in procs]
+
+        def read(i):  # as the query path does: memory, else a read off the loop
+            st_ = tables[i].peek("carol")
+            if st_ is None:
+                got = []
+                tables[i].fetch("carol", lambda s, known: got.append(s))
+                _run_until(loops[i], lambda: got)
+                st_ = got[0]
+            return st_
+
+        for rnd in range(20):
+            for i in range(2):
+                s = read(i)
+                tables[i].put("carol", {"logw": {"a": s["logw"]["a"] - 0.125, "b": s["logw"]["b"]},
+                                        "updates": s["updates"] + 1})
+                if rnd % 3 != i:  # each writes behind the other's back now and then
+                    procs[i].flush_states()
+            for i in range(2):
+                loops[i].run_until_complete(asyncio.sleep(0.002))  # merged states come back into memory
+        for i in range(2):
+            procs[i].flush_states()
+            stores[i].flush()
+            loops[i].run_until_complete(asyncio.sleep(0.01))
+        stored = decode_state(stores[0].load("policy/app", "carol"))[1]
+        assert stored["updates"] == 40 and stored["logw"]["a"] == pytest.approx(-0.125 * 40)
+    finally:
+        for s in stores:
+            s.close()
+        for lp in loops:
+            lp.close()

@@ -729,15 +729,19 @@ class QueryProcessor:
         """Write every changed state to the store (one transaction)."""
         self._flush_timer = None
         items, taken = [], []
+        merging = getattr(self.store, "merges", False)
         for table in self._tables.values():
-            its, tk = table.take_dirty()
+            its, tk = table.take_dirty_merge() if merging else table.take_dirty()
             items += its
             if tk:
                 taken.append((table, tk))
         if not items:
             return
         try:
-            self.store.save_many(items)
+            if merging:  # other frontends may write these users too: the store merges (StateTable)
+                self.store.merge_many(items, self._on_merged)
+            else:
+                self.store.save_many(items)
         except Exception:
             self.state_flush_errors += 1
             log.exception("saving %d policy states failed; trying again in %g s", len(items), self.state_flush_s)
@@ -751,6 +755,19 @@ class QueryProcessor:
                 table.trim_if_due()
             except Exception:
                 log.exception("trimming the policy states of %s failed", table.namespace)
+
+    def _on_merged(self, merged: list) -> None:
+        """(The store's thread.) Merged states were written: memory takes them, on the loop."""
+        try:
+            self.loop.call_soon_threadsafe(self._take_merged, merged)
+        except RuntimeError:  # the loop is closed: nobody reads memory any more
+            pass
+
+    def _take_merged(self, merged: list) -> None:
+        for ns, key, value, m in merged:
+            table = self._tables.get(ns[len("policy/"):]) if ns.startswith("policy/") else None
+            if table is not None and table.namespace == ns:
+                table.merged(key, value, m)
 
     def close(self) -> None:
         if self._lag_timer is not None:

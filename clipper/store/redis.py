@@ -78,6 +78,8 @@ class _Deleted:
 class RedisStore(StateStore):
     """A :class:`StateStore` on a Redis server (``redis://``, ``rediss://`` or ``unix://`` URL)."""
 
+    merges = True  # several frontends write the same policy states: see merge_many
+
     def __init__(self, url: str, *, prefix: str = "clipper", timeout_s: float = 2.0,
                  max_pending_bytes: int = 64 * 1024 * 1024) -> None:
         try:
@@ -100,6 +102,7 @@ class RedisStore(StateStore):
         self.dropped_writes = 0
         self.write_errors = 0
         self.commits = 0
+        self.merge_conflicts = 0  # merges retried because another frontend wrote in between
         self.available = True  # the last command reached the server
         self._closing = False
         self._loop = asyncio.new_event_loop()
@@ -151,11 +154,18 @@ class RedisStore(StateStore):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [jobs[i] for i in range(min(_BATCH, len(jobs)))]
+            if jobs[0][0] == "merge":  # a merge is its own optimistic transaction
+                batch = [jobs[0]]
+            else:
+                batch = []
+                for job in jobs:
+                    if job[0] == "merge" or len(batch) == _BATCH:
+                        break
+                    batch.append(job)
             attempt = 0
             while True:
                 try:
-                    results = await self._apply(batch)
+                    results = await (self._apply_merge(batch[0][1]) if batch[0][0] == "merge" else self._apply(batch))
                     break
                 except self._errors as exc:
                     self.write_errors += 1
@@ -196,10 +206,52 @@ class RedisStore(StateStore):
                 await self._trim(keys=[self._h(ns), self._z(ns)], args=[keep], client=pipe)
         return await pipe.execute()
 
+    async def _apply_merge(self, arg) -> list:
+        """Write merged policy states: WATCH their hashes, read what they hold, write
+        ``merge_states(current, base, value)`` for each in one MULTI/EXEC; another frontend's write in
+        between aborts it (WatchError) and it is read and merged again."""
+        from redis.exceptions import WatchError
+
+        from .states import merge_states
+
+        items, _ = arg
+        by_ns: dict[str, list] = {}
+        for ns, key, base, value in items:
+            by_ns.setdefault(ns, []).append((key, base, value))
+        hashes = [self._h(ns) for ns in by_ns]
+        async with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(*hashes)
+                    merged = []
+                    for ns, entries in by_ns.items():
+                        currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
+                        for (key, base, value), current in zip(entries, currents):
+                            merged.append((ns, key, value, merge_states(current, base, value)))
+                    pipe.multi()
+                    keys = [f"{self.prefix}:seq"]
+                    args = []
+                    for ns, key, _, m in merged:
+                        keys += (self._h(ns), self._z(ns))
+                        args += (key, m)
+                    await self._save(keys=keys, args=args, client=pipe)
+                    await pipe.execute()
+                    return merged
+                except WatchError:
+                    self.merge_conflicts += 1
+                    await pipe.reset()
+
     def _applied(self, batch: list, results) -> None:
         done_items, after, freed = [], [], 0
         i = 0
         for kind, arg in batch:
+            if kind == "merge":
+                items, on_merged = arg
+                done_items.extend(((ns, key), value) for ns, key, _, value in items)
+                freed += sum(len(v) + len(k) for _, k, _, v in items)
+                if on_merged is not None and results is not None:
+                    after.append((on_merged, results))
+                continue
             if kind == "save":
                 done_items.extend(((ns, key), value) for ns, key, value in arg)
                 freed += sum(len(v) + len(k) for _, k, v in arg)
@@ -225,7 +277,7 @@ class RedisStore(StateStore):
             try:
                 on_done(n)
             except Exception:
-                log.exception("a trim callback failed")
+                log.exception("a store callback failed")
 
     def _call(self, coro, timeout: float | None = None):
         """Run ``coro`` on the store's loop and wait for it (start, management, tests: not queries)."""
@@ -304,6 +356,30 @@ class RedisStore(StateStore):
                 self._overlay[(ns, key)] = value
         self._submit(("save", items))
 
+    def merge_many(self, items: Iterable[tuple[str, str, bytes | None, bytes]],
+                   on_merged: Callable[[list], None] | None = None) -> None:
+        """Write policy states that other frontends may be writing too: for each ``(namespace, key,
+        base, value)`` the store writes :func:`~clipper.store.states.merge_states` of what it holds,
+        ``base`` (the state as this frontend read or last wrote it) and ``value``, atomically (an
+        optimistic transaction, retried on conflict). ``on_merged([(ns, key, value, merged), ...])``
+        runs on the store's thread once written. Reads meanwhile see ``value``."""
+        items = [(ns, key, base, bytes(value)) for ns, key, base, value in items]
+        if not items:
+            return
+        if self._closing:
+            raise StateUnavailableError(f"state store {self._where()} is closed")
+        nbytes = sum(len(v) + len(k) for _, k, _, v in items)
+        with self._lock:
+            if self.pending_bytes + nbytes > self.max_pending_bytes:
+                self.dropped_writes += 1
+                log.error("state store %s: %d bytes of writes wait for the server; max_pending_bytes is %d: %d "
+                          "states dropped", self._where(), self.pending_bytes, self.max_pending_bytes, len(items))
+                return
+            self.pending_bytes += nbytes
+            for ns, key, _, value in items:
+                self._overlay[(ns, key)] = value
+        self._submit(("merge", (items, on_merged)))
+
     def delete(self, namespace: str, key: str) -> None:
         """Queue the delete; returns None (whether the value existed is not known without a read)."""
         mark = _Deleted()
@@ -355,7 +431,7 @@ class RedisStore(StateStore):
 
     def stats(self) -> dict:
         return {"available": self.available, "pending_bytes": self.pending_bytes, "write_errors": self.write_errors,
-                "dropped_writes": self.dropped_writes, "commits": self.commits}
+                "dropped_writes": self.dropped_writes, "commits": self.commits, "merge_conflicts": self.merge_conflicts}
 
     def close(self, timeout: float = 10.0) -> None:
         """Apply what is queued (up to ``timeout``; a server that is down gets three more tries), then stop."""

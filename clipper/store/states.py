@@ -12,6 +12,16 @@ changed states to the frontend's flush, which commits every application's in
 one transaction. A state is saved with the name of the policy that made it;
 after the application changes policy, old states are ignored (the new policy
 starts fresh) and age out.
+
+Several frontends on one store (Redis) may update the same user's state. A
+store that ``merges`` (:class:`~clipper.store.redis.RedisStore`) is given,
+for each changed state, the state as this frontend last read or wrote it
+(``base``) besides the new one, and writes :func:`merge_states` of what it
+holds now: numbers add what this frontend learned (new - base) to what the
+others wrote meanwhile, so concurrent updates are all kept (the learned
+weights, counts and reward sums of Clipper's policies are sums of per-feedback
+steps). The merged state comes back into memory when nothing changed it
+since.
 """
 
 from __future__ import annotations
@@ -22,11 +32,12 @@ from typing import Callable
 import msgpack
 
 import logging
+import math
 
 from ..errors import InternalError
 from .base import StateStore
 
-__all__ = ["StateTable", "encode_state", "decode_state"]
+__all__ = ["StateTable", "encode_state", "decode_state", "merge_states"]
 
 log = logging.getLogger("clipper.store")
 
@@ -48,6 +59,43 @@ def decode_state(raw: bytes) -> tuple[str | None, dict | None]:
     return doc.get("policy"), doc["state"]
 
 
+def _number(v) -> bool:
+    return (type(v) is float or type(v) is int) and math.isfinite(v)
+
+
+def _merge(current, base, mine):
+    if type(mine) is dict:
+        out = dict(current) if type(current) is dict else {}
+        b = base if type(base) is dict else {}
+        for k, v in mine.items():
+            out[k] = _merge(out.get(k), b.get(k), v)
+        for k in b:  # dropped by this frontend since it read them: dropped
+            if k not in mine:
+                out.pop(k, None)
+        return out
+    if _number(mine) and (current is None or _number(current)) and (base is None or _number(base)):
+        merged = (current or 0) + (mine - (base or 0))
+        return merged if math.isfinite(merged) else mine
+    return mine  # anything else: the last write wins
+
+
+def merge_states(current: bytes | None, base: bytes | None, mine: bytes) -> bytes:
+    """What a merging store writes for a user's policy state: ``mine`` with each number replaced by
+    ``current + (mine - base)`` (a number ``base`` lacks counts as 0; a non-finite one, or any other
+    value, is ``mine``'s). ``mine`` wins whole when ``current`` is unreadable or was made by another
+    policy."""
+    if current is None:
+        return mine
+    c_name, c_state = decode_state(current)
+    m_name, m_state = decode_state(mine)
+    if c_state is None or m_state is None or c_name != m_name:
+        return mine
+    b_name, b_state = decode_state(base) if base is not None else (None, None)
+    if b_name != m_name:
+        b_state = None
+    return encode_state(m_name, _merge(c_state, b_state, m_state))
+
+
 class StateTable:
     """Per-user policy states of one application.
 
@@ -67,6 +115,11 @@ class StateTable:
         self.on_dirty = on_dirty
         self.lru: OrderedDict[str, dict] = OrderedDict()
         self.dirty: dict[str, dict] = {}
+        # For a merging store: each user's state as this frontend last read or wrote it (encoded; None:
+        # the store had none), and the state objects handed to the store and not yet merged back.
+        self.merging = bool(getattr(store, "merges", False))
+        self.base: dict[str, bytes | None] = {}
+        self._written: dict[str, dict] = {}
         self._saved_since_trim = 0
         self.unstorable = 0
         self.loop = loop  # where fetch's callbacks run (needed by fetch only)
@@ -86,6 +139,8 @@ class StateTable:
         self.init = init
         self.lru.clear()
         self.dirty.clear()
+        self.base.clear()
+        self._written.clear()
 
     def get(self, user: str) -> dict:
         lru = self.lru
@@ -104,6 +159,7 @@ class StateTable:
             if state is None:
                 self.fresh += 1
                 state = self.init()
+            self._read(user, raw)
         self._remember(user, state)
         return state
 
@@ -162,6 +218,7 @@ class StateTable:
                 if state is None:
                     self.fresh += 1
                     state = self.init()
+                self._read(user, value)
                 self._remember(user, state)
             else:
                 self.load_failures += 1
@@ -183,13 +240,20 @@ class StateTable:
         if first and self.on_dirty is not None:
             self.on_dirty()
 
+    def _read(self, user: str, raw: bytes | None) -> None:
+        """The store said ``raw`` for ``user``: the base of what this frontend learns next."""
+        if self.merging and user not in self.base:
+            self.base[user] = raw
+
     def _remember(self, user: str, state: dict) -> None:
         lru = self.lru
         lru[user] = state
         lru.move_to_end(user)
         while len(lru) > self.max_in_memory:
-            lru.popitem(last=False)  # a dirty one stays in self.dirty until it is saved
+            gone, _ = lru.popitem(last=False)  # a dirty one stays in self.dirty until it is saved
             self.evicted_from_memory += 1
+            if self.merging and gone not in self.dirty and gone not in self._written:
+                self.base.pop(gone, None)
 
     def take_dirty(self) -> tuple[list[tuple[str, str, bytes]], dict]:
         """The changed states as store items, and what was taken (for :meth:`give_back`).
@@ -209,6 +273,33 @@ class StateTable:
                 log.error("application %s, user %r: %s", self.namespace, user, exc.message)
         self._saved_since_trim += len(items)
         return items, taken
+
+    def take_dirty_merge(self) -> tuple[list[tuple[str, str, bytes | None, bytes]], dict]:
+        """:meth:`take_dirty` for a merging store: ``(namespace, user, base, value)`` items. What is
+        written becomes the base of the next write (this frontend's learning is counted up to it)."""
+        items, taken = self.take_dirty()
+        out = []
+        base, written = self.base, self._written
+        for ns, user, value in items:
+            out.append((ns, user, base.get(user), value))
+            base[user] = value
+            written[user] = taken[user]
+        return out, taken
+
+    def merged(self, user: str, value: bytes, merged: bytes) -> None:
+        """The store wrote ``merged`` for the state this table wrote as ``value``: memory takes it,
+        unless the state changed since (then the next write carries that change on)."""
+        state = self._written.pop(user, None)
+        if state is None:
+            return
+        if self.lru.get(user) is state and user not in self.dirty:
+            if merged is not value and merged != value:
+                name, new = decode_state(merged)
+                if new is not None and name == self.policy_name:
+                    self.lru[user] = new
+            self.base[user] = merged
+        elif user not in self.lru and user not in self.dirty:
+            self.base.pop(user, None)
 
     def give_back(self, taken: dict) -> None:
         """Saving what :meth:`take_dirty` returned failed: keep those states for the next try
