@@ -333,6 +333,51 @@ def test_a_replica_lost_with_two_batches_out_has_both_retried_in_order(h):
     assert [t.app.outcomes[q.query_id] for q in qs] == [("result", float(i)) for i in range(5)]
 
 
+def test_a_second_batch_answered_in_the_same_go_as_the_first_is_not_learned_from(h):
+    t = h(max_batch=2, batches_in_flight=2)
+    r = Replica(1)
+    t.queue.add_replica(r)
+    [t.query([i]) for i in range(6)]
+    t.next_batch()
+    t.settle()
+    b1, b2 = t.sent
+    for b in (b1, b2):
+        b.sent_ns -= 10 * MS  # both out for 10 ms
+        b.out_ns -= 10 * MS
+    t.queue.deliver(r, b1, [0.0, 1.0])
+    learned = r.lat_ewma_ns
+    assert learned >= 10 * MS
+    t.queue.deliver(r, b2, [2.0, 3.0])  # read right after the first: a gap of microseconds
+    assert r.lat_ewma_ns == learned
+    b3 = t.next_batch()  # alone this time, then one sent behind it that runs for real after its answer
+    [t.query([i]) for i in range(6, 8)]
+    t.settle()
+    b4 = t.sent[-1]
+    assert r.batch is b3 and r.batch2 is b4
+    t.queue.deliver(r, b3, [4.0, 5.0])
+    b4.sent_ns -= 8 * MS  # its container took 8 ms after answering b3
+    t.queue.deliver(r, b4, [6.0, 7.0])
+    assert r.lat_ewma_ns < learned  # learned from (8 ms after the ~10 ms before)
+
+
+def test_a_batch_lost_with_its_replica_wakes_a_replica_that_can_take_a_second_batch(h):
+    t = h(max_batch=2, batches_in_flight=2)
+    r1, r2 = Replica(1), Replica(2)
+    t.queue.add_replica(r1)
+    t.queue.add_replica(r2)
+    [t.query([i]) for i in range(2)]
+    t.next_batch()
+    [t.query([i]) for i in range(2, 4)]
+    t.settle()
+    a, b = t.sent
+    assert {a.replica, b.replica} == {r1, r2} and not t.queue.free and len(t.queue.half) == 2
+    lost = a.replica
+    lost.dead = True
+    t.queue.remove_replica(lost, "exited")  # its two queries come back: the other replica takes them now
+    c = t.next_batch()
+    assert c.replica is b.replica and c.queries == a.queries and b.replica.batch2 is c
+
+
 def test_the_estimate_counts_the_batch_behind_a_busy_replicas_first(h):
     t = h(max_batch=2, batches_in_flight=2)
     r = Replica(1)

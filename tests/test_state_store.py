@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,22 +121,22 @@ def test_a_read_that_fails_is_reported_not_kept(loop, tmp_path):
 
 
 def test_a_frontend_whose_store_is_stuck_answers_queries_and_refuses_to_learn_blind(frontend_factory, tmp_path):
-    fe = frontend_factory(state_path=str(tmp_path / "state.sqlite"), state_load_timeout_ms=300)
+    # the store's read may take a minute: a request waits at most half its own deadline for it
+    fe = frontend_factory(state_path=str(tmp_path / "state.sqlite"), state_load_timeout_ms=60_000)
     fe.deploy_ensemble("stuck", [("right", "first_as_label", None), ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})],
-                       output_kind="label")
+                       output_kind="label", slo_ms=400)
     x = np.array([3, 0, 0, 0], np.float32)
     release = fe.call(lambda: _hold_writer_nowait(fe.fe.store))
     try:
         assert release[1].wait(10)
-        with Client("127.0.0.1", fe.port) as c:
+        with Client("127.0.0.1", fe.port, timeout=10) as c:
             # a user memory does not hold: the read times out, the query is answered with a fresh state
             p = c.predict("stuck", x, user="frank")
             assert not p.is_default and p.output in (0, 3)
             with pytest.raises(E.StateUnavailableError, match="nothing was learned"):
                 c.feedback("stuck", x, 3, user="frank")
         st = fe.stats()
-        assert st["applications"]["stuck"]["states"]["load_failures"] == 2
-        assert st["states"]["waiting_for_state"] == 0
+        assert st["states"]["state_wait_timeouts"] == 2 and st["states"]["waiting_for_state"] == 0
     finally:
         release[0].set()
     with Client("127.0.0.1", fe.port) as c:
@@ -259,10 +260,10 @@ def test_writes_wait_out_a_redis_outage_and_reads_fail_fast_meanwhile(loop, redi
             assert not store.flush(timeout=1.0)  # not applied: the server does not answer
             assert store.write_errors >= 1 and not store.available
             t = StateTable(store, "app", "exp4", _init, max_in_memory=10, max_states=100, loop=loop,
-                           load_timeout_s=2.0)
+                           load_timeout_s=60.0)  # (the store's own 0.3 s timeout must end the read)
             got = []
             t.fetch("alice", lambda s, known: got.append((s, known)))
-            _run_until(loop, lambda: got)
+            _run_until(loop, lambda: got, timeout=20.0)
             assert got == [(INIT, False)] and t.peek("alice") is None  # the read failed: fresh, not kept
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
@@ -273,18 +274,67 @@ def test_writes_wait_out_a_redis_outage_and_reads_fail_fast_meanwhile(loop, redi
         store.close()
 
 
+def test_many_reads_at_once_share_round_trips_and_all_succeed(loop, redis_server):
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    try:
+        store.save_many([("policy/app", f"u{i}", b"%d" % i) for i in range(0, 300, 2)])
+        store.flush()
+        got = {}
+        for i in range(300):  # a burst of users not in memory (after a restart, say)
+            store.load_later("policy/app", f"u{i}", lambda v, e, i=i: got.__setitem__(i, (v, e)))
+        deadline = time.monotonic() + 10
+        while len(got) < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(got) == 300 and all(e is None for _, e in got.values())
+        assert all(got[i][0] == (b"%d" % i if i % 2 == 0 else None) for i in range(300))
+    finally:
+        store.close()
+
+
+def test_a_batch_the_server_refuses_is_dropped_and_the_writes_behind_it_go_on(redis_server):
+    prefix = f"t{uuid.uuid4().hex}"
+    redis_server.client().set(f"{prefix}:v:broken", b"a string where a hash should be")
+    store = RedisStore(redis_server.url, prefix=prefix)
+    try:
+        store.save_many([("broken", "k", b"v")])
+        assert store.flush(timeout=5.0)  # not retried forever
+        assert store.failed_writes == 1
+        store.save_many([("fine", "k", b"v")])
+        assert store.flush(timeout=5.0) and store.load("fine", "k") == b"v"
+        assert redis_server.client().hget(f"{prefix}:v:fine", "k") == b"v"
+    finally:
+        store.close()
+
+
+def test_a_namespace_being_removed_reads_empty_and_then_as_the_server_says(redis_server):
+    prefix = f"t{uuid.uuid4().hex}"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    try:
+        store.save_many([("policy/app", "old", b"old-state"), ("policy/app", "kept", b"x")])
+        store.flush()
+        store.save_many([("other", "k", b"v")] * 50)  # writes queued ahead of the removal
+        store.delete_namespace("policy/app")
+        assert store.load("policy/app", "old") is None and store.load("policy/app", "kept") is None
+        store.flush()
+        redis_server.client().hset(f"{prefix}:v:policy/app", "kept", b"written by another frontend")
+        assert store.load("policy/app", "kept") == b"written by another frontend"  # no mark left behind
+    finally:
+        store.close()
+
+
 def test_an_unreachable_redis_stops_the_start_with_a_clear_error(tmp_path):
     from clipper.errors import InvalidConfigError
 
+    before = {t for t in threading.enumerate() if t.name == "clipper-redis"}
     with pytest.raises(InvalidConfigError, match="did not answer"):
         RedisStore(f"unix://{tmp_path}/nobody.sock", timeout_s=0.3)
     with pytest.raises(InvalidConfigError, match="not a redis"):
         RedisStore("http://example.invalid/")
-    assert not [t for t in threading.enumerate() if t.name == "clipper-redis"]  # nothing left running
+    assert {t for t in threading.enumerate() if t.name == "clipper-redis"} == before  # nothing left running
 
 
-def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(frontend_factory, redis_server, tmp_path):
-    prefix_url = redis_server.url
+def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(frontend_factory, redis_factory):
+    prefix_url = redis_factory().url  # a server of its own: the frontends use the default key prefix
     models = [("right", "first_as_label", None), ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})]
     first = frontend_factory(state_path=prefix_url)
     assert "RedisStore" in first.stats()["states"]["store"]
@@ -389,3 +439,24 @@ def test_two_frontends_learning_about_one_user_lose_no_update(redis_server):
             s.close()
         for lp in loops:
             lp.close()
+
+
+def test_a_drain_answers_a_request_still_waiting_for_its_state(frontend_factory, wire_conn, tmp_path):
+    from clipper.protocol import wire
+
+    fe = frontend_factory(state_path=str(tmp_path / "state.sqlite"), state_load_timeout_ms=60_000)
+    fe.deploy_ensemble("slowstate", [("right", "first_as_label", None),
+                                     ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})],
+                       output_kind="label", slo_ms=60_000)
+    release = fe.call(lambda: _hold_writer_nowait(fe.fe.store))
+    try:
+        assert release[1].wait(10)
+        c = wire_conn(fe.port)
+        c.send(wire.predict(1, "slowstate", np.array([3, 0, 0, 0], np.float32), {"user": "gina"}))
+        fe.wait_until(lambda s: s["states"]["waiting_for_state"] == 1, what="the request to wait for its state")
+        assert asyncio.run_coroutine_threadsafe(fe.fe.drain(0.2), fe.loop).result(30) == 1
+        (msg,) = c.recv(1, timeout=10)
+        assert msg[0] == wire.ERROR and msg[2] == E.ShuttingDownError.code
+        assert fe.stats()["states"]["waiting_for_state"] == 0
+    finally:
+        release[0].set()

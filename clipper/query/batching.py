@@ -85,13 +85,14 @@ class Batch:
     or, for a batch sent behind another (``batches_in_flight`` = 2), when that one's answer arrived.
     Its latency (what the batch sizer and admission learn) and its batch timeout count from there."""
 
-    __slots__ = ("batch_id", "queries", "replica", "sent_ns")
+    __slots__ = ("batch_id", "queries", "replica", "sent_ns", "out_ns")
 
     def __init__(self, batch_id: int, queries: list, replica, sent_ns: int):
         self.batch_id = batch_id
         self.queries = queries
         self.replica = replica
         self.sent_ns = sent_ns
+        self.out_ns = sent_ns  # when it was sent (sent_ns moves for a batch sent behind another)
 
 
 class ModelQueue:
@@ -187,7 +188,17 @@ class ModelQueue:
                 gap = now - last
                 ewma = self._gap_ewma_ns
                 self._gap_ewma_ns = gap if ewma == float("inf") else 0.875 * ewma + 0.125 * gap
-        if not self._scheduled and (self.free or (self.half and self.live >= self.half[0].sizer.current)):
+        if not self._scheduled and (self.free or (self.half and self.live >= self._half_need())):
+            self._scheduled = True
+            self.loop.call_soon(self._dispatch)
+
+    def _half_need(self) -> int:
+        """The fewest queued queries that let a replica of ``half`` take a second batch."""
+        return min(r.sizer.current for r in self.half)
+
+    def _wake(self) -> None:
+        """Items came back to the queue: dispatch if a replica can take them."""
+        if not self._scheduled and self.live and (self.free or (self.half and self.live >= self._half_need())):
             self._scheduled = True
             self.loop.call_soon(self._dispatch)
 
@@ -220,9 +231,7 @@ class ModelQueue:
         heir = self._retire(q)
         if heir is not None:
             self._requeue(heir)
-            if self.free and not self._scheduled:
-                self._scheduled = True
-                self.loop.call_soon(self._dispatch)
+            self._wake()
         if self.leftovers > _COMPACT_MIN and 2 * self.leftovers > len(self.pending):
             self.pending = deque(x for x in self.pending if x.queue is self)
             self.leftovers = 0
@@ -273,13 +282,19 @@ class ModelQueue:
                 # A replica with a batch out takes a second only when a whole batch waits: its container
                 # starts it the moment it answers the first (no round trip idle between them), and a
                 # queue shorter than a batch is better left to grow into the next one.
-                replica = half[0]
-                if replica.dead or replica.batch is None or replica.batch2 is not None:
-                    half.popleft()
-                    continue
-                if self.live < replica.sizer.current:
+                replica = None
+                for r in half:
+                    if r.dead or r.batch is None or r.batch2 is not None:
+                        replica = r  # not one that can take a second batch: out of half
+                        break
+                    if self.live >= r.sizer.current:
+                        replica = r
+                        break
+                if replica is None:
                     break
-                half.popleft()
+                half.remove(replica)
+                if replica.dead or replica.batch is None or replica.batch2 is not None:
+                    continue
                 second = True
             else:
                 break
@@ -515,9 +530,8 @@ class ModelQueue:
         # Retried items go back to the head, in their original order.
         for q in reversed(retry):
             self._requeue(q)
-        if retry and self.free and not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._dispatch)
+        if retry:
+            self._wake()
 
     # ------------------------------------------------------------ outcomes
     def deliver(self, replica, batch: Batch, outputs) -> None:
@@ -574,6 +588,11 @@ class ModelQueue:
         self.replica_version += 1
         n = len(batch.queries)
         latency = now - batch.sent_ns
+        if batch.sent_ns != batch.out_ns and latency < 0.25 * replica.lat_ewma_ns:
+            # Sent behind another batch, its latency counted from that one's answer: when the loop was
+            # late, both answers are read in one go and the gap between them says nothing of the batch.
+            # Not learned from (a batch sent on its own, or a gap not that short, is).
+            observe = False
         self.last_batch_size = n
         self.last_batch_latency_ns = latency
         self.batch_sizes.observe(n)

@@ -169,6 +169,60 @@ class Deadlines:
             self._timer = None
 
 
+class _StateWait:
+    """A request waiting for its user's policy state (``QueryProcessor._wait_for_state``): it goes on
+    exactly once, with the state, at its time limit, or failed by a shutdown."""
+
+    __slots__ = ("proc", "conn", "req_id", "route", "nbytes", "go", "timer", "done")
+
+    def __init__(self, proc, conn, req_id, route, nbytes: int, go) -> None:
+        self.proc, self.conn, self.req_id, self.route, self.nbytes, self.go = proc, conn, req_id, route, nbytes, go
+        self.timer = None
+        self.done = False
+
+    def _end(self) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        proc = self.proc
+        proc._state_waits.discard(self)
+        proc.inflight_bytes -= self.nbytes
+        proc.unsettled -= 1
+        proc.waiting_for_state -= 1
+        return True
+
+    def resume(self, state, known: bool) -> None:
+        if not self._end():
+            return
+        proc, route, conn, req_id = self.proc, self.route, self.conn, self.req_id
+        try:
+            if proc.routes.get(route.name) is not route or route.policy is None:
+                raise NoModelAvailableError(f"application {route.name!r} was removed or changed while its "
+                                            "policy state was read")
+            self.go(state, known)
+        except ClipperError as exc:
+            conn.send_error(req_id, exc)
+        except Exception as exc:  # a bug: fail the request, keep the connection
+            log.exception("internal error on request %s", req_id)
+            conn.send_error(req_id, InternalError(f"{type(exc).__name__}: {exc}"))
+        if proc.draining and not proc.unsettled:
+            proc.on_idle()
+
+    def time_out(self, table) -> None:
+        if not self.done:
+            self.proc.state_wait_timeouts += 1
+            self.timer = None
+            self.resume(table.init(), False)
+
+    def fail(self, exc: ClipperError) -> bool:
+        if not self._end():
+            return False
+        self.conn.send_error(self.req_id, exc)
+        return True
+
+
 class Fanout(Ticket):
     """One client request answered by several models (a query, or feedback).
 
@@ -541,10 +595,27 @@ class AppRoute:
             f.settle(ERROR, NoModelAvailableError(
                 f"application {self.name!r} no longer has a learning policy over linked models"))
             return
+        state = states.peek(f.user)
+        if state is None:  # memory let it go while the feedback waited: read it again (off the loop)
+            if not f.done:
+                states.fetch(f.user, lambda st, known: self._learn(f, preds, missing, st, known))
+            return
+        self._learn(f, preds, missing, state, True)
+
+    def _learn(self, f: Fanout, preds: dict, missing, state, known: bool) -> None:
+        if f.done:  # (answered meanwhile: a shutdown)
+            return
+        policy, states = self.policy, self.states
+        if policy is None or states is None:
+            f.settle(ERROR, NoModelAvailableError(
+                f"application {self.name!r} no longer has a learning policy over linked models"))
+            return
+        if not known:
+            f.settle(ERROR, StateUnavailableError(
+                f"the policy state of user {_short(f.user)} could not be read from the state store in time; "
+                "nothing was learned"))
+            return
         try:
-            state = states.peek(f.user)
-            if state is None:  # (memory let it go while the feedback waited: the state it started from)
-                state = f.state
             new = policy.observe(state, f.input, f.label, preds)
             if not isinstance(new, dict):
                 raise InternalError(f"policy {policy.name!r} returned a {type(new).__name__} as its state; "
@@ -675,6 +746,8 @@ class QueryProcessor:
         self.state_flush_s = state_flush_ms / 1000
         self.state_load_timeout_s = state_load_timeout_ms / 1000
         self.waiting_for_state = 0  # requests waiting for their user's policy state to be read
+        self._state_waits: set = set()  # ... their _StateWait
+        self.state_wait_timeouts = 0  # ... that went on without it (their share of the deadline passed)
         self.feedback_timeout_ns = int(feedback_timeout_ms * 1_000_000)
         self.max_user_id_len = max_user_id_len
         self.max_user_states = max_user_states
@@ -734,7 +807,7 @@ class QueryProcessor:
             its, tk = table.take_dirty_merge() if merging else table.take_dirty()
             items += its
             if tk:
-                taken.append((table, tk))
+                taken.append((table, tk, its))
         if not items:
             return
         try:
@@ -745,8 +818,8 @@ class QueryProcessor:
         except Exception:
             self.state_flush_errors += 1
             log.exception("saving %d policy states failed; trying again in %g s", len(items), self.state_flush_s)
-            for table, tk in taken:
-                table.give_back(tk)
+            for table, tk, its in taken:
+                table.give_back(tk, its if merging else None)
             self._states_dirty()
             return
         self.state_flushes += 1
@@ -1101,7 +1174,7 @@ class QueryProcessor:
             state = states.peek(user)
             if state is None:  # read from the store off the loop; the query goes on when it arrives
                 self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._select(
-                    conn, req_id, qid, route, x, nbytes, now, user, st))
+                    conn, req_id, qid, route, x, nbytes, now, user, st), now + route.answer_ns // 2)
                 return
         self._select(conn, req_id, qid, route, x, nbytes, now, user, state)
 
@@ -1110,33 +1183,21 @@ class QueryProcessor:
         self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 
-    def _wait_for_state(self, conn, req_id, route: AppRoute, nbytes: int, user: str, go) -> None:
+    def _wait_for_state(self, conn, req_id, route: AppRoute, nbytes: int, user: str, go, until_ns: int) -> None:
         """Hold a request until its user's policy state is read (``StateTable.fetch``), then ``go(state,
         known)``. Meanwhile it counts as unsettled (a drain waits for it) and its input against the
-        in-flight budget; an error raised going on is its answer. A state store that does not answer
-        within the table's load timeout lets it go on with a fresh state."""
+        in-flight budget; an error raised going on is its answer. It waits until ``until_ns`` at most (a
+        share of its own deadline), or the table's load timeout: then it goes on with a fresh state that
+        is not kept (``known`` False). A shutdown answers it with SHUTTING_DOWN."""
         self.inflight_bytes += nbytes
         self.unsettled += 1
         self.waiting_for_state += 1
-
-        def resume(state, known) -> None:
-            self.inflight_bytes -= nbytes
-            self.unsettled -= 1
-            self.waiting_for_state -= 1
-            try:
-                if self.routes.get(route.name) is not route or route.policy is None:
-                    raise NoModelAvailableError(f"application {route.name!r} was removed or changed while its "
-                                                "policy state was read")
-                go(state, known)
-            except ClipperError as exc:
-                conn.send_error(req_id, exc)
-            except Exception as exc:  # a bug: fail the request, keep the connection
-                log.exception("internal error on request %s", req_id)
-                conn.send_error(req_id, InternalError(f"{type(exc).__name__}: {exc}"))
-            if self.draining and not self.unsettled:
-                self.on_idle()
-
-        route.states.fetch(user, resume)
+        table = route.states
+        wait = _StateWait(self, conn, req_id, route, nbytes, go)
+        self._state_waits.add(wait)
+        delay = max(0.0, (until_ns - time.monotonic_ns()) / 1e9)
+        wait.timer = self.loop.call_later(delay, wait.time_out, table)
+        table.fetch(user, wait.resume)
 
     def _selection(self, route: AppRoute, names, what: str) -> list[str]:
         """Check what a policy's select (or feedback_models) returned."""
@@ -1236,7 +1297,8 @@ class QueryProcessor:
         state = route.states.peek(user)
         if state is None:  # read from the store off the loop; the feedback goes on when it arrives
             self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._feedback_fan_out(
-                conn, req_id, route, x, nbytes, user, label, st, known))
+                conn, req_id, route, x, nbytes, user, label, st, known),
+                time.monotonic_ns() + route.feedback_ns // 2)
             return
         self._feedback_fan_out(conn, req_id, route, x, nbytes, user, label, state, True)
 
@@ -1283,6 +1345,9 @@ class QueryProcessor:
     def shut_down(self, exc: ClipperError) -> int:
         """Answer every request still waiting with ``exc`` (the end of a drain); returns how many."""
         n = 0
+        for wait in list(self._state_waits):
+            if wait.fail(exc):
+                n += 1
         for route in self.routes.values():
             for dl in (route.deadlines, route.feedback_deadlines):
                 for t in list(dl.items):
@@ -1298,7 +1363,7 @@ class QueryProcessor:
             "models": {key: q.stats() for key, q in self.queues.items()},
             "cache": self.cache.stats() if self.cache is not None else None,
             "states": {"store": repr(self.store), "flushes": self.state_flushes, "flush_errors": self.state_flush_errors,
-                       "waiting_for_state": self.waiting_for_state,
+                       "waiting_for_state": self.waiting_for_state, "state_wait_timeouts": self.state_wait_timeouts,
                        **({"store_figures": self.store.stats()} if hasattr(self.store, "stats") else {})},
         }
 

@@ -20,8 +20,12 @@ always the last one written. The synchronous reads (:meth:`load`,
 are for the frontend's start and for management, not for queries.
 
 Unapplied writes are bounded in bytes (``max_pending_bytes``): past it a new
-write is dropped and counted (``dropped_writes``), logged, rather than let a
-Redis outage grow the frontend without bound.
+write is refused with ``STATE_UNAVAILABLE`` (the query processor keeps the
+policy states it could not hand over and tries again; a management change
+fails with that error) rather than let a Redis outage grow the frontend
+without bound. A batch the server itself refuses (not an outage: a key of
+another type, say) is logged and dropped, so the writes behind it go on.
+Reads waiting together go to the server in one round trip, one at a time.
 """
 
 from __future__ import annotations
@@ -95,13 +99,23 @@ class RedisStore(StateStore):
         self.timeout_s = timeout_s
         self.max_pending_bytes = max_pending_bytes
         self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        self._response_error = ResponseError
+        self._transient = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
         self._overlay: dict = {}  # (ns, key) -> value or _Deleted, handed to the writer, not yet applied
         self._lock = threading.Lock()  # the overlay and the figures, between callers and the store's thread
         self._jobs: deque = deque()  # writes in order, on the store's loop only
         self.pending_bytes = 0
         self.dropped_writes = 0
         self.write_errors = 0
+        self.failed_writes = 0  # batches the server refused for good (not an outage): dropped, logged
         self.commits = 0
+        self._dropping: dict[str, int] = {}  # namespace -> removals queued, not yet applied
+        self._reads: list = []  # load_later's reads waiting for the next read round trip
+        self._reading = False  # a read round trip is out
         self.merge_conflicts = 0  # merges retried because another frontend wrote in between
         self.available = True  # the last command reached the server
         self._closing = False
@@ -112,6 +126,12 @@ class RedisStore(StateStore):
             self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
             self._call(self._start())
         except BaseException as exc:
+            client = getattr(self, "_client", None)
+            if client is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(1.0)
+                except Exception:
+                    pass
             self._stop_thread()
             if isinstance(exc, StateUnavailableError):
                 raise InvalidConfigError(f"state store {self._where()}: {exc.message}") from None
@@ -169,6 +189,15 @@ class RedisStore(StateStore):
                     break
                 except self._errors as exc:
                     self.write_errors += 1
+                    if not self._is_transient(exc):
+                        # The server refused the batch itself (a key of another type, a script error): it
+                        # would be refused again. Dropped, so the writes behind it go on. (Transactions
+                        # and scripts do not roll back: some of it may have been applied.)
+                        self.failed_writes += 1
+                        log.error("state store %s: the server refused %d writes (%s: %s); they are dropped",
+                                  self._where(), len(batch), type(exc).__name__, exc)
+                        results = None
+                        break
                     self.available = False
                     attempt += 1
                     if self._closing and attempt >= 3:
@@ -185,6 +214,17 @@ class RedisStore(StateStore):
                 jobs.popleft()
             self._applied(batch, results)
 
+    _TRANSIENT_REPLIES = ("LOADING", "BUSY", "READONLY", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN",
+                          "NOREPLICAS")
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        """An outage (retried until it ends), not a refusal of the writes themselves (dropped)."""
+        if isinstance(exc, self._transient):
+            return True
+        if isinstance(exc, self._response_error):
+            return str(exc).split(" ", 1)[0] in self._TRANSIENT_REPLIES
+        return False
+
     async def _apply(self, batch: list) -> list:
         pipe = self._client.pipeline(transaction=True)
         for kind, arg in batch:
@@ -200,7 +240,7 @@ class RedisStore(StateStore):
                 pipe.hdel(self._h(ns), key)
                 pipe.zrem(self._z(ns), key)
             elif kind == "drop":
-                pipe.delete(self._h(arg), self._z(arg))
+                pipe.delete(self._h(arg[0]), self._z(arg[0]))
             else:  # trim
                 ns, keep, _ = arg
                 await self._trim(keys=[self._h(ns), self._z(ns)], args=[keep], client=pipe)
@@ -261,6 +301,14 @@ class RedisStore(StateStore):
                 done_items.append(((ns, key), mark))
                 i += 2
             elif kind == "drop":
+                ns, marks = arg
+                done_items.extend(marks.items())
+                with self._lock:
+                    left = self._dropping.get(ns, 0) - 1
+                    if left > 0:
+                        self._dropping[ns] = left
+                    else:
+                        self._dropping.pop(ns, None)
                 i += 1
             else:
                 ns, keep, on_done = arg
@@ -285,17 +333,21 @@ class RedisStore(StateStore):
             coro.close()
             raise StateUnavailableError(f"state store {self._where()} is closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        wait = self.timeout_s * 2 if timeout is None else timeout
         try:
-            return fut.result(self.timeout_s * 2 if timeout is None else timeout)
+            return fut.result(wait)
+        except TimeoutError:  # (first: on 3.11 this is asyncio's TimeoutError too) the call must not run later
+            if not fut.done():
+                fut.cancel()
+                self.available = False
+                raise StateUnavailableError(f"the Redis server at {self._where()} did not answer within "
+                                            f"{wait:g} s") from None
+            self.available = False
+            raise StateUnavailableError(f"the Redis server at {self._where()} did not answer in time") from None
         except self._errors as exc:
             self.available = False
             raise StateUnavailableError(f"the Redis server at {self._where()} did not answer: "
                                         f"{type(exc).__name__}: {exc}") from None
-        except TimeoutError:
-            fut.cancel()
-            self.available = False
-            raise StateUnavailableError(f"the Redis server at {self._where()} did not answer within "
-                                        f"{self.timeout_s * 2:g} s") from None
 
     def _submit(self, job) -> None:
         if self._closing:
@@ -303,40 +355,72 @@ class RedisStore(StateStore):
         self._loop.call_soon_threadsafe(self._enqueue, job)
 
     # ------------------------------------------------------------ StateStore
-    def load(self, namespace: str, key: str) -> bytes | None:
+    def _pending(self, namespace: str, key: str):
+        """What the writes not yet applied say of ``(namespace, key)``: (True, value or None) or (False, None)."""
         pending = self._overlay.get((namespace, key))
         if pending is not None:
-            return None if type(pending) is _Deleted else pending
+            return True, None if type(pending) is _Deleted else pending
+        if namespace in self._dropping:  # the namespace is being removed: nothing in it but what came after
+            return True, None
+        return False, None
+
+    def load(self, namespace: str, key: str) -> bytes | None:
+        known, value = self._pending(namespace, key)
+        if known:
+            return value
         return self._call(self._client.hget(self._h(namespace), key))
 
     def load_later(self, namespace: str, key: str, done: Callable) -> None:
-        pending = self._overlay.get((namespace, key))
-        if pending is not None:
-            done(None if type(pending) is _Deleted else pending, None)
+        """Reads waiting together go in one round trip (an HMGET per namespace), one round trip out at a
+        time: a burst of users not in memory costs a few round trips and one connection."""
+        known, value = self._pending(namespace, key)
+        if known:
+            done(value, None)
             return
         if self._closing:
             done(None, StateUnavailableError(f"state store {self._where()} is closed"))
             return
+        with self._lock:
+            self._reads.append((namespace, key, done))
+            first = len(self._reads) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._start_reads)
 
-        async def read():
-            try:
-                value = await self._client.hget(self._h(namespace), key)
-            except self._errors as exc:
-                self.available = False
-                value, error = None, exc
-            else:
-                self.available = True
-                error = None
-            # A write handed over while the read was out is newer than what the server said.
-            pending = self._overlay.get((namespace, key))
-            if pending is not None:
-                value, error = (None if type(pending) is _Deleted else pending), None
-            try:
-                done(value, error)
-            except Exception:
-                log.exception("a state store read's callback failed")
+    def _start_reads(self) -> None:
+        if not self._reading and self._reads:
+            self._reading = True
+            self._loop.create_task(self._read_round())
 
-        asyncio.run_coroutine_threadsafe(read(), self._loop)
+    async def _read_round(self) -> None:
+        with self._lock:
+            reads, self._reads = self._reads, []
+        by_ns: dict[str, list] = {}
+        for ns, key, done in reads:
+            by_ns.setdefault(ns, []).append((key, done))
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for ns, entries in by_ns.items():
+                pipe.hmget(self._h(ns), [k for k, _ in entries])
+            results = await pipe.execute()
+            self.available = True
+            error = None
+        except self._errors as exc:
+            self.available = False
+            results, error = None, exc
+        for n, (ns, entries) in enumerate(by_ns.items()):
+            values = results[n] if results is not None else [None] * len(entries)
+            for (key, done), value in zip(entries, values):
+                err = error
+                known, pending = self._pending(ns, key)  # a write handed over meanwhile is newer
+                if known:
+                    value, err = pending, None
+                try:
+                    done(value, err)
+                except Exception:
+                    log.exception("a state store read's callback failed")
+        self._reading = False
+        if self._reads:
+            self._start_reads()
 
     def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
         items = [(ns, key, bytes(value)) for ns, key, value in items]
@@ -348,9 +432,9 @@ class RedisStore(StateStore):
         with self._lock:
             if self.pending_bytes + nbytes > self.max_pending_bytes:
                 self.dropped_writes += 1
-                log.error("state store %s: %d bytes of writes wait for the server; max_pending_bytes is %d: %d "
-                          "values dropped", self._where(), self.pending_bytes, self.max_pending_bytes, len(items))
-                return
+                raise StateUnavailableError(
+                    f"state store {self._where()}: {self.pending_bytes} bytes of writes wait for the server "
+                    f"(max_pending_bytes {self.max_pending_bytes}); {len(items)} more are refused")
             self.pending_bytes += nbytes
             for ns, key, value in items:
                 self._overlay[(ns, key)] = value
@@ -372,9 +456,9 @@ class RedisStore(StateStore):
         with self._lock:
             if self.pending_bytes + nbytes > self.max_pending_bytes:
                 self.dropped_writes += 1
-                log.error("state store %s: %d bytes of writes wait for the server; max_pending_bytes is %d: %d "
-                          "states dropped", self._where(), self.pending_bytes, self.max_pending_bytes, len(items))
-                return
+                raise StateUnavailableError(
+                    f"state store {self._where()}: {self.pending_bytes} bytes of writes wait for the server "
+                    f"(max_pending_bytes {self.max_pending_bytes}); {len(items)} more states are refused")
             self.pending_bytes += nbytes
             for ns, key, _, value in items:
                 self._overlay[(ns, key)] = value
@@ -388,11 +472,14 @@ class RedisStore(StateStore):
         self._submit(("delete", (namespace, key, mark)))
 
     def delete_namespace(self, namespace: str) -> None:
-        """Queue the removal of the namespace; returns None (its size is not known without a read)."""
+        """Queue the removal of the namespace; returns None (its size is not known without a read).
+        Until it is applied, reads of the namespace find nothing but what is written after it."""
         with self._lock:
+            marks = {}
             for k in [k for k in self._overlay if k[0] == namespace]:
-                self._overlay[k] = _Deleted()
-        self._submit(("drop", namespace))
+                marks[k] = self._overlay[k] = _Deleted()
+            self._dropping[namespace] = self._dropping.get(namespace, 0) + 1
+        self._submit(("drop", (namespace, marks)))
 
     def count(self, namespace: str) -> int:
         self.flush()
@@ -433,7 +520,7 @@ class RedisStore(StateStore):
         return {"available": self.available, "pending_bytes": self.pending_bytes, "write_errors": self.write_errors,
                 "dropped_writes": self.dropped_writes, "commits": self.commits, "merge_conflicts": self.merge_conflicts}
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 3.0) -> None:
         """Apply what is queued (up to ``timeout``; a server that is down gets three more tries), then stop."""
         if self._closing or not self._thread.is_alive():
             return
@@ -446,13 +533,13 @@ class RedisStore(StateStore):
             await self._client.aclose()
 
         try:
-            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(self.timeout_s)
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(1.0)
         except Exception:
             pass
         self._stop_thread()
 
     def _stop_thread(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5.0)
+        self._thread.join(2.0)
         if not self._thread.is_alive():
             self._loop.close()

@@ -301,11 +301,15 @@ class StateTable:
         elif user not in self.lru and user not in self.dirty:
             self.base.pop(user, None)
 
-    def give_back(self, taken: dict) -> None:
-        """Saving what :meth:`take_dirty` returned failed: keep those states for the next try
-        (unless they changed again since)."""
+    def give_back(self, taken: dict, merge_items: list | None = None) -> None:
+        """Saving what :meth:`take_dirty` (or :meth:`take_dirty_merge`, whose ``merge_items`` say the
+        bases to restore) returned failed: keep those states for the next try (unless they changed
+        again since)."""
         for user, state in taken.items():
             self.dirty.setdefault(user, state)
+        for _, user, base, _ in merge_items or ():
+            self.base[user] = base
+            self._written.pop(user, None)
 
     def trim_if_due(self) -> None:
         """After saves: keep the store within ``max_states`` (checked every tenth of it)."""
