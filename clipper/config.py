@@ -99,8 +99,10 @@ class FrontendConfig:
     heartbeat_timeout_ms: int = 5000  # a container silent this long is dead
     batch_timeout_ms: int = 30_000  # a batch held longer marks its container hung
     # Batches a replica may hold at once: with 2, a second whole batch is sent while the first is out, so
-    # the container starts it the moment it answers (no round trip idle between batches); 1: one at a time.
-    batches_in_flight: int = 2
+    # the container starts it the moment it answers (no round trip idle between batches): for containers
+    # on other hosts (a network round trip per batch) or machines with cores to spare. 1 (the default):
+    # one at a time; on a 2-core machine the second batch gained no goodput (bench/README.md).
+    batches_in_flight: int = 1
     container_start_timeout_ms: int = 60_000
     restart_backoff_ms: tuple[int, int] = (100, 5000)  # first and longest restart delay
     # A model's batch latency budget, when its deployment gives none: this

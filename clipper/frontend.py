@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import FrontendConfig
-from .errors import ClipperError, InvalidConfigError, NoModelAvailableError
+from .errors import ClipperError, InvalidConfigError, NoModelAvailableError, StateUnavailableError
 from .management.local_manager import LocalProcessManager
 from .management.registry import Application, ModelVersion, Registry
 from .query.batching import ModelQueue
@@ -766,6 +766,20 @@ class Frontend:
             elif not any(q.replicas for q in queues):
                 out.append(f"{name}: no connected replica of {', '.join(q.key for q in queues)}")
         return out
+
+    async def check_store(self) -> None:
+        """Raise StateUnavailableError unless the state store answers now (a shared store: a PING off the
+        loop, bounded in time; the embedded one always does). Management changes call it first: a frontend
+        that lost Redis keeps serving queries but takes no change the other frontends could not see."""
+        ping = getattr(self.store, "ping", None)
+        if ping is None:
+            return
+        try:
+            await asyncio.wrap_future(ping())
+        except Exception as exc:
+            raise StateUnavailableError(
+                f"the state store {self.store!r} does not answer ({type(exc).__name__}: {exc}); management "
+                "changes are refused until it does (queries are still served)") from None
 
     def status(self) -> dict:
         return {

@@ -114,10 +114,12 @@ def test_restarted_container_takes_the_retried_batch(frontend, wire_conn, tmp_pa
     assert sorted(gates.batches(), key=lambda b: b[0] != victim) == [(victim, [1.0]), (new, [1.0])]
 
 
-def test_killed_with_two_batches_out_both_are_retried_on_the_restarted_container(frontend, wire_conn, tmp_path):
-    """batches_in_flight = 2 (the default): with batches of one, the second query is sent while the first
+def test_killed_with_two_batches_out_both_are_retried_on_the_restarted_container(frontend_factory, wire_conn,
+                                                                                tmp_path):
+    """batches_in_flight = 2: with batches of one, the second query is sent while the first
     waits at the gate, so the kill lands while both are out. Caught mutation: only the first (or only
     the second) lost batch retried (its query gets CONTAINER_FAILED or waits for its deadline)."""
+    frontend = frontend_factory(batches_in_flight=2)
     gates = Gates(tmp_path)
     mv = frontend.deploy("sleepy", "gated", replicas=1, max_batch=1, batching="fixed", cache=False, env=gates.env)
     c = wire_conn(frontend.port)

@@ -460,3 +460,27 @@ def test_a_drain_answers_a_request_still_waiting_for_its_state(frontend_factory,
         assert fe.stats()["states"]["waiting_for_state"] == 0
     finally:
         release[0].set()
+
+
+def test_a_frontend_that_lost_redis_serves_queries_and_refuses_management_changes(frontend_factory, redis_factory):
+    from clipper.management.admin_client import AdminClient
+
+    server = redis_factory()
+    fe = frontend_factory(state_path=server.url)
+    fe.deploy("kept", "constant", env={"CLIPPER_TEST_CONST": "5"})
+    admin = AdminClient("127.0.0.1", fe.fe.admin_port, timeout=30)
+    x = np.array([1, 0, 0, 0], np.float32)
+    os.kill(server.proc.pid, signal.SIGSTOP)  # Redis stops answering
+    try:
+        with pytest.raises(E.StateUnavailableError, match="management changes are refused"):
+            admin.register_application("new", "float32", [4])
+        assert "new" not in fe.fe.registry.applications  # nothing changed
+        assert admin.get_all_apps()  # reading is fine
+        with Client("127.0.0.1", fe.port) as c:
+            p = c.predict("kept", x)  # queries go on
+        assert p.output == 5 and not p.is_default
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    admin.register_application("new", "float32", [4])  # Redis is back: changes are taken again
+    assert fe.fe.store.flush(timeout=10)
+    assert server.client().hexists("clipper:v:registry/app", "new")

@@ -16,6 +16,10 @@ command; a policy names a module), so every request proves itself
 
 ``GET /health`` needs no token (a liveness probe); it checks ``Host`` too.
 
+A change (any method but GET) is taken only while the state store answers
+(with Redis: a PING first, bounded in time): else 503 ``STATE_UNAVAILABLE``,
+and the frontend goes on serving queries from what it knows.
+
 Routes::
 
     GET    /health                                   {"status": "ok"}
@@ -62,6 +66,7 @@ from ..errors import (
     InvalidConfigError,
     MisdirectedRequestError,
     RequestError,
+    StateUnavailableError,
     UnknownApplicationError,
     UnknownModelError,
     UnsupportedMediaTypeError,
@@ -91,6 +96,8 @@ def _status_for(exc: ClipperError) -> int:
         return 421
     if isinstance(exc, RequestError):
         return 400
+    if isinstance(exc, StateUnavailableError):
+        return 503
     return 500
 
 
@@ -337,6 +344,8 @@ class AdminServer(HttpServer):
         if parts[:2] != ["api", "v1"]:
             return 404, _err(RequestError(f"no route {method} {clip(path)}"))
         rest = parts[2:]
+        if method != "GET":  # a change must reach the state store (the other frontends read it there)
+            await fe.check_store()
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")
         key = (method, len(rest), rest[0] if rest else None)

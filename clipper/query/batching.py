@@ -588,11 +588,13 @@ class ModelQueue:
         self.replica_version += 1
         n = len(batch.queries)
         latency = now - batch.sent_ns
-        if batch.sent_ns != batch.out_ns and latency < 0.25 * replica.lat_ewma_ns:
-            # Sent behind another batch, its latency counted from that one's answer: when the loop was
-            # late, both answers are read in one go and the gap between them says nothing of the batch.
-            # Not learned from (a batch sent on its own, or a gap not that short, is).
-            observe = False
+        if batch.sent_ns != batch.out_ns:
+            # Sent behind another batch, its latency counted from that one's answer. When the loop was late,
+            # both answers are read in one go and that gap says nothing of the batch; but the container ran
+            # at most the two batches since this one was sent, so it took at least about half that time.
+            half_out = (now - batch.out_ns) // 2
+            if latency < half_out:
+                latency = half_out
         self.last_batch_size = n
         self.last_batch_latency_ns = latency
         self.batch_sizes.observe(n)

@@ -516,6 +516,20 @@ class RedisStore(StateStore):
             fut.cancel()
             return False
 
+    def ping(self):
+        """A PING on the store's thread, bounded by ``timeout_s``: a concurrent.futures.Future of True, or
+        of the error (the caller's loop awaits it with ``asyncio.wrap_future``; nothing blocks)."""
+        async def ping():
+            try:
+                await asyncio.wait_for(self._client.ping(), self.timeout_s)
+            except self._errors:
+                self.available = False
+                raise
+            self.available = True
+            return True
+
+        return asyncio.run_coroutine_threadsafe(ping(), self._loop)
+
     def stats(self) -> dict:
         return {"available": self.available, "pending_bytes": self.pending_bytes, "write_errors": self.write_errors,
                 "dropped_writes": self.dropped_writes, "commits": self.commits, "merge_conflicts": self.merge_conflicts}
