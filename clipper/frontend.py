@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +31,10 @@ from .server.query_server import QueryServer
 log = logging.getLogger("clipper.frontend")
 
 __all__ = ["Frontend"]
+
+# True in the task applying what the shared store says (sync_registry): its changes are not written back.
+# A context variable, not a flag: a management request running meanwhile in another task still writes its own.
+_APPLYING = contextvars.ContextVar("clipper_applying_store", default=False)
 
 
 class Frontend:
@@ -63,6 +69,10 @@ class Frontend:
         self.keyring = None  # the container RPC's credentials (clipper.security.ContainerKeyring), once started
         self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
         self._restoring = False
+        self._origin = os.urandom(8).hex().encode()  # this frontend, in the shared store's change feed
+        self._sync_task = None  # a catch-up with the shared store, running
+        self._sync_again = False  # ... and another change was announced while it ran
+        self.syncs = 0  # catch-ups done
         self._served_by: dict[str, tuple] = {}  # application -> (the queue keys it sends queries to, its SLO)
         self._slos: dict[str, Counter] = {}  # queue key -> how many of the applications it serves have each SLO
 
@@ -161,6 +171,9 @@ class Frontend:
             self.admin_port = await self.admin.start(cfg.admin_host, cfg.admin_port)
         self._started = True
         await self._restore_registry()
+        subscribe = getattr(self.store, "subscribe", None)
+        if subscribe is not None:  # other frontends on this store: their changes reach this one
+            subscribe(self._CHANGES, self._on_change)
         log.info("clipper frontend: msgpack port %s, REST port %s, admin port %s, metrics port %s, container RPC %s",
                  self.query_port, self.rest_port, self.admin_port, self.metrics_port, rpc_addr)
         return self
@@ -201,6 +214,12 @@ class Frontend:
     async def _teardown(self) -> None:
         """Close whatever parts exist (all of them after a start, some after a failed one)."""
         self._started = False
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_task.cancel()
+            try:
+                await self._sync_task
+            except BaseException:
+                pass
         if self.admin is not None:
             await self.admin.close()
         if self.metrics is not None:
@@ -244,7 +263,7 @@ class Frontend:
     def _persist(self, *, apps=(), links=(), versions=(), currents=(), drop_apps=(), drop_links=(),
                  drop_versions=(), drop_currents=()) -> None:
         """Write the registry entries a change touched (names: applications, models; ModelVersions)."""
-        if self._restoring or self.store is None:
+        if self._restoring or self.store is None or _APPLYING.get():
             return
         import json
 
@@ -265,6 +284,9 @@ class Frontend:
                          (self._NS_CURRENT, drop_currents)):
             for key in keys:
                 self.store.delete(ns, key)
+        publish = getattr(self.store, "publish", None)
+        if publish is not None:  # a shared store: the other frontends catch up (sync_registry)
+            publish(self._CHANGES, self._origin)
 
     def _saved_registry(self) -> dict | None:
         """What the store holds, as ``{"applications", "models", "links"}`` (None: nothing)."""
@@ -349,6 +371,93 @@ class Frontend:
                 self.store.delete(self._LEGACY_NS, "snapshot")
         log.info("restored %d applications and %d models from %s", len(self.registry.applications),
                  len(self.registry.models), self.store)
+
+    # ------------------------------------------------------------ several frontends, one shared store
+    _CHANGES = "registry-changes"
+
+    def _on_change(self, data) -> None:
+        """(The store's thread.) Another frontend changed the registry, or the feed was (re)connected."""
+        if data is not None and data == self._origin:
+            return  # this frontend's own change
+        try:
+            self.loop.call_soon_threadsafe(self._schedule_sync)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _schedule_sync(self) -> None:
+        if not self._started or self.processor is None or self.processor.draining:
+            return
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_again = True  # once this catch-up ends, one more (it may have read too early)
+            return
+        self._sync_task = self.loop.create_task(self.sync_registry())
+
+    async def sync_registry(self) -> None:
+        """Catch up with what the shared store says the registry is (another frontend's changes):
+        applications, model versions (this frontend runs their replicas itself), current versions and
+        links added, changed or removed. The store is read off the event loop."""
+        while True:
+            self._sync_again = False
+            try:
+                snap = await self.loop.run_in_executor(None, self._saved_registry)
+            except ClipperError as exc:
+                log.warning("cannot catch up with %s: %s", self.store, exc.message)
+                return
+            await self._apply_snapshot(snap or {"applications": [], "models": [], "links": {}})
+            self.syncs += 1
+            if not self._sync_again:
+                return
+
+    async def _apply_snapshot(self, snap: dict) -> None:
+        reg = self.registry
+        token = _APPLYING.set(True)  # what is applied is what the store holds: nothing to write back
+        try:
+            saved_apps = {a.get("name"): a for a in snap.get("applications", []) if isinstance(a, dict)}
+            for name in [n for n in reg.applications if n not in saved_apps]:
+                await self._restore_step(f"removing application {name!r}",
+                                         lambda n=name: self.unregister_application(n))
+            for name, a in saved_apps.items():
+                if name not in reg.applications:
+                    await self._restore_step(f"application {name!r}", lambda a=a: self.register_application(
+                        _make(Application, a, "application")))
+            saved_versions = {}
+            for m in snap.get("models", []):
+                for v in m.get("versions", []):
+                    if isinstance(v, dict):
+                        saved_versions[(v.get("name"), str(v.get("version")))] = v
+            for model in list(reg.models.values()):
+                for ver in list(model.versions):
+                    if (model.name, ver) not in saved_versions:
+                        await self._restore_step(f"removing model {model.name}:{ver}",
+                                                 lambda n=model.name, v=ver: self.delete_model(n, v))
+            for (name, ver), v in saved_versions.items():
+                model = reg.models.get(name)
+                mine = model.versions.get(ver) if model is not None else None
+                if mine is None:
+                    await self._restore_step(f"model {name}:{ver}", lambda v=v: self.deploy_model(
+                        _make(ModelVersion, v, "model"), make_current=False))
+                elif isinstance(v.get("replicas"), int) and v["replicas"] != mine.replicas:
+                    await self._restore_step(f"replicas of {name}:{ver}",
+                                             lambda n=name, ver=ver, r=v["replicas"]: self.set_replicas(n, ver, r))
+            for m in snap.get("models", []):
+                model = reg.models.get(m.get("name"))
+                current = m.get("current_version")
+                if model is not None and current in model.versions and current != model.current_version:
+                    await self._restore_step(f"current version of {model.name}",
+                                             lambda n=model.name, c=current: self.set_model_version(n, c))
+            saved_links = snap.get("links", {})
+            for app in list(reg.applications):
+                want = [x for x in saved_links.get(app, []) if isinstance(x, str)]
+                have = list(reg.links.get(app, ()))
+                if want == have:
+                    continue
+                for link in [x for x in have if x not in want]:
+                    await self._restore_step(f"unlink {app} -> {link}", lambda a=app, n=link: self.unlink(a, n))
+                for link in [x for x in want if x not in reg.links.get(app, ())]:
+                    await self._restore_step(f"link {app} -> {link}", lambda a=app, n=link: self.link(a, n))
+            self._reroute()
+        finally:
+            _APPLYING.reset(token)
 
     async def _restore_step(self, what: str, make) -> bool:
         try:

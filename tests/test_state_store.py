@@ -484,3 +484,48 @@ def test_a_frontend_that_lost_redis_serves_queries_and_refuses_management_change
     admin.register_application("new", "float32", [4])  # Redis is back: changes are taken again
     assert fe.fe.store.flush(timeout=10)
     assert server.client().hexists("clipper:v:registry/app", "new")
+
+
+def test_frontends_on_one_redis_see_each_others_management_changes(frontend_factory, redis_factory):
+    server = redis_factory()
+    feed = server.client().pubsub()
+    feed.subscribe("clipper:registry-changes")  # what the frontends announce, heard from outside
+    a = frontend_factory(state_path=server.url)
+    b = frontend_factory(state_path=server.url)
+
+    def wait_for(pred, what, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while not b.call(pred):
+            assert time.monotonic() < deadline, f"frontend b never saw {what}"
+            time.sleep(0.02)
+
+    x = np.array([1, 0, 0, 0], np.float32)
+    t0 = time.monotonic()
+    a.deploy("seen", "constant", env={"CLIPPER_TEST_CONST": "7"})  # register, deploy, link, on a
+    wait_for(lambda: "seen" in b.fe.registry.applications and b.fe.registry.links.get("seen"), "the application")
+    b.call(b.fe.wait_ready("seen-model", "1", timeout_s=60))  # b runs the model's replicas itself
+    with Client("127.0.0.1", b.port) as c:
+        p = c.predict("seen", x)
+    assert p.output == 7 and not p.is_default
+    assert b.fe.syncs >= 1 and time.monotonic() - t0 < 60
+    # a new version made current on a reaches b; then the application's removal does
+    from clipper.management.registry import ModelVersion
+
+    a.call(a.fe.deploy_model(ModelVersion("seen-model", "2", "float32", [4], entry="model_zoo.py:constant",
+                                          env={"CLIPPER_TEST_CONST": "8"}), wait=True, timeout_s=60))
+    wait_for(lambda: (m := b.fe.registry.models.get("seen-model")) is not None and m.current_version == "2",
+             "version 2 made current")
+    b.call(b.fe.wait_ready("seen-model", "2", timeout_s=60))
+    with Client("127.0.0.1", b.port) as c:
+        assert c.predict("seen", x).output == 8
+    a.call(a.fe.unregister_application("seen"))
+    wait_for(lambda: "seen" not in b.fe.registry.applications, "the application removed")
+    with Client("127.0.0.1", b.port) as c, pytest.raises(E.UnknownApplicationError):
+        c.predict("seen", x)
+    # b announced nothing: what it applied was not written back as its own change
+    heard = []
+    while (msg := feed.get_message(timeout=0.2)) is not None:
+        if msg["type"] == "message":
+            heard.append(msg["data"])
+    assert heard and set(heard) == {a.fe._origin}
+    feed.close()

@@ -115,6 +115,7 @@ class RedisStore(StateStore):
         self.commits = 0
         self._dropping: dict[str, int] = {}  # namespace -> removals queued, not yet applied
         self._reads: list = []  # load_later's reads waiting for the next read round trip
+        self._listeners: list = []  # the clients of subscribe's change feeds
         self._reading = False  # a read round trip is out
         self.merge_conflicts = 0  # merges retried because another frontend wrote in between
         self.available = True  # the last command reached the server
@@ -241,6 +242,8 @@ class RedisStore(StateStore):
                 pipe.zrem(self._z(ns), key)
             elif kind == "drop":
                 pipe.delete(self._h(arg[0]), self._z(arg[0]))
+            elif kind == "publish":  # in the same transaction as the writes before it: seen after them
+                pipe.publish(f"{self.prefix}:{arg[0]}", arg[1])
             else:  # trim
                 ns, keep, _ = arg
                 await self._trim(keys=[self._h(ns), self._z(ns)], args=[keep], client=pipe)
@@ -300,6 +303,8 @@ class RedisStore(StateStore):
                 ns, key, mark = arg
                 done_items.append(((ns, key), mark))
                 i += 2
+            elif kind == "publish":
+                i += 1
             elif kind == "drop":
                 ns, marks = arg
                 done_items.extend(marks.items())
@@ -516,6 +521,57 @@ class RedisStore(StateStore):
             fut.cancel()
             return False
 
+    def publish(self, channel: str, message: bytes) -> None:
+        """Tell the other frontends on this server something changed: published once the writes handed
+        over before it are applied (in their transaction), so a subscriber that reads then sees them."""
+        self._submit(("publish", (channel, bytes(message))))
+
+    def subscribe(self, channel: str, on_message: Callable[[bytes | None], None]) -> None:
+        """Call ``on_message(data)`` (on the store's thread) for each message published on ``channel``,
+        and ``on_message(None)`` each time the subscription is (re)made: a message may have been missed
+        while it was down, so the subscriber should catch up. Reconnects with backoff until close."""
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._listen(channel, on_message)))
+
+    async def _listen(self, channel: str, on_message) -> None:
+        import redis.asyncio as aioredis
+
+        # A connection of its own, with no read timeout: it waits for messages without waking up.
+        extra = {"socket_keepalive": True} if not self.url.startswith("unix:") else {}
+        client = aioredis.Redis.from_url(self.url, socket_connect_timeout=self.timeout_s, **extra)
+        self._listeners.append(client)
+        attempt = 0
+        while not self._closing:
+            ps = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await ps.subscribe(f"{self.prefix}:{channel}")
+                attempt = 0
+                self._deliver(on_message, None)
+                async for msg in ps.listen():
+                    if msg.get("type") == "message":
+                        self._deliver(on_message, msg.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # (a bug must not end the feed either: logged, and it reconnects)
+                attempt += 1
+                if attempt == 1:
+                    if isinstance(exc, self._errors):
+                        log.warning("state store %s: the change feed was cut (%s); reconnecting", self._where(), exc)
+                    else:
+                        log.exception("state store %s: the change feed failed; reconnecting", self._where())
+                await asyncio.sleep(min(_RETRY_MAX_S, 0.05 * 2 ** min(attempt, 6)))
+            finally:
+                try:
+                    await ps.aclose()
+                except Exception:
+                    pass
+
+    @staticmethod
+    def _deliver(on_message, data) -> None:
+        try:
+            on_message(data)
+        except Exception:
+            log.exception("a change feed's subscriber failed")
+
     def ping(self):
         """A PING on the store's thread, bounded by ``timeout_s``: a concurrent.futures.Future of True, or
         of the error (the caller's loop awaits it with ``asyncio.wrap_future``; nothing blocks)."""
@@ -544,7 +600,14 @@ class RedisStore(StateStore):
 
         async def shut():
             self._writer.cancel()
-            await self._client.aclose()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            for client in [self._client, *self._listeners]:
+                try:
+                    await client.aclose()
+                except Exception:
+                    pass
 
         try:
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(1.0)
