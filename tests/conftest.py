@@ -306,3 +306,44 @@ def redis_factory(tmp_path_factory):
     yield make
     for s in made:
         s.stop()
+
+
+def check_store_against_model(store, seq, namespaces, *, reports_deletes: bool) -> None:
+    """Run ``seq`` (save / trim / delete / drop operations) on a state store and on a model of what it
+    must hold (recency by save order); after each, every read must agree: loads (before the writes are
+    applied, for stores that apply them behind the caller's back, and after), counts and keys newest
+    first. ``reports_deletes``: ``delete`` and ``delete_namespace`` return what they removed."""
+    ref: dict[str, dict[str, tuple[int, bytes]]] = {ns: {} for ns in namespaces}  # ns -> key -> (recency, value)
+    clock = 0
+    for op in seq:
+        if op[0] == "save":
+            store.save_many(op[1])
+            for ns, key, value in op[1]:
+                clock += 1
+                ref[ns][key] = (clock, value)
+        elif op[0] == "trim":
+            _, ns, keep = op
+            gone = store.trim(ns, keep)
+            newest = sorted(ref[ns].items(), key=lambda kv: -kv[1][0])
+            assert gone == max(0, len(newest) - keep)
+            ref[ns] = dict(newest[:keep])
+        elif op[0] == "delete":
+            _, ns, key = op
+            existed = store.delete(ns, key)
+            if reports_deletes:
+                assert existed == (key in ref[ns])
+            ref[ns].pop(key, None)
+        else:
+            n = store.delete_namespace(op[1])
+            if reports_deletes:
+                assert n == len(ref[op[1]])
+            ref[op[1]] = {}
+        for ns in namespaces:
+            for key in "uvwxyz":
+                want = ref[ns].get(key)
+                assert store.load(ns, key) == (want[1] if want else None)
+        for ns in namespaces:
+            assert store.count(ns) == len(ref[ns])
+            assert store.keys(ns) == [k for k, _ in sorted(ref[ns].items(), key=lambda kv: -kv[1][0])]
+            for key, (_, value) in ref[ns].items():
+                assert store.load(ns, key) == value

@@ -16,6 +16,7 @@ from clipper.selection import MISSING, Exp3, Exp4, Policy, SingleModel, UCB1, co
 from clipper.selection.combine import detect_kind
 from clipper.selection.losses import make_loss
 from clipper.store import SQLiteStore, StateTable
+from conftest import check_store_against_model
 from clipper.store.states import decode_state, encode_state
 
 
@@ -322,32 +323,7 @@ def test_sqlite_store_matches_a_reference_model(seq, background, tmp_path_factor
     # the writer thread commits behind the caller's back: every read must still see the last write
     path = ":memory:" if not background else str(tmp_path_factory.mktemp("store") / "s.sqlite")
     store = SQLiteStore(path, background=background)
-    ref: dict[str, dict[str, tuple[int, bytes]]] = {"a": {}, "b": {}}  # ns -> key -> (recency, value)
-    clock = 0
-    for op in seq:
-        if op[0] == "save":
-            store.save_many(op[1])
-            for ns, key, value in op[1]:
-                clock += 1
-                ref[ns][key] = (clock, value)
-        elif op[0] == "trim":
-            _, ns, keep = op
-            gone = store.trim(ns, keep)
-            newest = sorted(ref[ns].items(), key=lambda kv: -kv[1][0])
-            assert gone == max(0, len(newest) - keep)
-            ref[ns] = dict(newest[:keep])
-        elif op[0] == "delete":
-            _, ns, key = op
-            assert store.delete(ns, key) == (key in ref[ns])
-            ref[ns].pop(key, None)
-        else:
-            assert store.delete_namespace(op[1]) == len(ref[op[1]])
-            ref[op[1]] = {}
-        for ns in ("a", "b"):
-            assert store.count(ns) == len(ref[ns])
-            assert store.keys(ns) == [k for k, _ in sorted(ref[ns].items(), key=lambda kv: -kv[1][0])]
-            for key, (_, value) in ref[ns].items():
-                assert store.load(ns, key) == value
+    check_store_against_model(store, seq, ("a", "b"), reports_deletes=True)
     store.close()
 
 

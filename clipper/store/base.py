@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable
 
-__all__ = ["StateStore"]
+__all__ = ["StateStore", "settle_overlay"]
+
+log = logging.getLogger("clipper.store")
+
+
+def settle_overlay(lock, overlay: dict, done_items, after=()) -> None:
+    """A store's writer applied ``done_items`` ((key, value written) pairs): each leaves the overlay that
+    answered reads meanwhile, unless written again since (the overlay holds another object); then the
+    writes' callbacks ``after`` ((callback, argument) pairs) run."""
+    with lock:
+        for k, value in done_items:
+            if overlay.get(k) is value:
+                del overlay[k]
+    for callback, arg in after:
+        try:
+            callback(arg)
+        except Exception:
+            log.exception("a state store callback failed")
 
 
 class StateStore:

@@ -37,7 +37,7 @@ from collections import deque
 from typing import Callable, Iterable
 
 from ..errors import InvalidConfigError, StateUnavailableError
-from .base import StateStore
+from .base import StateStore, settle_overlay
 
 __all__ = ["RedisStore", "is_redis_url"]
 
@@ -322,15 +322,7 @@ class RedisStore(StateStore):
                 i += 1
         with self._lock:
             self.pending_bytes -= freed
-            overlay = self._overlay
-            for k, value in done_items:
-                if overlay.get(k) is value:  # not written again since
-                    del overlay[k]
-        for on_done, n in after:
-            try:
-                on_done(n)
-            except Exception:
-                log.exception("a store callback failed")
+        settle_overlay(self._lock, self._overlay, done_items, after)
 
     def _call(self, coro, timeout: float | None = None):
         """Run ``coro`` on the store's loop and wait for it (start, management, tests: not queries)."""
@@ -427,23 +419,27 @@ class RedisStore(StateStore):
         if self._reads:
             self._start_reads()
 
-    def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
-        items = [(ns, key, bytes(value)) for ns, key, value in items]
-        if not items:
-            return
-        nbytes = sum(len(v) + len(k) for _, k, v in items)
+    def _hand_over(self, job, writes: list) -> None:
+        """Queue a write job of ``writes`` ((namespace, key, value) each): within max_pending_bytes, else
+        STATE_UNAVAILABLE; reads see the values at once (the overlay)."""
         if self._closing:
             raise StateUnavailableError(f"state store {self._where()} is closed")
+        nbytes = sum(len(v) + len(k) for _, k, v in writes)
         with self._lock:
             if self.pending_bytes + nbytes > self.max_pending_bytes:
                 self.dropped_writes += 1
                 raise StateUnavailableError(
                     f"state store {self._where()}: {self.pending_bytes} bytes of writes wait for the server "
-                    f"(max_pending_bytes {self.max_pending_bytes}); {len(items)} more are refused")
+                    f"(max_pending_bytes {self.max_pending_bytes}); {len(writes)} more are refused")
             self.pending_bytes += nbytes
-            for ns, key, value in items:
+            for ns, key, value in writes:
                 self._overlay[(ns, key)] = value
-        self._submit(("save", items))
+        self._submit(job)
+
+    def save_many(self, items: Iterable[tuple[str, str, bytes]]) -> None:
+        items = [(ns, key, bytes(value)) for ns, key, value in items]
+        if items:
+            self._hand_over(("save", items), items)
 
     def merge_many(self, items: Iterable[tuple[str, str, bytes | None, bytes]],
                    on_merged: Callable[[list], None] | None = None) -> None:
@@ -453,21 +449,8 @@ class RedisStore(StateStore):
         optimistic transaction, retried on conflict). ``on_merged([(ns, key, value, merged), ...])``
         runs on the store's thread once written. Reads meanwhile see ``value``."""
         items = [(ns, key, base, bytes(value)) for ns, key, base, value in items]
-        if not items:
-            return
-        if self._closing:
-            raise StateUnavailableError(f"state store {self._where()} is closed")
-        nbytes = sum(len(v) + len(k) for _, k, _, v in items)
-        with self._lock:
-            if self.pending_bytes + nbytes > self.max_pending_bytes:
-                self.dropped_writes += 1
-                raise StateUnavailableError(
-                    f"state store {self._where()}: {self.pending_bytes} bytes of writes wait for the server "
-                    f"(max_pending_bytes {self.max_pending_bytes}); {len(items)} more states are refused")
-            self.pending_bytes += nbytes
-            for ns, key, _, value in items:
-                self._overlay[(ns, key)] = value
-        self._submit(("merge", (items, on_merged)))
+        if items:
+            self._hand_over(("merge", (items, on_merged)), [(ns, key, value) for ns, key, _, value in items])
 
     def delete(self, namespace: str, key: str) -> None:
         """Queue the delete; returns None (whether the value existed is not known without a read)."""

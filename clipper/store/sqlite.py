@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import InvalidConfigError
-from .base import StateStore
+from .base import StateStore, settle_overlay
 
 __all__ = ["SQLiteStore"]
 
@@ -270,16 +270,7 @@ class SQLiteStore(StateStore):
             raise
         self._seq = seq
         self.commits += 1
-        with self._lock:
-            overlay = self._overlay
-            for k, value in done_items:
-                if overlay.get(k) is value:  # not written again since
-                    del overlay[k]
-        for on_done, n in after:
-            try:
-                on_done(n)
-            except Exception:
-                log.exception("a trim callback failed")
+        settle_overlay(self._lock, self._overlay, done_items, after)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -150,17 +150,23 @@ class StateTable:
             return state
         state = self.dirty.get(user)
         if state is None:
-            raw = self.store.load(self.namespace, user)
             self.loads += 1
-            if raw is not None:
-                name, state = decode_state(raw)
-                if name != self.policy_name:
-                    state = None
-            if state is None:
-                self.fresh += 1
-                state = self.init()
-            self._read(user, raw)
+            state = self._stored(user, self.store.load(self.namespace, user))
         self._remember(user, state)
+        return state
+
+    def _stored(self, user: str, raw: bytes | None) -> dict:
+        """The state of this policy that ``raw`` (what the store said for ``user``) holds, else a fresh
+        one; ``raw`` is the base of what this frontend learns next."""
+        state = None
+        if raw is not None:
+            name, state = decode_state(raw)
+            if name != self.policy_name:
+                state = None
+        if state is None:
+            self.fresh += 1
+            state = self.init()
+        self._read(user, raw)
         return state
 
     def peek(self, user: str) -> dict | None:
@@ -211,14 +217,7 @@ class StateTable:
         state = self.peek(user)  # a state put while the read was out is newer than the stored one
         if state is None:
             if error is None:
-                if value is not None:
-                    name, state = decode_state(value)
-                    if name != self.policy_name:
-                        state = None
-                if state is None:
-                    self.fresh += 1
-                    state = self.init()
-                self._read(user, value)
+                state = self._stored(user, value)
                 self._remember(user, state)
             else:
                 self.load_failures += 1
