@@ -73,6 +73,7 @@ class Frontend:
         self._sync_task = None  # a catch-up with the shared store, running
         self._sync_again = False  # ... and another change was announced while it ran
         self.syncs = 0  # catch-ups done
+        self._generation = 0  # local registry changes written so far
         self._served_by: dict[str, tuple] = {}  # application -> (the queue keys it sends queries to, its SLO)
         self._slos: dict[str, Counter] = {}  # queue key -> how many of the applications it serves have each SLO
 
@@ -267,6 +268,8 @@ class Frontend:
             return
         import json
 
+        self._generation += 1  # a catch-up reading the store meanwhile must read again
+
         reg = self.registry
         items = []
         for name in apps:
@@ -398,27 +401,52 @@ class Frontend:
         links added, changed or removed. The store is read off the event loop."""
         while True:
             self._sync_again = False
+            generation = self._generation
             try:
                 snap = await self.loop.run_in_executor(None, self._saved_registry)
             except ClipperError as exc:
                 log.warning("cannot catch up with %s: %s", self.store, exc.message)
                 return
-            await self._apply_snapshot(snap or {"applications": [], "models": [], "links": {}})
+            if self._generation != generation:
+                continue  # this frontend changed something while the store was read: read again
+            if snap is None:
+                # The store holds no registry at all (a Redis that restarted without its data, say): that is
+                # not "everything was deleted". What this frontend knows is written again for the others.
+                if self.registry.applications or self.registry.models:
+                    log.warning("the state store %s holds no registry: writing this frontend's again", self.store)
+                    self._persist_all()
+                return
+            await self._apply_snapshot(snap, generation)
             self.syncs += 1
-            if not self._sync_again:
+            if not self._sync_again and self._generation == generation:
                 return
 
-    async def _apply_snapshot(self, snap: dict) -> None:
+    def _persist_all(self) -> None:
+        reg = self.registry
+        self._persist(apps=list(reg.applications), links=list(reg.links),
+                      versions=[mv for m in reg.models.values() for mv in m.versions.values()],
+                      currents=list(reg.models))
+
+    async def _apply_snapshot(self, snap: dict, generation: int) -> None:
+        """Make the registry what ``snap`` says, step by step; stop as soon as this frontend changes
+        something itself (its change is newer than the snapshot: the caller reads again)."""
         reg = self.registry
         token = _APPLYING.set(True)  # what is applied is what the store holds: nothing to write back
+
+        async def step(what: str, make) -> bool:
+            if self._generation != generation:  # a change of this frontend's own came in: it is newer
+                return False
+            return await self._restore_step(what, make)
+
         try:
             saved_apps = {a.get("name"): a for a in snap.get("applications", []) if isinstance(a, dict)}
-            for name in [n for n in reg.applications if n not in saved_apps]:
-                await self._restore_step(f"removing application {name!r}",
-                                         lambda n=name: self.unregister_application(n))
+            for name in list(reg.applications):
+                saved = saved_apps.get(name)
+                if saved is None or saved != _plain(reg.applications[name].to_dict()):  # gone, or registered anew
+                    await step(f"removing application {name!r}", lambda n=name: self.unregister_application(n))
             for name, a in saved_apps.items():
                 if name not in reg.applications:
-                    await self._restore_step(f"application {name!r}", lambda a=a: self.register_application(
+                    await step(f"application {name!r}", lambda a=a: self.register_application(
                         _make(Application, a, "application")))
             saved_versions = {}
             for m in snap.get("models", []):
@@ -426,25 +454,39 @@ class Frontend:
                     if isinstance(v, dict):
                         saved_versions[(v.get("name"), str(v.get("version")))] = v
             for model in list(reg.models.values()):
-                for ver in list(model.versions):
-                    if (model.name, ver) not in saved_versions:
-                        await self._restore_step(f"removing model {model.name}:{ver}",
-                                                 lambda n=model.name, v=ver: self.delete_model(n, v))
+                for ver, mv in list(model.versions.items()):
+                    saved = saved_versions.get((model.name, ver))
+                    same = saved is not None and {k: v for k, v in saved.items() if k != "replicas"} == {
+                        k: v for k, v in _plain(mv.to_dict()).items() if k != "replicas"}
+                    if not same:  # gone, or deployed anew with another definition
+                        await step(f"removing model {model.name}:{ver}",
+                                   lambda n=model.name, v=ver: self.delete_model(n, v))
             for (name, ver), v in saved_versions.items():
                 model = reg.models.get(name)
                 mine = model.versions.get(ver) if model is not None else None
                 if mine is None:
-                    await self._restore_step(f"model {name}:{ver}", lambda v=v: self.deploy_model(
+                    await step(f"model {name}:{ver}", lambda v=v: self.deploy_model(
                         _make(ModelVersion, v, "model"), make_current=False))
                 elif isinstance(v.get("replicas"), int) and v["replicas"] != mine.replicas:
-                    await self._restore_step(f"replicas of {name}:{ver}",
-                                             lambda n=name, ver=ver, r=v["replicas"]: self.set_replicas(n, ver, r))
+                    await step(f"replicas of {name}:{ver}",
+                               lambda n=name, ver=ver, r=v["replicas"]: self.set_replicas(n, ver, r))
             for m in snap.get("models", []):
                 model = reg.models.get(m.get("name"))
                 current = m.get("current_version")
-                if model is not None and current in model.versions and current != model.current_version:
-                    await self._restore_step(f"current version of {model.name}",
-                                             lambda n=model.name, c=current: self.set_model_version(n, c))
+                if model is None or current not in model.versions or current == model.current_version:
+                    continue
+                mv = model.versions[current]
+                if model.current_version is not None and mv.replicas > 0 and self.manager.manages(mv):
+                    # Switch once this frontend's own replicas of it are up (as the deploy did where it was
+                    # made); until then the version serving here goes on serving.
+                    try:
+                        await self.wait_ready(model.name, current,
+                                              timeout_s=self.config.container_start_timeout_ms / 1000)
+                    except ClipperError as exc:
+                        log.error("not switching model %s to version %s here: %s", model.name, current, exc.message)
+                        continue
+                await step(f"current version of {model.name}",
+                           lambda n=model.name, c=current: self.set_model_version(n, c))
             saved_links = snap.get("links", {})
             for app in list(reg.applications):
                 want = [x for x in saved_links.get(app, []) if isinstance(x, str)]
@@ -452,9 +494,9 @@ class Frontend:
                 if want == have:
                     continue
                 for link in [x for x in have if x not in want]:
-                    await self._restore_step(f"unlink {app} -> {link}", lambda a=app, n=link: self.unlink(a, n))
+                    await step(f"unlink {app} -> {link}", lambda a=app, n=link: self.unlink(a, n))
                 for link in [x for x in want if x not in reg.links.get(app, ())]:
-                    await self._restore_step(f"link {app} -> {link}", lambda a=app, n=link: self.link(a, n))
+                    await step(f"link {app} -> {link}", lambda a=app, n=link: self.link(a, n))
             self._reroute()
         finally:
             _APPLYING.reset(token)
@@ -508,7 +550,7 @@ class Frontend:
             if route is not None:
                 route.close(drain=True)
                 self.processor.route_removed()
-            self.processor.drop_states(name)
+            self.processor.drop_states(name, in_store=not _APPLYING.get())
             self._reroute([name])
             self._persist(drop_apps=[name], drop_links=[name])
             return app
@@ -637,11 +679,13 @@ class Frontend:
                     self.registry.remove_model(name)
             self._reroute(linking)
             gone = name not in self.registry.models
-            self._persist(links=[a for a in linking if self.registry.links.get(a) != before[a]],
-                          currents=() if gone else [name], drop_versions=[mv.key for mv in mvs],
-                          drop_currents=[name] if gone else ())
-            for mv in mvs:
-                await self._retire(mv, f"model {mv.key} was deleted")
+            try:
+                self._persist(links=[a for a in linking if self.registry.links.get(a) != before[a]],
+                              currents=() if gone else [name], drop_versions=[mv.key for mv in mvs],
+                              drop_currents=[name] if gone else ())
+            finally:  # (the registry no longer has them: their containers and queue go, whatever the store says)
+                for mv in mvs:
+                    await self._retire(mv, f"model {mv.key} was deleted")
             # Credentials issued for what is gone go too (a redeploy under the name needs new ones).
             if version is None or name not in self.registry.models:
                 self.keyring.revoke_model(name, None, f"model {name} was deleted")
@@ -889,6 +933,11 @@ class Frontend:
             raise StateUnavailableError(
                 f"the state store {self.store!r} does not answer ({type(exc).__name__}: {exc}); management "
                 "changes are refused until it does (queries are still served)") from None
+        waiting = self.store.pending_bytes
+        if waiting > self.store.max_pending_bytes // 2:  # a change now might not be taken: refused before
+            raise StateUnavailableError(                   # anything changes
+                f"the state store {self.store!r} is behind ({waiting} bytes of writes wait for it); management "
+                "changes are refused until it catches up (queries are still served)")
 
     def status(self) -> dict:
         return {
@@ -907,6 +956,13 @@ class Frontend:
             "processes": self.manager.stats(),
             "traffic": self.processor.stats(),
         }
+
+
+def _plain(d: dict) -> dict:
+    """``d`` as the store keeps it (JSON: tuples become lists), to compare with what the store says."""
+    import json
+
+    return json.loads(json.dumps(d))
 
 
 def _make(cls, data: dict, what: str):

@@ -305,7 +305,7 @@ def test_an_unreachable_redis_stops_the_start_with_a_clear_error(tmp_path):
     assert {t for t in threading.enumerate() if t.name == "clipper-redis"} == before  # nothing left running
 
 
-def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(frontend_factory, redis_factory):
+def test_frontends_on_one_redis_share_the_registry_and_the_policy_states(redis_factory, frontend_factory):
     prefix_url = redis_factory().url  # a server of its own: the frontends use the default key prefix
     models = [("right", "first_as_label", None), ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})]
     first = frontend_factory(state_path=prefix_url)
@@ -434,7 +434,7 @@ def test_a_drain_answers_a_request_still_waiting_for_its_state(frontend_factory,
         release[0].set()
 
 
-def test_a_frontend_that_lost_redis_serves_queries_and_refuses_management_changes(frontend_factory, redis_factory):
+def test_a_frontend_that_lost_redis_serves_queries_and_refuses_management_changes(redis_factory, frontend_factory):
     from clipper.management.admin_client import AdminClient
 
     server = redis_factory()
@@ -458,7 +458,7 @@ def test_a_frontend_that_lost_redis_serves_queries_and_refuses_management_change
     assert server.client().hexists("clipper:v:registry/app", "new")
 
 
-def test_frontends_on_one_redis_see_each_others_management_changes(frontend_factory, redis_factory):
+def test_frontends_on_one_redis_see_each_others_management_changes(redis_factory, frontend_factory):
     server = redis_factory()
     feed = server.client().pubsub()
     feed.subscribe("clipper:registry-changes")  # what the frontends announce, heard from outside
@@ -501,3 +501,78 @@ def test_frontends_on_one_redis_see_each_others_management_changes(frontend_fact
             heard.append(msg["data"])
     assert heard and set(heard) == {a.fe._origin}
     feed.close()
+
+
+def test_a_late_merge_answer_does_not_make_this_frontend_count_its_steps_twice(redis_server):
+    from clipper.query.processor import QueryProcessor
+    from clipper.selection import make_policy
+
+    loop = asyncio.new_event_loop()
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    try:
+        proc = QueryProcessor(loop, 1024, 0, store=store)
+        t = proc.state_table("app", make_policy("exp4", ["a", "b"]))
+        step = lambda: t.put("u", {"logw": {"a": 0.0, "b": 0.0}, "updates": (t.peek("u") or {"updates": 0})["updates"] + 1})  # noqa: E731
+        step()
+        proc.flush_states()
+        step()
+        proc.flush_states()  # two merges of one user out before either answer is taken on the loop
+        store.flush()
+        loop.run_until_complete(asyncio.sleep(0.05))  # both answers come back, the first one late
+        step()
+        proc.flush_states()
+        store.flush()
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert decode_state(store.load("policy/app", "u"))[1]["updates"] == 3
+    finally:
+        store.close()
+        loop.close()
+
+
+def test_a_merge_whose_answer_was_lost_is_not_applied_twice(redis_server):
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    try:
+        base = encode_state("exp4", {"logw": {}, "updates": 10})
+        store.save_many([("policy/app", "u", base)])
+        store.flush()
+        mine = encode_state("exp4", {"logw": {}, "updates": 11})
+        job = ([("policy/app", "u", base, mine)], None, "sametoken")
+        store._call(store._apply_merge(job))
+        store._call(store._apply_merge(job))  # tried again, as after a reply lost with the connection
+        assert decode_state(store.load("policy/app", "u"))[1]["updates"] == 11
+    finally:
+        store.close()
+
+
+def test_a_redis_that_lost_its_data_does_not_empty_the_frontends(redis_factory, frontend_factory):
+    server = redis_factory()
+    a = frontend_factory(state_path=server.url)
+    a.deploy("survivor", "constant", env={"CLIPPER_TEST_CONST": "3"})
+    assert a.fe.store.flush(timeout=10)
+    server.client().flushall()  # Redis restarted without its data, say
+    server.client().client_kill_filter(_type="pubsub")  # ... so the change feed reconnects: a catch-up
+    deadline = time.monotonic() + 20
+    while not server.client().hexists("clipper:v:registry/app", "survivor"):
+        assert time.monotonic() < deadline, "the frontend never wrote its registry again"
+        time.sleep(0.02)
+    assert "survivor" in a.fe.registry.applications
+    with Client("127.0.0.1", a.port) as c:
+        assert c.predict("survivor", np.array([1, 0, 0, 0], np.float32)).output == 3
+
+
+def test_an_application_registered_anew_elsewhere_is_registered_anew_here(redis_factory, frontend_factory):
+    from clipper.management.registry import Application
+
+    server = redis_factory()
+    a = frontend_factory(state_path=server.url)
+    b = frontend_factory(state_path=server.url)
+    a.call(a.fe.register_application(Application("redo", "float32", [4], slo_ms=100)))
+    deadline = time.monotonic() + 20
+    while b.call(lambda: b.fe.registry.applications.get("redo")) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    a.call(a.fe.unregister_application("redo"))
+    a.call(a.fe.register_application(Application("redo", "float32", [4], slo_ms=250)))
+    while b.call(lambda: getattr(b.fe.registry.applications.get("redo"), "slo_ms", None)) != 250:
+        assert time.monotonic() < deadline, "b kept the old definition"
+        time.sleep(0.02)

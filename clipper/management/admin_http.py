@@ -344,7 +344,9 @@ class AdminServer(HttpServer):
         if parts[:2] != ["api", "v1"]:
             return 404, _err(RequestError(f"no route {method} {clip(path)}"))
         rest = parts[2:]
-        if method != "GET":  # a change must reach the state store (the other frontends read it there)
+        if method != "GET" and not (method == "DELETE" and rest[:1] in (["container-credentials"], ["api-keys"])):
+            # A change must reach the state store (the other frontends read it there). A revocation is
+            # taken even then: it acts here at once, and its write waits for the store.
             await fe.check_store()
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")

@@ -781,14 +781,21 @@ class QueryProcessor:
         if table is None:
             table = StateTable(self.store, app_name, policy.name, policy.init, max_in_memory=self.max_user_states_in_memory,
                                max_states=self.max_user_states, on_dirty=self._states_dirty, loop=self.loop,
-                               load_timeout_s=self.state_load_timeout_s)
+                               load_timeout_s=self.state_load_timeout_s, mergeable=policy.mergeable)
             self._tables[app_name] = table
         else:
-            table.reset(policy.name, policy.init)
+            table.reset(policy.name, policy.init, policy.mergeable)
         return table
 
-    def drop_states(self, app_name: str) -> None:
+    def drop_states(self, app_name: str, *, in_store: bool = True) -> None:
+        """The application is gone: its policy states go from memory, and from the store unless
+        ``in_store`` is False (another frontend removed it and took its states with it)."""
         table = self._tables.pop(app_name, None)
+        if not in_store:
+            if table is not None:
+                table.lru.clear()
+                table.dirty.clear()
+            return
         if table is not None:
             table.drop()
         else:
@@ -802,24 +809,27 @@ class QueryProcessor:
         """Write every changed state to the store (one transaction)."""
         self._flush_timer = None
         items, taken = [], []
-        merging = getattr(self.store, "merges", False)
+        merges = []
         for table in self._tables.values():
+            merging = table.merging
             its, tk = table.take_dirty_merge() if merging else table.take_dirty()
-            items += its
+            (merges if merging else items).extend(its)
             if tk:
-                taken.append((table, tk, its))
-        if not items:
+                taken.append((table, tk, its if merging else None))
+        if not items and not merges:
             return
         try:
-            if merging:  # other frontends may write these users too: the store merges (StateTable)
-                self.store.merge_many(items, self._on_merged)
-            else:
+            if merges:  # other frontends may write these users too: the store merges them (StateTable)
+                self.store.merge_many(merges, self._on_merged)
+                merges = []
+            if items:
                 self.store.save_many(items)
         except Exception:
             self.state_flush_errors += 1
             log.exception("saving %d policy states failed; trying again in %g s", len(items), self.state_flush_s)
             for table, tk, its in taken:
-                table.give_back(tk, its if merging else None)
+                if its is None or merges:  # (merges handed over already are not given back)
+                    table.give_back(tk, its)
             self._states_dirty()
             return
         self.state_flushes += 1

@@ -75,6 +75,8 @@ _MIN_WEIGHT = Option(1e-3, 0.0, 1.0, "no weight falls below this fraction of the
 class _Weighted(Policy):
     """Log-weights per model: ``state = {"logw": {model: float}, "updates": int}``."""
 
+    mergeable = True  # log-weights move by a sum of per-feedback steps
+
     def init(self) -> dict:
         return {"logw": {m: 0.0 for m in self.models}, "updates": 0}
 
@@ -201,6 +203,10 @@ class UCB1(Policy):
         "c": Option(math.sqrt(2.0), 0.0, 100.0, "width of the confidence bound"),
         "discount": Option(1.0, 0.0, 1.0, "forgetting factor per update (1: none)", lo_open=True),
     }
+
+    @property
+    def mergeable(self) -> bool:
+        return self.options["discount"] == 1.0  # counts and sums; a discount multiplies them
 
     def init(self) -> dict:
         return {"n": {m: 0.0 for m in self.models}, "reward": {m: 0.0 for m in self.models}}

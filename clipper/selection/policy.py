@@ -116,6 +116,14 @@ class Policy:
         seed = self.options["seed"]
         self.rng = random.Random(None if seed < 0 else seed)
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether the numbers of this policy's state are sums of per-feedback steps, so that updates
+        made by several frontends at once may be merged by adding each one's difference
+        (:func:`clipper.store.states.merge_states`). False (the default for a policy of your own): with a
+        shared store the last write of a user's state wins."""
+        return False
+
     # -- the four operations
     def init(self) -> dict:
         """The state of a user the policy has not seen."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import deque
 from typing import Callable, Iterable
@@ -66,6 +67,7 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - keep - 1)
 return #gone
 """
 _BATCH = 256  # writes per transaction
+FEED_CHECK_S = 30.0  # an idle change feed checks its connection this often
 _RETRY_MAX_S = 2.0
 
 
@@ -188,9 +190,9 @@ class RedisStore(StateStore):
                 try:
                     results = await (self._apply_merge(batch[0][1]) if batch[0][0] == "merge" else self._apply(batch))
                     break
-                except self._errors as exc:
+                except Exception as exc:  # (anything but an outage, a bug included, drops the batch)
                     self.write_errors += 1
-                    if not self._is_transient(exc):
+                    if not isinstance(exc, self._errors) or not self._is_transient(exc):
                         # The server refused the batch itself (a key of another type, a script error): it
                         # would be refused again. Dropped, so the writes behind it go on. (Transactions
                         # and scripts do not roll back: some of it may have been applied.)
@@ -257,15 +259,28 @@ class RedisStore(StateStore):
 
         from .states import merge_states
 
-        items, _ = arg
+        items, _, token = arg
         by_ns: dict[str, list] = {}
         for ns, key, base, value in items:
             by_ns.setdefault(ns, []).append((key, base, value))
         hashes = [self._h(ns) for ns in by_ns]
+        # The transaction also sets a key naming this merge: an attempt whose EXEC was applied but whose
+        # answer was lost (redis-py reports a connection cut while watching as a WatchError) is found
+        # done, not merged twice.
+        done_key = f"{self.prefix}:merged:{token}"
+        conflicts = 0
         async with self._client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(*hashes)
+                    if await pipe.exists(done_key):  # an earlier attempt went through: what is stored now
+                        merged = []
+                        for ns, entries in by_ns.items():
+                            currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
+                            merged.extend((ns, key, value, cur if cur is not None else value)
+                                          for (key, _, value), cur in zip(entries, currents))
+                        await pipe.reset()
+                        return merged
                     merged = []
                     for ns, entries in by_ns.items():
                         currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
@@ -278,18 +293,22 @@ class RedisStore(StateStore):
                         keys += (self._h(ns), self._z(ns))
                         args += (key, m)
                     await self._save(keys=keys, args=args, client=pipe)
+                    pipe.set(done_key, b"1", ex=3600)
                     await pipe.execute()
                     return merged
                 except WatchError:
                     self.merge_conflicts += 1
+                    conflicts += 1
                     await pipe.reset()
+                    if conflicts % 8 == 0:  # many frontends writing at once: let them through first
+                        await asyncio.sleep(min(0.1, 0.002 * conflicts))
 
     def _applied(self, batch: list, results) -> None:
         done_items, after, freed = [], [], 0
         i = 0
         for kind, arg in batch:
             if kind == "merge":
-                items, on_merged = arg
+                items, on_merged, _ = arg
                 done_items.extend(((ns, key), value) for ns, key, _, value in items)
                 freed += sum(len(v) + len(k) for _, k, _, v in items)
                 if on_merged is not None and results is not None:
@@ -450,7 +469,8 @@ class RedisStore(StateStore):
         runs on the store's thread once written. Reads meanwhile see ``value``."""
         items = [(ns, key, base, bytes(value)) for ns, key, base, value in items]
         if items:
-            self._hand_over(("merge", (items, on_merged)), [(ns, key, value) for ns, key, _, value in items])
+            self._hand_over(("merge", (items, on_merged, os.urandom(12).hex())),
+                            [(ns, key, value) for ns, key, _, value in items])
 
     def delete(self, namespace: str, key: str) -> None:
         """Queue the delete; returns None (whether the value existed is not known without a read)."""
@@ -470,13 +490,13 @@ class RedisStore(StateStore):
         self._submit(("drop", (namespace, marks)))
 
     def count(self, namespace: str) -> int:
-        self.flush()
+        self.flush(self.timeout_s * 2)
         return int(self._call(self._client.hlen(self._h(namespace))))
 
     def trim(self, namespace: str, keep: int) -> int:
         if keep < 0:
             raise ValueError(f"keep is {keep}; expected >= 0")
-        self.flush()
+        self.flush(self.timeout_s * 2)
         return int(self._call(self._trim(keys=[self._h(namespace), self._z(namespace)], args=[keep])))
 
     def trim_later(self, namespace: str, keep: int, on_done: Callable[[int], None] | None = None) -> None:
@@ -484,7 +504,7 @@ class RedisStore(StateStore):
         self._submit(("trim", (namespace, keep, on_done)))
 
     def keys(self, namespace: str, limit: int = 1000) -> list[str]:
-        self.flush()
+        self.flush(self.timeout_s * 2)
         raw = self._call(self._client.zrevrange(self._z(namespace), 0, max(0, limit) - 1)) if limit > 0 else []
         return [k.decode() if isinstance(k, bytes) else k for k in raw]
 
@@ -529,7 +549,18 @@ class RedisStore(StateStore):
                 await ps.subscribe(f"{self.prefix}:{channel}")
                 attempt = 0
                 self._deliver(on_message, None)
-                async for msg in ps.listen():
+                pinged = False
+                while True:
+                    # Wakes every FEED_CHECK_S when nothing comes, to check the connection is alive: a
+                    # half-open one (a network partition) would otherwise wait for hours, hearing nothing.
+                    msg = await ps.get_message(ignore_subscribe_messages=True, timeout=FEED_CHECK_S)
+                    if msg is None:
+                        if pinged:  # not even the answer to the last PING came back
+                            raise ConnectionError(f"no answer to a PING within {FEED_CHECK_S:g} s")
+                        await asyncio.wait_for(ps.ping(), self.timeout_s)
+                        pinged = True
+                        continue
+                    pinged = False
                     if msg.get("type") == "message":
                         self._deliver(on_message, msg.get("data"))
             except asyncio.CancelledError:

@@ -86,6 +86,13 @@ def merge_states(current: bytes | None, base: bytes | None, mine: bytes) -> byte
     policy."""
     if current is None:
         return mine
+    try:
+        return _merged(current, base, mine)
+    except Exception:  # (a state another frontend wrote that cannot be merged or encoded: mine wins)
+        return mine
+
+
+def _merged(current: bytes, base: bytes | None, mine: bytes) -> bytes:
     c_name, c_state = decode_state(current)
     m_name, m_state = decode_state(mine)
     if c_state is None or m_state is None or c_name != m_name:
@@ -105,7 +112,7 @@ class StateTable:
 
     def __init__(self, store: StateStore, app_name: str, policy_name: str, init: Callable[[], dict], *,
                  max_in_memory: int, max_states: int, on_dirty: Callable[[], None] | None = None,
-                 loop=None, load_timeout_s: float = 1.0) -> None:
+                 loop=None, load_timeout_s: float = 1.0, mergeable: bool = True) -> None:
         self.store = store
         self.namespace = f"policy/{app_name}"
         self.policy_name = policy_name
@@ -117,9 +124,9 @@ class StateTable:
         self.dirty: dict[str, dict] = {}
         # For a merging store: each user's state as this frontend last read or wrote it (encoded; None:
         # the store had none), and the state objects handed to the store and not yet merged back.
-        self.merging = bool(getattr(store, "merges", False))
+        self.merging = bool(getattr(store, "merges", False)) and mergeable
         self.base: dict[str, bytes | None] = {}
-        self._written: dict[str, dict] = {}
+        self._written: dict[str, tuple[dict, bytes]] = {}  # user -> (state object, its encoding) out
         self._saved_since_trim = 0
         self.unstorable = 0
         self.loop = loop  # where fetch's callbacks run (needed by fetch only)
@@ -133,10 +140,12 @@ class StateTable:
         self.evicted_from_memory = 0
         self.trimmed = 0
 
-    def reset(self, policy_name: str, init: Callable[[], dict]) -> None:
+    def reset(self, policy_name: str, init: Callable[[], dict], mergeable: bool | None = None) -> None:
         """The application's policy (or its model set) changed: forget what memory holds."""
         self.policy_name = policy_name
         self.init = init
+        if mergeable is not None:
+            self.merging = bool(getattr(self.store, "merges", False)) and mergeable
         self.lru.clear()
         self.dirty.clear()
         self.base.clear()
@@ -282,23 +291,30 @@ class StateTable:
         for ns, user, value in items:
             out.append((ns, user, base.get(user), value))
             base[user] = value
-            written[user] = taken[user]
+            written[user] = (taken[user], value)
         return out, taken
 
     def merged(self, user: str, value: bytes, merged: bytes) -> None:
         """The store wrote ``merged`` for the state this table wrote as ``value``: memory takes it,
         unless the state changed since (then the next write carries that change on)."""
-        state = self._written.pop(user, None)
-        if state is None:
+        entry = self._written.get(user)
+        if entry is None or entry[1] is not value:
+            return  # a later write of this user is out (or the table was reset): its answer settles it
+        del self._written[user]
+        state = entry[0]
+        held = user in self.lru or user in self.dirty
+        name, new = decode_state(merged)
+        if new is None or name != self.policy_name:
+            if not held:
+                self.base.pop(user, None)
             return
         if self.lru.get(user) is state and user not in self.dirty:
-            if merged is not value and merged != value:
-                name, new = decode_state(merged)
-                if new is not None and name == self.policy_name:
-                    self.lru[user] = new
+            if merged != value:
+                self.lru[user] = new
             self.base[user] = merged
-        elif user not in self.lru and user not in self.dirty:
+        elif not held:
             self.base.pop(user, None)
+        # else: changed since it was written; its base stays what was written (the next write carries on)
 
     def give_back(self, taken: dict, merge_items: list | None = None) -> None:
         """Saving what :meth:`take_dirty` (or :meth:`take_dirty_merge`, whose ``merge_items`` say the
