@@ -409,6 +409,13 @@ class Frontend:
                 return
             if self._generation != generation:
                 continue  # this frontend changed something while the store was read: read again
+            try:
+                keys = await self.loop.run_in_executor(None, self._saved_keys)
+            except ClipperError as exc:
+                log.warning("cannot catch up with %s: %s", self.store, exc.message)
+                return
+            self.api_keys.sync_stored(keys["api_keys"])  # issued and revoked elsewhere
+            self.keyring.sync_stored(keys["credentials"])
             if snap is None:
                 # The store holds no registry at all (a Redis that restarted without its data, say): that is
                 # not "everything was deleted". What this frontend knows is written again for the others.
@@ -420,6 +427,23 @@ class Frontend:
             self.syncs += 1
             if not self._sync_again and self._generation == generation:
                 return
+
+    def _saved_keys(self) -> dict:
+        """(Off the loop.) The API keys and operator container credentials the store holds: id -> value."""
+        from .security.api_keys import API_KEYS_NAMESPACE
+        from .security.container_keys import STORE_NAMESPACE
+
+        out = {}
+        for what, ns in (("api_keys", API_KEYS_NAMESPACE), ("credentials", STORE_NAMESPACE)):
+            out[what] = {k: self.store.load(ns, k) for k in self.store.keys(ns, 1_000_000)}
+        return out
+
+    def announce(self) -> None:
+        """Tell the other frontends on a shared store that something changed here (API keys and container
+        credentials write the store themselves; registry changes announce in ``_persist``)."""
+        publish = getattr(self.store, "publish", None)
+        if publish is not None and not _APPLYING.get():
+            publish(self._CHANGES, self._origin)
 
     def _persist_all(self) -> None:
         reg = self.registry

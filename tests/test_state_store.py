@@ -576,3 +576,31 @@ def test_an_application_registered_anew_elsewhere_is_registered_anew_here(redis_
     while b.call(lambda: getattr(b.fe.registry.applications.get("redo"), "slo_ms", None)) != 250:
         assert time.monotonic() < deadline, "b kept the old definition"
         time.sleep(0.02)
+
+
+def test_keys_and_credentials_issued_or_revoked_on_one_frontend_act_on_the_others(redis_factory, frontend_factory):
+    from clipper.management.admin_client import AdminClient
+    from clipper.management.registry import Application, ModelVersion
+
+    server = redis_factory()
+    a = frontend_factory(state_path=server.url)
+    b = frontend_factory(state_path=server.url)
+    a.call(a.fe.register_application(Application("keyed", "float32", [4])))
+    a.call(a.fe.deploy_model(ModelVersion("handmade", "1", "float32", [4], replicas=0)))  # containers by hand
+    admin = AdminClient("127.0.0.1", a.fe.admin_port, timeout=30)
+    key = admin.create_api_key(["keyed"])
+    cred = admin.issue_container_credentials("handmade")
+
+    def wait_for(pred, what):
+        deadline = time.monotonic() + 20
+        while not b.call(pred):
+            assert time.monotonic() < deadline, f"frontend b never saw {what}"
+            time.sleep(0.02)
+
+    wait_for(lambda: b.fe.api_keys.get(key["id"]) is not None, "the API key")
+    wait_for(lambda: b.fe.keyring.get(cred["id"]) is not None, "the container credentials")
+    held = b.call(lambda: b.fe.api_keys.get(key["id"]))
+    admin.revoke_api_key(key["id"])
+    admin.revoke_container_credentials(cred["id"])
+    wait_for(lambda: b.fe.api_keys.get(key["id"]) is None and b.fe.keyring.get(cred["id"]) is None, "the revocations")
+    assert held.revoked and not held.apps  # a connection holding it there is refused from now on

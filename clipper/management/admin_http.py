@@ -348,6 +348,12 @@ class AdminServer(HttpServer):
             # A change must reach the state store (the other frontends read it there). A revocation is
             # taken even then: it acts here at once, and its write waits for the store.
             await fe.check_store()
+        out = await self._route(fe, method, path, parts, rest, data)
+        if method != "GET" and out[0] < 300:
+            fe.announce()  # (keys and credentials; the registry's changes announce themselves too)
+        return out
+
+    async def _route(self, fe, method: str, path: str, parts: list, rest: list, data) -> tuple[int, object]:
         if not isinstance(data, dict):
             raise InvalidConfigError("the request body must be a JSON object")
         key = (method, len(rest), rest[0] if rest else None)

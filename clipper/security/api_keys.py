@@ -196,16 +196,30 @@ class ApiKeyRegistry:
                       self.max_keys, self.max_keys)
             ids = ids[: self.max_keys]
         for key_id in ids:
-            raw = store.load(API_KEYS_NAMESPACE, key_id)
-            try:
-                rec = json.loads(raw)
-                digest = bytes.fromhex(rec["sha256"])
-                apps = rec["apps"]
-                if len(digest) != 32 or not isinstance(apps, list) or not all(type(a) is str for a in apps):
-                    raise ValueError("bad digest or apps")
-                key = ApiKey(str(rec["id"]), set(apps), str(rec.get("name", "")), str(rec.get("created", "")), digest)
-            except (TypeError, ValueError, KeyError) as exc:
-                # One damaged record does not stop the frontend; its key simply does not work.
-                log.error("API key record %r in %s cannot be read (%s); that key does not work", key_id, store, exc)
-                continue
-            self._add(key)
+            self._take_stored(key_id, store.load(API_KEYS_NAMESPACE, key_id))
+
+    def _take_stored(self, key_id: str, raw) -> None:
+        try:
+            rec = json.loads(raw)
+            digest = bytes.fromhex(rec["sha256"])
+            apps = rec["apps"]
+            if len(digest) != 32 or not isinstance(apps, list) or not all(type(a) is str for a in apps):
+                raise ValueError("bad digest or apps")
+            key = ApiKey(str(rec["id"]), set(apps), str(rec.get("name", "")), str(rec.get("created", "")), digest)
+        except (TypeError, ValueError, KeyError) as exc:
+            # One damaged record does not stop the frontend; its key simply does not work.
+            log.error("API key record %r in %s cannot be read (%s); that key does not work", key_id, self.store, exc)
+            return
+        self._add(key)
+
+    def sync_stored(self, records: dict) -> None:
+        """Another frontend on the shared store created or revoked keys: ``records`` (id -> stored value) is
+        what the store holds now. A key revoked there stops working here at once, on every connection."""
+        for key_id in [k for k in self._by_id if k not in records]:
+            key = self._by_id.pop(key_id)
+            self._by_digest.pop(key.digest, None)
+            key.revoked = True
+            key.apps.clear()
+        for key_id, raw in records.items():
+            if key_id not in self._by_id and raw is not None and len(self._by_id) < self.max_keys:
+                self._take_stored(key_id, raw)

@@ -266,15 +266,17 @@ class ContainerKeyring:
     def get(self, grant_id) -> ContainerGrant | None:
         return self.grants.get(grant_id) if type(grant_id) is str else None
 
-    def revoke(self, grant_id: str, reason: str = "its credentials were revoked") -> ContainerGrant:
-        """Forget a credential: no new handshake with it, and its replicas are dropped."""
+    def revoke(self, grant_id: str, reason: str = "its credentials were revoked", *,
+               in_store: bool = True) -> ContainerGrant:
+        """Forget a credential: no new handshake with it, and its replicas are dropped (``in_store``
+        False: another frontend revoked it and removed it from the shared store already)."""
         grant = self.grants.pop(grant_id, None) if type(grant_id) is str else None
         if grant is None:
             raise InvalidConfigError(f"no container credentials with id {grant_id!r}")
         if grant.public_key is not None:
             self._by_key.pop(grant.public_key, None)
         self.passwords.pop(grant.id, None)
-        if grant.origin == "operator" and self._store is not None:
+        if grant.origin == "operator" and self._store is not None and in_store:
             self._store.delete(STORE_NAMESPACE, grant.id)
         if self.on_revoke is not None:
             self.on_revoke(grant, reason)
@@ -297,20 +299,31 @@ class ContainerKeyring:
         self._store = store
         n = 0
         for gid in store.keys(STORE_NAMESPACE, limit=1_000_000):
-            raw = store.load(STORE_NAMESPACE, gid)
-            try:
-                d = json.loads(raw)
-                pub = _z85_key(d["public_key"], "a stored public key")
-                grant = ContainerGrant(gid, str(d["model"]), None if d.get("version") is None else str(d["version"]),
-                                       "operator", float(d.get("created", 0)), public_key=pub,
-                                       label=str(d.get("label", "")))
-            except (ValueError, KeyError, TypeError, InvalidConfigError) as exc:
-                log.error("ignoring stored container credentials %r: %s", gid, exc)
-                continue
-            self.grants[gid] = grant
-            self._by_key[pub] = grant
-            n += 1
+            n += self._take_stored(gid, store.load(STORE_NAMESPACE, gid))
         return n
+
+    def _take_stored(self, gid: str, raw) -> bool:
+        try:
+            d = json.loads(raw)
+            pub = _z85_key(d["public_key"], "a stored public key")
+            grant = ContainerGrant(gid, str(d["model"]), None if d.get("version") is None else str(d["version"]),
+                                   "operator", float(d.get("created", 0)), public_key=pub,
+                                   label=str(d.get("label", "")))
+        except (ValueError, KeyError, TypeError, InvalidConfigError) as exc:
+            log.error("ignoring stored container credentials %r: %s", gid, exc)
+            return False
+        self.grants[gid] = grant
+        self._by_key[pub] = grant
+        return True
+
+    def sync_stored(self, records: dict) -> None:
+        """Another frontend on the shared store issued or revoked operator credentials: ``records`` (id ->
+        stored value) is what the store holds now. Revoked ones drop their replicas here too."""
+        for gid in [g.id for g in self.grants.values() if g.origin == "operator" and g.id not in records]:
+            self.revoke(gid, "its credentials were revoked (by another frontend)", in_store=False)
+        for gid, raw in records.items():
+            if gid not in self.grants and raw is not None:
+                self._take_stored(gid, raw)
 
 
 @dataclass
