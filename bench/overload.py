@@ -45,9 +45,10 @@ from .hotpath import load_pyplot
 from .loadgen import OVERLOADED_CODE, LoadgenError, LoadSpec, format_summary, run_load
 from .run import REPO, Server, TargetError, clipper_server, machine_info, parse_sweep
 
-# admission_control = true / false; "serial": admission on, one batch per replica at a time
-# ([frontend] batches_in_flight = 1), to measure the second batch in flight against it in one run
-SETTINGS = ("on", "off", "serial")
+# admission_control = true / false; "pipelined" and "serial": admission on with two batches in flight per
+# replica ([frontend] batches_in_flight = 2) and with one, to measure the second batch against one in one run
+SETTINGS = ("on", "off", "pipelined", "serial")
+_IN_FLIGHT = {"pipelined": 2, "serial": 1}
 DEFAULT_LOADS = "0.5,1,1.5,2,3,4"
 DEFAULT_CAPACITY_LEVELS = "4x16,4x32,4x64"
 
@@ -157,8 +158,8 @@ def run(args, log) -> dict:
     try:
         for s in args.settings:
             cfg = write_deployment(args.config, tmp / f"{s}.toml", frontend={"admission_control": s != "off",
-                                                                      **({"batches_in_flight": 1} if s == "serial"
-                                                                         else {})},
+                                                                      **({"batches_in_flight": _IN_FLIGHT[s]}
+                                                                         if s in _IN_FLIGHT else {})},
                                    application={"on_overload": args.on_overload})
             srv = clipper_server(cfg, tmp, args.ready_timeout, args.clipper_cmd.split(), f"admission-{s}")
             srv.start()
@@ -327,8 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--app", default="noop")
     ap.add_argument("--slo-ms", type=float, default=None,
                     help="the application's SLO for the report and plot (default: read from the deployment)")
-    ap.add_argument("--settings", default="on,off", help="frontends to run, comma-separated: on (admission control), off (none), serial "
-                         "(admission on, batches_in_flight = 1)")
+    ap.add_argument("--settings", default="on,off", help="frontends to run, comma-separated: on (admission control), off (none), pipelined / "
+                         "serial (admission on, batches_in_flight = 2 / 1)")
     ap.add_argument("--on-overload", choices=("error", "default"), default="error",
                     help="what the application answers a refused query (default: the OVERLOADED error)")
     ap.add_argument("--loads", type=parse_loads, default=parse_loads(DEFAULT_LOADS),
@@ -357,7 +358,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     if not args.settings or any(s not in SETTINGS for s in args.settings):
-        ap.error("--settings takes a comma-separated list of on, off, serial")
+        ap.error("--settings takes a comma-separated list of on, off, pipelined, serial")
 
     if args.slo_ms is None:
         import tomllib
