@@ -604,3 +604,38 @@ def test_keys_and_credentials_issued_or_revoked_on_one_frontend_act_on_the_other
     admin.revoke_container_credentials(cred["id"])
     wait_for(lambda: b.fe.api_keys.get(key["id"]) is None and b.fe.keyring.get(cred["id"]) is None, "the revocations")
     assert held.revoked and not held.apps  # a connection holding it there is refused from now on
+
+
+def test_a_redeploy_on_one_frontend_invalidates_the_others_cache(redis_factory, frontend_factory):
+    from clipper.management.registry import ModelVersion
+
+    server = redis_factory()
+    a = frontend_factory(state_path=server.url)
+    b = frontend_factory(state_path=server.url)
+    a.deploy("cached", "constant", env={"CLIPPER_TEST_CONST": "7"}, cache=True)
+    deadline = time.monotonic() + 60
+    while b.call(lambda: b.fe.registry.links.get("cached")) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b.call(b.fe.wait_ready("cached-model", "1", timeout_s=60))
+    x = np.array([1, 0, 0, 0], np.float32)
+    with Client("127.0.0.1", b.port) as c:
+        assert c.predict("cached", x).output == 7
+        assert c.predict("cached", x).output == 7
+    assert b.stats()["cache"]["hits"] >= 1  # b answers it from its cache now
+    # the same version deployed again on a, with another definition
+    a.call(a.fe.delete_model("cached-model", "1"))
+    a.call(a.fe.deploy_model(ModelVersion("cached-model", "1", "float32", [4], entry="model_zoo.py:constant",
+                                          env={"CLIPPER_TEST_CONST": "9"}), wait=True, timeout_s=60))
+    a.call(a.fe.link("cached", "cached-model"))
+    with Client("127.0.0.1", b.port) as c:
+        while True:  # b catches up: its cached 7 must not outlive the redeploy
+            try:
+                out = c.predict("cached", x)
+                if out.output == 9 and not out.is_default:
+                    break
+                assert out.output in (7, 9) or out.is_default
+            except (E.NoModelAvailableError, E.DeadlineExceededError):
+                pass
+            assert time.monotonic() < deadline, "b kept answering from the old deployment"
+            time.sleep(0.05)
