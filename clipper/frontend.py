@@ -260,6 +260,7 @@ class Frontend:
     _NS_CURRENT = "registry/current"
     _NS_LINKS = "registry/links"
     _LEGACY_NS = "registry"  # one JSON snapshot of everything (before per-entry values)
+    _NS_META = "registry/meta"  # ("registry", b"kept"): the store holds a registry, even an empty one
 
     def _persist(self, *, apps=(), links=(), versions=(), currents=(), drop_apps=(), drop_links=(),
                  drop_versions=(), drop_currents=()) -> None:
@@ -282,6 +283,8 @@ class Frontend:
             model = reg.models.get(name)
             items.append((self._NS_CURRENT, name,
                           json.dumps({"version": model.current_version if model else None}).encode()))
+        # A mark that the store holds a registry (however empty): a store without it lost its data.
+        items.append((self._NS_META, "registry", b"kept"))
         self.store.save_many(items)
         for ns, keys in ((self._NS_APP, drop_apps), (self._NS_LINKS, drop_links), (self._NS_VERSION, drop_versions),
                          (self._NS_CURRENT, drop_currents)):
@@ -403,7 +406,8 @@ class Frontend:
             self._sync_again = False
             generation = self._generation
             try:
-                snap = await self.loop.run_in_executor(None, self._saved_registry)
+                snap, kept = await self.loop.run_in_executor(
+                    None, lambda: (self._saved_registry(), self.store.load(self._NS_META, "registry")))
             except ClipperError as exc:
                 log.warning("cannot catch up with %s: %s", self.store, exc.message)
                 return
@@ -416,13 +420,15 @@ class Frontend:
                 return
             self.api_keys.sync_stored(keys["api_keys"])  # issued and revoked elsewhere
             self.keyring.sync_stored(keys["credentials"])
-            if snap is None:
-                # The store holds no registry at all (a Redis that restarted without its data, say): that is
-                # not "everything was deleted". What this frontend knows is written again for the others.
+            if snap is None and kept is None:
+                # The store holds no registry at all, not even the mark of one (a Redis that restarted without
+                # its data, say): that is not "everything was deleted". What this frontend knows is written
+                # again for the others.
                 if self.registry.applications or self.registry.models:
                     log.warning("the state store %s holds no registry: writing this frontend's again", self.store)
                     self._persist_all()
                 return
+            snap = snap or {"applications": [], "models": [], "links": {}}  # (everything was removed)
             await self._apply_snapshot(snap, generation)
             self.syncs += 1
             if not self._sync_again and self._generation == generation:
