@@ -38,13 +38,7 @@ def store(tmp_path):
 
 def _hold_writer(store: SQLiteStore) -> threading.Event:
     """Keep the store's writer thread busy until the returned event is set (a stuck disk, say)."""
-    release, busy = threading.Event(), threading.Event()
-
-    def stuck(_n):
-        busy.set()
-        release.wait(30)
-
-    store.trim_later("nothing", 1, stuck)
+    release, busy = _hold_writer_nowait(store)
     assert busy.wait(10)
     return release
 

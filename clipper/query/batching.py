@@ -613,9 +613,7 @@ class ModelQueue:
                 self.replica_free(replica)
             elif replica.batch2 is None and self.depth > 1 and replica not in self.half:
                 self.half.append(replica)  # one batch still out: it may take a second
-                if self.live >= replica.sizer.current and not self._scheduled:
-                    self._scheduled = True
-                    self.loop.call_soon(self._dispatch)
+                self._wake()
 
     def fail_all(self, exc: ClipperError) -> None:
         """Fail every waiting item (the model is being removed, or the frontend stops)."""
