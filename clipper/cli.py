@@ -20,7 +20,7 @@ from .config import (
     FrontendConfig,
     load_config_file,
 )
-from .errors import ClipperError
+from .errors import ClipperError, InvalidConfigError
 
 
 def _shape(text: str | None) -> list[int]:
@@ -32,9 +32,8 @@ def _shape(text: str | None) -> list[int]:
         raise argparse.ArgumentTypeError(f"shape {text!r} is not a comma-separated list of integers") from None
 
 
-async def _start(args) -> int:
-    from .frontend import Frontend
-
+def _start_config(args):
+    """The frontend config ``clipper start`` runs with (config file, then the command line), and the file's spec."""
     spec = None
     if args.config:
         spec = load_config_file(args.config)
@@ -53,6 +52,15 @@ async def _start(args) -> int:
         cfg.tls_key_file = os.path.abspath(args.tls_key)
     if args.require_api_keys:
         cfg.require_api_keys = True
+    if args.reuse_port:
+        cfg.reuse_port = True
+    return cfg, spec
+
+
+async def _start(args) -> int:
+    from .frontend import Frontend
+
+    cfg, spec = _start_config(args)
     from .security import exposure_warning
 
     warning = exposure_warning(cfg)
@@ -67,7 +75,7 @@ async def _start(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     await fe.start()
     try:
-        if spec:
+        if spec and not args.worker_index:  # workers: the first applies the file, the others learn it from the store
             await fe.apply(spec)
             for model in fe.registry.models.values():
                 mv = model.current
@@ -91,9 +99,55 @@ async def _start(args) -> int:
     return 0
 
 
+def _worker_argv(args):
+    """How the supervisor of ``--workers`` starts worker ``index``: this command, with its ports and store."""
+    def argv(index: int, ports: dict, state_url: str, ready_file: str) -> list[str]:
+        out = [sys.executable, "-m", "clipper", "--log-level", args.log_level, "start", "--reuse-port",
+               "--worker-index", str(index), "--state", state_url, "--ready-file", ready_file]
+        if args.config:
+            out += ["--config", os.path.abspath(args.config)]
+        for attr in ("host", "rpc_host", "admin_host", "rpc_security", "local_rpc_transport"):
+            val = getattr(args, attr)
+            if val is not None:
+                out += ["--" + attr.replace("_", "-"), val]
+        for attr, val in ports.items():
+            if val is not None:
+                out += ["--" + attr.replace("_", "-"), str(val)]
+        if args.tls_cert is not None:
+            out += ["--tls-cert", os.path.abspath(args.tls_cert)]
+        if args.tls_key is not None:
+            out += ["--tls-key", os.path.abspath(args.tls_key)]
+        if args.require_api_keys:
+            out.append("--require-api-keys")
+        return out
+
+    return argv
+
+
+async def _start_workers(args) -> int:
+    from .store.redis import is_redis_url
+    from .workers import run_workers
+
+    cfg, spec = _start_config(args)
+    from .security import exposure_warning
+
+    warning = exposure_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if cfg.state_path is not None and not is_redis_url(cfg.state_path):
+        raise InvalidConfigError(
+            f"--workers {args.workers} needs a state store every worker shares: --state redis://HOST:PORT/DB, or no "
+            f"--state (a private redis-server is started); {cfg.state_path!r} is a SQLite file")
+    base = spec["base_dir"] if spec else Path.cwd()
+    return await run_workers(args.workers, cfg, _worker_argv(args), state_url=cfg.state_path,
+                             data_dir=Path(base) / "clipper-redis", ready_file=args.ready_file)
+
+
 def cmd_start(args) -> int:
     import uvloop
 
+    if args.workers != 1:
+        return uvloop.run(_start_workers(args))
     return uvloop.run(_start(args))
 
 
@@ -344,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", default=None, metavar="FILE", help="the PEM private key of --tls-cert")
     s.add_argument("--require-api-keys", action="store_true",
                    help="queries and feedback need a per-application API key (see `clipper api-key`)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="run this many frontend processes sharing the query, REST and admin ports (SO_REUSEPORT) "
+                        "and one state store (--state redis://..., else a private redis-server); each runs its own "
+                        "model containers (default 1: this process is the frontend)")
+    s.add_argument("--reuse-port", action="store_true",
+                   help="listen on the query, REST and admin ports with SO_REUSEPORT (frontends of one system on "
+                        "one machine; --workers sets it for its workers)")
+    s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_start)
 
     def admin_opts(sp):

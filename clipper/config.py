@@ -157,6 +157,10 @@ class FrontendConfig:
     tls_key_file: str | None = None
     # Per-application API keys on the query ports (REST Authorization: Bearer, msgpack HELLO api_key).
     require_api_keys: bool = False
+    # SO_REUSEPORT on the query, REST and admin ports: several frontend processes of one system (sharing a
+    # state store) listen on the same ports and the kernel spreads connections among them. Set by
+    # `clipper start --workers N` for its workers.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction

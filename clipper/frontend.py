@@ -152,6 +152,7 @@ class Frontend:
         self.partial_budget = ByteBudget(lim.max_partial_frame_bytes)
         self.query_server = QueryServer(self.loop, self.processor, cfg.limits, f"clipper/{__version__}", keys,
                                         partial_budget=self.partial_budget)
+        self.query_server.reuse_port = bool(cfg.reuse_port)
         if cfg.query_port is not None:
             self.query_port = await self.query_server.start(cfg.host, cfg.query_port, ssl=tls)
         if cfg.rest_port is not None:
@@ -159,6 +160,7 @@ class Frontend:
 
             self.rest = RestServer(self.loop, self.processor, cfg.limits, self.not_ready, keys,
                                    partial_budget=self.partial_budget)
+            self.rest.reuse_port = bool(cfg.reuse_port)
             self.rest_port = await self.rest.start(cfg.host, cfg.rest_port, ssl=tls)
         if cfg.metrics_port is not None:
             from .metrics import MetricsServer
@@ -169,6 +171,7 @@ class Frontend:
             from .management.admin_http import AdminServer
 
             self.admin = AdminServer(self)
+            self.admin.reuse_port = bool(cfg.reuse_port)
             self.admin_port = await self.admin.start(cfg.admin_host, cfg.admin_port)
         self._started = True
         await self._restore_registry()

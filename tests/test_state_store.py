@@ -633,3 +633,52 @@ def test_a_redeploy_on_one_frontend_invalidates_the_others_cache(redis_factory, 
                 pass
             assert time.monotonic() < deadline, "b kept answering from the old deployment"
             time.sleep(0.05)
+
+
+def test_one_container_serves_two_frontends_and_outlives_one(redis_factory, frontend_factory, tmp_path):
+    """One container process given both frontends' addresses is a replica in each (credentials issued by one
+    frontend, known to the other through the store; the frontends share their server key), answers both, and
+    keeps serving the second when the first stops.
+
+    Catches: a runtime that serves only its first address, one frontend's batch answered on the other's
+    socket (wrong or missing answers), a container that exits when one of its frontends goes."""
+    import subprocess
+    import sys
+
+    from clipper.management.admin_client import AdminClient
+    from clipper.management.registry import Application, ModelVersion
+    from clipper.security.container_keys import save_credentials
+
+    server = redis_factory()
+    a = frontend_factory(state_path=server.url, heartbeat_interval_ms=100, heartbeat_timeout_ms=1000)
+    b = frontend_factory(state_path=server.url, heartbeat_interval_ms=100, heartbeat_timeout_ms=1000)
+    a.call(a.fe.register_application(Application("both", "float32", [4], slo_ms=20_000)))
+    a.call(a.fe.deploy_model(ModelVersion("shared", "1", "float32", [4], replicas=0)))  # no local replicas
+    a.call(a.fe.link("both", "shared"))
+    cred = AdminClient("127.0.0.1", a.fe.admin_port, timeout=30).issue_container_credentials("shared", "1")
+    save_credentials(tmp_path / "cred", cred)
+    deadline = time.monotonic() + 20
+    while not b.call(lambda: b.fe.keyring.get(cred["id"]) is not None and b.fe.registry.links.get("both")):
+        assert time.monotonic() < deadline, "frontend b never learned the credentials and the link"
+        time.sleep(0.02)
+    addrs = [f"tcp://127.0.0.1:{fe.fe.rpc_port}" for fe in (a, b)]
+    proc = subprocess.Popen([sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "shared",
+                             "--version", "1", "--credentials", str(tmp_path / "cred"), "--frontend", addrs[0],
+                             "--frontend", addrs[1]], cwd=a.fe.base_dir, stderr=subprocess.PIPE, text=True)
+    try:
+        for fe in (a, b):
+            fe.call(fe.fe.wait_ready("shared", "1", timeout_s=60))
+        x = np.array([1, 2, 3, 4], np.float32)
+        for fe in (a, b):
+            with Client("127.0.0.1", fe.port) as c:
+                got = c.predict_many("both", [x * k for k in range(1, 41)])
+            assert [p.output for p in got] == [pytest.approx(10.0 * k) for k in range(1, 41)]
+            assert not any(p.is_default for p in got)
+        a.close()
+        with Client("127.0.0.1", b.port) as c:
+            got = c.predict_many("both", [x * k for k in range(1, 41)])
+        assert [p.output for p in got] == [pytest.approx(10.0 * k) for k in range(1, 41)]
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)

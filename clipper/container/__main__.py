@@ -1,4 +1,4 @@
-"""``python -m clipper.container ENTRY --name N --version V [--frontend ADDR] [--credentials FILE]``.
+"""``python -m clipper.container ENTRY --name N --version V [--frontend ADDR ...] [--credentials FILE]``.
 
 Credentials come from ``--credentials FILE``, else from the environment:
 ``CLIPPER_CREDENTIALS_FILE`` (a path) or ``CLIPPER_CREDENTIALS`` (the JSON
@@ -19,7 +19,7 @@ import sys
 from ..errors import ClipperError
 from ..rpc import messages as m
 from ..security.container_keys import ContainerCredentials
-from .runtime import ContainerRuntime, LoadError, load_predictor
+from .runtime import ContainerRuntime, LoadError, load_predictor, split_frontends
 
 
 class StopServing(BaseException):
@@ -56,9 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("entry", help="module:function, module:Class, or path/to/file.py:function")
     p.add_argument("--name", required=True, help="model name as deployed in the frontend")
     p.add_argument("--version", required=True, help="model version as deployed in the frontend")
-    p.add_argument("--frontend", default=None,
+    p.add_argument("--frontend", action="append", default=None,
                    help="the frontend's container RPC address (default: the credentials' frontend, else "
-                        "$CLIPPER_FRONTEND, else tcp://127.0.0.1:7000)")
+                        "$CLIPPER_FRONTEND, else tcp://127.0.0.1:7000); repeat it, or separate addresses with "
+                        "commas, to serve several frontends of one system (sharing a state store) at once")
     p.add_argument("--credentials", default=None,
                    help="container credentials file (from `clipper container-credentials NAME [VERSION]`)")
     p.add_argument("--input-dtype", default=None, help="the input dtype this model expects (checked at handshake)")
@@ -90,6 +91,10 @@ def main(argv=None) -> int:
         return m.EXIT_REJECTED
     frontend = (args.frontend or (credentials.frontend if credentials is not None else None)
                 or os.environ.get("CLIPPER_FRONTEND") or "tcp://127.0.0.1:7000")
+    try:
+        frontend = split_frontends(frontend)
+    except ValueError as exc:
+        p.error(f"--frontend: {exc}")
     try:
         predict = load_predictor(args.entry)
     except LoadError as exc:

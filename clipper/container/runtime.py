@@ -43,7 +43,7 @@ from ..rpc import messages as m
 
 log = logging.getLogger("clipper.container")
 
-__all__ = ["load_predictor", "serve", "ContainerRuntime"]
+__all__ = ["load_predictor", "serve", "ContainerRuntime", "split_frontends"]
 
 
 class LoadError(Exception):
@@ -162,15 +162,56 @@ def split_varlen(payload, count: int, as_str: bool) -> list:
     return [bytes(data[a:b]) for a, b in zip(offsets, offsets[1:])]
 
 
+class _Link:
+    """One frontend this container serves: its socket and what it has heard from it."""
+
+    __slots__ = ("address", "sock", "monitor", "handshake_failures", "last_heard", "next_beat", "interval",
+                 "timeout", "replica_id", "lost")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = None
+        self.monitor = None  # handshake events, until the first handshake succeeds
+        self.handshake_failures = 0
+        self.last_heard = self.next_beat = 0.0
+        self.interval = 1.0  # heartbeat interval and timeout: what this frontend asked for in its welcome
+        self.timeout = 5.0
+        self.replica_id = None
+        self.lost = False  # silent past its timeout (only counted under exit_on_frontend_loss)
+
+
+def split_frontends(frontend) -> list[str]:
+    """The frontend addresses in ``frontend``: one address, several separated by commas, or a list of those."""
+    items = [frontend] if isinstance(frontend, str) else list(frontend)
+    out = []
+    for item in items:
+        for addr in str(item).split(","):
+            addr = addr.strip()
+            if addr and addr not in out:
+                out.append(addr)
+    if not out:
+        raise ValueError("no frontend address given")
+    return out
+
+
 class ContainerRuntime:
-    """One model replica connected to one frontend."""
+    """One model replica serving one frontend, or several (one ZeroMQ socket to each).
+
+    A container given several frontend addresses (frontends of one system,
+    sharing a state store) is a replica of its model in each of them: each
+    frontend batches for it as for its own, and the container runs the
+    batches of all of them one at a time, taking turns among the frontends
+    with batches waiting. Each frontend has its own handshake, heartbeats and
+    reconnects; a frontend that refuses it or goes away leaves the others
+    served.
+    """
 
     def __init__(
         self,
         predict: Callable,
         name: str,
         version: str,
-        frontend: str = "tcp://127.0.0.1:7000",
+        frontend: str | list[str] = "tcp://127.0.0.1:7000",
         input_dtype: str | None = None,
         input_shape: list[int] | None = None,
         exit_on_frontend_loss: bool = False,
@@ -178,26 +219,31 @@ class ContainerRuntime:
     ) -> None:
         self.predict = predict
         self.credentials = credentials
-        self._monitor = None  # handshake events, until the first handshake succeeds
-        self._poller = None
-        self._handshake_failures = 0
         self.name = name
         self.version = str(version)
-        self.frontend = frontend
+        self.frontends = split_frontends(frontend)
+        self.frontend = self.frontends[0]
         self.input_dtype = input_dtype
         self.input_shape = input_shape
         self.exit_on_frontend_loss = exit_on_frontend_loss
-        self.heartbeat_interval = 1.0
-        self.heartbeat_timeout = 5.0
         self.ctx = zmq.Context.instance()
-        self._sock = None
+        self._links: list[_Link] = []
+        self._poller = None
         self._sock_lock = threading.Lock()
         self._busy = False
         self._holding = False
         self._beater_thread = None
         self._stop = threading.Event()
-        self.replica_id = None
         self.batches_done = 0
+
+    @property
+    def replica_id(self):
+        """The replica id the (first) frontend gave this container, once welcomed."""
+        return self._links[0].replica_id if self._links else None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return min((l.interval for l in self._links), default=1.0)
 
     # ---------------------------------------------------------------- batches
     def _run_batch(self, header: list, frames) -> list:
@@ -206,7 +252,7 @@ class ContainerRuntime:
         try:
             frame = frames[1]
             batch = decode_batch(count, encoding, meta, frame.buffer if hasattr(frame, "buffer") else frame)
-            self._busy = True  # the beater may use the socket until _busy is False again
+            self._busy = True  # the beater may use the sockets until _busy is False again
             try:
                 outputs = self.predict(batch)
             finally:
@@ -222,37 +268,40 @@ class ContainerRuntime:
     def _beater(self) -> None:
         """Heartbeats while ``predict`` runs (the main thread beats when idle).
 
-        The main thread holds ``_sock_lock`` whenever it touches the socket and
+        The main thread holds ``_sock_lock`` whenever it touches the sockets and
         sets ``_busy`` only around ``predict``, when it does not; so this thread
-        uses the socket only while the main thread provably does not (the lock
-        is the memory barrier ZeroMQ asks for when a socket changes threads).
+        uses them only while the main thread provably does not (the lock is the
+        memory barrier ZeroMQ asks for when a socket changes threads).
         """
         beat = msgpack.packb([m.C_HEARTBEAT])
         while not self._stop.wait(self.heartbeat_interval):
             if not self._busy:
                 continue
             with self._sock_lock:
-                if self._busy and self._sock is not None:
-                    try:
-                        self._sock.send(beat, zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                if not self._busy:
+                    continue
+                for link in self._links:
+                    if link.sock is not None:
+                        try:
+                            link.sock.send(beat, zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
 
     # ----------------------------------------------------------------- main
     MAX_HANDSHAKE_FAILURES = 5  # handshakes failing without detail in a row before the container gives up
     _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
-    def _connect(self):
+    _NEEDS_CREDENTIALS = ("requires credentials: start the container with --credentials FILE "
+                          "(made by `clipper container-credentials MODEL [VERSION]`)")
+
+    def _connect(self, link: _Link) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.credentials is not None:
             self.credentials.apply(sock)
-        self._monitor = sock.get_monitor_socket(self._HANDSHAKE_EVENTS)
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
-        sock.connect(self.frontend)
+        link.monitor = sock.get_monitor_socket(self._HANDSHAKE_EVENTS)
+        sock.connect(link.address)
         info = {"model": self.name, "version": self.version, "pid": os.getpid(), "sdk": "clipper-container/0.1"}
         if self.credentials is not None:
             info["credential_id"] = self.credentials.id
@@ -261,154 +310,216 @@ class ContainerRuntime:
         if self.input_shape is not None:
             info["input_shape"] = list(self.input_shape)
         sock.send(msgpack.packb([m.C_HELLO, m.RPC_VERSION, info]))
-        return sock
+        link.sock = sock
+        link.last_heard = time.monotonic()
+        link.next_beat = link.last_heard + link.interval
+        self._poller = None  # the set of sockets to poll changed
 
-    def _reconnect(self) -> None:
-        self._stop_monitor()
-        self._sock.close(linger=0)
-        self._sock = self._connect()
+    def _reconnect(self, link: _Link) -> None:
+        self._close(link)
+        self._connect(link)
 
-    def _stop_monitor(self) -> None:
-        if self._monitor is not None:
+    def _close(self, link: _Link, goodbye: bool = False) -> None:
+        self._stop_monitor(link)
+        sock, link.sock = link.sock, None
+        if sock is not None:
+            if goodbye:
+                try:
+                    sock.send(msgpack.packb([m.C_BYE]), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            sock.close(linger=100 if goodbye else 0)
+        self._poller = None
+
+    def _stop_monitor(self, link: _Link) -> None:
+        if link.monitor is not None:
             try:
-                self._sock.disable_monitor()
+                link.sock.disable_monitor()
             except zmq.ZMQError:
                 pass
-            self._monitor.close(linger=0)
-            self._monitor = self._poller = None
+            link.monitor.close(linger=0)
+            link.monitor = None
+            self._poller = None
 
-    def _handshake_event(self) -> int | None:
+    def _drop(self, link: _Link, rc: int) -> int | None:
+        """``link``'s frontend refused this container: leave it; an exit code once no frontend is left."""
+        self._close(link)
+        self._links.remove(link)
+        if not self._links:
+            return rc
+        log.warning("no longer serving %s; %d frontend(s) left", link.address, len(self._links))
+        return None
+
+    def _handshake_event(self, link: _Link) -> int | None:
         """Read one handshake event; an exit code if the frontend refused this container."""
         from zmq.utils.monitor import recv_monitor_message
 
-        event = recv_monitor_message(self._monitor)["event"]
+        event = recv_monitor_message(link.monitor)["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._stop_monitor()  # from here on, only the frontend's own messages matter
-            self._handshake_failures = 0
+            self._stop_monitor(link)  # from here on, only the frontend's own messages matter
+            link.handshake_failures = 0
             return None
+        several = len(self.frontends) > 1
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            # Frontends of one system learn a credential issued by one of them through their shared store,
+            # within milliseconds: with several, an unknown credential is tried again a few times.
+            link.handshake_failures += 1
+            if several and link.handshake_failures < self.MAX_HANDSHAKE_FAILURES:
+                log.warning("%s refused this container's credentials (%d in a row); retrying", link.address,
+                            link.handshake_failures)
+                return None
             why = ("refused this container's credentials (revoked, or never issued by it)"
                    if self.credentials is not None else "refused this container")
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.credentials is None:
-            why = ("requires credentials: start the container with --credentials FILE "
-                   "(made by `clipper container-credentials MODEL [VERSION]`)")
+            why = self._NEEDS_CREDENTIALS
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             why = "does not speak the security mechanism of these credentials (is its rpc_security \"none\"?)"
         else:
             # No detail: the frontend's key is not the one in the credentials (another frontend, or its
             # secrets folder was made anew), or the connection dropped mid-handshake (a restart). ZeroMQ
             # tries again by itself; only a failure that keeps coming ends the container.
-            self._handshake_failures += 1
-            if self._handshake_failures < self.MAX_HANDSHAKE_FAILURES and not self.exit_on_frontend_loss:
-                log.warning("the handshake with %s failed (%d in a row); retrying", self.frontend,
-                            self._handshake_failures)
+            link.handshake_failures += 1
+            if link.handshake_failures < self.MAX_HANDSHAKE_FAILURES and not self.exit_on_frontend_loss:
+                log.warning("the handshake with %s failed (%d in a row); retrying", link.address,
+                            link.handshake_failures)
                 return None
-            why = (f"failed the handshake {self._handshake_failures} times: its key is not the one these credentials "
-                   "name (credentials of another frontend, or its secrets folder was made anew)"
+            why = (f"failed the handshake {link.handshake_failures} times: its key is not the one these "
+                   "credentials name (credentials of another frontend, or its secrets folder was made anew)"
                    if self.credentials is not None else
-                   f"failed the handshake {self._handshake_failures} times")
-        print(f"clipper container {self.name}:{self.version}: the frontend at {self.frontend} {why}",
+                   # A frontend with rpc_security "curve" closes a peer offering no credentials; whether this end
+                   # sees a protocol error or a dropped connection depends on timing.
+                   f"failed the handshake {link.handshake_failures} times: it {self._NEEDS_CREDENTIALS}")
+        print(f"clipper container {self.name}:{self.version}: the frontend at {link.address} {why}",
               file=sys.stderr, flush=True)
-        return m.EXIT_REJECTED
+        return self._drop(link, m.EXIT_REJECTED)
 
     def run(self) -> int:
-        """Serve until stopped, rejected, or (optionally) the frontend is lost. Returns an exit code.
+        """Serve until stopped, rejected by every frontend, or (optionally) every frontend is lost.
 
-        Batches run inline on this thread, between socket operations: no
-        hand-off to another thread on the hot path. A daemon thread keeps the
-        heartbeat going while a long ``predict`` runs.
+        Returns an exit code. Batches run inline on this thread, between
+        socket operations: no hand-off to another thread on the hot path. A
+        daemon thread keeps the heartbeats going while a long ``predict`` runs.
         """
         self._sock_lock.acquire()
         self._holding = True
         try:
-            self._sock = self._connect()
+            self._links = [_Link(addr) for addr in self.frontends]
+            for link in self._links:
+                self._connect(link)
             return self._serve()
         finally:
-            if self._sock is not None:
-                self._stop_monitor()
-            sock, self._sock = self._sock, None
-            if sock is not None:
-                try:
-                    sock.send(msgpack.packb([m.C_BYE]), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                sock.close(linger=100)
+            for link in self._links:
+                self._close(link, goodbye=True)
             self._stop.set()
             if self._holding:
                 self._holding = False
                 self._sock_lock.release()
 
+    def _make_poller(self) -> tuple[zmq.Poller, dict]:
+        poller = zmq.Poller()
+        owner = {}
+        for link in self._links:
+            poller.register(link.sock, zmq.POLLIN)
+            owner[link.sock] = link
+            if link.monitor is not None:
+                poller.register(link.monitor, zmq.POLLIN)
+                owner[link.monitor] = link
+        return poller, owner
+
     def _serve(self) -> int:
         # Runs with _sock_lock held, letting go of it only around a batch.
         lock = self._sock_lock
-        last_heard = time.monotonic()
-        next_beat = last_heard + self.heartbeat_interval
+        owner: dict = {}
+        turn = 0  # which frontend goes first when several have batches waiting
         while not self._stop.is_set():
-            sock = self._sock
-            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000)) + 1
-            if self._poller is not None:  # still waiting for the first handshake
-                ready = dict(self._poller.poll(timeout_ms))
-                if self._monitor in ready:
-                    rc = self._handshake_event()
+            if self._poller is None:
+                self._poller, owner = self._make_poller()
+            links = self._links
+            now = time.monotonic()
+            timeout_ms = max(0, int((min(l.next_beat for l in links) - now) * 1000)) + 1
+            ready = self._poller.poll(timeout_ms)
+            if len(links) > 1 and len(ready) > 1:
+                turn = (turn + 1) % len(ready)
+                ready = ready[turn:] + ready[:turn]
+            for sock, _ in ready:
+                link = owner[sock]
+                if link.sock is None:  # dropped or reconnected earlier in this round
+                    continue
+                if sock is link.monitor:
+                    rc = self._handshake_event(link)
                     if rc is not None:
                         return rc
-                ready = sock in ready
-            else:
-                ready = sock.poll(timeout_ms, zmq.POLLIN)
-            if ready:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                header = msgpack.unpackb(frames[0].bytes)
-                kind = header[0]
-                if kind == m.F_BATCH:
-                    self._holding = False
-                    lock.release()
-                    try:
-                        reply = self._run_batch(header, frames)
-                    finally:
-                        lock.acquire()
-                        self._holding = True
-                    sock.send_multipart(reply, copy=False)
-                    self.batches_done += 1
-                elif kind == m.F_WELCOME:
-                    self.replica_id = header[1]
-                    opts = header[2]
-                    self.heartbeat_interval = opts.get("heartbeat_interval_ms", 1000) / 1000
-                    self.heartbeat_timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
-                    log.info("connected to %s as replica %s", self.frontend, self.replica_id)
-                    if self._beater_thread is None:  # beats at the interval the frontend asked for
-                        self._beater_thread = threading.Thread(
-                            target=self._beater, name="clipper-heartbeat", daemon=True)
-                        self._beater_thread.start()
-                elif kind == m.F_REJECT:
-                    print(f"clipper container {self.name}:{self.version}: frontend rejected it: {header[1]}",
-                          file=sys.stderr, flush=True)
-                    return m.EXIT_REJECTED
-                elif kind == m.F_REHELLO:
-                    self._reconnect()
-                # F_HEARTBEAT: hearing anything is all that counts.
-                now = last_heard = time.monotonic()
-                if now < next_beat:
                     continue
-            else:
-                now = time.monotonic()
-            if now >= next_beat:
-                self._sock.send(msgpack.packb([m.C_HEARTBEAT]))
-                next_beat = now + self.heartbeat_interval
-            if now - last_heard > self.heartbeat_timeout:
-                if self.exit_on_frontend_loss:
-                    print(f"clipper container {self.name}:{self.version}: frontend silent; exiting",
-                          file=sys.stderr, flush=True)
-                    return m.EXIT_FRONTEND_LOST
-                log.warning("frontend silent for %.1f s; reconnecting", now - last_heard)
-                self._reconnect()
-                last_heard = now
+                if sock is not link.sock:
+                    continue
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                rc = self._on_message(link, frames, lock)
+                if rc is not None:
+                    return rc
+            now = time.monotonic()
+            for link in list(self._links):
+                if link.sock is None:
+                    continue
+                if now >= link.next_beat:
+                    link.sock.send(msgpack.packb([m.C_HEARTBEAT]))
+                    link.next_beat = now + link.interval
+                if now - link.last_heard > link.timeout:
+                    if self.exit_on_frontend_loss:
+                        link.lost = True
+                        if all(l.lost for l in self._links):
+                            print(f"clipper container {self.name}:{self.version}: frontend silent; exiting",
+                                  file=sys.stderr, flush=True)
+                            return m.EXIT_FRONTEND_LOST
+                    log.warning("frontend %s silent for %.1f s; reconnecting", link.address, now - link.last_heard)
+                    self._reconnect(link)
         return m.EXIT_OK
+
+    def _on_message(self, link: _Link, frames, lock) -> int | None:
+        header = msgpack.unpackb(frames[0].bytes)
+        kind = header[0]
+        link.lost = False
+        if kind == m.F_BATCH:
+            self._holding = False
+            lock.release()
+            try:
+                reply = self._run_batch(header, frames)
+            finally:
+                lock.acquire()
+                self._holding = True
+            if link.sock is not None:
+                link.sock.send_multipart(reply, copy=False)
+            self.batches_done += 1
+        elif kind == m.F_WELCOME:
+            link.replica_id = header[1]
+            opts = header[2]
+            link.interval = opts.get("heartbeat_interval_ms", 1000) / 1000
+            link.timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
+            link.next_beat = min(link.next_beat, time.monotonic() + link.interval)
+            log.info("connected to %s as replica %s", link.address, link.replica_id)
+            if self._beater_thread is None:  # beats at the interval the frontends asked for
+                self._beater_thread = threading.Thread(target=self._beater, name="clipper-heartbeat", daemon=True)
+                self._beater_thread.start()
+        elif kind == m.F_REJECT:
+            print(f"clipper container {self.name}:{self.version}: frontend {link.address} rejected it: {header[1]}",
+                  file=sys.stderr, flush=True)
+            return self._drop(link, m.EXIT_REJECTED)
+        elif kind == m.F_REHELLO:
+            self._reconnect(link)
+        # F_HEARTBEAT: hearing anything is all that counts (from when it was handled: a batch counts from its end).
+        link.last_heard = time.monotonic()
+        return None
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def serve(predict, name: str, version: str, frontend: str = "tcp://127.0.0.1:7000", **kw) -> int:
-    """Load ``predict`` (see :func:`load_predictor`) and serve it; returns an exit code."""
+def serve(predict, name: str, version: str, frontend: str | list[str] = "tcp://127.0.0.1:7000", **kw) -> int:
+    """Load ``predict`` (see :func:`load_predictor`) and serve it; returns an exit code.
+
+    ``frontend`` is one address, or several (a list, or separated by commas) of frontends sharing a state store.
+    """
     fn = load_predictor(predict)
     return ContainerRuntime(fn, name, version, frontend, **kw).run()

@@ -99,6 +99,8 @@ class ClientServer:
         self.evict_after_s = min(1.0, self.header_timeout_s / 2)
         self.evictable: list = []
 
+    reuse_port = False  # SO_REUSEPORT (``clipper start --workers N``: every worker listens on the same port)
+
     async def start(self, host: str, port: int, ssl=None) -> int:
         """Listen; returns the bound port (``port`` 0 binds a free one).
 
@@ -108,6 +110,8 @@ class ClientServer:
         (and count against ``max_connections``) once their handshake is done.
         """
         tls = {} if ssl is None else {"ssl": ssl, "ssl_handshake_timeout": self.limits.tls_handshake_timeout_ms / 1000}
+        if self.reuse_port:  # several frontend processes on this port: the kernel spreads connections among them
+            tls["reuse_port"] = True
         self._server = await self.loop.create_server(lambda: self.connection_class(self), host, port, backlog=1024,
                                                      **tls)
         return self._server.sockets[0].getsockname()[1]

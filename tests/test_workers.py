@@ -1,0 +1,160 @@
+"""`clipper start --workers N`: several frontend processes on shared ports and one state store, for real
+(a supervisor process, its workers, a private redis-server, model containers per worker)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipper import errors as E
+from clipper.client import Client
+from clipper.management.admin_client import AdminClient
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = Path(__file__).resolve().parent / "model_zoo.py"
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server is not installed (scripts/test.sh installs it)")
+
+
+def start_workers(tmp_path, n=2, *extra, timeout=90.0):
+    ready = tmp_path / "ready.json"
+    if ready.exists():
+        ready.unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "clipper", "start", "--workers", str(n), "--query-port", "0",
+                             "--rest-port", "0", "--admin-port", "0", "--metrics-port", "0", "--rpc-port", "0",
+                             "--ready-file", str(ready), *extra],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    deadline = time.monotonic() + timeout
+    while not ready.exists():  # bounded wait on a real process
+        if proc.poll() is not None:
+            raise AssertionError(f"clipper start --workers exited ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("clipper start --workers was not ready in time")
+        time.sleep(0.02)
+    return proc, json.loads(ready.read_text())
+
+
+def stop(proc, timeout=60):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def metric(port: int, name: str, label: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    m = re.search(rf'^{name}(?:_total)?{{[^}}]*{label}[^}}]*}} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_workers_serve_one_system_on_shared_ports(tmp_path):
+    """Both workers take connections on the one msgpack and REST port and serve what was registered through
+    the shared admin port; a SIGTERM stops both workers and the private Redis, and frees the ports.
+
+    Catches: workers not listening with SO_REUSEPORT (the second fails to start), a worker that does not
+    learn the registry from the store (its connections get UNKNOWN_APPLICATION), a supervisor that leaves
+    workers or its redis-server behind."""
+    proc, info = start_workers(tmp_path, 2)
+    workers = info["workers"]
+    try:
+        assert len(workers) == 2 and {w["query_port"] for w in workers} == {info["query_port"]}
+        assert len({w["pid"] for w in workers}) == 2 and info["state"].startswith("unix://")
+        admin = AdminClient("127.0.0.1", info["admin_port"], timeout=120,
+                            token_file=str(tmp_path / "clipper-secrets" / "admin-token"))
+        admin.register_application("sum", "float32", [4], slo_ms=20_000)
+        admin.deploy_model("sum-model", "1", "float32", [4], entry=f"{ZOO}:row_sum", replicas=1)
+        admin.link_model_to_app("sum", "sum-model")
+        x = np.array([1, 2, 3, 4], np.float32)
+        # Connections land on either worker; every one is answered once the worker behind it runs its replica.
+        deadline = time.monotonic() + 90
+        answered = 0
+        while answered < 24:
+            assert time.monotonic() < deadline, "not every worker served the application in time"
+            try:
+                with Client("127.0.0.1", info["query_port"], timeout=30) as c:
+                    p = c.predict("sum", x)
+                if not p.is_default and p.output == pytest.approx(10.0):
+                    answered += 1
+                    continue
+            except (E.UnknownApplicationError, E.NoModelAvailableError):
+                pass
+            time.sleep(0.05)
+        for i in range(8):  # REST on the shared port too
+            req = urllib.request.Request(f"http://127.0.0.1:{info['rest_port']}/sum/predict",
+                                         data=json.dumps({"input": [1, 2, 3, 4]}).encode(),
+                                         headers={"Content-Type": "application/json", "Connection": "close"})
+            assert json.loads(urllib.request.urlopen(req, timeout=30).read())["output"] == pytest.approx(10.0)
+        served = [metric(w["metrics_port"], "clipper_app_requests", 'app="sum"') for w in workers]
+        assert all(s > 0 for s in served), f"a worker took no query: {served}"
+    finally:
+        rc = stop(proc)
+    assert rc == 0
+    assert not any(alive(w["pid"]) for w in workers)
+    sock_path = info["state"][len("unix://"):]
+    assert not os.path.exists(sock_path)
+    for port in (info["query_port"], info["rest_port"], info["admin_port"]):
+        with socket.socket() as s:  # free again: a plain bind (no SO_REUSEPORT) succeeds
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    # the private Redis kept the registry: a second start serves it without registering anything
+    proc, info = start_workers(tmp_path, 2)
+    try:
+        with Client("127.0.0.1", info["query_port"], timeout=30) as c:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if c.predict("sum", x).output == pytest.approx(10.0):
+                        break
+                except E.NoModelAvailableError:
+                    pass
+                assert time.monotonic() < deadline, "the registry did not survive the restart"
+                time.sleep(0.05)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_workers_refuse_a_store_they_cannot_share_and_a_port_in_use(tmp_path):
+    """A SQLite state file cannot be shared by workers: a one-line error, nothing started; a port another
+    program listens on fails the start with the reason, before any worker runs.
+
+    Catches: workers silently each opening the SQLite file (split state), a supervisor that starts workers
+    on a port it could not hold."""
+    r = subprocess.run([sys.executable, "-m", "clipper", "start", "--workers", "2", "--state",
+                        str(tmp_path / "s.sqlite")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "needs a state store every worker shares" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "s.sqlite").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "clipper", "start", "--workers", "2", "--query-port", str(port),
+                            "--rest-port", "0", "--admin-port", "0", "--metrics-port", "0", "--rpc-port", "0"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and f"cannot bind 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "clipper", "start", "--workers", "0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--workers 0" in r.stderr
