@@ -54,6 +54,15 @@ def _start_config(args):
         cfg.require_api_keys = True
     if args.reuse_port:
         cfg.reuse_port = True
+    if args.local_containers is not None:
+        cfg.local_containers = args.local_containers
+    if args.peer_rpc:
+        cfg.peer_rpc_addresses = list(args.peer_rpc)
+    if args.rpc_ipc_dir is not None:
+        cfg.rpc_ipc_dir = args.rpc_ipc_dir
+    if args.no_admin:
+        cfg.admin_port = None
+    cfg.__post_init__()  # the values from the command line are checked as the file's are
     return cfg, spec
 
 
@@ -101,9 +110,9 @@ async def _start(args) -> int:
 
 def _worker_argv(args):
     """How the supervisor of ``--workers`` starts worker ``index``: this command, with its ports and store."""
-    def argv(index: int, ports: dict, state_url: str, ready_file: str) -> list[str]:
+    def argv(index: int, ports: dict, state_url: str, ready_file: str, extra: list[str]) -> list[str]:
         out = [sys.executable, "-m", "clipper", "--log-level", args.log_level, "start", "--reuse-port",
-               "--worker-index", str(index), "--state", state_url, "--ready-file", ready_file]
+               "--worker-index", str(index), "--state", state_url, "--ready-file", ready_file, *extra]
         if args.config:
             out += ["--config", os.path.abspath(args.config)]
         for attr in ("host", "rpc_host", "admin_host", "rpc_security", "local_rpc_transport"):
@@ -140,7 +149,8 @@ async def _start_workers(args) -> int:
             f"--state (a private redis-server is started); {cfg.state_path!r} is a SQLite file")
     base = spec["base_dir"] if spec else Path.cwd()
     return await run_workers(args.workers, cfg, _worker_argv(args), state_url=cfg.state_path,
-                             data_dir=Path(base) / "clipper-redis", ready_file=args.ready_file)
+                             data_dir=Path(base) / "clipper-redis", ready_file=args.ready_file,
+                             containers=args.containers)
 
 
 def cmd_start(args) -> int:
@@ -405,7 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true",
                    help="listen on the query, REST and admin ports with SO_REUSEPORT (frontends of one system on "
                         "one machine; --workers sets it for its workers)")
+    s.add_argument("--containers", choices=("shared", "own"), default="shared",
+                   help="with --workers: shared (default): the first worker runs the model containers and each "
+                        "serves every worker; own: every worker runs its own (measured in bench/README.md)")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--local-containers", choices=("own", "leader", "member"), default=None, help=argparse.SUPPRESS)
+    s.add_argument("--peer-rpc", action="append", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--rpc-ipc-dir", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_start)
 
     def admin_opts(sp):

@@ -161,6 +161,14 @@ class FrontendConfig:
     # state store) listen on the same ports and the kernel spreads connections among them. Set by
     # `clipper start --workers N` for its workers.
     reuse_port: bool = False
+    # Which model containers the local manager runs, for frontends of one `--workers` group:
+    # "own" (each frontend runs its own; the default), "leader" (this one runs them and they also serve
+    # the frontends at peer_rpc_addresses), "member" (runs none: the leader's containers serve it). In a
+    # group, the leader's container credentials go to the shared store so the members accept them.
+    local_containers: str = "own"
+    peer_rpc_addresses: list = field(default_factory=list)
+    # The private folder (0700, this user's) of the local containers' Unix socket; default a new one.
+    rpc_ipc_dir: str | None = None
 
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction
@@ -168,6 +176,12 @@ class FrontendConfig:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
         if self.state_path is not None and (not isinstance(self.state_path, str) or not self.state_path):
             raise InvalidConfigError(f"state_path {self.state_path!r} is not a file path (or \":memory:\")")
+        if self.local_containers not in ("own", "leader", "member"):
+            raise InvalidConfigError(f"local_containers {self.local_containers!r} is not 'own', 'leader' or 'member'")
+        peers = self.peer_rpc_addresses
+        if (not isinstance(peers, (list, tuple)) or len(peers) > 256
+                or not all(isinstance(a, str) and a.startswith(("tcp://", "ipc://")) and len(a) < 1024 for a in peers)):
+            raise InvalidConfigError("peer_rpc_addresses is not a list of tcp:// or ipc:// addresses")
         b = self.batches_in_flight
         if isinstance(b, bool) or b not in (1, 2):
             raise InvalidConfigError(f"batches_in_flight {b!r} is not 1 or 2")

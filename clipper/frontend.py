@@ -106,6 +106,15 @@ class Frontend:
         else:
             self.store = SQLiteStore(self._state_path(), background=True)  # writes off the event loop
         self.keyring = ContainerKeyring.open(cfg.rpc_security, self.secrets_dir())
+        if cfg.local_containers != "own":  # a --workers group: the leader's children serve every member
+            # (Published whatever context the manager's task was made in: a replica started because of a change
+            # applied from the store still has new credentials the members must learn.)
+            publish = getattr(self.store, "publish", None)
+            if publish is None:
+                raise InvalidConfigError(f"local_containers {cfg.local_containers!r} needs a shared state store "
+                                         "(redis://...)")
+            self.keyring.share_local(lambda: publish(self._CHANGES, self._origin),
+                                     leader=cfg.local_containers == "leader")
         self.keyring.attach_store(self.store)
         self.api_keys = ApiKeyRegistry(self.store)  # managed always; checked on the query ports if required
         keys = self.api_keys if cfg.require_api_keys else None
@@ -121,7 +130,11 @@ class Frontend:
                                         admission_standing_ms=cfg.admission_standing_ms,
                                         max_inflight_bytes=lim.max_inflight_input_bytes)
         ipc_dir = None
-        if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":
+        if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve" and cfg.rpc_ipc_dir:
+            from .security.files import private_dir
+
+            ipc_dir = str(private_dir(cfg.rpc_ipc_dir))  # given (a --workers group): its owner removes it
+        elif cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve":
             import tempfile
 
             # A Unix socket path has a 107-byte limit: a short private folder (mkdtemp makes it 0700),
@@ -146,7 +159,9 @@ class Frontend:
             local_addr = rpc_addr  # the bound name, not the address ZeroMQ resolved it to
         self.manager = LocalProcessManager(self.loop, local_addr, self._process_exited, keyring=self.keyring,
                                            mechanism=mechanism, base_dir=self.base_dir,
-                                           backoff_ms=cfg.restart_backoff_ms)
+                                           backoff_ms=cfg.restart_backoff_ms,
+                                           peers=cfg.peer_rpc_addresses if cfg.local_containers == "leader" else (),
+                                           runs=cfg.local_containers != "member")
         self.manager.on_failure = self._container_failed
         self.rpc.on_hung = self._replica_hung
         self.partial_budget = ByteBudget(lim.max_partial_frame_bytes)

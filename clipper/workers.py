@@ -12,20 +12,29 @@ processes (the workers) that together are one Clipper:
   through any worker reaches the others through the store's change feed,
   and per-user policy states are merged there (see
   :mod:`clipper.store.redis`).
-* **Shared ports.** The msgpack, REST and admin ports are bound by every
-  worker with ``SO_REUSEPORT``: the kernel spreads new connections among
-  the workers (a connection stays with the worker that accepted it). The
+* **Shared ports.** The msgpack and REST ports are bound by every worker
+  with ``SO_REUSEPORT``: the kernel spreads new connections among the
+  workers (a connection stays with the worker that accepted it). The
   supervisor holds each port bound (not listening) for as long as it runs,
   so ``--query-port 0`` picks one free port for all of them and no other
-  program takes it while a worker restarts. The metrics and container RPC
-  ports are each worker's own: worker ``i`` gets the configured port plus
-  ``i`` (or a free port each when configured as 0).
-* **Model containers per worker.** Each worker's local manager runs the
-  replicas of every model for itself (``replicas`` counts per worker): on
-  one machine this measured better than one set of containers serving every
-  worker (bench/README.md, "workers"). Containers started by hand can
-  serve every worker at once (``python -m clipper.container ... --frontend
-  ADDR --frontend ADDR``, with credentials issued by any of them).
+  program takes it while a worker restarts. The admin API is the first
+  worker's alone: management calls made one after another see each other's
+  effects (on a port shared by all, a link could reach a worker that has
+  not yet heard of the application registered the moment before); the
+  other workers apply its changes from the store within milliseconds. The
+  metrics and container RPC ports are each worker's own: worker ``i`` gets
+  the configured port plus ``i`` (or a free port each when configured as 0).
+* **Model containers shared by the workers** (``--containers shared``, the
+  default): the first worker's local manager runs every model's replicas,
+  and each container connects to every worker (one socket each: see
+  :class:`clipper.container.runtime.ContainerRuntime`), so ``replicas``
+  means the same as with one frontend and a model is loaded once. Its
+  children's credentials go to the shared store (a password's SHA-256, or
+  a CURVE public key), so every worker accepts them. ``--containers own``:
+  every worker runs the replicas for itself (``replicas`` per worker).
+  Shared measured faster on this 2-core machine (bench/README.md,
+  "workers"). Containers started by hand can serve every worker too
+  (``python -m clipper.container ... --frontend ADDR --frontend ADDR``).
 * **Supervision.** Workers die with the supervisor (``PR_SET_PDEATHSIG``);
   a worker that exits on its own is started again with backoff; SIGTERM or
   SIGINT to the supervisor drains every worker (each answers what it holds)
@@ -158,15 +167,19 @@ class _Worker:
         self.ready: dict | None = None
         self.starts = 0
         self.task = None
+        self.extra: list[str] = []  # more arguments for its `clipper start` (its part in shared containers)
 
 
 class Supervisor:
     """Runs and watches the workers of one ``clipper start --workers N``."""
 
     def __init__(self, n: int, cfg, worker_argv, state_url: str | None, data_dir: Path,
-                 backoff_s: tuple[float, float] = (0.5, 10.0)) -> None:
+                 backoff_s: tuple[float, float] = (0.5, 10.0), containers: str = "shared") -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WORKERS:
             raise InvalidConfigError(f"--workers {n!r} is not a whole number from 1 to {MAX_WORKERS}")
+        if containers not in ("shared", "own"):
+            raise InvalidConfigError(f"--containers {containers!r} is not 'shared' or 'own'")
+        self.containers = containers
         self.n = n
         self.cfg = cfg
         self.worker_argv = worker_argv  # (index, ports dict, state url, ready file) -> argv
@@ -177,6 +190,7 @@ class Supervisor:
         self.ports: dict[str, int | None] = {}
         self.workers: list[_Worker] = []
         self._dir = None
+        self._rpc_dir = None
         self._stopping = False
         self.restarts = 0
 
@@ -200,6 +214,8 @@ class Supervisor:
             mp = None if self.cfg.metrics_port is None else (self.cfg.metrics_port + i if self.cfg.metrics_port else 0)
             rp = self.cfg.rpc_port + i if self.cfg.rpc_port else 0
             self.workers.append(_Worker(i, mp, rp))
+        if self.containers == "shared" and self.n > 1:
+            self._plan_shared()
         # The first worker alone first: it applies the deployment file and fills an empty store; the others
         # then start from what it wrote.
         await self._start_worker(self.workers[0])
@@ -208,8 +224,39 @@ class Supervisor:
             w.task = asyncio.get_running_loop().create_task(self._watch(w))
         return self.describe()
 
+    def _plan_shared(self) -> None:
+        """Containers shared by the workers: the first worker's local manager runs them, and each connects to
+        every worker: over Unix sockets in folders this supervisor makes (private), or over TCP to ports
+        fixed now (each worker's RPC port must be known before the first one starts its containers)."""
+        cfg = self.cfg
+        ipc = cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve"
+        addrs = []
+        if ipc:
+            base = tempfile.mkdtemp(prefix="clipper-w-", dir="/tmp")  # short: a socket path has 107 bytes
+            self._rpc_dir = base
+            for w in self.workers:
+                d = os.path.join(base, f"w{w.index}")
+                os.mkdir(d, 0o700)
+                w.extra += ["--rpc-ipc-dir", d]
+                addrs.append(f"ipc://{d}/rpc.sock")
+        else:
+            host = cfg.rpc_host if cfg.rpc_host not in ("", "0.0.0.0", "::", "*") else "127.0.0.1"
+            for w in self.workers:
+                if not w.rpc_port:  # a free port now, for this worker's RPC (bound by ZeroMQ at its start)
+                    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                        s.bind((host, 0))
+                        w.rpc_port = s.getsockname()[1]
+                addrs.append(f"tcp://{'[' + host + ']' if ':' in host else host}:{w.rpc_port}")
+        for w in self.workers:
+            if w.index == 0:
+                w.extra += ["--local-containers", "leader"]
+                for a in addrs[1:]:
+                    w.extra += ["--peer-rpc", a]
+            else:
+                w.extra += ["--local-containers", "member"]
+
     def describe(self) -> dict:
-        return {**self.ports, "pid": os.getpid(), "state": self.state_url, "workers": [
+        return {**self.ports, "pid": os.getpid(), "state": self.state_url, "containers": self.containers, "workers": [
             {"index": w.index, "pid": w.proc.pid if w.proc else None, **(w.ready or {})} for w in self.workers]}
 
     async def _start_worker(self, w: _Worker, timeout_s: float = 120.0) -> None:
@@ -219,7 +266,12 @@ class Supervisor:
         except FileNotFoundError:
             pass
         ports = {**self.ports, "metrics_port": w.metrics_port, "rpc_port": w.rpc_port}
-        argv = self.worker_argv(w.index, ports, self.state_url, ready_file)
+        if w.index:  # the admin API is the first worker's alone (see the module's docstring)
+            ports["admin_port"] = None
+            extra = [*w.extra, "--no-admin"]
+        else:
+            extra = w.extra
+        argv = self.worker_argv(w.index, ports, self.state_url, ready_file, extra)
         w.starts += 1
         w.ready = None
         w.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -279,15 +331,16 @@ class Supervisor:
         for s in self.held.values():
             s.close()
         self.held.clear()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        for d in (self._dir, self._rpc_dir):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        self._dir = self._rpc_dir = None
 
 
 async def run_workers(n: int, cfg, worker_argv, *, state_url: str | None, data_dir: Path,
-                      ready_file: str | None = None) -> int:
+                      ready_file: str | None = None, containers: str = "shared") -> int:
     """Run ``n`` workers until SIGTERM/SIGINT; returns the exit code of ``clipper start``."""
-    sup = Supervisor(n, cfg, worker_argv, state_url, data_dir)
+    sup = Supervisor(n, cfg, worker_argv, state_url, data_dir, containers=containers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

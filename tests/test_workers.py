@@ -71,14 +71,33 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_two_workers_serve_one_system_on_shared_ports(tmp_path):
+def containers_of(pid: int) -> list[int]:
+    """The model-container processes whose parent is ``pid`` (read from /proc, nothing signalled)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = open(f"/proc/{name}/stat").read()
+                cmd = open(f"/proc/{name}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid and b"clipper.container" in cmd:
+                out.append(int(name))
+    return out
+
+
+@pytest.mark.parametrize("containers", ["shared", "own"])
+def test_two_workers_serve_one_system_on_shared_ports(tmp_path, containers):
     """Both workers take connections on the one msgpack and REST port and serve what was registered through
-    the shared admin port; a SIGTERM stops both workers and the private Redis, and frees the ports.
+    the admin port; shared containers: one container process (the first worker's child) serves both
+    workers; own: each worker runs one. A SIGTERM stops both workers and the private Redis, and frees the
+    ports.
 
     Catches: workers not listening with SO_REUSEPORT (the second fails to start), a worker that does not
-    learn the registry from the store (its connections get UNKNOWN_APPLICATION), a supervisor that leaves
-    workers or its redis-server behind."""
-    proc, info = start_workers(tmp_path, 2)
+    learn the registry from the store (its connections get UNKNOWN_APPLICATION), shared containers that do
+    not reach the second worker (its queries never answered) or that the second worker refuses (credentials
+    not shared), a supervisor that leaves workers or its redis-server behind."""
+    proc, info = start_workers(tmp_path, 2, "--containers", containers)
     workers = info["workers"]
     try:
         assert len(workers) == 2 and {w["query_port"] for w in workers} == {info["query_port"]}
@@ -110,6 +129,8 @@ def test_two_workers_serve_one_system_on_shared_ports(tmp_path):
             assert json.loads(urllib.request.urlopen(req, timeout=30).read())["output"] == pytest.approx(10.0)
         served = [metric(w["metrics_port"], "clipper_app_requests", 'app="sum"') for w in workers]
         assert all(s > 0 for s in served), f"a worker took no query: {served}"
+        per_worker = [len(containers_of(w["pid"])) for w in workers]
+        assert per_worker == ([1, 0] if containers == "shared" else [1, 1])
     finally:
         rc = stop(proc)
     assert rc == 0
@@ -121,7 +142,7 @@ def test_two_workers_serve_one_system_on_shared_ports(tmp_path):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
     # the private Redis kept the registry: a second start serves it without registering anything
-    proc, info = start_workers(tmp_path, 2)
+    proc, info = start_workers(tmp_path, 2, "--containers", containers)
     try:
         with Client("127.0.0.1", info["query_port"], timeout=30) as c:
             deadline = time.monotonic() + 90

@@ -52,9 +52,14 @@ class _Slot:
 
 class LocalProcessManager:
     def __init__(self, loop, rpc_address: str, on_exit, *, keyring, mechanism: str = "curve",
-                 base_dir: Path | None = None, backoff_ms: tuple[int, int] = (100, 5000)) -> None:
+                 base_dir: Path | None = None, backoff_ms: tuple[int, int] = (100, 5000), peers=(),
+                 runs: bool = True) -> None:
         self.loop = loop
         self.rpc_address = rpc_address  # where children connect (a Unix socket or TCP)
+        # A --workers group: the leader's children serve the other workers too (their RPC addresses), and
+        # a member's manager runs no container (the leader's serve it).
+        self.peers = list(peers)
+        self.runs = runs
         self.keyring = keyring
         self.mechanism = mechanism  # how children prove their credentials: "plain", "curve" or "none"
         self._on_exit = on_exit  # (grant, returncode) -> None
@@ -67,12 +72,12 @@ class LocalProcessManager:
         if mv.command:
             return list(mv.command)
         return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
-                "--frontend", self.rpc_address, "--die-with-parent",
+                "--frontend", ",".join([self.rpc_address, *self.peers]), "--die-with-parent",
                 "--input-dtype", mv.input_dtype,
                 *(["--input-shape", ",".join(str(d) for d in mv.input_shape)] if mv.input_shape else [])]
 
     def manages(self, mv: ModelVersion) -> bool:
-        return bool(mv.entry or mv.command)
+        return self.runs and bool(mv.entry or mv.command)
 
     async def ensure(self, mv: ModelVersion) -> None:
         """Run exactly ``mv.replicas`` containers for ``mv``."""
@@ -100,7 +105,7 @@ class LocalProcessManager:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLIPPER_CREDENTIALS", "CLIPPER_ADMIN_TOKEN"))}
         env.update({k: v for k, v in mv.env.items() if not k.startswith("CLIPPER_CREDENTIALS")})
-        env["CLIPPER_FRONTEND"] = self.rpc_address
+        env["CLIPPER_FRONTEND"] = ",".join([self.rpc_address, *self.peers])
         cwd = Path(mv.workdir) if mv.workdir else self.base_dir
         while not slot.stopping:
             slot.last_start = time.monotonic()

@@ -28,6 +28,7 @@ hold it.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -82,7 +83,9 @@ class ContainerGrant:
     id: str
     model: str
     version: str | None  # None: any version of the model
-    origin: str  # "operator" (issued through the admin API) or "manager" (a child of the local manager)
+    # "operator" (issued through the admin API), "manager" (a child of this frontend's local manager) or
+    # "peer" (a child of another frontend's manager in this --workers group, learned from the shared store)
+    origin: str
     created: float
     public_key: bytes | None = None  # Z85
     password: str | None = field(default=None, repr=False)
@@ -107,8 +110,18 @@ class ContainerGrant:
         return out
 
     def to_store(self) -> bytes:
-        return json.dumps({"model": self.model, "version": self.version, "created": self.created,
-                           "public_key": self.public_key.decode(), "label": self.label}).encode()
+        d = {"model": self.model, "version": self.version, "created": self.created, "label": self.label}
+        if self.origin != "operator":
+            d["origin"] = self.origin
+        if self.public_key is not None:
+            d["public_key"] = self.public_key.decode()
+        else:  # PLAIN (a leader's local child): only a digest of the password leaves this process
+            d["password_sha256"] = _digest(self.password)
+        return json.dumps(d).encode()
+
+
+def _digest(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
 
 
 class _Authenticator(ThreadAuthenticator):
@@ -138,7 +151,11 @@ class _Authenticator(ThreadAuthenticator):
     def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
         try:
             known = self.keyring.passwords.get(username)
-            ok = known is not None and hmac.compare_digest(known.encode(), password.encode())
+            if known is not None:
+                ok = hmac.compare_digest(known.encode(), password.encode())
+            else:  # a peer's child (a --workers group): the shared store holds a digest of its password
+                digest = self.keyring.digests.get(username)
+                ok = digest is not None and hmac.compare_digest(digest, _digest(password))
         except Exception:
             ok = False
         if not ok:
@@ -187,6 +204,10 @@ class ContainerKeyring:
         self.grants: dict[str, ContainerGrant] = {}
         self._by_key: dict[bytes, ContainerGrant] = {}
         self.passwords: dict[str, str] = {}  # PLAIN: grant id -> password (the authenticator reads it)
+        self.digests: dict[str, str] = {}  # PLAIN grants of peers: grant id -> SHA-256 of the password
+        self._share_local = False  # a --workers group: manager grants go to the shared store too
+        self._leader = False
+        self._on_shared = None
         self.denied = 0  # handshakes the ZAP handler refused
         self.on_revoke = None  # (grant, reason) -> None: drop the replicas holding it
         self._auths: list[_Authenticator] = []
@@ -259,9 +280,23 @@ class ContainerKeyring:
         else:
             raise InvalidConfigError(f"credential mechanism {mechanism!r} is not 'curve' or 'plain'")
         self.grants[gid] = grant
-        if origin == "operator" and self._store is not None:
+        if self._stored(grant):
             self._store.save_many([(STORE_NAMESPACE, gid, grant.to_store())])
+            if origin != "operator" and self._on_shared is not None:
+                self._on_shared()  # the peers catch up now (operator ones: the admin API announces)
         return grant, secret
+
+    def _stored(self, grant: ContainerGrant) -> bool:
+        return self._store is not None and (grant.origin == "operator"
+                                            or (grant.origin == "manager" and self._share_local))
+
+    def share_local(self, on_change, *, leader: bool) -> None:
+        """This frontend is one of a ``--workers`` group: its local manager's credentials (the leader's) are
+        kept in the shared store too, so every member accepts the leader's children; ``on_change`` tells the
+        members. Call before :meth:`attach_store`."""
+        self._share_local = True
+        self._leader = leader
+        self._on_shared = on_change
 
     def get(self, grant_id) -> ContainerGrant | None:
         return self.grants.get(grant_id) if type(grant_id) is str else None
@@ -276,8 +311,11 @@ class ContainerKeyring:
         if grant.public_key is not None:
             self._by_key.pop(grant.public_key, None)
         self.passwords.pop(grant.id, None)
-        if grant.origin == "operator" and self._store is not None and in_store:
+        self.digests.pop(grant.id, None)
+        if self._stored(grant) and in_store:
             self._store.delete(STORE_NAMESPACE, grant.id)
+            if grant.origin != "operator" and self._on_shared is not None:
+                self._on_shared()
         if self.on_revoke is not None:
             self.on_revoke(grant, reason)
         return grant
@@ -299,27 +337,42 @@ class ContainerKeyring:
         self._store = store
         n = 0
         for gid in store.keys(STORE_NAMESPACE, limit=1_000_000):
-            n += self._take_stored(gid, store.load(STORE_NAMESPACE, gid))
+            raw = store.load(STORE_NAMESPACE, gid)
+            if self._leader and raw is not None and b'"origin"' in raw:
+                # A group's leader starts: stored local credentials are its predecessor's children's, which
+                # died with it.
+                store.delete(STORE_NAMESPACE, gid)
+                continue
+            n += self._take_stored(gid, raw)
         return n
 
     def _take_stored(self, gid: str, raw) -> bool:
         try:
             d = json.loads(raw)
-            pub = _z85_key(d["public_key"], "a stored public key")
+            origin = "operator" if d.get("origin") is None else "peer"
+            if "public_key" in d or origin == "operator":
+                pub, digest = _z85_key(d["public_key"], "a stored public key"), None
+            else:
+                pub, digest = None, d["password_sha256"]
+                if not isinstance(digest, str) or len(digest) != 64:
+                    raise ValueError("password_sha256 is not a SHA-256 digest")
             grant = ContainerGrant(gid, str(d["model"]), None if d.get("version") is None else str(d["version"]),
-                                   "operator", float(d.get("created", 0)), public_key=pub,
+                                   origin, float(d.get("created", 0)), public_key=pub,
                                    label=str(d.get("label", "")))
         except (ValueError, KeyError, TypeError, InvalidConfigError) as exc:
             log.error("ignoring stored container credentials %r: %s", gid, exc)
             return False
         self.grants[gid] = grant
-        self._by_key[pub] = grant
+        if pub is not None:
+            self._by_key[pub] = grant
+        else:
+            self.digests[gid] = digest
         return True
 
     def sync_stored(self, records: dict) -> None:
         """Another frontend on the shared store issued or revoked operator credentials: ``records`` (id ->
         stored value) is what the store holds now. Revoked ones drop their replicas here too."""
-        for gid in [g.id for g in self.grants.values() if g.origin == "operator" and g.id not in records]:
+        for gid in [g.id for g in self.grants.values() if g.origin in ("operator", "peer") and g.id not in records]:
             self.revoke(gid, "its credentials were revoked (by another frontend)", in_store=False)
         for gid, raw in records.items():
             if gid not in self.grants and raw is not None:
