@@ -53,15 +53,18 @@ TESTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.02):
-    """Poll ``predicate`` until it returns something true (returned), at most ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.02,
+             detail: Callable[[], str] | None = None):
+    """Poll ``predicate`` until it returns something true (returned), at most ``timeout`` seconds; past
+    it, fail saying ``what`` (and ``detail()``, e.g. the processes' logs)."""
     deadline = time.monotonic() + timeout
     while True:
         got = predicate()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f"\n{detail()}" if detail is not None else ""))
         time.sleep(every)
 
 
@@ -218,6 +221,15 @@ class Network:
                 proc.wait(10)
         return proc.returncode
 
+    def logs(self, tail: int = 1500) -> str:
+        """The end of every process's log, for a failure's message."""
+        parts = []
+        for proc in self.procs:
+            text = proc.log.read_text(errors="replace")[-tail:] if proc.log.exists() else ""
+            state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+            parts.append(f"--- {' '.join(proc.args[4:7])} ({state}), {proc.log}:\n{text}")
+        return "\n".join(parts)
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
@@ -319,7 +331,8 @@ class FrontendOnHost:
         self.proc = host.popen([PYTHON, "-m", "clipper", "start", "--config", str(self.config), "--ready-file",
                                 str(self.ready_file)], cwd=folder, log=folder / "frontend.log",
                                env={"CLIPPER_RUNTIME_DIR": str(run_dir)})
-        self.ports = wait_for(self._ready, f"frontend on {host} to be ready", timeout=30, every=0.05)
+        self.ports = wait_for(self._ready, f"frontend on {host} to be ready", timeout=30, every=0.05,
+                              detail=self.log)
         self.query_port, self.rpc_port = self.ports["query_port"], self.ports["rpc_port"]
         self.rpc = f"tcp://{host.ip}:{self.rpc_port}"
 

@@ -72,7 +72,8 @@ def served_by(fe: FrontendOnHost, *hosts: Host, timeout: float = 30.0) -> dict[s
         peers = [r["peer"] for r in reps]
         return {want[r["peer"]]: r for r in reps} if sorted(peers) == sorted(want) else None
 
-    return wait_for(check, f"{fe.host.name}'s replicas of {KEY} on {sorted(want.values())}", timeout, every=0.05)
+    return wait_for(check, f"{fe.host.name}'s replicas of {KEY} on {sorted(want.values())}", timeout, every=0.05,
+                    detail=lambda: f"replicas: {fe.replicas(KEY)}\n{fe.host.net.logs()}")
 
 
 def inputs(n: int, seed: int) -> np.ndarray:
