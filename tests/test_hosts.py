@@ -246,7 +246,8 @@ def test_a_frontend_restarted_on_another_host_rejoins_from_redis(lan, system, tm
 # ---------------------------------------------------------------- d. one container, two frontends
 def test_one_container_serves_both_frontends_and_outlives_one(lan, system, tmp_path):
     """One container process on host c, given both frontends (``--frontend`` twice), is a replica of A
-    and of B at once; both answer from it; frontend A killed, B is still served by it.
+    and of B at once; both answer from it; frontend A killed (SIGKILL), and once the container has noticed
+    (its heartbeat timeout), B is still served by it.
 
     Catches: a container runtime that dials only one of several frontends, or that exits or stops
     serving the others when one frontend disappears."""
@@ -259,9 +260,13 @@ def test_one_container_serves_both_frontends_and_outlives_one(lan, system, tmp_p
     for fe, seed in ((a, 5), (b, 6)):
         xs = inputs(300, seed=seed)
         assert_all_right(query(lan["q"], fe, xs), xs)
+        assert served_by(fe, lan["c"])["c"]["batches_done"] >= 1  # the container answered each
     a.proc.kill()  # a crash: no drain, no goodbye
     a.proc.wait(10)
+    wait_for(lambda: f"frontend {a.rpc} silent" in box.log(), "the container to notice frontend A is gone",
+             timeout=15, every=0.05, detail=box.log)  # (its heartbeat timeout: then it redials A)
+    before = served_by(b, lan["c"])["c"]["batches_done"]
     xs = inputs(300, seed=7)
     assert_all_right(query(lan["q"], b, xs), xs)
     assert box.proc.poll() is None, f"the container exited when A went away: {box.log()}"
-    assert served_by(b, lan["c"])["c"]["batches_done"] >= 1
+    assert served_by(b, lan["c"])["c"]["batches_done"] > before
