@@ -265,8 +265,8 @@ def test_one_container_serves_both_frontends_and_outlives_one(lan, system, tmp_p
     a.proc.wait(10)
     wait_for(lambda: f"frontend {a.rpc} silent" in box.log(), "the container to notice frontend A is gone",
              timeout=15, every=0.05, detail=box.log)  # (its heartbeat timeout: then it redials A)
+    assert box.proc.poll() is None, f"the container exited when A went away: {box.log()}"
     before = served_by(b, lan["c"])["c"]["batches_done"]
     xs = inputs(300, seed=7)
     assert_all_right(query(lan["q"], b, xs), xs)
-    assert box.proc.poll() is None, f"the container exited when A went away: {box.log()}"
     assert served_by(b, lan["c"])["c"]["batches_done"] > before
