@@ -11,6 +11,12 @@ def row_sum(batch):
     return batch.reshape(len(batch), -1).sum(axis=1).astype(np.float64)
 
 
+def row_sum_after_sleep(batch):
+    """row_sum, after sleeping CLIPPER_TEST_SLEEP_S seconds per batch (a slow replica that holds its batch)."""
+    time.sleep(float(os.environ.get("CLIPPER_TEST_SLEEP_S", "0")))
+    return row_sum(batch)
+
+
 def sleep_by_input(batch):
     """Sleep max(x[0]) seconds, then answer x[0] for each input x.
 
