@@ -235,22 +235,33 @@ def wire_conn():
 class RedisServer:
     """A real redis-server on a private Unix socket (TCP off), started by the test that needs it."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, durable: bool = False) -> None:
         import shutil
-        import subprocess
 
-        exe = shutil.which("redis-server")
-        if exe is None:
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
             pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
         self.folder = folder
+        self.durable = durable  # an append-only file, fsynced at every write: a restart keeps everything
         self.socket = folder / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.log = folder / "redis.log"
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--save", "",
-             "--appendonly", "no", "--dir", str(folder), "--logfile", str(self.log)],
+            [self.exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--save", "",
+             *aof, "--dir", str(self.folder), "--logfile", str(self.log)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_ready()
+
+    def kill(self) -> None:
+        """SIGKILL (through the handle of this fixture, which started it): no goodbye to any client."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def client(self):
         import redis
@@ -299,8 +310,8 @@ def redis_factory(tmp_path_factory):
     """Fresh redis-servers for tests that stop, pause or restart them."""
     made = []
 
-    def make() -> RedisServer:
-        made.append(RedisServer(tmp_path_factory.mktemp("redis")))
+    def make(durable: bool = False) -> RedisServer:
+        made.append(RedisServer(tmp_path_factory.mktemp("redis"), durable))
         return made[-1]
 
     yield make

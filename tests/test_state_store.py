@@ -682,3 +682,134 @@ def test_one_container_serves_two_frontends_and_outlives_one(redis_factory, fron
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_eight_writers_at_once_lose_no_update_to_one_users_state(redis_server):
+    """Eight query processors, each on its own thread with its own event loop and Redis connections, learn
+    25 steps each about one user and flush after every step, all at once: every flush is an optimistic
+    merge that may collide with the others'. All 200 steps are kept.
+
+    Catches: plain saves (last write wins: most steps lost), a merge retried after a conflict from a stale
+    base or answered twice (steps counted twice), a merged state taken back over a newer local one."""
+    from clipper.query.processor import QueryProcessor
+    from clipper.selection import make_policy
+
+    n, rounds = 8, 25
+    prefix = f"t{uuid.uuid4().hex}"
+    policy = make_policy("exp4", ["a", "b"])
+    start = threading.Barrier(n)
+    errors = []
+
+    def writer(i: int) -> None:
+        loop = asyncio.new_event_loop()
+        store = RedisStore(redis_server.url, prefix=prefix)
+        try:
+            proc = QueryProcessor(loop, 1024, 0, store=store)
+            table = proc.state_table("app", policy)
+            start.wait(60)
+            for _ in range(rounds):
+                s = table.peek("carol")
+                if s is None:
+                    got = []
+                    table.fetch("carol", lambda st_, known: got.append(st_))
+                    _run_until(loop, lambda: got, timeout=60)
+                    s = got[0]
+                table.put("carol", {"logw": {"a": s["logw"]["a"] - 0.125, "b": s["logw"]["b"]},
+                                    "updates": s["updates"] + 1})
+                proc.flush_states()
+                loop.run_until_complete(asyncio.sleep(0))  # a merged state may come back into memory
+            proc.flush_states()
+            assert store.flush(timeout=60)
+            loop.run_until_complete(asyncio.sleep(0.01))
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+        finally:
+            store.close()
+            loop.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    reader = RedisStore(redis_server.url, prefix=prefix)
+    try:
+        stored = decode_state(reader.load("policy/app", "carol"))[1]
+    finally:
+        reader.close()
+    assert stored["updates"] == n * rounds and stored["logw"]["a"] == pytest.approx(-0.125 * n * rounds)
+    assert stored["logw"]["b"] == 0
+
+
+def test_redis_killed_and_restarted_under_load_queries_go_on_and_management_catches_up(redis_factory,
+                                                                                        frontend_factory):
+    """Two frontends on one Redis serve a steady load from two clients while Redis is killed (SIGKILL) and
+    started again on the same socket and data: every query is answered by the model, management is refused
+    while Redis is away (STATE_UNAVAILABLE) and taken again after, and a change made on one frontend after
+    the restart reaches the other (its subscription was made anew and it caught up).
+
+    Catches: a query path that waits on the store (answers stop or turn into errors during the outage), a
+    frontend that takes management changes it cannot share, a change feed that is not resubscribed after a
+    reconnect (the other frontend never learns the new application)."""
+    from clipper.management.admin_client import AdminClient
+    from clipper.management.registry import Application
+
+    server = redis_factory(durable=True)
+    a = frontend_factory(state_path=server.url)
+    b = frontend_factory(state_path=server.url)
+    a.deploy("steady", "constant", env={"CLIPPER_TEST_CONST": "4"})
+    deadline = time.monotonic() + 60
+    while not b.call(lambda: b.fe.registry.links.get("steady")):
+        assert time.monotonic() < deadline, "b never learned the application"
+        time.sleep(0.02)
+    b.call(b.fe.wait_ready("steady-model", "1", timeout_s=60))
+    x = np.array([1, 0, 0, 0], np.float32)
+    stop = threading.Event()
+    results = {"a": [], "b": []}
+
+    def load(name, fe):
+        with Client("127.0.0.1", fe.port, timeout=30) as c:
+            while not stop.is_set() and len(results[name]) < 100_000:
+                try:
+                    p = c.predict("steady", x)
+                    results[name].append(p.output if not p.is_default else "default")
+                except E.ClipperError as exc:
+                    results[name].append(exc)
+
+    threads = [threading.Thread(target=load, args=(k, fe)) for k, fe in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    admin = AdminClient("127.0.0.1", a.fe.admin_port, timeout=30)
+    try:
+        while min(len(r) for r in results.values()) < 50:
+            time.sleep(0.01)
+        server.kill()
+        before = [len(r) for r in results.values()]
+        deadline = time.monotonic() + 30
+        while any(len(r) < n + 200 for r, n in zip(results.values(), before)):  # answers go on meanwhile
+            assert time.monotonic() < deadline, "queries stopped while Redis was away"
+            time.sleep(0.01)
+        with pytest.raises(E.StateUnavailableError):
+            admin.register_application("later", "float32", [4])
+        server.start()
+        deadline = time.monotonic() + 60
+        while True:  # the frontend reconnects by itself; management is taken again once it has
+            try:
+                admin.register_application("later", "float32", [4])
+                break
+            except E.StateUnavailableError:
+                assert time.monotonic() < deadline, "management was still refused after Redis came back"
+                time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while "later" not in b.call(lambda: dict(b.fe.registry.applications)):
+            assert time.monotonic() < deadline, "b did not catch up with a change made after the restart"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    for name, got in results.items():
+        bad = [r for r in got if r != 4]
+        assert not bad, f"{name}: {len(bad)} of {len(got)} queries not answered by the model: {bad[:3]}"
+    assert isinstance(b.call(lambda: b.fe.registry.applications["later"]), Application)
