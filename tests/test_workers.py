@@ -179,3 +179,59 @@ def test_workers_refuse_a_store_they_cannot_share_and_a_port_in_use(tmp_path):
     r = subprocess.run([sys.executable, "-m", "clipper", "start", "--workers", "0"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--workers 0" in r.stderr
+
+
+WORKER = r"""
+import json, os, signal, sys, time
+ready, crash = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+with open(ready + ".tmp", "w") as f:
+    json.dump({"pid": os.getpid(), "argv": sys.argv[3:]}, f)
+os.replace(ready + ".tmp", ready)
+while True:  # a stand-in worker: exits with 3 when the test asks it to
+    if os.path.exists(crash):
+        os.unlink(crash)
+        sys.exit(3)
+    time.sleep(0.01)
+"""
+
+
+def test_the_supervisor_starts_a_worker_again_when_it_exits_and_stops_all(tmp_path):
+    """A worker that exits on its own is started again (a new process, the same index and ports); stop()
+    ends every worker through its handle and releases the held ports.
+
+    Catches: a supervisor that lets a dead worker stay dead (its share of connections refused), one that
+    restarts it with other ports, one that leaves workers running after stop."""
+    import asyncio
+
+    from clipper.config import FrontendConfig
+    from clipper.workers import Supervisor
+
+    cfg = FrontendConfig(query_port=0, rest_port=0, admin_port=0, metrics_port=0, rpc_port=0)
+
+    def argv(index, ports, state_url, ready_file, extra):
+        return [sys.executable, "-c", WORKER, ready_file, str(tmp_path / f"crash-{index}"),
+                json.dumps(ports, sort_keys=True)]
+
+    async def scenario():
+        sup = Supervisor(2, cfg, argv, "redis://127.0.0.1:1/0", tmp_path / "unused", backoff_s=(0.05, 0.1),
+                         containers="own")
+        info = await sup.start()
+        try:
+            first = [w["pid"] for w in info["workers"]]
+            ports_before = [w["argv"] for w in info["workers"]]
+            (tmp_path / "crash-1").touch()
+            deadline = time.monotonic() + 30
+            while sup.describe()["workers"][1]["pid"] in (first[1], None) or sup.workers[1].ready is None:
+                assert time.monotonic() < deadline, "the worker was not started again"
+                await asyncio.sleep(0.02)
+            after = sup.describe()["workers"]
+            assert after[0]["pid"] == first[0] and sup.restarts == 1
+            assert [w["argv"] for w in after] == ports_before  # same index, same ports
+            procs = [w.proc for w in sup.workers]
+        finally:
+            await sup.stop(10)
+        assert all(p.returncode is not None for p in procs)
+        assert not sup.held
+
+    asyncio.run(scenario())
