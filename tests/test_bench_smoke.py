@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import signal
@@ -502,3 +503,43 @@ def test_a_niced_generator_still_runs_its_timetable(echo_port, engine):
     assert r["sent"] == r["scheduled"] > 0 and r["skipped"] == 0
     with pytest.raises(ValueError, match="nice"):
         LoadSpec(port=echo_port, nice=20).validate()
+
+
+# ------------------------------------------------------------ bench.workers, bench.state_store
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_workers_runner_measures_one_and_two_workers(tmp_path):
+    """bench.workers runs the floor, one frontend and two workers (shared and own containers) and reports
+    throughput, p99 and CPU per query for each, with the ratios between them."""
+    out = tmp_path / "workers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.workers", "--scenario", "noop", "--workers", "2", "--design", "--duration",
+         "0.5", "--warmup", "0.2", "--drain", "0.5", "--sweep", "2x4", "--idle-s", "0.1", "--quiet",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    for name in ("floor", "w1", "w2", "w2-own"):
+        assert summary[name]["measured"] == 1 and summary[name]["throughput_rps"] > 0, (name, summary[name])
+    assert summary["w2"]["server_cpu_us_per_query"] > 0
+    assert report["ratios"]["w2/w1 throughput"] > 0 and report["ratios"]["shared/own throughput"] > 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_state_store_runner_measures_sqlite_and_redis(tmp_path):
+    """bench.state_store drives queries and feedback for many users against both stores and reports steps
+    per second, latencies and the stores' counters."""
+    out = tmp_path / "state.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.state_store", "--users", "300", "--in-memory", "50", "--concurrency", "4",
+         "--duration", "1", "--warmup", "0.2", "--quiet", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    for kind in ("sqlite", "redis"):
+        run = report["runs"][0][kind]
+        assert "error" not in run and run["steps"] > 0 and run["errors"] == 0, run
+        assert run["states"]["store"]
+    assert report["summary"]["redis/sqlite"]["steps_per_s"] > 0

@@ -162,6 +162,9 @@ def split_varlen(payload, count: int, as_str: bool) -> list:
     return [bytes(data[a:b]) for a, b in zip(offsets, offsets[1:])]
 
 
+_BEAT = msgpack.packb([m.C_HEARTBEAT])
+
+
 class _Link:
     """One frontend this container serves: its socket and what it has heard from it."""
 
@@ -464,7 +467,10 @@ class ContainerRuntime:
                 if link.sock is None:
                     continue
                 if now >= link.next_beat:
-                    link.sock.send(msgpack.packb([m.C_HEARTBEAT]))
+                    try:  # never wait on one frontend (its queue full while it is away): the others go on
+                        link.sock.send(_BEAT, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                     link.next_beat = now + link.interval
                 if now - link.last_heard > link.timeout:
                     if self.exit_on_frontend_loss:
@@ -490,7 +496,10 @@ class ContainerRuntime:
                 lock.acquire()
                 self._holding = True
             if link.sock is not None:
-                link.sock.send_multipart(reply, copy=False)
+                try:
+                    link.sock.send_multipart(reply, copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:  # its frontend is away with a full queue: it has given this batch up
+                    log.warning("could not send batch %s's answer to %s", header[1], link.address)
             self.batches_done += 1
         elif kind == m.F_WELCOME:
             link.replica_id = header[1]
