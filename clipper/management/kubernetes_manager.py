@@ -474,12 +474,7 @@ class KubernetesManager:
             try:
                 doc = await asyncio.to_thread(api.read_secret_document, ns, secret)
                 if not await self._still_valid(doc, mv):
-                    grant, key = self.keyring.issue(mv.name, mv.version, origin="operator",
-                                                    label=f"kubernetes Deployments of {mv.key} in {ns}")
-                    from ..security.container_keys import ContainerCredentials
-
-                    doc = ContainerCredentials.document(grant, key, self.keyring.public_key,
-                                                        self.settings.rpc_address)
+                    doc = self.issue_document(mv)
                     await asyncio.to_thread(api.put_secret, build_credentials_secret(mv, self.settings, doc))
                 status = await asyncio.to_thread(api.apply_deployment, deployment)
             except (InvalidConfigError, ContainerFailedError):
@@ -544,6 +539,16 @@ class KubernetesManager:
         return status
 
     # ---------------------------------------------------------------- helpers
+    def issue_document(self, mv: ModelVersion) -> dict:
+        """New credentials for ``mv``'s containers, as the document its Secret holds. Origin "operator":
+        the public half goes to the state store, so every frontend sharing it accepts them, and deleting
+        the model version revokes them."""
+        from ..security.container_keys import ContainerCredentials
+
+        grant, secret = self.keyring.issue(mv.name, mv.version, origin="operator",
+                                           label=f"kubernetes Deployments of {mv.key} in {self.settings.namespace}")
+        return ContainerCredentials.document(grant, secret, self.keyring.public_key, self.settings.rpc_address)
+
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
         if lock is None:
