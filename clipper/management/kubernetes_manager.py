@@ -271,8 +271,8 @@ def build_deployment(mv: ModelVersion, settings: KubernetesSettings) -> dict:
     else:
         container["command"] = ["python", "-m", "clipper.container"]
         container["args"] = container_args(mv, settings.rpc_address)
-    if mv.workdir:
-        container["workingDir"] = mv.workdir  # a folder in the image
+    # (mv.workdir is ignored: it names a folder of the machine the deploy came from, which `clipper deploy`
+    # always sends; a container runs in its image's WORKDIR, where relative entries are found.)
     pod_spec = {
         "automountServiceAccountToken": False,  # a model needs no access to the cluster's API
         "securityContext": {"runAsNonRoot": True, "runAsUser": MODEL_UID, "runAsGroup": MODEL_UID,
