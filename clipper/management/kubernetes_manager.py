@@ -385,7 +385,9 @@ class _Api:
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         call = self.apps.delete_namespaced_deployment if kind == "Deployment" else self.core.delete_namespaced_secret
         try:
-            call(name, namespace, propagation_policy="Foreground" if kind == "Deployment" else None)
+            # Background: the object goes now (a redeploy under the same name can create it again at
+            # once); the garbage collector then deletes its ReplicaSets and pods.
+            call(name, namespace, propagation_policy="Background")
         except self.ApiException as exc:
             if exc.status == 404:
                 return False
@@ -489,14 +491,16 @@ class KubernetesManager:
             log.info("model %s: Deployment %s/%s at %d replicas", mv.key, ns, deployment["metadata"]["name"],
                      mv.replicas)
 
-    async def remove(self, key: str) -> None:
-        """Delete this frontend's Deployment of model version ``key`` and the version's credentials Secret.
+    async def remove(self, key: str, *, keep_secret: bool = False) -> None:
+        """Delete this frontend's Deployment of model version ``key`` and the version's credentials Secret
+        (its credentials were revoked with the version; ``keep_secret``: other frontends still use them).
         Errors are logged, not raised: the model is gone from the registry whatever the cluster says."""
         name, _, version = key.rpartition(":")
         info = self.deployments.pop(key, None)
         frontend = self.settings.owner["name"] if self.settings.owner else None
-        targets = [("Deployment", info["deployment"] if info else deployment_name(name, version, frontend)),
-                   ("Secret", credentials_secret_name(name, version))]
+        targets = [("Deployment", info["deployment"] if info else deployment_name(name, version, frontend))]
+        if not keep_secret:
+            targets.append(("Secret", credentials_secret_name(name, version)))
         async with self._lock(key):
             for kind, obj in targets:
                 try:
@@ -508,9 +512,9 @@ class KubernetesManager:
 
     async def close(self) -> None:
         """Leave the Deployments running (the cluster owns them), unless made with ``delete_on_close``."""
-        if self.delete_on_close:
+        if self.delete_on_close:  # this frontend's Deployments; the models' credentials stay for the others
             for key in list(self.deployments):
-                await self.remove(key)
+                await self.remove(key, keep_secret=True)
         if self._api is not None:
             api, self._api = self._api, None
             await asyncio.to_thread(api.close)
