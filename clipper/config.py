@@ -197,7 +197,8 @@ class FrontendConfig:
             raise InvalidConfigError(f"{given} is set without {missing}: TLS on the query ports needs both")
         if not isinstance(self.require_api_keys, bool):
             raise InvalidConfigError(f"require_api_keys {self.require_api_keys!r} is not true or false")
-        if self.container_manager != "local" or self.kubernetes_image or self.kubernetes_namespace:
+        if self.container_manager != "local" or self.kubernetes_image or self.kubernetes_namespace \
+                or self.kubernetes_rpc_address:
             from .management.kubernetes_manager import check_config
 
             check_config(self)  # the values only; the cluster is reached at start
