@@ -86,7 +86,10 @@ async def _start(args) -> int:
     try:
         if spec and not args.worker_index:  # workers: the first applies the file, the others learn it from the store
             await fe.apply(spec)
+            named = {str(m.get("name")) for m in spec["models"]}  # the file's models: not all a shared store holds
             for model in fe.registry.models.values():
+                if model.name not in named:
+                    continue
                 mv = model.current
                 if mv is not None and mv.replicas > 0 and fe.manager.manages(mv):
                     await fe.wait_ready(mv.name, mv.version)

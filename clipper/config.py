@@ -170,6 +170,13 @@ class FrontendConfig:
     # The private folder (0700, this user's) of the local containers' Unix socket; default a new one.
     rpc_ipc_dir: str | None = None
 
+    # ---- who starts model containers: "local" (child processes of this frontend) or "kubernetes" (a
+    # Deployment per model version; pip install 'clipper-serving[kubernetes]'; docs/deploy.md)
+    container_manager: str = "local"
+    kubernetes_namespace: str | None = None  # default: the frontend pod's own namespace, else "default"
+    kubernetes_image: str | None = None  # the image model containers run: the Clipper SDK and the models' code
+    kubernetes_rpc_address: str | None = None  # where containers dial this frontend; default: its pod's address
+
     def __post_init__(self) -> None:
         frac = self.batch_budget_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
@@ -208,6 +215,11 @@ class FrontendConfig:
             raise InvalidConfigError(f"{given} is set without {missing}: TLS on the query ports needs both")
         if not isinstance(self.require_api_keys, bool):
             raise InvalidConfigError(f"require_api_keys {self.require_api_keys!r} is not true or false")
+        if self.container_manager != "local" or self.kubernetes_image or self.kubernetes_namespace \
+                or self.kubernetes_rpc_address:
+            from .management.kubernetes_manager import check_config
+
+            check_config(self)  # the values only; the cluster is reached at start
 
     limits: Limits = field(default_factory=Limits)
 

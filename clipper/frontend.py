@@ -157,11 +157,16 @@ class Frontend:
         local_addr, mechanism = self.rpc.local_endpoint
         if local_addr.startswith("tcp://"):
             local_addr = rpc_addr  # the bound name, not the address ZeroMQ resolved it to
-        self.manager = LocalProcessManager(self.loop, local_addr, self._process_exited, keyring=self.keyring,
-                                           mechanism=mechanism, base_dir=self.base_dir,
-                                           backoff_ms=cfg.restart_backoff_ms,
-                                           peers=cfg.peer_rpc_addresses if cfg.local_containers == "leader" else (),
-                                           runs=cfg.local_containers != "member")
+        if cfg.container_manager == "kubernetes":  # a Deployment per model version (docs/deploy.md)
+            from .management.kubernetes_manager import KubernetesManager
+
+            self.manager = KubernetesManager.from_config(cfg, keyring=self.keyring, store=self.store)
+        else:
+            self.manager = LocalProcessManager(
+                self.loop, local_addr, self._process_exited, keyring=self.keyring, mechanism=mechanism,
+                base_dir=self.base_dir, backoff_ms=cfg.restart_backoff_ms,
+                peers=cfg.peer_rpc_addresses if cfg.local_containers == "leader" else (),
+                runs=cfg.local_containers != "member")
         self.manager.on_failure = self._container_failed
         self.rpc.on_hung = self._replica_hung
         self.partial_budget = ByteBudget(lim.max_partial_frame_bytes)
