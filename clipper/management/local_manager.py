@@ -69,7 +69,7 @@ class LocalProcessManager:
         return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
                 "--frontend", self.rpc_address, "--die-with-parent",
                 "--input-dtype", mv.input_dtype,
-                *(["--input-shape", ",".join(str(d) for d in mv.input_shape)] if mv.input_shape else [])]
+                *([f"--input-shape={','.join(str(d) for d in mv.input_shape)}"] if mv.input_shape else [])]
 
     def manages(self, mv: ModelVersion) -> bool:
         return bool(mv.entry or mv.command)

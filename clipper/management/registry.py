@@ -30,6 +30,9 @@ MAX_REPLICAS = 64
 MAX_BATCH = 65_536
 BATCHING_MODES = ("aimd", "quantile", "fixed")
 MAX_BATCH_DELAY_MS = 1000.0
+# A dimension of an input shape that may have any length (``[-1]``: a vector of any length, what the
+# original Clipper's input types are). Such inputs are bounded by max_input_bytes alone.
+FREE_DIM = -1
 
 
 def check_name(kind: str, value) -> str:
@@ -55,9 +58,16 @@ def check_shape(dtype: str, value) -> tuple[int, ...]:
         shape = tuple(value)
     except TypeError:
         raise InvalidConfigError(f"input shape {value!r} is not a list of positive integers") from None
-    if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2**31 for d in shape):
-        raise InvalidConfigError(f"input shape {value!r} is not a list of at most 32 positive integers")
+    if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and (0 < d <= 2**31 or d == FREE_DIM)
+                                  for d in shape):
+        raise InvalidConfigError(f"input shape {value!r} is not a list of at most 32 positive integers "
+                                 f"(or {FREE_DIM} for a dimension of any length)")
     return shape
+
+
+def is_variable(shape) -> bool:
+    """True when ``shape`` leaves a dimension free (``-1``: any length, as the original Clipper's vectors)."""
+    return FREE_DIM in shape
 
 
 def _check_ms(label: str, value, lo: float, hi: float, *, zero_ok: bool) -> float:

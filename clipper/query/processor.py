@@ -326,6 +326,7 @@ class AppRoute:
         self.name_bytes = app.name.encode("utf-8")  # what the msgpack fast path compares frames' heads with
         self.np_dtype = app.np_dtype
         self.shape = tuple(app.input_shape)
+        self.variable = -1 in self.shape  # a free dimension: checked in full, never by the fast paths
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
         # What is not answered by arrival + answer_ns is answered then, from what has arrived: a
@@ -342,7 +343,10 @@ class AppRoute:
         self._overload_texts: dict = {}  # (queue key, stalled) -> (message, PackedExtra): the fast refusal's words
         # The largest frame a valid input could come in (an array as msgpack floats, 9 bytes each; a str or
         # bytes input up to max_input_bytes): bigger ones are judged in full (their error is not OVERLOADED).
-        if app.np_dtype is not None:
+        if app.np_dtype is not None and self.variable:
+            self.max_valid_frame = 9 * (self.processor.max_input_bytes // app.np_dtype.itemsize) + 512
+            self.ext_head = None
+        elif app.np_dtype is not None:
             items = 1
             for d in app.input_shape:
                 items *= d
@@ -395,7 +399,7 @@ class AppRoute:
                 if x.dtype != dt:
                     raise DTypeMismatchError(
                         f"input has dtype {x.dtype.name}; application {self.name!r} expects {dt.name}")
-                if x.shape != self.shape:
+                if x.shape != self.shape and not self._fits(x.shape):
                     raise ShapeMismatchError(
                         f"input has shape {list(x.shape)}; application {self.name!r} expects {list(self.shape)}")
                 if x.nbytes > self.max_input_bytes:
@@ -403,7 +407,7 @@ class AppRoute:
                         f"input of {x.nbytes} bytes exceeds max_input_bytes={self.max_input_bytes}")
                 return x
             if type(x) is list:
-                return self._convert_list(x)
+                return self._convert_variable(x) if self.variable else self._convert_list(x)
             raise InvalidInputError(
                 f"input is a {_kind(x)}; application {self.name!r} expects an array of {dt.name} "
                 f"with shape {list(self.shape)} (an ndarray extension or a list of numbers)")
@@ -415,6 +419,41 @@ class AppRoute:
         if len(x) > self.max_input_bytes:
             raise InputTooLargeError(f"input of {len(x)} bytes exceeds max_input_bytes={self.max_input_bytes}")
         return x
+
+    def _fits(self, shape: tuple) -> bool:
+        """``shape`` matches the application's, a free dimension (-1) taking any length."""
+        return self.variable and len(shape) == len(self.shape) and all(
+            w == -1 or g == w for g, w in zip(shape, self.shape))
+
+    def _convert_variable(self, x: list) -> np.ndarray:
+        """A list input for a shape with free dimensions: converted, then its dimensions checked."""
+        dt = self.np_dtype
+        # bound the work before numpy builds anything: a vector holds at most max_input_bytes / itemsize items
+        if len(x) > self.max_input_bytes // dt.itemsize:
+            raise InputTooLargeError(f"list input of {len(x)} items exceeds max_input_bytes={self.max_input_bytes} "
+                                     f"(as {dt.name})")
+        try:
+            arr = np.array(x)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInputError(f"list input is not a regular array of numbers: {exc}") from None
+        if not self._fits(arr.shape):
+            raise ShapeMismatchError(
+                f"input has shape {list(arr.shape)}; application {self.name!r} expects {list(self.shape)} "
+                f"(-1: any length)")
+        if arr.size == 0:
+            arr = arr.astype(dt)
+        kind = arr.dtype.kind
+        if kind not in "biuf" or (kind == "f" and dt.kind in "iub"):
+            raise DTypeMismatchError(
+                f"list input holds {arr.dtype.name} values; application {self.name!r} expects {dt.name}")
+        if kind in "iu" and dt.kind in "iu":
+            info = np.iinfo(dt)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise InvalidInputError(f"list input has values outside the range of {dt.name}")
+        if arr.size * dt.itemsize > self.max_input_bytes:
+            raise InputTooLargeError(f"input of {arr.size * dt.itemsize} bytes (as {dt.name}) exceeds "
+                                     f"max_input_bytes={self.max_input_bytes}")
+        return np.ascontiguousarray(arr, dtype=dt)
 
     def _convert_list(self, x: list) -> np.ndarray:
         dt = self.np_dtype

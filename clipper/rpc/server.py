@@ -78,7 +78,8 @@ class Replica:
     """One connected model container."""
 
     __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "batch2", "sizer",
-                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns")
+                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns",
+                 "variable")
 
     def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
         self.channel = channel
@@ -97,6 +98,7 @@ class Replica:
         self.dead = False
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
+        self.variable = False  # its model's shape has a free dimension: batches go as a list of arrays
 
     @property
     def pid(self) -> int | None:
@@ -154,9 +156,9 @@ def parse_hello(header) -> dict:
     shape = info.get("input_shape")
     if shape is not None:
         if (type(shape) is not list or len(shape) > MAX_SHAPE_DIMS
-                or any(type(d) is not int or not 0 <= d <= MAX_PID for d in shape)):
+                or any(type(d) is not int or not -1 <= d <= MAX_PID for d in shape)):
             raise HelloError(f"hello input_shape {shape!r} is not a list of at most {MAX_SHAPE_DIMS} "
-                             "non-negative integers")
+                             "non-negative integers (or -1, a dimension of any length)")
         shape = tuple(shape)
     out["input_shape"] = shape
     for field, limit in (("sdk", 128), ("credential_id", 64)):
@@ -403,6 +405,7 @@ class ContainerServer:
             return self._send_header(ch, ident, [m.F_REJECT, exc.message])
         replica = Replica(ch, ident, self._next_replica_id, mv.key, grant, queue)
         replica.claimed_pid = info["pid"]
+        replica.variable = -1 in mv.input_shape
         replica.sdk = info["sdk"]
         try:
             replica.peer = head.get("Peer-Address")
@@ -497,7 +500,7 @@ class ContainerServer:
         first = queries[0].input
         n = len(queries)
         inputs = [q.input for q in queries]
-        if isinstance(first, np.ndarray):
+        if isinstance(first, np.ndarray) and not replica.variable:
             payload = framing.assemble_batch(inputs, first.nbytes)
             meta = [wire._TYPESTR[first.dtype].decode(), [n, *first.shape]]
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_NDARRAY, meta])

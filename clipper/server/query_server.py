@@ -286,7 +286,7 @@ class QueryConnection(ClientConnection):
                 if x is not None:
                     self._predict_array(req_id, route, x)
                     return True
-        if not is_list or route.np_dtype is None:
+        if not is_list or route.np_dtype is None or route.variable:  # (a free dimension: judged in full)
             return False
         bad = _check_nested(body, offset, route.shape)
         if bad is None or bad[0] == 4:  # a fit, or for the full decoder to judge
