@@ -105,9 +105,16 @@ class Application:
     # A query that admission control refuses (its model cannot answer it within the SLO): "error" answers
     # OVERLOADED (REST 503 + Retry-After), "default" answers default_output at once; None: as on_deadline.
     on_overload: str | None = None
+    # How the REST port answers this application's queries: "clipper" (this project's format), or
+    # "original" (the original Clipper's, for applications registered through clipper_admin): str outputs
+    # holding JSON are parsed, a one-item input_batch is answered as one object, errors say
+    # {"error": NAME, "cause": message, "code": N}. docs/rest.md, "Coming from the original Clipper".
+    rest_format: str = "clipper"
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
+        if self.rest_format not in ("clipper", "original"):
+            raise InvalidConfigError(f"rest_format {self.rest_format!r} is not 'clipper' or 'original'")
         if self.on_overload is None:
             self.on_overload = self.on_deadline if self.on_deadline in ("default", "error") else "error"
         if self.on_overload not in ("default", "error"):
@@ -168,6 +175,7 @@ class Application:
             "confidence_threshold": self.confidence_threshold,
             "on_low_confidence": self.on_low_confidence,
             "on_overload": self.on_overload,
+            "rest_format": self.rest_format,
         }
 
 

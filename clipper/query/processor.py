@@ -59,6 +59,7 @@ from ..errors import (
     ShuttingDownError,
     StateUnavailableError,
     UnknownApplicationError,
+    UnknownModelError,
 )
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
@@ -941,6 +942,51 @@ class QueryProcessor:
             route.errors += 1  # a refused input is an outcome too (requests = answered + defaults + errors ...)
             raise
         self._start(conn, req_id, route, x, options)
+
+    def version_queue(self, app_name, version) -> ModelQueue:
+        """The queue of ``version`` of the model ``app_name`` is linked to (REST's per-query ``"version"``,
+        the original Clipper's): an UnknownModelError when no linked model has that version deployed."""
+        route = self._route(app_name)
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise InvalidInputError(f"version is a {_kind(version)}; expected a model version (a string)")
+        version = str(version)
+        names = []
+        for link, _ in route.links:
+            model = link.split(":", 1)[0]
+            names.append(model)
+            queue = self.queues.get(f"{model}:{version}")
+            if queue is not None:
+                return queue
+        raise UnknownModelError(f"version {_short(version)} is not deployed for the model(s) linked to application "
+                                f"{route.name!r} ({', '.join(names) or 'none linked'})")
+
+    def predict_version(self, conn, req_id: int, app_name, x, queue: ModelQueue, options=None) -> None:
+        """:meth:`predict` answered by one given model queue (a version picked by the query, from
+        :meth:`version_queue`), past the application's policy and the prediction cache."""
+        if self.draining:
+            raise ShuttingDownError("the frontend is shutting down and takes no new queries")
+        route = self._route(app_name)
+        route.requests += 1
+        try:
+            x = route.check_input(x)
+            self._user(options)
+        except ClipperError:
+            route.errors += 1
+            raise
+        qid = self._next_query_id
+        self._next_query_id = qid + 1
+        now = time.monotonic_ns()
+        nbytes = _nbytes(x)
+        why = self._refusal(route, queue, now, nbytes, route.answer_ns)
+        if why is not None:
+            self._refuse(conn, req_id, qid, route, why)
+            return
+        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
+        q.extra = PackedExtra(confidence=1.0, models=[queue.key])
+        queue.submit(q)
+        self.inflight_bytes += nbytes
+        self.unsettled += 1
+        route.track(q)
 
     def predict_array(self, conn, req_id: int, route: AppRoute, x) -> None:
         """:meth:`predict` of an input already known to be ``route``'s (its dtype and shape exactly,

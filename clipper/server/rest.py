@@ -49,7 +49,16 @@ import orjson
 from .. import errors as E
 from ..security.api_keys import MAX_API_KEY_CHARS
 from .http import REASONS as _REASONS
-from .http import HttpConnection, HttpHeadersConnection, HttpReply, HttpServer, clip, error_body, http_status
+from .http import (
+    HttpConnection,
+    HttpHeadersConnection,
+    HttpReply,
+    HttpServer,
+    clip,
+    error_body,
+    http_status,
+    original_error_body,
+)
 
 log = logging.getLogger("clipper.rest")
 
@@ -102,7 +111,7 @@ class _Reply(HttpReply):
     order is the :class:`HttpReply` it is.
     """
 
-    __slots__ = ("conn", "status", "payload", "items", "waiting", "batch", "feedback", "head")
+    __slots__ = ("conn", "status", "payload", "items", "waiting", "batch", "feedback", "head", "original")
 
     def __init__(self, conn: "RestConnection", keep_alive: bool) -> None:
         self.data = None
@@ -115,6 +124,7 @@ class _Reply(HttpReply):
         self.batch = False
         self.feedback = False
         self.head = ""  # extra header lines of the answer ("Name: value\r\n" each)
+        self.original = False  # the application answers in the original Clipper's format (rest_format)
 
     def finish(self, status: int, payload) -> None:
         self.status, self.payload, self.waiting = status, payload, 0
@@ -134,6 +144,8 @@ class _Reply(HttpReply):
 
     # -- the query processor's view
     def send_result(self, req_id, query_id, output, is_default, extra) -> None:
+        if self.original and type(output) is str:
+            output = _json_text(output)
         self.items[req_id] = result_json(query_id, output, is_default, extra)
         self._one_done()
 
@@ -152,15 +164,19 @@ class _Reply(HttpReply):
             self._compose()
             self._ready()
 
+    def error_json(self, exc: E.ClipperError) -> dict:
+        return original_error_body(exc) if self.original else error_body(exc)
+
     def _compose(self) -> None:
-        if self.batch:
-            self.payload = {"batch_predictions": [error_body(x) if isinstance(x, E.ClipperError) else x
+        # The original Clipper answers a one-item input_batch as that item alone: so do its applications.
+        if self.batch and not (self.original and len(self.items) == 1):
+            self.payload = {"batch_predictions": [self.error_json(x) if isinstance(x, E.ClipperError) else x
                                                   for x in self.items]}
             self.status = 200
             return
         item = self.items[0]
         if isinstance(item, E.ClipperError):
-            self.status, self.payload = http_status(item), error_body(item)
+            self.status, self.payload = http_status(item), self.error_json(item)
             self.head = _error_head(item)
         else:
             self.status, self.payload = 200, item
@@ -181,7 +197,7 @@ class RestConnection(HttpConnection):
             self._handle(reply, body)
         except E.ClipperError as exc:
             reply.head = self._challenge if type(exc) is E.AuthenticationError else _error_head(exc)
-            reply.finish(http_status(exc), error_body(exc))
+            reply.finish(http_status(exc), reply.error_json(exc))
         except Exception as exc:  # a bug: fail this request, keep the connection
             log.exception("internal error on a REST request")
             err = E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}")
@@ -200,6 +216,10 @@ class RestConnection(HttpConnection):
             not_ready = self.server.not_ready()
             return reply.finish(503 if not_ready else 200,
                                 {"ready": not not_ready, **({"not_ready": not_ready} if not_ready else {})})
+        if method == b"GET" and (len(parts) == 1 or (len(parts) == 2 and parts[1] == "describe")):
+            if parts == ["metrics"]:
+                return reply.finish(200, self._metrics())
+            return reply.finish(200, self._describe(parts[0]))
         if len(parts) != 2 or parts[1] not in ("predict", "update"):
             return reply.finish(404, error_body(E.RequestError(
                 f"no route {method.decode()} {clip(path)}; expected POST /<app>/predict or POST /<app>/update")))
@@ -212,6 +232,7 @@ class RestConnection(HttpConnection):
         route = self.processor.routes.get(app_name)
         if route is None:
             raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
+        reply.original = route.app.rest_format == "original"
         data = self._json_body(body)
         user = data.get("user")
         if user is None and isinstance(data.get("uid"), (int, str)) and not isinstance(data.get("uid"), bool):
@@ -231,6 +252,9 @@ class RestConnection(HttpConnection):
             xs = [data["input"]]
         else:
             raise E.InvalidInputError("the body needs \"input\" (one input) or \"input_batch\" (a list of inputs)")
+        # "version" (the original Clipper's): the queries go to that version of the linked model
+        version = data.get("version")
+        queue = None if version is None else self.processor.version_queue(app_name, version)
         limit = self.server.limits.max_pending_per_connection
         if self.in_flight + len(xs) > limit:
             raise E.LimitExceededError(f"{self.in_flight} queries of this connection are in flight and the request "
@@ -242,7 +266,10 @@ class RestConnection(HttpConnection):
         self.in_flight += len(xs)
         for i, x in enumerate(xs):
             try:
-                self.processor.predict(reply, i, app_name, self._input(route, x), options)
+                if queue is None:
+                    self.processor.predict(reply, i, app_name, self._input(route, x), options)
+                else:
+                    self.processor.predict_version(reply, i, app_name, self._input(route, x), queue, options)
             except E.ClipperError as exc:
                 reply.send_error(i, exc)
             except Exception as exc:  # a bug fails this item only, and its count goes back
@@ -265,6 +292,22 @@ class RestConnection(HttpConnection):
             reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}"))
 
     _challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'  # sent with a 401
+
+    def _describe(self, app_name: str) -> dict:
+        """GET /<app>: what the application takes and answers (a client learns its input dtype and shape)."""
+        self._authorize(app_name)
+        route = self.processor.routes.get(app_name)
+        if route is None:
+            raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
+        return describe_app(route)
+
+    def _metrics(self) -> dict:
+        """GET /metrics: the original Clipper's JSON metrics on the query port (Prometheus text stays on the
+        metrics port). Not served when API keys are required: it names every application."""
+        if self.server.api_keys is not None:
+            raise E.PermissionDeniedError("GET /metrics is not served on the query port when API keys are "
+                                          "required; read the metrics port (Prometheus text) instead")
+        return metrics_json(self.processor)
 
     def _authorize(self, app_name: str) -> None:
         """Raise unless this request may query ``app_name`` (open here; see KeyedRestConnection)."""
@@ -293,6 +336,46 @@ class RestConnection(HttpConnection):
                 raise E.InvalidInputError("input is not valid base64") from None
         return x
 
+
+
+def _json_text(output: str):
+    """A str output holding JSON, parsed (the original Clipper nests such outputs as JSON); else the str."""
+    try:
+        return orjson.loads(output)
+    except orjson.JSONDecodeError:
+        return output
+
+
+def describe_app(route) -> dict:
+    """An application's description: its input dtype (config name and wire string) and shape (-1: any
+    length), SLO, output kind, default output and linked models."""
+    from ..protocol import wire
+
+    app = route.app
+    return {"name": app.name, "input_dtype": app.input_dtype,
+            "wire_dtype": wire._TYPESTR[app.np_dtype].decode() if app.np_dtype is not None else app.input_dtype,
+            "input_shape": list(app.input_shape), "slo_ms": app.slo_ms, "slo_micros": int(app.slo_ms * 1000),
+            "output_kind": app.output_kind, "default_output": app.default_output, "policy": app.policy,
+            "linked_models": [name for name, _ in route.links]}
+
+
+def metrics_json(processor) -> dict:
+    """The query path's figures in the shape of the original Clipper's ``GET /metrics``
+    (counters, ratio counters, meters, histograms), plus this frontend's per-application figures."""
+    counters, ratios, histograms = [], [], []
+    apps = {}
+    for name, route in processor.routes.items():
+        st = route.stats()
+        apps[name] = st
+        counters.append({f"app:{name}:num_predictions": {"count": st["requests"]}})
+        counters.append({f"app:{name}:num_defaults": {"count": st["defaults"]}})
+        counters.append({f"app:{name}:num_errors": {"count": st["errors"]}})
+        ratios.append({f"app:{name}:default_prediction_ratio": {
+            "ratio": st["defaults"] / st["requests"] if st["requests"] else 0.0}})
+        histograms.append({f"app:{name}:prediction_latency": {
+            "unit": "milliseconds", "p50": st["latency_p50_ms"], "p99": st["latency_p99_ms"]}})
+    return {"counters": counters, "ratio_counters": ratios, "meters": [], "histograms": histograms,
+            "applications": apps}
 
 
 def _http(status: int, payload, keep_alive: bool, extra_head: str = "") -> bytes:
