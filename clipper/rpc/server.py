@@ -275,7 +275,7 @@ class ContainerServer:
             self._hb_timer.cancel()
             self._hb_timer = None
         for replica in self.all_replicas():
-            self._drop(replica, "was disconnected because the frontend stopped")
+            self._drop(replica, "was disconnected because the frontend stopped", logging.INFO)
         for ch in self.channels:
             try:
                 self.loop.remove_reader(ch.fd)
@@ -364,7 +364,7 @@ class ContainerServer:
             elif kind == m.C_HELLO:
                 self._on_hello(ch, ident, uid, header, head)
             elif kind == m.C_BYE:
-                self._drop(replica, "shut down")
+                self._drop(replica, "shut down", logging.INFO)  # it said goodbye: stopped on purpose
             return  # C_HEARTBEAT: being heard is all that counts
         if kind == m.C_HELLO:
             self._on_hello(ch, ident, uid, header, head)
@@ -377,7 +377,7 @@ class ContainerServer:
     def _on_hello(self, ch: _Channel, ident: bytes, uid, header, head) -> None:
         old = ch.replicas.get(ident)
         if old is not None:
-            self._drop(old, "reconnected")
+            self._drop(old, "reconnected", logging.INFO)
         keyring = self.keyring
         try:
             info = parse_hello(header)
@@ -545,13 +545,14 @@ class ContainerServer:
                 self._drop(replica, "became unreachable")
         self._arm_heartbeat()
 
-    def _drop(self, replica: Replica, reason: str) -> None:
+    def _drop(self, replica: Replica, reason: str, level: int = logging.WARNING) -> None:
+        """Forget ``replica``; ``level``: INFO for what happens on purpose (a stop, a rescale, a delete)."""
         ch = replica.channel
         if ch.replicas.get(replica.ident) is not replica:
             return
         del ch.replicas[replica.ident]
         replica.dead = True
-        log.warning("replica %s %s", replica, reason)
+        log.log(level, "replica %s %s", replica, reason)
         replica.queue.remove_replica(replica, reason)
         if self.on_replica_change:
             self.on_replica_change()
