@@ -145,3 +145,50 @@ def test_ctrl_c_on_clipper_start_logs_no_warning(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "WARNING" not in err and "Traceback" not in err, err
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of what scripts/setup.sh reads, with a .venv whose python logs pip calls (and runs nothing
+    else but the real interpreter on this checkout)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    for name in ("pyproject.toml", "setup.py"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "clipper" / "_native", repo / "clipper" / "_native",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    log = tmp_path / "pip.log"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    fake = repo / ".venv" / "bin" / "python"
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "pip $*" >> {log}; exit 0; fi
+PYTHONPATH={ROOT} exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    return repo, log
+
+
+def test_setup_skips_pip_when_nothing_it_builds_changed(tmp_path):
+    """Catches: every quick-start run reinstalling the package (pip run although nothing changed), or a
+    changed Cython source / build file / extras not reinstalled."""
+    repo, log = _fake_checkout(tmp_path)
+
+    def run(*extra, **env):
+        proc = subprocess.run(["bash", "scripts/setup.sh", *extra], cwd=repo, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        calls = log.read_text().count("install --quiet -e") if log.exists() else 0  # the package's install
+        log.unlink(missing_ok=True)
+        return calls, proc.stdout
+
+    assert run()[0] == 1  # the first time: installed
+    calls, out = run()
+    assert calls == 0 and "up to date" in out  # nothing changed: no pip
+    pyx = next((repo / "clipper" / "_native").glob("_*.pyx"))
+    pyx.write_text(pyx.read_text() + "\n# changed\n")
+    assert run()[0] == 1  # a Cython source changed: rebuilt
+    assert run()[0] == 0
+    assert run("test")[0] == 1  # other extras
+    assert run(CLIPPER_SETUP_FORCE="1")[0] == 1
