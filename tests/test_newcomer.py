@@ -192,3 +192,16 @@ def test_setup_skips_pip_when_nothing_it_builds_changed(tmp_path):
     assert run()[0] == 0
     assert run("test")[0] == 1  # other extras
     assert run(CLIPPER_SETUP_FORCE="1")[0] == 1
+
+
+def test_the_not_valid_msgpack_error_says_what_is_wrong(frontend, wire_conn):
+    """Catches: a MALFORMED_FRAME for a body msgpack rejects without a message (0xc1) whose text ends in
+    an empty detail ('...: FormatError: ')."""
+    from clipper._native import framing
+
+    c = wire_conn(frontend.port)
+    c.send_raw(framing.pack_frame(b"\xc1\x00"))
+    (reply,) = c.recv(1)
+    message = reply[-1]
+    assert reply[2] == E.MalformedFrameError.code, reply
+    assert "not valid msgpack" in message and "c1 00" in message and not message.rstrip().endswith(":"), message

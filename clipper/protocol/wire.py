@@ -307,13 +307,23 @@ def make_unpacker(limits: DecodeLimits = DecodeLimits()):
             text = str(exc)
             if "exceeds max" in text:
                 raise LimitExceededError(f"message exceeds a decoding limit: {text}") from None
-            raise MalformedFrameError(f"frame body is not valid msgpack: {text}") from None
+            raise MalformedFrameError(f"frame body is not valid msgpack: {text or _msgpack_detail(exc, buf)}") from None
         except Exception as exc:  # msgpack raises several unrelated types
-            raise MalformedFrameError(
-                f"frame body is not valid msgpack: {type(exc).__name__}: {exc}"
-            ) from None
+            raise MalformedFrameError(f"frame body is not valid msgpack: {_msgpack_detail(exc, buf)}") from None
 
     return unpack
+
+
+def _msgpack_detail(exc: Exception, buf) -> str:
+    """``Type: message`` of msgpack's exception; its FormatError has no message, so then what the fault is
+    and how the body begins, in hex (at most 16 bytes)."""
+    text = str(exc)
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    head = bytes(memoryview(buf)[:16]).hex(" ")
+    what = ("a byte that is no msgpack type (0xc1, or an unknown ext form)" if isinstance(exc, msgpack.FormatError)
+            else f"{type(exc).__name__}")
+    return f"{what}; the body's {len(buf)} bytes begin {head or '(empty)'}"
 
 
 # ------------------------------------------------------------ message builders
