@@ -205,3 +205,32 @@ def test_the_not_valid_msgpack_error_says_what_is_wrong(frontend, wire_conn):
     message = reply[-1]
     assert reply[2] == E.MalformedFrameError.code, reply
     assert "not valid msgpack" in message and "c1 00" in message and not message.rstrip().endswith(":"), message
+
+
+def test_describe_on_the_msgpack_port(frontend, wire_conn):
+    """Catches: no way on the query port to learn an application's input dtype and shape (DESCRIBE
+    unknown, or its answer without them), or DESCRIBE of an unknown application not UNKNOWN_APPLICATION."""
+    from clipper.protocol import wire
+
+    frontend.deploy("sum", "row_sum", dtype="float32", shape=(4,), slo_ms=250.0)
+    c = wire_conn(frontend.port)
+    c.send(wire.describe(3, "sum"))
+    c.send(wire.describe(4, "nope"))
+    c.send([wire.DESCRIBE, 5])
+    got = {m[1]: m for m in c.recv(3)}
+    kind, _, info = got[3]
+    assert kind == wire.DESCRIPTION
+    assert (info["input_dtype"], info["wire_dtype"], info["input_shape"]) == ("float32", "<f4", [4])
+    assert info["slo_ms"] == 250.0 and info["output_kind"] == "auto" and info["linked_models"] == ["sum-model"]
+    assert got[4][0] == wire.ERROR and got[4][2] == E.UnknownApplicationError.code
+    assert got[5][0] == wire.ERROR and got[5][2] == E.MalformedFrameError.code
+
+
+def test_the_client_describes_an_application(frontend):
+    """Catches: Client.describe missing or not returning the application's dtype and shape."""
+    frontend.deploy("vsum", "vec_sum", dtype="float64", shape=(-1,))
+    with Client("127.0.0.1", frontend.port) as c:
+        info = c.describe("vsum")
+        assert info["input_dtype"] == "float64" and info["input_shape"] == [-1]
+        with pytest.raises(E.UnknownApplicationError):
+            c.describe("nope")

@@ -75,13 +75,15 @@ HELLO = 0
 PREDICT = 1
 FEEDBACK = 2
 PING = 3
+DESCRIBE = 4
 HELLO_OK = 64
 RESULT = 65
 FEEDBACK_OK = 66
 PONG = 67
+DESCRIPTION = 68
 ERROR = 127
 
-REQUEST_TYPES = frozenset((HELLO, PREDICT, FEEDBACK, PING))
+REQUEST_TYPES = frozenset((HELLO, PREDICT, FEEDBACK, PING, DESCRIBE))
 
 EXT_NDARRAY = 1
 MAX_NDIM = 32
@@ -373,6 +375,14 @@ def feedback_ok(req_id: int, info: dict | None = None) -> list:
 
 def pong(req_id: int) -> list:
     return [PONG, req_id]
+
+
+def describe(req_id: int, app: str) -> list:
+    return [DESCRIBE, req_id, app]
+
+
+def description(req_id: int, info: dict) -> list:
+    return [DESCRIPTION, req_id, info]
 
 
 def error(req_id, exc: ClipperError) -> list:

@@ -391,6 +391,20 @@ class AppRoute:
         else:
             self.states = None
 
+    def describe(self) -> dict:
+        """What a client needs to query this application (msgpack DESCRIBE, REST ``GET /<app>``): its input
+        dtype (the config's name, and the wire's typestr for arrays), shape (-1: any length), SLO, output
+        kind, default output and linked models."""
+        from ..protocol.wire import _TYPESTR
+
+        app = self.app
+        dt = self.np_dtype
+        return {"name": app.name, "input_dtype": app.input_dtype,
+                "wire_dtype": _TYPESTR[dt].decode() if dt is not None else app.input_dtype,
+                "input_shape": list(app.input_shape), "slo_ms": app.slo_ms, "slo_micros": int(app.slo_ms * 1000),
+                "output_kind": app.output_kind, "default_output": app.default_output, "policy": app.policy,
+                "linked_models": [name for name, _ in self.links]}
+
     # ------------------------------------------------------------ inputs
     def check_input(self, x):
         """Return ``x`` as the application's input type, or raise InvalidInputError."""

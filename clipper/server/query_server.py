@@ -231,6 +231,16 @@ class QueryConnection(ClientConnection):
                     raise
             elif kind == wire.PING:
                 self._write(wire.pong(req_id))
+            elif kind == wire.DESCRIBE:
+                if len(msg) != 3 or type(msg[2]) is not str:
+                    raise E.MalformedFrameError("DESCRIBE is [4, id, app] with app a string")
+                allowed = self.allowed
+                if allowed is not None and msg[2] not in allowed:
+                    raise self._refused(msg[2])
+                route = self.processor.routes.get(msg[2])
+                if route is None:
+                    raise E.UnknownApplicationError(f"no application named {_brief(msg[2])} is registered")
+                self._write(wire.description(req_id, route.describe()))
             elif kind == wire.HELLO:
                 self._on_hello(req_id, msg)
             elif kind == wire.FEEDBACK:

@@ -299,7 +299,7 @@ class RestConnection(HttpConnection):
         route = self.processor.routes.get(app_name)
         if route is None:
             raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
-        return describe_app(route)
+        return route.describe()
 
     def _metrics(self) -> dict:
         """GET /metrics: the original Clipper's JSON metrics on the query port (Prometheus text stays on the
@@ -344,19 +344,6 @@ def _json_text(output: str):
         return orjson.loads(output)
     except orjson.JSONDecodeError:
         return output
-
-
-def describe_app(route) -> dict:
-    """An application's description: its input dtype (config name and wire string) and shape (-1: any
-    length), SLO, output kind, default output and linked models."""
-    from ..protocol import wire
-
-    app = route.app
-    return {"name": app.name, "input_dtype": app.input_dtype,
-            "wire_dtype": wire._TYPESTR[app.np_dtype].decode() if app.np_dtype is not None else app.input_dtype,
-            "input_shape": list(app.input_shape), "slo_ms": app.slo_ms, "slo_micros": int(app.slo_ms * 1000),
-            "output_kind": app.output_kind, "default_output": app.default_output, "policy": app.policy,
-            "linked_models": [name for name, _ in route.links]}
 
 
 def metrics_json(processor) -> dict:
