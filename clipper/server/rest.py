@@ -3,12 +3,14 @@
 Compatible with the original Clipper's query frontend, plus what the
 selection layer adds::
 
-    POST /<app>/predict   {"input": x, "user"?: str}
+    POST /<app>/predict   {"input": x, "user"?: str, "version"?: str}
                           -> {"query_id", "output", "default", "default_explanation"?,
                               "confidence", "models", "missing"?, "low_confidence"?}
     POST /<app>/predict   {"input_batch": [x, ...], "user"?: str}
                           -> {"batch_predictions": [{...} or {"error": {...}}, ...]}
     POST /<app>/update    {"input": x, "label": y, "user"?: str}  -> {"ok": true, "models", "missing"?}
+    GET  /<app>           the application's input dtype and shape, SLO, output kind (also /<app>/describe)
+    GET  /metrics         the original Clipper's JSON metrics (not with API keys required)
     GET  /healthz         {"status": "ok"}: the frontend is serving
     GET  /readyz          200 when every application has a linked model with a connected
                           replica, else 503 with the ones that have none
@@ -16,8 +18,9 @@ selection layer adds::
 Inputs: a (nested) list of numbers for numeric applications (integers are
 accepted where floats are expected), a string for ``str`` applications, and
 base64 for ``bytes`` applications. Outputs: arrays become lists, bytes
-base64. Every error is ``{"error": {"code", "name", "message"}}`` with the
-codes of the msgpack protocol; the HTTP status follows the branch (404 for an
+base64. Every error is ``{"error": {"code", "name", "message"}, "cause": message}`` with the
+codes of the msgpack protocol (an application with ``rest_format = "original"``, registered
+through ``clipper_admin``, answers the original Clipper's formats: docs/rest.md); the HTTP status follows the branch (404 for an
 unknown application, 400 for a bad request, 413 for a body over the limit,
 503 when no model can answer, 500 for internal faults). One bad request
 fails that request; the connection goes on (except after a request httptools
