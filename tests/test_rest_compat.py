@@ -111,3 +111,45 @@ def test_metrics_json_and_describe_on_the_query_port(frontend, http):
     assert http.get("/orig/describe") == (200, d)
     status, body = http.get("/nope")
     assert status == 404 and body["error"]["code"] == 202
+
+
+def test_describe_and_metrics_with_api_keys_required(frontend_factory):
+    """Catches: GET /<app> answering without a key granting the application (it would tell what exists),
+    or GET /metrics on the query port naming every application when keys are required."""
+    import http.client
+
+    from test_query_security import admin
+
+    fe = frontend_factory(require_api_keys=True)
+    fe.deploy("sum", "row_sum")
+    key = admin(fe).create_api_key("sum")["key"]
+    h = http.client.HTTPConnection("127.0.0.1", fe.fe.rest_port, timeout=30)
+
+    def get(path, token=None):
+        h.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        r = h.getresponse()
+        return r.status, json.loads(r.read())
+
+    assert get("/sum")[0] == 401
+    status, d = get("/sum", key)
+    assert status == 200 and d["input_shape"] == [4]
+    assert get("/metrics", key)[0] == 403
+    h.close()
+
+
+def test_the_original_format_and_integer_vectors_survive_a_restart(frontend_factory, tmp_path):
+    """Catches: rest_format lost by the state store (after a restart an original application answers in the
+    Clipper format), or int32 vectors of any length refused over REST (JSON integers into the original's
+    "integers" type)."""
+    state = str(tmp_path / "state.sqlite")
+    first = frontend_factory(state_path=state)
+    _register(first, "ints", "as_json_text", dtype="int32", shape=(-1,))
+    first.close()
+    second = frontend_factory(state_path=state)
+    second.call(second.fe.wait_ready("ints-model", "1", timeout_s=60))
+    h = Http(second.fe.rest_port)
+    status, body = h.post("/ints/predict", {"input_batch": [[1, 2, 3, 2**31 - 1]]})
+    assert status == 200 and body["output"] == {"n": 4, "ok": True}
+    status, body = h.post("/ints/predict", {"input": [2**31]})
+    assert status == 400 and body["error"] == "INVALID_INPUT" and "int32" in body["cause"]
+    h.close()
