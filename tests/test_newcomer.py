@@ -234,3 +234,32 @@ def test_the_client_describes_an_application(frontend):
         assert info["input_dtype"] == "float64" and info["input_shape"] == [-1]
         with pytest.raises(E.UnknownApplicationError):
             c.describe("nope")
+
+
+def test_a_query_refused_for_a_full_queue_is_counted_in_an_outcome(frontend_factory):
+    """Catches: QUEUE_FULL counted as a request but in no outcome (requests != answered + defaults +
+    errors)."""
+    fe = frontend_factory(max_queue_length=1, admission_control=False)
+    fe.deploy("slow", "sleep_by_input", cache=False)
+    xs = [np.array([0.5, i, 0, 0], dtype=np.float32) for i in range(4)]
+    import threading
+
+    out = []
+
+    def one(x):  # one connection each, all at once: one runs, one waits, the others find the queue full
+        with Client("127.0.0.1", fe.port) as c:
+            try:
+                out.append(c.predict("slow", x))
+            except E.ClipperError as exc:
+                out.append(exc)
+
+    threads = [threading.Thread(target=one, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert any(isinstance(o, E.QueueFullError) for o in out), out
+    st = fe.wait_until(lambda st: st["applications"]["slow"]["requests"] == 4
+                       and sum(st["applications"]["slow"][k] for k in ("answered", "defaults", "errors")) == 4,
+                       what="every query in one outcome")
+    assert st["applications"]["slow"]["errors"] >= 1

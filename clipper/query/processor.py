@@ -997,7 +997,11 @@ class QueryProcessor:
             return
         q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
         q.extra = PackedExtra(confidence=1.0, models=[queue.key])
-        queue.submit(q)
+        try:
+            queue.submit(q)
+        except ClipperError:
+            route.errors += 1
+            raise
         self.inflight_bytes += nbytes
         self.unsettled += 1
         route.track(q)
@@ -1072,6 +1076,7 @@ class QueryProcessor:
         try:
             queue.submit(q)
         except ClipperError:
+            route.errors += 1  # QUEUE_FULL: a refused query is an outcome too
             if token is not None:
                 q.token = None
                 cache.fail(token)
