@@ -226,7 +226,10 @@ class ClipperConnection:
     def get_num_replicas(self, name: str, version=None) -> int:
         """How many replicas the version (default: the current one) is deployed with."""
         version = self.get_current_model_version(name) if version is None else str(version)
-        return int(self.admin.get_model_info(name)["versions"][version]["replicas"])
+        mv = self.admin.get_model_info(name)["versions"].get(version)
+        if mv is None:
+            raise ClipperException(f"model {name} has no version {version}")
+        return int(mv["replicas"])
 
     @_clipper_errors
     def set_num_replicas(self, name: str, num_replicas: int, version=None) -> None:

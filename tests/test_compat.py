@@ -184,3 +184,28 @@ def test_the_package_is_shipped():
     include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     found = set(find_packages(where=str(root), include=include))
     assert {"clipper", "clipper_admin", "clipper_admin.deployers"} <= found
+
+
+@pytest.mark.slow
+def test_connect_reaches_a_running_frontend_and_its_stop_all_leaves_it_running():
+    """Catches: connect() failing against a frontend another program started (no token found), or
+    stop_all() on such a connection signalling a process it did not start."""
+    from clipper_admin import ClipperConnection, ClipperException, LocalContainerManager
+
+    owner = ClipperConnection(LocalContainerManager(0, 0, 0, msgpack_port=0, metrics_port=0))
+    owner.start_clipper()
+    try:
+        owner.register_application("app", "floats", "0", 100000)
+        rest, admin = owner.cm.ports["rest_port"], owner.cm.ports["admin_port"]
+        other = ClipperConnection(LocalContainerManager(rest, admin, 7000))
+        other.connect()
+        assert other.get_all_apps() == ["app"]
+        assert other.get_app_info("app")["input_type"] == "floats"
+        owner.register_application("app2", "floats", "0", 100000)
+        with pytest.raises(ClipperException, match="nope-model"):
+            other.get_num_replicas("nope-model", "1")
+        other.stop_all()
+        assert owner.cm.proc.poll() is None and owner.get_all_apps() == ["app", "app2"]
+    finally:
+        owner.stop_all()
+    assert owner.cm.proc is None
