@@ -328,6 +328,7 @@ class AppRoute:
         self.np_dtype = app.np_dtype
         self.shape = tuple(app.input_shape)
         self.variable = -1 in self.shape  # a free dimension: checked in full, never by the fast paths
+        self.rest_original = app.rest_format == "original"  # REST answers in the original Clipper's format
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
         # What is not answered by arrival + answer_ns is answered then, from what has arrived: a
