@@ -20,7 +20,7 @@ from .config import (
     FrontendConfig,
     load_config_file,
 )
-from .cli_support import CliError, explain, parse_json_arg, read_input_file
+from .cli_support import CliError, check_ports_free, explain, parse_json_arg, read_input_file
 from .errors import ClipperError
 
 
@@ -59,8 +59,6 @@ async def _start(args) -> int:
     warning = exposure_warning(cfg)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    from .cli_support import check_ports_free
-
     check_ports_free(cfg)  # before the state file is opened: a port in use fails in one line, touching nothing
     if cfg.state_path is None:  # durable by default: next to the config file (or here)
         cfg.state_path = "clipper-state.sqlite"
@@ -502,14 +500,14 @@ def main(argv=None) -> int:
     except ClipperError as exc:
         print(f"clipper: error: {exc}", file=sys.stderr)
         return 1
-    except (CliError, OSError) as exc:  # a refused connection, a missing file, a port in use: one line
-        print(f"clipper: error: {explain(args, exc)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `clipper status | head`: the reader has gone, nothing is wrong
         sys.stderr.close()
         return 0
+    except (CliError, OSError) as exc:  # a refused connection, a missing file, a port in use: one line
+        print(f"clipper: error: {explain(args, exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
