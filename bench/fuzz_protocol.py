@@ -73,7 +73,7 @@ def _all_codes() -> dict[int, str]:
 
 
 KNOWN_CODES = _all_codes()
-REPLY_TYPES = {wire.HELLO_OK, wire.RESULT, wire.FEEDBACK_OK, wire.PONG, wire.ERROR}
+REPLY_TYPES = {wire.HELLO_OK, wire.RESULT, wire.FEEDBACK_OK, wire.PONG, wire.DESCRIPTION, wire.ERROR}
 
 
 class Finding(AssertionError):
@@ -127,6 +127,9 @@ def check_reply(msg, sent_ids: set) -> None:
     elif kind == wire.HELLO_OK:
         if not (len(msg) == 3 and isinstance(msg[2], dict) and "version" in msg[2]):
             raise Finding(f"malformed HELLO_OK: {msg!r}")
+    elif kind == wire.DESCRIPTION:
+        if not (len(msg) == 3 and isinstance(msg[2], dict) and "input_dtype" in msg[2]):
+            raise Finding(f"malformed DESCRIPTION: {msg!r}")
     elif kind == wire.FEEDBACK_OK and len(msg) not in (2, 3):
         raise Finding(f"malformed FEEDBACK_OK: {msg!r}")
 

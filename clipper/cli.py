@@ -20,6 +20,7 @@ from .config import (
     FrontendConfig,
     load_config_file,
 )
+from .cli_support import CliError, check_ports_free, explain, parse_json_arg, read_input_file
 from .errors import ClipperError, InvalidConfigError
 
 
@@ -75,6 +76,7 @@ async def _start(args) -> int:
     warning = exposure_warning(cfg)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    check_ports_free(cfg)  # before the state file is opened: a port in use fails in one line, touching nothing
     if cfg.state_path is None:  # durable by default: next to the config file (or here)
         cfg.state_path = "clipper-state.sqlite"
     fe = Frontend(cfg, base_dir=spec["base_dir"] if spec else Path.cwd())
@@ -268,22 +270,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-
     from .client import Client
 
-    if args.input.startswith("@"):
-        path = args.input[1:]
-        x = np.load(path) if path.endswith(".npy") else json.loads(Path(path).read_text())
-    else:
-        try:
-            x = json.loads(args.input)
-        except json.JSONDecodeError:
-            x = args.input  # a plain string input
+    # a file, or JSON (a str input is quoted JSON too: an unquoted word is an error, never sent as a str)
+    x = read_input_file(args.input[1:]) if args.input.startswith("@") else parse_json_arg(args.input, "input")
+    label = None if args.label is None else parse_json_arg(args.label, "--label")
     with Client(args.host, args.port, timeout=args.timeout, tls=args.tls, cafile=args.cafile,
                 api_key=args.api_key or None) as client:
         if args.label is not None:
-            info = client.feedback(args.app, x, json.loads(args.label), user=args.user)
+            info = client.feedback(args.app, x, label, user=args.user)
             print(json.dumps({"feedback": "ok", **(info or {})}))
             return 0
         p = client.predict(args.app, x, user=args.user)
@@ -592,6 +587,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `clipper status | head`: the reader has gone, nothing is wrong
         sys.stderr.close()
         return 0
+    except (CliError, OSError) as exc:  # a refused connection, a missing file, a port in use: one line
+        print(f"clipper: error: {explain(args, exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

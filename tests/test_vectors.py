@@ -87,6 +87,10 @@ def build_with_wire(vector) -> list:
         return wire.feedback_ok(f["id"], f.get("info"))
     if kind == "PONG":
         return wire.pong(f["id"])
+    if kind == "DESCRIBE":
+        return wire.describe(f["id"], f["app"])
+    if kind == "DESCRIPTION":
+        return wire.description(f["id"], f["info"])
     if kind == "ERROR":
         return wire.error(f["id"], error_for_code(f["code"], f["message"]))
     raise AssertionError(f"no builder for {kind}")
@@ -150,7 +154,8 @@ def test_all_vectors_as_one_pipelined_stream():
 def test_every_message_type_and_required_case_is_covered():
     types = {v["type"] for v in VECTORS}
     assert types == set(DOC["field_order"]) == {
-        "HELLO", "PREDICT", "FEEDBACK", "PING", "HELLO_OK", "RESULT", "FEEDBACK_OK", "PONG", "ERROR"}
+        "HELLO", "PREDICT", "FEEDBACK", "PING", "DESCRIBE", "HELLO_OK", "RESULT", "FEEDBACK_OK", "PONG",
+        "DESCRIPTION", "ERROR"}
     names = set(IDS)
     assert {"predict_ndarray_f4", "predict_list", "predict_bytes", "predict_options", "result_scalar",
             "result_ndarray", "result_default", "error_with_id", "error_nil_id", "hello_api_key",

@@ -143,7 +143,8 @@ def _short(obj) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-_NAMES = {wire.HELLO_OK: "HELLO_OK", wire.RESULT: "RESULT", wire.FEEDBACK_OK: "FEEDBACK_OK", wire.PONG: "PONG"}
+_NAMES = {wire.HELLO_OK: "HELLO_OK", wire.RESULT: "RESULT", wire.FEEDBACK_OK: "FEEDBACK_OK", wire.PONG: "PONG",
+          wire.DESCRIPTION: "DESCRIPTION"}
 
 
 def check_reply(msg: list, expected: int) -> E.ClipperError | None:

@@ -288,6 +288,22 @@ class Client:
         _raise_unless(reply, wire.PONG)
         return elapsed
 
+    def describe(self, app: str, timeout: float | None = None) -> dict:
+        """DESCRIBE ``app``: its ``input_dtype`` (and ``wire_dtype``), ``input_shape`` (-1: any length),
+        ``slo_ms``, ``output_kind``, ``default_output`` and ``linked_models``."""
+        _check_app(app)
+        timeout = self._timeout(timeout)
+        with self._lock:
+            self._check_open()
+            rid = self._encoder.new_id()
+            data = self._encoder.frame(wire.describe(rid, app), "describe")
+            reply = self._exchange([(rid, data)], timeout)[rid]
+        _raise_unless(reply, wire.DESCRIPTION)
+        info = reply[2] if len(reply) > 2 else None
+        if type(info) is not dict:
+            raise E.MalformedFrameError("DESCRIPTION carries no map")
+        return info
+
     def close(self) -> None:
         """Close the connection. A call in progress in another thread fails
         with ``ConnectionClosedError``; later calls raise it too. Idempotent."""

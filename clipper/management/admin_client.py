@@ -94,15 +94,17 @@ class AdminClient:
                              default_output=None, on_deadline: str = "default", cache: bool = True, *,
                              policy: str = "single", policy_options: dict | None = None, output_kind: str = "auto",
                              loss: str | None = None, confidence_threshold: float = 0.0,
-                             on_low_confidence: str = "flag", on_overload: str | None = None) -> dict:
+                             on_low_confidence: str = "flag", on_overload: str | None = None,
+                             rest_format: str = "clipper") -> dict:
         """Register an application; ``policy`` and what follows configure its model selection
-        (see :class:`clipper.Application`)."""
+        (see :class:`clipper.Application`); ``rest_format="original"`` answers its REST queries in the
+        original Clipper's format (docs/rest.md)."""
         return self._call("POST", "/api/v1/applications", {
             "name": name, "input_dtype": input_dtype, "input_shape": list(input_shape), "slo_ms": slo_ms,
             "default_output": default_output, "on_deadline": on_deadline, "cache": cache, "policy": policy,
             "policy_options": policy_options or {}, "output_kind": output_kind, "loss": loss,
             "confidence_threshold": confidence_threshold, "on_low_confidence": on_low_confidence,
-            "on_overload": on_overload})
+            "on_overload": on_overload, "rest_format": rest_format})
 
     def deploy_model(self, name: str, version: str, input_dtype: str, input_shape=(), *, entry: str | None = None,
                      command: list[str] | None = None, replicas: int = 1, max_batch: int = 256,

@@ -74,7 +74,7 @@ class LocalProcessManager:
         return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
                 "--frontend", ",".join([self.rpc_address, *self.peers]), "--die-with-parent",
                 "--input-dtype", mv.input_dtype,
-                *(["--input-shape", ",".join(str(d) for d in mv.input_shape)] if mv.input_shape else [])]
+                *([f"--input-shape={','.join(str(d) for d in mv.input_shape)}"] if mv.input_shape else [])]
 
     def manages(self, mv: ModelVersion) -> bool:
         return self.runs and bool(mv.entry or mv.command)

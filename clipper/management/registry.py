@@ -30,6 +30,9 @@ MAX_REPLICAS = 64
 MAX_BATCH = 65_536
 BATCHING_MODES = ("aimd", "quantile", "fixed")
 MAX_BATCH_DELAY_MS = 1000.0
+# A dimension of an input shape that may have any length (``[-1]``: a vector of any length, what the
+# original Clipper's input types are). Such inputs are bounded by max_input_bytes alone.
+FREE_DIM = -1
 
 
 def check_name(kind: str, value) -> str:
@@ -55,9 +58,16 @@ def check_shape(dtype: str, value) -> tuple[int, ...]:
         shape = tuple(value)
     except TypeError:
         raise InvalidConfigError(f"input shape {value!r} is not a list of positive integers") from None
-    if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2**31 for d in shape):
-        raise InvalidConfigError(f"input shape {value!r} is not a list of at most 32 positive integers")
+    if len(shape) > 32 or not all(isinstance(d, int) and not isinstance(d, bool) and (0 < d <= 2**31 or d == FREE_DIM)
+                                  for d in shape):
+        raise InvalidConfigError(f"input shape {value!r} is not a list of at most 32 positive integers "
+                                 f"(or {FREE_DIM} for a dimension of any length)")
     return shape
+
+
+def is_variable(shape) -> bool:
+    """True when ``shape`` leaves a dimension free (``-1``: any length, as the original Clipper's vectors)."""
+    return FREE_DIM in shape
 
 
 def _check_ms(label: str, value, lo: float, hi: float, *, zero_ok: bool) -> float:
@@ -95,9 +105,16 @@ class Application:
     # A query that admission control refuses (its model cannot answer it within the SLO): "error" answers
     # OVERLOADED (REST 503 + Retry-After), "default" answers default_output at once; None: as on_deadline.
     on_overload: str | None = None
+    # How the REST port answers this application's queries: "clipper" (this project's format), or
+    # "original" (the original Clipper's, for applications registered through clipper_admin): str outputs
+    # holding JSON are parsed, a one-item input_batch is answered as one object, errors say
+    # {"error": NAME, "cause": message, "code": N}. docs/rest.md, "Coming from the original Clipper".
+    rest_format: str = "clipper"
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
+        if self.rest_format not in ("clipper", "original"):
+            raise InvalidConfigError(f"rest_format {self.rest_format!r} is not 'clipper' or 'original'")
         if self.on_overload is None:
             self.on_overload = self.on_deadline if self.on_deadline in ("default", "error") else "error"
         if self.on_overload not in ("default", "error"):
@@ -158,6 +175,7 @@ class Application:
             "confidence_threshold": self.confidence_threshold,
             "on_low_confidence": self.on_low_confidence,
             "on_overload": self.on_overload,
+            "rest_format": self.rest_format,
         }
 
 

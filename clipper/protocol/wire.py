@@ -75,13 +75,15 @@ HELLO = 0
 PREDICT = 1
 FEEDBACK = 2
 PING = 3
+DESCRIBE = 4
 HELLO_OK = 64
 RESULT = 65
 FEEDBACK_OK = 66
 PONG = 67
+DESCRIPTION = 68
 ERROR = 127
 
-REQUEST_TYPES = frozenset((HELLO, PREDICT, FEEDBACK, PING))
+REQUEST_TYPES = frozenset((HELLO, PREDICT, FEEDBACK, PING, DESCRIBE))
 
 EXT_NDARRAY = 1
 MAX_NDIM = 32
@@ -307,13 +309,23 @@ def make_unpacker(limits: DecodeLimits = DecodeLimits()):
             text = str(exc)
             if "exceeds max" in text:
                 raise LimitExceededError(f"message exceeds a decoding limit: {text}") from None
-            raise MalformedFrameError(f"frame body is not valid msgpack: {text}") from None
+            raise MalformedFrameError(f"frame body is not valid msgpack: {text or _msgpack_detail(exc, buf)}") from None
         except Exception as exc:  # msgpack raises several unrelated types
-            raise MalformedFrameError(
-                f"frame body is not valid msgpack: {type(exc).__name__}: {exc}"
-            ) from None
+            raise MalformedFrameError(f"frame body is not valid msgpack: {_msgpack_detail(exc, buf)}") from None
 
     return unpack
+
+
+def _msgpack_detail(exc: Exception, buf) -> str:
+    """``Type: message`` of msgpack's exception; its FormatError has no message, so then what the fault is
+    and how the body begins, in hex (at most 16 bytes)."""
+    text = str(exc)
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    head = bytes(memoryview(buf)[:16]).hex(" ")
+    what = ("a byte that is no msgpack type (0xc1, or an unknown ext form)" if isinstance(exc, msgpack.FormatError)
+            else f"{type(exc).__name__}")
+    return f"{what}; the body's {len(buf)} bytes begin {head or '(empty)'}"
 
 
 # ------------------------------------------------------------ message builders
@@ -363,6 +375,14 @@ def feedback_ok(req_id: int, info: dict | None = None) -> list:
 
 def pong(req_id: int) -> list:
     return [PONG, req_id]
+
+
+def describe(req_id: int, app: str) -> list:
+    return [DESCRIBE, req_id, app]
+
+
+def description(req_id: int, info: dict) -> list:
+    return [DESCRIPTION, req_id, info]
 
 
 def error(req_id, exc: ClipperError) -> list:

@@ -59,6 +59,7 @@ from ..errors import (
     ShuttingDownError,
     StateUnavailableError,
     UnknownApplicationError,
+    UnknownModelError,
 )
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
@@ -326,6 +327,8 @@ class AppRoute:
         self.name_bytes = app.name.encode("utf-8")  # what the msgpack fast path compares frames' heads with
         self.np_dtype = app.np_dtype
         self.shape = tuple(app.input_shape)
+        self.variable = -1 in self.shape  # a free dimension: checked in full, never by the fast paths
+        self.rest_original = app.rest_format == "original"  # REST answers in the original Clipper's format
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
         # What is not answered by arrival + answer_ns is answered then, from what has arrived: a
@@ -342,7 +345,10 @@ class AppRoute:
         self._overload_texts: dict = {}  # (queue key, stalled) -> (message, PackedExtra): the fast refusal's words
         # The largest frame a valid input could come in (an array as msgpack floats, 9 bytes each; a str or
         # bytes input up to max_input_bytes): bigger ones are judged in full (their error is not OVERLOADED).
-        if app.np_dtype is not None:
+        if app.np_dtype is not None and self.variable:
+            self.max_valid_frame = 9 * (self.processor.max_input_bytes // app.np_dtype.itemsize) + 512
+            self.ext_head = None
+        elif app.np_dtype is not None:
             items = 1
             for d in app.input_shape:
                 items *= d
@@ -386,6 +392,20 @@ class AppRoute:
         else:
             self.states = None
 
+    def describe(self) -> dict:
+        """What a client needs to query this application (msgpack DESCRIBE, REST ``GET /<app>``): its input
+        dtype (the config's name, and the wire's typestr for arrays), shape (-1: any length), SLO, output
+        kind, default output and linked models."""
+        from ..protocol.wire import _TYPESTR
+
+        app = self.app
+        dt = self.np_dtype
+        return {"name": app.name, "input_dtype": app.input_dtype,
+                "wire_dtype": _TYPESTR[dt].decode() if dt is not None else app.input_dtype,
+                "input_shape": list(app.input_shape), "slo_ms": app.slo_ms, "slo_micros": int(app.slo_ms * 1000),
+                "output_kind": app.output_kind, "default_output": app.default_output, "policy": app.policy,
+                "linked_models": [name for name, _ in self.links]}
+
     # ------------------------------------------------------------ inputs
     def check_input(self, x):
         """Return ``x`` as the application's input type, or raise InvalidInputError."""
@@ -395,7 +415,7 @@ class AppRoute:
                 if x.dtype != dt:
                     raise DTypeMismatchError(
                         f"input has dtype {x.dtype.name}; application {self.name!r} expects {dt.name}")
-                if x.shape != self.shape:
+                if x.shape != self.shape and not self._fits(x.shape):
                     raise ShapeMismatchError(
                         f"input has shape {list(x.shape)}; application {self.name!r} expects {list(self.shape)}")
                 if x.nbytes > self.max_input_bytes:
@@ -403,7 +423,7 @@ class AppRoute:
                         f"input of {x.nbytes} bytes exceeds max_input_bytes={self.max_input_bytes}")
                 return x
             if type(x) is list:
-                return self._convert_list(x)
+                return self._convert_variable(x) if self.variable else self._convert_list(x)
             raise InvalidInputError(
                 f"input is a {_kind(x)}; application {self.name!r} expects an array of {dt.name} "
                 f"with shape {list(self.shape)} (an ndarray extension or a list of numbers)")
@@ -415,6 +435,41 @@ class AppRoute:
         if len(x) > self.max_input_bytes:
             raise InputTooLargeError(f"input of {len(x)} bytes exceeds max_input_bytes={self.max_input_bytes}")
         return x
+
+    def _fits(self, shape: tuple) -> bool:
+        """``shape`` matches the application's, a free dimension (-1) taking any length."""
+        return self.variable and len(shape) == len(self.shape) and all(
+            w == -1 or g == w for g, w in zip(shape, self.shape))
+
+    def _convert_variable(self, x: list) -> np.ndarray:
+        """A list input for a shape with free dimensions: converted, then its dimensions checked."""
+        dt = self.np_dtype
+        # bound the work before numpy builds anything: a vector holds at most max_input_bytes / itemsize items
+        if len(x) > self.max_input_bytes // dt.itemsize:
+            raise InputTooLargeError(f"list input of {len(x)} items exceeds max_input_bytes={self.max_input_bytes} "
+                                     f"(as {dt.name})")
+        try:
+            arr = np.array(x)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInputError(f"list input is not a regular array of numbers: {exc}") from None
+        if not self._fits(arr.shape):
+            raise ShapeMismatchError(
+                f"input has shape {list(arr.shape)}; application {self.name!r} expects {list(self.shape)} "
+                f"(-1: any length)")
+        if arr.size == 0:
+            arr = arr.astype(dt)
+        kind = arr.dtype.kind
+        if kind not in "biuf" or (kind == "f" and dt.kind in "iub"):
+            raise DTypeMismatchError(
+                f"list input holds {arr.dtype.name} values; application {self.name!r} expects {dt.name}")
+        if kind in "iu" and dt.kind in "iu":
+            info = np.iinfo(dt)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise InvalidInputError(f"list input has values outside the range of {dt.name}")
+        if arr.size * dt.itemsize > self.max_input_bytes:
+            raise InputTooLargeError(f"input of {arr.size * dt.itemsize} bytes (as {dt.name}) exceeds "
+                                     f"max_input_bytes={self.max_input_bytes}")
+        return np.ascontiguousarray(arr, dtype=dt)
 
     def _convert_list(self, x: list) -> np.ndarray:
         dt = self.np_dtype
@@ -903,6 +958,55 @@ class QueryProcessor:
             raise
         self._start(conn, req_id, route, x, options)
 
+    def version_queue(self, app_name, version) -> ModelQueue:
+        """The queue of ``version`` of the model ``app_name`` is linked to (REST's per-query ``"version"``,
+        the original Clipper's): an UnknownModelError when no linked model has that version deployed."""
+        route = self._route(app_name)
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise InvalidInputError(f"version is a {_kind(version)}; expected a model version (a string)")
+        version = str(version)
+        names = []
+        for link, _ in route.links:
+            model = link.split(":", 1)[0]
+            names.append(model)
+            queue = self.queues.get(f"{model}:{version}")
+            if queue is not None:
+                return queue
+        raise UnknownModelError(f"version {_short(version)} is not deployed for the model(s) linked to application "
+                                f"{route.name!r} ({', '.join(names) or 'none linked'})")
+
+    def predict_version(self, conn, req_id: int, app_name, x, queue: ModelQueue, options=None) -> None:
+        """:meth:`predict` answered by one given model queue (a version picked by the query, from
+        :meth:`version_queue`), past the application's policy and the prediction cache."""
+        if self.draining:
+            raise ShuttingDownError("the frontend is shutting down and takes no new queries")
+        route = self._route(app_name)
+        route.requests += 1
+        try:
+            x = route.check_input(x)
+            self._user(options)
+        except ClipperError:
+            route.errors += 1
+            raise
+        qid = self._next_query_id
+        self._next_query_id = qid + 1
+        now = time.monotonic_ns()
+        nbytes = _nbytes(x)
+        why = self._refusal(route, queue, now, nbytes, route.answer_ns)
+        if why is not None:
+            self._refuse(conn, req_id, qid, route, why)
+            return
+        q = Query(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns)
+        q.extra = PackedExtra(confidence=1.0, models=[queue.key])
+        try:
+            queue.submit(q)
+        except ClipperError:
+            route.errors += 1
+            raise
+        self.inflight_bytes += nbytes
+        self.unsettled += 1
+        route.track(q)
+
     def predict_array(self, conn, req_id: int, route: AppRoute, x) -> None:
         """:meth:`predict` of an input already known to be ``route``'s (its dtype and shape exactly,
         within max_input_bytes), with no options: the msgpack port's array fast path, whose input is a
@@ -973,6 +1077,7 @@ class QueryProcessor:
         try:
             queue.submit(q)
         except ClipperError:
+            route.errors += 1  # QUEUE_FULL: a refused query is an outcome too
             if token is not None:
                 q.token = None
                 cache.fail(token)

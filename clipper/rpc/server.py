@@ -78,7 +78,8 @@ class Replica:
     """One connected model container."""
 
     __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "batch2", "sizer",
-                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns")
+                 "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns",
+                 "variable")
 
     def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
         self.channel = channel
@@ -97,6 +98,7 @@ class Replica:
         self.dead = False
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
+        self.variable = False  # its model's shape has a free dimension: batches go as a list of arrays
 
     @property
     def pid(self) -> int | None:
@@ -154,9 +156,9 @@ def parse_hello(header) -> dict:
     shape = info.get("input_shape")
     if shape is not None:
         if (type(shape) is not list or len(shape) > MAX_SHAPE_DIMS
-                or any(type(d) is not int or not 0 <= d <= MAX_PID for d in shape)):
+                or any(type(d) is not int or not -1 <= d <= MAX_PID for d in shape)):
             raise HelloError(f"hello input_shape {shape!r} is not a list of at most {MAX_SHAPE_DIMS} "
-                             "non-negative integers")
+                             "non-negative integers (or -1, a dimension of any length)")
         shape = tuple(shape)
     out["input_shape"] = shape
     for field, limit in (("sdk", 128), ("credential_id", 64)):
@@ -273,7 +275,7 @@ class ContainerServer:
             self._hb_timer.cancel()
             self._hb_timer = None
         for replica in self.all_replicas():
-            self._drop(replica, "was disconnected because the frontend stopped")
+            self._drop(replica, "was disconnected because the frontend stopped", logging.INFO)
         for ch in self.channels:
             try:
                 self.loop.remove_reader(ch.fd)
@@ -362,7 +364,7 @@ class ContainerServer:
             elif kind == m.C_HELLO:
                 self._on_hello(ch, ident, uid, header, head)
             elif kind == m.C_BYE:
-                self._drop(replica, "shut down")
+                self._drop(replica, "shut down", logging.INFO)  # it said goodbye: stopped on purpose
             return  # C_HEARTBEAT: being heard is all that counts
         if kind == m.C_HELLO:
             self._on_hello(ch, ident, uid, header, head)
@@ -375,7 +377,7 @@ class ContainerServer:
     def _on_hello(self, ch: _Channel, ident: bytes, uid, header, head) -> None:
         old = ch.replicas.get(ident)
         if old is not None:
-            self._drop(old, "reconnected")
+            self._drop(old, "reconnected", logging.INFO)
         keyring = self.keyring
         try:
             info = parse_hello(header)
@@ -403,6 +405,7 @@ class ContainerServer:
             return self._send_header(ch, ident, [m.F_REJECT, exc.message])
         replica = Replica(ch, ident, self._next_replica_id, mv.key, grant, queue)
         replica.claimed_pid = info["pid"]
+        replica.variable = -1 in mv.input_shape
         replica.sdk = info["sdk"]
         try:
             replica.peer = head.get("Peer-Address")
@@ -497,7 +500,7 @@ class ContainerServer:
         first = queries[0].input
         n = len(queries)
         inputs = [q.input for q in queries]
-        if isinstance(first, np.ndarray):
+        if isinstance(first, np.ndarray) and not replica.variable:
             payload = framing.assemble_batch(inputs, first.nbytes)
             meta = [wire._TYPESTR[first.dtype].decode(), [n, *first.shape]]
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_NDARRAY, meta])
@@ -542,13 +545,14 @@ class ContainerServer:
                 self._drop(replica, "became unreachable")
         self._arm_heartbeat()
 
-    def _drop(self, replica: Replica, reason: str) -> None:
+    def _drop(self, replica: Replica, reason: str, level: int = logging.WARNING) -> None:
+        """Forget ``replica``; ``level``: INFO for what happens on purpose (a stop, a rescale, a delete)."""
         ch = replica.channel
         if ch.replicas.get(replica.ident) is not replica:
             return
         del ch.replicas[replica.ident]
         replica.dead = True
-        log.warning("replica %s %s", replica, reason)
+        log.log(level, "replica %s %s", replica, reason)
         replica.queue.remove_replica(replica, reason)
         if self.on_replica_change:
             self.on_replica_change()

@@ -96,11 +96,21 @@ def http_status(exc: E.ClipperError) -> int:
 
 
 def error_body(exc: E.ClipperError) -> dict:
-    """``{"error": {"code", "name", "message"}}``; the message cut at MAX_MESSAGE_CHARS."""
+    """``{"error": {"code", "name", "message"}, "cause": message}``; the message cut at MAX_MESSAGE_CHARS.
+
+    ``cause`` is the original Clipper's key for the message (its users read it); ``error`` keeps the
+    machine-readable code and name."""
     msg = exc.message
     if len(msg) > MAX_MESSAGE_CHARS:
         msg = msg[:MAX_MESSAGE_CHARS] + "...(cut)"
-    return {"error": {"code": exc.code, "name": exc.name, "message": msg}}
+    return {"error": {"code": exc.code, "name": exc.name, "message": msg}, "cause": msg}
+
+
+def original_error_body(exc: E.ClipperError) -> dict:
+    """The original Clipper's error shape, ``{"error": NAME, "cause": message}``, plus ``code`` (for an
+    application registered with ``rest_format = "original"``)."""
+    body = error_body(exc)
+    return {"error": exc.name, "cause": body["cause"], "code": exc.code}
 
 
 def limit_error(status: int, message: str) -> E.LimitExceededError:

@@ -231,6 +231,16 @@ class QueryConnection(ClientConnection):
                     raise
             elif kind == wire.PING:
                 self._write(wire.pong(req_id))
+            elif kind == wire.DESCRIBE:
+                if len(msg) != 3 or type(msg[2]) is not str:
+                    raise E.MalformedFrameError("DESCRIBE is [4, id, app] with app a string")
+                allowed = self.allowed
+                if allowed is not None and msg[2] not in allowed:
+                    raise self._refused(msg[2])
+                route = self.processor.routes.get(msg[2])
+                if route is None:
+                    raise E.UnknownApplicationError(f"no application named {_brief(msg[2])} is registered")
+                self._write(wire.description(req_id, route.describe()))
             elif kind == wire.HELLO:
                 self._on_hello(req_id, msg)
             elif kind == wire.FEEDBACK:
@@ -286,7 +296,7 @@ class QueryConnection(ClientConnection):
                 if x is not None:
                     self._predict_array(req_id, route, x)
                     return True
-        if not is_list or route.np_dtype is None:
+        if not is_list or route.np_dtype is None or route.variable:  # (a free dimension: judged in full)
             return False
         bad = _check_nested(body, offset, route.shape)
         if bad is None or bad[0] == 4:  # a fit, or for the full decoder to judge

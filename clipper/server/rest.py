@@ -3,12 +3,14 @@
 Compatible with the original Clipper's query frontend, plus what the
 selection layer adds::
 
-    POST /<app>/predict   {"input": x, "user"?: str}
+    POST /<app>/predict   {"input": x, "user"?: str, "version"?: str}
                           -> {"query_id", "output", "default", "default_explanation"?,
                               "confidence", "models", "missing"?, "low_confidence"?}
     POST /<app>/predict   {"input_batch": [x, ...], "user"?: str}
                           -> {"batch_predictions": [{...} or {"error": {...}}, ...]}
     POST /<app>/update    {"input": x, "label": y, "user"?: str}  -> {"ok": true, "models", "missing"?}
+    GET  /<app>           the application's input dtype and shape, SLO, output kind (also /<app>/describe)
+    GET  /metrics         the original Clipper's JSON metrics (not with API keys required)
     GET  /healthz         {"status": "ok"}: the frontend is serving
     GET  /readyz          200 when every application has a linked model with a connected
                           replica, else 503 with the ones that have none
@@ -16,8 +18,9 @@ selection layer adds::
 Inputs: a (nested) list of numbers for numeric applications (integers are
 accepted where floats are expected), a string for ``str`` applications, and
 base64 for ``bytes`` applications. Outputs: arrays become lists, bytes
-base64. Every error is ``{"error": {"code", "name", "message"}}`` with the
-codes of the msgpack protocol; the HTTP status follows the branch (404 for an
+base64. Every error is ``{"error": {"code", "name", "message"}, "cause": message}`` with the
+codes of the msgpack protocol (an application with ``rest_format = "original"``, registered
+through ``clipper_admin``, answers the original Clipper's formats: docs/rest.md); the HTTP status follows the branch (404 for an
 unknown application, 400 for a bad request, 413 for a body over the limit,
 503 when no model can answer, 500 for internal faults). One bad request
 fails that request; the connection goes on (except after a request httptools
@@ -49,7 +52,16 @@ import orjson
 from .. import errors as E
 from ..security.api_keys import MAX_API_KEY_CHARS
 from .http import REASONS as _REASONS
-from .http import HttpConnection, HttpHeadersConnection, HttpReply, HttpServer, clip, error_body, http_status
+from .http import (
+    HttpConnection,
+    HttpHeadersConnection,
+    HttpReply,
+    HttpServer,
+    clip,
+    error_body,
+    http_status,
+    original_error_body,
+)
 
 log = logging.getLogger("clipper.rest")
 
@@ -102,7 +114,7 @@ class _Reply(HttpReply):
     order is the :class:`HttpReply` it is.
     """
 
-    __slots__ = ("conn", "status", "payload", "items", "waiting", "batch", "feedback", "head")
+    __slots__ = ("conn", "status", "payload", "items", "waiting", "batch", "feedback", "head", "original")
 
     def __init__(self, conn: "RestConnection", keep_alive: bool) -> None:
         self.data = None
@@ -115,6 +127,7 @@ class _Reply(HttpReply):
         self.batch = False
         self.feedback = False
         self.head = ""  # extra header lines of the answer ("Name: value\r\n" each)
+        self.original = False  # the application answers in the original Clipper's format (rest_format)
 
     def finish(self, status: int, payload) -> None:
         self.status, self.payload, self.waiting = status, payload, 0
@@ -134,6 +147,8 @@ class _Reply(HttpReply):
 
     # -- the query processor's view
     def send_result(self, req_id, query_id, output, is_default, extra) -> None:
+        if self.original and type(output) is str:
+            output = _json_text(output)
         self.items[req_id] = result_json(query_id, output, is_default, extra)
         self._one_done()
 
@@ -152,15 +167,19 @@ class _Reply(HttpReply):
             self._compose()
             self._ready()
 
+    def error_json(self, exc: E.ClipperError) -> dict:
+        return original_error_body(exc) if self.original else error_body(exc)
+
     def _compose(self) -> None:
-        if self.batch:
-            self.payload = {"batch_predictions": [error_body(x) if isinstance(x, E.ClipperError) else x
+        # The original Clipper answers a one-item input_batch as that item alone: so do its applications.
+        if self.batch and not (self.original and len(self.items) == 1):
+            self.payload = {"batch_predictions": [self.error_json(x) if isinstance(x, E.ClipperError) else x
                                                   for x in self.items]}
             self.status = 200
             return
         item = self.items[0]
         if isinstance(item, E.ClipperError):
-            self.status, self.payload = http_status(item), error_body(item)
+            self.status, self.payload = http_status(item), self.error_json(item)
             self.head = _error_head(item)
         else:
             self.status, self.payload = 200, item
@@ -181,7 +200,7 @@ class RestConnection(HttpConnection):
             self._handle(reply, body)
         except E.ClipperError as exc:
             reply.head = self._challenge if type(exc) is E.AuthenticationError else _error_head(exc)
-            reply.finish(http_status(exc), error_body(exc))
+            reply.finish(http_status(exc), reply.error_json(exc))
         except Exception as exc:  # a bug: fail this request, keep the connection
             log.exception("internal error on a REST request")
             err = E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}")
@@ -200,6 +219,10 @@ class RestConnection(HttpConnection):
             not_ready = self.server.not_ready()
             return reply.finish(503 if not_ready else 200,
                                 {"ready": not not_ready, **({"not_ready": not_ready} if not_ready else {})})
+        if method == b"GET" and (len(parts) == 1 or (len(parts) == 2 and parts[1] == "describe")):
+            if parts == ["metrics"]:
+                return reply.finish(200, self._metrics())
+            return reply.finish(200, self._describe(parts[0]))
         if len(parts) != 2 or parts[1] not in ("predict", "update"):
             return reply.finish(404, error_body(E.RequestError(
                 f"no route {method.decode()} {clip(path)}; expected POST /<app>/predict or POST /<app>/update")))
@@ -212,6 +235,7 @@ class RestConnection(HttpConnection):
         route = self.processor.routes.get(app_name)
         if route is None:
             raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
+        reply.original = getattr(route, "rest_original", False)  # (stand-in routes of unit tests have none)
         data = self._json_body(body)
         user = data.get("user")
         if user is None and isinstance(data.get("uid"), (int, str)) and not isinstance(data.get("uid"), bool):
@@ -231,6 +255,9 @@ class RestConnection(HttpConnection):
             xs = [data["input"]]
         else:
             raise E.InvalidInputError("the body needs \"input\" (one input) or \"input_batch\" (a list of inputs)")
+        # "version" (the original Clipper's): the queries go to that version of the linked model
+        version = data.get("version")
+        queue = None if version is None else self.processor.version_queue(app_name, version)
         limit = self.server.limits.max_pending_per_connection
         if self.in_flight + len(xs) > limit:
             raise E.LimitExceededError(f"{self.in_flight} queries of this connection are in flight and the request "
@@ -242,7 +269,10 @@ class RestConnection(HttpConnection):
         self.in_flight += len(xs)
         for i, x in enumerate(xs):
             try:
-                self.processor.predict(reply, i, app_name, self._input(route, x), options)
+                if queue is None:
+                    self.processor.predict(reply, i, app_name, self._input(route, x), options)
+                else:
+                    self.processor.predict_version(reply, i, app_name, self._input(route, x), queue, options)
             except E.ClipperError as exc:
                 reply.send_error(i, exc)
             except Exception as exc:  # a bug fails this item only, and its count goes back
@@ -265,6 +295,22 @@ class RestConnection(HttpConnection):
             reply.send_error(0, E.InternalError(f"{type(exc).__name__}: {clip(str(exc), 200)}"))
 
     _challenge = 'WWW-Authenticate: Bearer realm="clipper"\r\n'  # sent with a 401
+
+    def _describe(self, app_name: str) -> dict:
+        """GET /<app>: what the application takes and answers (a client learns its input dtype and shape)."""
+        self._authorize(app_name)
+        route = self.processor.routes.get(app_name)
+        if route is None:
+            raise E.UnknownApplicationError(f"no application named {clip(app_name)!r} is registered")
+        return route.describe()
+
+    def _metrics(self) -> dict:
+        """GET /metrics: the original Clipper's JSON metrics on the query port (Prometheus text stays on the
+        metrics port). Not served when API keys are required: it names every application."""
+        if self.server.api_keys is not None:
+            raise E.PermissionDeniedError("GET /metrics is not served on the query port when API keys are "
+                                          "required; read the metrics port (Prometheus text) instead")
+        return metrics_json(self.processor)
 
     def _authorize(self, app_name: str) -> None:
         """Raise unless this request may query ``app_name`` (open here; see KeyedRestConnection)."""
@@ -293,6 +339,33 @@ class RestConnection(HttpConnection):
                 raise E.InvalidInputError("input is not valid base64") from None
         return x
 
+
+
+def _json_text(output: str):
+    """A str output holding JSON, parsed (the original Clipper nests such outputs as JSON); else the str."""
+    try:
+        return orjson.loads(output)
+    except orjson.JSONDecodeError:
+        return output
+
+
+def metrics_json(processor) -> dict:
+    """The query path's figures in the shape of the original Clipper's ``GET /metrics``
+    (counters, ratio counters, meters, histograms), plus this frontend's per-application figures."""
+    counters, ratios, histograms = [], [], []
+    apps = {}
+    for name, route in processor.routes.items():
+        st = route.stats()
+        apps[name] = st
+        counters.append({f"app:{name}:num_predictions": {"count": st["requests"]}})
+        counters.append({f"app:{name}:num_defaults": {"count": st["defaults"]}})
+        counters.append({f"app:{name}:num_errors": {"count": st["errors"]}})
+        ratios.append({f"app:{name}:default_prediction_ratio": {
+            "ratio": st["defaults"] / st["requests"] if st["requests"] else 0.0}})
+        histograms.append({f"app:{name}:prediction_latency": {
+            "unit": "milliseconds", "p50": st["latency_p50_ms"], "p99": st["latency_p99_ms"]}})
+    return {"counters": counters, "ratio_counters": ratios, "meters": [], "histograms": histograms,
+            "applications": apps}
 
 
 def _http(status: int, payload, keep_alive: bool, extra_head: str = "") -> bytes:

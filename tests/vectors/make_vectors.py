@@ -39,10 +39,12 @@ FIELDS = {
     "PREDICT": ("id", "app", "input", "options?"),
     "FEEDBACK": ("id", "app", "input", "label", "options?"),
     "PING": ("id",),
+    "DESCRIBE": ("id", "app"),
     "HELLO_OK": ("id", "info"),
     "RESULT": ("id", "query_id", "output", "is_default", "extra?"),
     "FEEDBACK_OK": ("id", "info?"),
     "PONG": ("id",),
+    "DESCRIPTION": ("id", "info"),
     "ERROR": ("id", "code", "name", "message"),
 }
 TYPE_CODES = {name: getattr(wire, name) for name in FIELDS}
@@ -198,6 +200,24 @@ VECTORS = [
         "type": "PONG",
         "fields": {"id": 7},
         "description": "The answer to PING 7.",
+    },
+    {
+        "name": "describe",
+        "direction": CLIENT_TO_SERVER,
+        "type": "DESCRIBE",
+        "fields": {"id": 12, "app": "digits"},
+        "description": "What does application \"digits\" take and answer?",
+    },
+    {
+        "name": "description",
+        "direction": SERVER_TO_CLIENT,
+        "type": "DESCRIPTION",
+        "fields": {"id": 12, "info": {"name": "digits", "input_dtype": "float64", "wire_dtype": "<f8",
+                                      "input_shape": [64], "slo_ms": 20.0, "slo_micros": 20000,
+                                      "output_kind": "auto", "default_output": None, "policy": "single",
+                                      "linked_models": ["digits-logreg"]}},
+        "description": "The answer to DESCRIBE 12: 64 float64 values (the config's float64, the wire's <f8), "
+        "a 20 ms SLO.",
     },
     {
         "name": "result_scalar",

@@ -1,0 +1,1 @@
+"""The original's deployers: ``clipper_admin.deployers.python`` (functions and closures)."""
