@@ -5,7 +5,9 @@ Variants, each a fresh ``clipper start`` of the scenario's deployment file:
 * ``w1``: one frontend process (the default: SQLite state, local containers on the private Unix socket);
 * ``wN``: ``--workers N`` (a private redis-server shared by the workers; the first worker runs the model's
   replicas and each container serves every worker: ``--containers shared``, the default);
-* ``wN-own`` (with ``--design``): ``--containers own``, every worker runs the replicas for itself.
+* ``wN-own`` (with ``--design``): ``--containers own``, every worker runs the replicas for itself;
+* ``wN-sharedN`` (with ``--design``): shared containers, N replicas (as many containers as ``wN-own``, each
+  serving every worker).
 
 For each: the single-request latency, a closed-loop sweep (best level's throughput and p99) and the CPU
 of everything serving (the supervisor, workers, containers, Redis)
@@ -97,9 +99,9 @@ def main(argv=None) -> int:
 
     n = args.workers_n
     src, app = SCENARIOS[args.scenario]
-    variants = [("w1", 1, []), (f"w{n}", n, ["--containers", "shared"])]
-    if args.design:
-        variants.append((f"w{n}-own", n, ["--containers", "own"]))
+    variants = [("w1", 1, [], 1), (f"w{n}", n, ["--containers", "shared"], 1)]
+    if args.design:  # own: a container per worker; shared with as many replicas, each serving every worker
+        variants += [(f"w{n}-own", n, ["--containers", "own"], 1), (f"w{n}-shared{n}", n, ["--containers", "shared"], n)]
     out_path = args.out or REPO / "bench" / "results" / f"workers-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report = {"scenario": args.scenario, "workers": n, "machine": machine_info(), "args": {
         k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()},
@@ -111,11 +113,11 @@ def main(argv=None) -> int:
             report["runs"].append(run)
             log(f"[{rep + 1}/{args.repeat}] floor")
             run["floor"] = measure_target(echo_server(tmp, args.ready_timeout, f"r{rep}"), app, args, log)
-            for name, workers, extra in variants:
+            for name, workers, extra, replicas in variants:
                 log(f"[{rep + 1}/{args.repeat}] {name}")
                 vdir = tmp / f"{name}-{rep}"
                 vdir.mkdir()
-                config = config_variant(src, vdir, None, 1)  # a copy in vdir: the private Redis's data go there
+                config = config_variant(src, vdir, None, replicas)  # a copy in vdir: the private Redis's data go there
                 cargv, ready = clipper_argv(config, vdir, name, workers, extra if workers > 1 else [])
                 server = Server(name, cargv, ready, vdir / "clipper.log", args.ready_timeout)
                 try:
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
         ratios["shared/own throughput"] = ratio(f"w{n}", f"w{n}-own", "throughput_rps")
         ratios["shared/own p99"] = ratio(f"w{n}", f"w{n}-own", "p99_ms")
         ratios["shared/own cpu per query"] = ratio(f"w{n}", f"w{n}-own", "server_cpu_us_per_query")
+        ratios[f"shared{n}/own throughput"] = ratio(f"w{n}-shared{n}", f"w{n}-own", "throughput_rps")
+        ratios[f"shared{n}/own p99"] = ratio(f"w{n}-shared{n}", f"w{n}-own", "p99_ms")
+        ratios[f"shared{n}/own cpu per query"] = ratio(f"w{n}-shared{n}", f"w{n}-own", "server_cpu_us_per_query")
     report["summary"], report["ratios"] = summary, ratios
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1))

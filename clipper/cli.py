@@ -86,14 +86,16 @@ async def _start(args) -> int:
         loop.add_signal_handler(sig, stop.set)
     await fe.start()
     try:
-        if spec and not args.worker_index:  # workers: the first applies the file, the others learn it from the store
-            await fe.apply(spec)
+        if spec:
+            if not args.worker_index:  # workers: the first applies the file, the others learn it from the store
+                await fe.apply(spec)
             named = {str(m.get("name")) for m in spec["models"]}  # the file's models: not all a shared store holds
+            member = cfg.local_containers == "member"  # (the first worker's containers serve it: wait for them)
             for model in fe.registry.models.values():
                 if model.name not in named:
                     continue
                 mv = model.current
-                if mv is not None and mv.replicas > 0 and fe.manager.manages(mv):
+                if mv is not None and mv.replicas > 0 and (fe.manager.manages(mv) or (member and mv.entry)):
                     await fe.wait_ready(mv.name, mv.version)
         ports = {"query_port": fe.query_port, "rest_port": fe.rest_port, "admin_port": fe.admin_port,
                  "metrics_port": fe.metrics_port, "rpc_port": fe.rpc_port,
