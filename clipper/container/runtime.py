@@ -301,6 +301,7 @@ class ContainerRuntime:
     def _connect(self, link: _Link) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # a frontend away (or refusing, for now): back off to 5 s
         if self.credentials is not None:
             self.credentials.apply(sock)
         link.monitor = sock.get_monitor_socket(self._HANDSHAKE_EVENTS)
@@ -362,14 +363,20 @@ class ContainerRuntime:
             self._stop_monitor(link)  # from here on, only the frontend's own messages matter
             link.handshake_failures = 0
             return None
-        several = len(self.frontends) > 1
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            # Frontends of one system learn a credential issued by one of them through their shared store,
-            # within milliseconds: with several, an unknown credential is tried again a few times.
+            # Frontends of one system learn a credential issued by one of them through their shared store:
+            # usually within milliseconds, later for a frontend that starts or catches up after a Redis
+            # outage. While another frontend takes this container, one that refuses it is asked again
+            # (ZeroMQ's reconnects, backing off to RECONNECT_IVL_MAX); only when every frontend has refused
+            # it repeatedly does it give up.
             link.handshake_failures += 1
-            if several and link.handshake_failures < self.MAX_HANDSHAKE_FAILURES:
-                log.warning("%s refused this container's credentials (%d in a row); retrying", link.address,
-                            link.handshake_failures)
+            others = [l for l in self._links if l is not link]
+            if others and not all(l.handshake_failures >= self.MAX_HANDSHAKE_FAILURES for l in others):
+                if link.handshake_failures in (1, self.MAX_HANDSHAKE_FAILURES) or link.handshake_failures % 50 == 0:
+                    log.warning("%s refused this container's credentials (%d in a row); asking again",
+                                link.address, link.handshake_failures)
+                return None
+            if others and link.handshake_failures < self.MAX_HANDSHAKE_FAILURES:
                 return None
             why = ("refused this container's credentials (revoked, or never issued by it)"
                    if self.credentials is not None else "refused this container")
