@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 
 from clipper.client import Client
+from clipper.errors import NoModelAvailableError
 from clipper.management.admin_client import AdminClient
+from clipper.management.registry import Application, ModelVersion
 from clipper.rpc import messages as m
-from clipper.security.container_keys import ContainerCredentials, save_credentials
+from clipper.security.container_keys import save_credentials
 
 SOURCE = Path(__file__).resolve().parent / "c_container" / "container.c"
 D, K = 4, 3  # the linear model: inputs of 4 float32, outputs of 3 float64
@@ -227,25 +229,30 @@ def test_a_one_output_model_answers_numbers(frontend, tmp_path, c_container, con
     np.testing.assert_allclose(outs, model(xs)[:, 0], rtol=1e-12)
 
 
-def test_the_c_container_serves_over_the_local_socket_with_plain(frontend, tmp_path, c_container, containers):
-    """The other mechanism of the spec: PLAIN (credential id and password) on the frontend's Unix socket."""
-    frontend.deploy("lin", "row_sum", shape=(D,), replicas=0, max_batch=16)
-    address, mechanism = frontend.fe.rpc.local_endpoint
-    assert mechanism == "plain" and address.startswith("ipc://")
-
-    def issue():  # as the local manager issues its children's credentials
-        grant, secret = frontend.fe.keyring.issue("lin-model", "1", origin="manager", mechanism="plain")
-        return ContainerCredentials.document(grant, secret, None, address)
-
-    save_credentials(tmp_path / "plain.json", frontend.call(issue))
+def test_the_local_manager_runs_the_c_container_as_a_deployment_command(frontend, tmp_path, c_container):
+    """A deployment whose ``command`` is the C container: the frontend's local manager starts it with its
+    credentials in $CLIPPER_CREDENTIALS (PLAIN, on the frontend's Unix socket); a refused one (exit 2) fails
+    the deploy at once with its reason."""
     weights, model = _model(tmp_path)
-    c = containers(c_container, tmp_path / "plain.json", weights)
-    c.wait_for("welcomed by ipc://")
-    frontend.call(frontend.fe.wait_ready("lin-model", "1", replicas=1, timeout_s=30))
-    assert _replicas(frontend)[0]["transport"] == "ipc"
-    x = np.arange(D, dtype=np.float32)
+
+    def deploy(app: str, shape: tuple) -> None:
+        frontend.call(frontend.fe.register_application(Application(app, "float32", shape, slo_ms=10_000.0)))
+        frontend.call(frontend.fe.deploy_model(ModelVersion(
+            f"{app}-model", "1", "float32", list(shape), command=[str(c_container), "--weights", str(weights)],
+            replicas=1, max_batch=16)))
+        frontend.call(frontend.fe.link(app, f"{app}-model"))
+        frontend.call(frontend.fe.wait_ready(f"{app}-model", "1", timeout_s=30))
+
+    deploy("lin", (D,))
+    (stats,) = _replicas(frontend)
+    assert stats["transport"] == "ipc" and stats["pid"] == stats["claimed_pid"]  # the manager knows its pid
+    xs = np.random.default_rng(9).normal(size=(50, D)).astype(np.float32)
     with Client("127.0.0.1", frontend.port) as client:
-        np.testing.assert_allclose(client.predict("lin", x).output, model(x), rtol=1e-12)
+        outs = np.stack([p.output for p in client.predict_many("lin", xs)])
+    np.testing.assert_allclose(outs, model(xs), rtol=1e-12)
+    with pytest.raises(NoModelAvailableError, match=r"exited with code 2 .*rejected it: container expects input "
+                                                    r"shape \[4\]; model five-model:1 is deployed with \[5\]"):
+        deploy("five", (5,))
 
 
 def test_heartbeats_keep_the_c_container_alive_through_a_quiet_spell(frontend, tmp_path, c_container, containers):
