@@ -185,7 +185,7 @@ def _wait(pred, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def test_the_c_container_serves_a_linear_model_end_to_end(frontend, tmp_path, c_container, containers):
+def test_the_c_container_serves_a_linear_model_end_to_end(frontend, tmp_path, c_container, containers, caplog):
     _, doc, creds = _setup(frontend, tmp_path)
     weights, model = _model(tmp_path)
     c = containers(c_container, creds, weights, "--verbose")
@@ -210,10 +210,14 @@ def test_the_c_container_serves_a_linear_model_end_to_end(frontend, tmp_path, c_
     c.wait_until(lambda text: sum(map(int, re.findall(r"batch \d+: (\d+) inputs", text))) == 201, "201 inputs")
     sizes = [int(x) for x in re.findall(r"batch \d+: (\d+) inputs", c.text())]
     assert max(sizes) > 1 and len(sizes) < 201, sizes
-    # SIGTERM: it says C_BYE and the frontend lets it go at once (not at the heartbeat timeout)
+    # SIGTERM: it says C_BYE, and the frontend lets it go for that reason (not because its connection closed)
+    replica_id = stats["replica_id"]
     c.proc.send_signal(signal.SIGTERM)
     assert c.wait() == m.EXIT_OK
-    _wait(lambda: not _replicas(frontend), "the frontend to drop the container that said goodbye", timeout=1.5)
+    _wait(lambda: not _replicas(frontend), "the frontend to drop the container that said goodbye")
+    reasons = [r.getMessage() for r in caplog.records if r.name == "clipper.rpc" and f"<Replica {replica_id} " in
+               r.getMessage()]
+    assert any(msg.endswith(" shut down") for msg in reasons), reasons
 
 
 def test_a_one_output_model_answers_numbers(frontend, tmp_path, c_container, containers):
@@ -274,12 +278,13 @@ def test_heartbeats_keep_the_c_container_alive_through_a_quiet_spell(frontend, t
     assert again not in (b_id, s_id)
     ids = {r["replica_id"]: r for r in _replicas(frontend)}
     assert s_id not in ids, "the frontend kept a container that never beat"
+    assert b_id in ids, f"the frontend dropped the container that beats: {beating.text()}"
     # the one that beats is still the replica it was, heard lately, and heard the frontend's beats
     quiet = ids[b_id]["connected_s"]
     assert quiet * 1000 > timeout_ms * 1.5
     ages = frontend.call(lambda: {r.replica_id: time.monotonic_ns() - r.last_seen_ns
                                   for r in frontend.fe.rpc.all_replicas()})
-    assert ages[b_id] < 3 * interval_ms * 1_000_000
+    assert ages[b_id] < timeout_ms * 1_000_000 / 2
     assert beating.text().count("heartbeat from the frontend") >= timeout_ms // interval_ms
     silent.stop()
     _wait(lambda: [r["replica_id"] for r in _replicas(frontend)] == [b_id], "the silent container to be dropped",
