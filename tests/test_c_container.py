@@ -10,6 +10,7 @@ scripts/test.sh installs them (libzmq3-dev, libmsgpack-dev or libmsgpack-c-dev).
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import signal
@@ -211,6 +212,7 @@ def test_the_c_container_serves_a_linear_model_end_to_end(frontend, tmp_path, c_
     assert max(sizes) > 1 and len(sizes) < 201, sizes
     # SIGTERM: it says C_BYE, and the frontend lets it go for that reason (not because its connection closed)
     replica_id = stats["replica_id"]
+    caplog.set_level(logging.INFO, logger="clipper.rpc")  # a goodbye is logged at INFO: a stop on purpose
     c.proc.send_signal(signal.SIGTERM)
     assert c.wait() == m.EXIT_OK
     _wait(lambda: not _replicas(frontend), "the frontend to drop the container that said goodbye")

@@ -97,8 +97,10 @@ VECTORS = [
      "payload": nd("<f4", [2, 3], [2, 0, 255, 3, 112, 103]),
      "description": "The answer to batch 9: a float32 vector of 3 per input (output i is row i)."},
     {"name": "f_batch_mp", "type": "F_BATCH", "header": [2, 10, 2, "mp", None],
-     "payload": {"mp": [[1, 2, 3], {"$ndarray": {"dtype": "<f4", "shape": [2], "values": [0.5, 1.5]}}]},
-     "description": "Batch 10: inputs that are neither one numpy dtype nor bytes/str travel as one msgpack array."},
+     "payload": {"mp": [{"$ndarray": {"dtype": "<f4", "shape": [2], "values": [0.5, 1.5]}},
+                        {"$ndarray": {"dtype": "<f4", "shape": [3], "values": [1, 2, 3]}}]},
+     "description": "Batch 10, for a model deployed with input shape [-1] (a dimension of any length): two "
+                    "float32 vectors of different lengths, as one msgpack array of EXT_NDARRAY arrays."},
     {"name": "c_result_mp", "type": "C_RESULT", "header": [3, 10, 2, "mp", None],
      "payload": {"mp": ["cat", {"p": 0.25, "label": 3}]},
      "description": "The answer to batch 10 as a msgpack array of 2 outputs (any msgpack values)."},
