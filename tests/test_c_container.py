@@ -11,6 +11,7 @@ scripts/test.sh installs them (libzmq3-dev, libmsgpack-dev or libmsgpack-c-dev).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import signal
@@ -82,9 +83,10 @@ def c_container(tmp_path_factory) -> Path:
 class CContainer:
     """The C container as a child process; its stderr lines, as they come, for the test to wait on."""
 
-    def __init__(self, binary: Path, credentials: Path, weights: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen([str(binary), "--credentials", str(credentials), "--weights", str(weights),
-                                      *extra], stderr=subprocess.PIPE, text=True)
+    def __init__(self, binary: Path, credentials: Path | None, weights: Path, *extra: str, env=None) -> None:
+        creds = ["--credentials", str(credentials)] if credentials is not None else []
+        self.proc = subprocess.Popen([str(binary), *creds, "--weights", str(weights), *extra], stderr=subprocess.PIPE,
+                                     text=True, env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -143,8 +145,8 @@ class CContainer:
 def containers():
     made: list[CContainer] = []
 
-    def start(*args) -> CContainer:
-        c = CContainer(*args)
+    def start(*args, **kw) -> CContainer:
+        c = CContainer(*args, **kw)
         made.append(c)
         return c
 
@@ -224,7 +226,8 @@ def test_the_c_container_serves_a_linear_model_end_to_end(frontend, tmp_path, c_
 def test_a_one_output_model_answers_numbers(frontend, tmp_path, c_container, containers):
     _, _, creds = _setup(frontend, tmp_path)
     weights, model = _model(tmp_path, k=1, seed=11)
-    c = containers(c_container, creds, weights)
+    # its credentials named by $CLIPPER_CREDENTIALS_FILE this time (as the Kubernetes manager names its Secret)
+    c = containers(c_container, None, weights, env={"CLIPPER_CREDENTIALS_FILE": str(creds)})
     c.wait_for("welcomed by")
     frontend.call(frontend.fe.wait_ready("lin-model", "1", replicas=1, timeout_s=30))
     xs = np.random.default_rng(5).normal(size=(20, D)).astype(np.float32)

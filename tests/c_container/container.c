@@ -10,9 +10,10 @@
  *             [--frontend ADDR] [--verbose] [--no-heartbeat]
  *
  * The credentials file is the JSON `clipper container-credentials` writes
- * (mechanism curve, plain or none); without --credentials, the document is
- * read from $CLIPPER_CREDENTIALS (how the frontend's local manager hands it
- * to a deployment's `command`), which is then removed from the environment.
+ * (mechanism curve, plain or none); without --credentials, the file named by
+ * $CLIPPER_CREDENTIALS_FILE (the Kubernetes manager's), else the document in
+ * $CLIPPER_CREDENTIALS (how the local manager hands it to a deployment's
+ * `command`); both are then removed from the environment.
  * The frontend's address: --frontend, else the credentials' "frontend", else
  * $CLIPPER_FRONTEND (its first address), else tcp://127.0.0.1:7000. The weights file is text: "k d", then the
  * k*d entries of W row by row, then the k entries of b.
@@ -309,9 +310,18 @@ static int load_credentials(const char *path, creds_t *c) {
     if (path) {
         text = read_file(path, &len);
         if (!text) { say("cannot read the credentials file %s: %s", path, strerror(errno)); return -1; }
+    } else if (getenv("CLIPPER_CREDENTIALS_FILE")) {  /* the Kubernetes manager's Secret, mounted */
+        static char from_env[4096];
+        snprintf(from_env, sizeof from_env, "%s", getenv("CLIPPER_CREDENTIALS_FILE"));
+        unsetenv("CLIPPER_CREDENTIALS_FILE");
+        unsetenv("CLIPPER_CREDENTIALS");
+        return load_credentials(from_env, c);
     } else {
         const char *env = getenv("CLIPPER_CREDENTIALS");
-        if (!env) { say("no credentials: give --credentials FILE (or $CLIPPER_CREDENTIALS)"); return -1; }
+        if (!env) {
+            say("no credentials: give --credentials FILE (or $CLIPPER_CREDENTIALS_FILE, $CLIPPER_CREDENTIALS)");
+            return -1;
+        }
         text = strdup(env);
         len = strlen(text);
         unsetenv("CLIPPER_CREDENTIALS");  /* the model's code and its children do not inherit it */
