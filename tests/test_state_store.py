@@ -813,3 +813,45 @@ def test_redis_killed_and_restarted_under_load_queries_go_on_and_management_catc
         bad = [r for r in got if r != 4]
         assert not bad, f"{name}: {len(bad)} of {len(got)} queries not answered by the model: {bad[:3]}"
     assert isinstance(b.call(lambda: b.fe.registry.applications["later"]), Application)
+
+
+def test_a_frontend_that_does_not_know_the_model_yet_is_asked_again(frontend_factory):
+    """A container serving two frontends, one of which does not know its model yet (a frontend of the group
+    still catching up with the store) and rejects it: the container keeps serving the other and says hello
+    again, backing off, until the late one has the model; then it serves both.
+
+    Catches: a container that gives up on a frontend at its first rejection (the late frontend never gets
+    the replica), or that exits because one of its frontends refused it."""
+    import subprocess
+    import sys
+
+    from clipper.management.registry import Application, ModelVersion
+
+    a = frontend_factory(rpc_security="none")
+    b = frontend_factory(rpc_security="none")
+    for fe in (a, b):
+        fe.call(fe.fe.register_application(Application("late", "float32", [4], slo_ms=20_000)))
+    a.call(a.fe.deploy_model(ModelVersion("lm", "1", "float32", [4], replicas=0)))
+    a.call(a.fe.link("late", "lm"))
+    proc = subprocess.Popen([sys.executable, "-m", "clipper.container", "model_zoo.py:row_sum", "--name", "lm",
+                             "--version", "1", "--frontend", f"tcp://127.0.0.1:{a.fe.rpc_port}",
+                             "--frontend", f"tcp://127.0.0.1:{b.fe.rpc_port}"],
+                            cwd=a.fe.base_dir, stderr=subprocess.PIPE, text=True)
+    try:
+        a.call(a.fe.wait_ready("lm", "1", timeout_s=60))
+        deadline = time.monotonic() + 60
+        while b.call(lambda: b.fe.rpc.rejected) < 1:  # b refused its hello: it does not know lm:1
+            assert time.monotonic() < deadline, "b never heard from the container"
+            time.sleep(0.02)
+        b.call(b.fe.deploy_model(ModelVersion("lm", "1", "float32", [4], replicas=0)))  # b learns the model
+        b.call(b.fe.link("late", "lm"))
+        b.call(b.fe.wait_ready("lm", "1", timeout_s=60))
+        x = np.array([1, 2, 3, 4], np.float32)
+        for fe in (a, b):
+            with Client("127.0.0.1", fe.port) as c:
+                assert c.predict("late", x).output == pytest.approx(10.0)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "rejected it" in err  # b did refuse it first

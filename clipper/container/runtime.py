@@ -169,7 +169,7 @@ class _Link:
     """One frontend this container serves: its socket and what it has heard from it."""
 
     __slots__ = ("address", "sock", "monitor", "handshake_failures", "last_heard", "next_beat", "interval",
-                 "timeout", "replica_id", "lost")
+                 "timeout", "replica_id", "lost", "rejections", "retry_at")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -181,6 +181,8 @@ class _Link:
         self.timeout = 5.0
         self.replica_id = None
         self.lost = False  # silent past its timeout (only counted under exit_on_frontend_loss)
+        self.rejections = 0  # F_REJECTs in a row while other frontends took this container
+        self.retry_at = 0.0  # (its socket closed) when to say hello again
 
 
 def split_frontends(frontend) -> list[str]:
@@ -429,6 +431,8 @@ class ContainerRuntime:
         poller = zmq.Poller()
         owner = {}
         for link in self._links:
+            if link.sock is None:  # refused for now: asked again at retry_at
+                continue
             poller.register(link.sock, zmq.POLLIN)
             owner[link.sock] = link
             if link.monitor is not None:
@@ -446,7 +450,8 @@ class ContainerRuntime:
                 self._poller, owner = self._make_poller()
             links = self._links
             now = time.monotonic()
-            timeout_ms = max(0, int((min(l.next_beat for l in links) - now) * 1000)) + 1
+            timeout_ms = max(0, int((min(l.next_beat if l.sock is not None else l.retry_at for l in links) - now)
+                                    * 1000)) + 1
             ready = self._poller.poll(timeout_ms)
             if len(links) > 1 and len(ready) > 1:
                 turn = (turn + 1) % len(ready)
@@ -472,6 +477,8 @@ class ContainerRuntime:
             now = time.monotonic()
             for link in list(self._links):
                 if link.sock is None:
+                    if now >= link.retry_at:
+                        self._connect(link)
                     continue
                 if now >= link.next_beat:
                     try:  # never wait on one frontend (its queue full while it is away): the others go on
@@ -510,6 +517,7 @@ class ContainerRuntime:
             self.batches_done += 1
         elif kind == m.F_WELCOME:
             link.replica_id = header[1]
+            link.rejections = 0
             opts = header[2]
             link.interval = opts.get("heartbeat_interval_ms", 1000) / 1000
             link.timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
@@ -521,6 +529,13 @@ class ContainerRuntime:
         elif kind == m.F_REJECT:
             print(f"clipper container {self.name}:{self.version}: frontend {link.address} rejected it: {header[1]}",
                   file=sys.stderr, flush=True)
+            if any(l.sock is not None and l is not link for l in self._links):
+                # Others take it: this one may not know the model yet (a frontend of the group that is still
+                # catching up with the store). Say hello again later, backing off to 30 s.
+                link.rejections += 1
+                self._close(link)
+                link.retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** (link.rejections - 1))
+                return None
             return self._drop(link, m.EXIT_REJECTED)
         elif kind == m.F_REHELLO:
             self._reconnect(link)
