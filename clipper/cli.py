@@ -63,7 +63,6 @@ def _start_config(args):
         cfg.rpc_ipc_dir = args.rpc_ipc_dir
     if args.no_admin:
         cfg.admin_port = None
-    cfg.__post_init__()  # the values from the command line are checked as the file's are
     return cfg, spec
 
 
