@@ -447,16 +447,21 @@ cpdef bytearray assemble_arrays(list inputs, int ndim):
     """Numpy arrays of one dtype and ``ndim`` dimensions but any shapes, as one buffer (the ``"vl"``
     encoding of arrays, clipper/rpc/messages.py): ``len(inputs) + 1`` little-endian uint64 byte
     offsets into the data, then each item's shape (``ndim`` little-endian uint64 each), then the
-    data, each item C-contiguous. Each item is copied once."""
+    data, each item in C order. Each item is copied once (a non-contiguous one twice)."""
     cdef Py_ssize_t count = len(inputs), i, k, total = 0
     cdef Py_ssize_t head = (count + 1) * 8 + count * ndim * 8
-    cdef Py_buffer pybuf
     cdef cnp.ndarray x
+    cdef bint copied = False
     for i in range(count):
         x = inputs[i]
-        if cnp.PyArray_NDIM(x) != ndim or not cnp.PyArray_IS_C_CONTIGUOUS(x):
-            raise ValueError(f"item {i} of an array batch has {cnp.PyArray_NDIM(x)} dimensions (expected {ndim}) "
-                             f"or is not C-contiguous")
+        if cnp.PyArray_NDIM(x) != ndim:
+            raise ValueError(f"item {i} of an array batch has {cnp.PyArray_NDIM(x)} dimensions; expected {ndim}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(x):  # (inputs are contiguous as checked; a caller's may not be)
+            if not copied:
+                inputs = list(inputs)  # (the caller's list is left as it was)
+                copied = True
+            x = cnp.PyArray_GETCONTIGUOUS(x)
+            inputs[i] = x
         total += cnp.PyArray_NBYTES(x)
     cdef bytearray out = PyByteArray_FromStringAndSize(NULL, head + total)
     cdef char* base = PyByteArray_AS_STRING(out)

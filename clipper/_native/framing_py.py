@@ -212,10 +212,10 @@ def assemble_arrays(inputs: list, ndim: int) -> bytearray:
     each item's shape (``ndim`` little-endian uint64 each), then the data. Each item is copied once."""
     offsets = [0]
     dims: list[int] = []
+    inputs = [np.ascontiguousarray(x) for x in inputs]
     for i, x in enumerate(inputs):
-        if x.ndim != ndim or not x.flags.c_contiguous:
-            raise ValueError(f"item {i} of an array batch has {x.ndim} dimensions (expected {ndim}) "
-                             f"or is not C-contiguous")
+        if x.ndim != ndim:
+            raise ValueError(f"item {i} of an array batch has {x.ndim} dimensions; expected {ndim}")
         offsets.append(offsets[-1] + x.nbytes)
         dims.extend(x.shape)
     out = bytearray(struct.pack(f"<{len(offsets)}Q", *offsets))
