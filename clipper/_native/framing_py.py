@@ -283,6 +283,116 @@ def judge_list(x: list, shape: tuple, itemsize: int, max_bytes: int, int_app: bo
     s = _ListScan()
     if not s.walk(x, 0):
         return (NEST_INVALID, 0)
+    return _verdict(s, tuple(shape), itemsize, max_bytes, int_app)
+
+
+_SKIP_DEPTH = 64
+_FIXED = {0xCC: 1, 0xD0: 1, 0xCD: 2, 0xD1: 2, 0xCE: 4, 0xD2: 4, 0xCF: 8, 0xD3: 8}
+
+
+class _Undecided(Exception):
+    pass
+
+
+def _skip(p, n: int, pos: int, depth: int) -> int:
+    """The position after the msgpack value at ``pos`` (a value that is not a number: skipped whole)."""
+    if pos >= n or depth > _SKIP_DEPTH:
+        raise _Undecided
+    b = p[pos]
+    size = items = 0
+    if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+        return pos + 1
+    if 0xA0 <= b <= 0xBF:
+        size, pos = b & 0x1F, pos + 1
+    elif 0x80 <= b <= 0x8F:
+        items, pos = 2 * (b & 0x0F), pos + 1
+    elif 0x90 <= b <= 0x9F:
+        items, pos = b & 0x0F, pos + 1
+    elif b in _FIXED or b in (0xCA, 0xCB):
+        size, pos = _FIXED.get(b, 4 if b == 0xCA else 8), pos + 1
+    elif b in (0xD9, 0xC4, 0xDA, 0xC5, 0xDB, 0xC6, 0xC7, 0xC8, 0xC9):
+        k = {0xD9: 1, 0xC4: 1, 0xC7: 1, 0xDA: 2, 0xC5: 2, 0xC8: 2}.get(b, 4)
+        if pos + 1 + k > n:
+            raise _Undecided
+        size = int.from_bytes(p[pos + 1:pos + 1 + k], "big") + (1 if b in (0xC7, 0xC8, 0xC9) else 0)
+        pos += 1 + k
+    elif 0xD4 <= b <= 0xD8:
+        size, pos = 1 + (1 << (b - 0xD4)), pos + 1
+    elif b in (0xDC, 0xDE, 0xDD, 0xDF):
+        k = 2 if b in (0xDC, 0xDE) else 4
+        if pos + 1 + k > n:
+            raise _Undecided
+        items = int.from_bytes(p[pos + 1:pos + 1 + k], "big") * (2 if b in (0xDE, 0xDF) else 1)
+        pos += 1 + k
+    else:
+        raise _Undecided  # 0xc1: never used
+    if size > n - pos:
+        raise _Undecided
+    pos += size
+    for _ in range(items):
+        pos = _skip(p, n, pos, depth + 1)
+    return pos
+
+
+def _canonical_byte(b: int) -> int:
+    if 0xA0 <= b <= 0xBF or 0xD9 <= b <= 0xDB:
+        return 0xA0
+    if 0xC4 <= b <= 0xC6:
+        return 0xC4
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        return 0x80
+    return 0xC0 if b == 0xC0 else 0xC7
+
+
+class _Deep(Exception):
+    pass
+
+
+def _scan(p, n: int, pos: int, depth: int, s: _ListScan) -> int:
+    if pos >= n:
+        raise _Undecided
+    b = p[pos]
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        if depth >= MAX_NEST_DIMS:
+            raise _Deep
+        if b == 0xDC or b == 0xDD:
+            k = 2 if b == 0xDC else 4
+            if pos + 1 + k > n:
+                raise _Undecided
+            length, pos = int.from_bytes(p[pos + 1:pos + 1 + k], "big"), pos + 1 + k
+        else:
+            length, pos = b & 0x0F, pos + 1
+        if depth < len(s.dims):
+            if length != s.dims[depth]:
+                s.ragged = True
+        else:
+            s.dims.append(length)
+        s.max_arr_depth = max(s.max_arr_depth, depth)
+        for _ in range(length):
+            pos = _scan(p, n, pos, depth + 1, s)
+        return pos
+    if s.leaf_depth < 0:
+        s.leaf_depth = depth
+    elif s.leaf_depth != depth:
+        s.ragged = True
+    s.values += 1
+    if b <= 0x7F or b >= 0xE0 or b in (0xC2, 0xC3):
+        return pos + 1
+    if b in (0xCA, 0xCB):
+        s.has_float = True
+        pos += 5 if b == 0xCA else 9
+    elif b in _FIXED:
+        pos += 1 + _FIXED[b]
+    else:
+        if s.nonnum < 0:
+            s.nonnum = _canonical_byte(b)
+        return _skip(p, n, pos, depth)
+    if pos > n:
+        raise _Undecided
+    return pos
+
+
+def _verdict(s: _ListScan, shape: tuple, itemsize: int, max_bytes: int, int_app: bool):
     if s.values > max_bytes // itemsize:
         return (NEST_TOO_LARGE, s.values)
     if s.ragged or (s.leaf_depth >= 0 and s.max_arr_depth >= s.leaf_depth):
@@ -298,23 +408,21 @@ def judge_list(x: list, shape: tuple, itemsize: int, max_bytes: int, int_app: bo
 
 
 def check_nested(body, offset: int, shape: tuple, itemsize: int, max_bytes: int, int_app: bool):
-    """Judge the list input (a msgpack array) at ``offset`` of ``body`` by the rules of
-    docs/protocol.md section 4 in their order: None when it passes, else ``(verdict, detail)``
-    (201 too deep (0) or ragged (1); 205 too large (the number of values); 203 not a number or a
-    float for ``int_app`` (a msgpack type byte); 204 another shape (the list's shape); 0
-    undecidable: the decoder judges the frame). The twin decodes the value and judges it as
-    :func:`judge_list` does."""
-    import msgpack
-
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(body), 1))
-    unpacker.feed(bytes(memoryview(body)[offset:]))
+    """Judge the list input (a msgpack array) at ``offset`` of ``body`` without building it, by the
+    rules of docs/protocol.md section 4 in their order: None when it passes, else ``(verdict,
+    detail)`` (201 too deep (0) or ragged (1); 205 too large (the number of values); 203 not a number
+    or a float for ``int_app`` (a msgpack type byte); 204 another shape (the list's shape); 0
+    undecidable here: the decoder judges the frame). The same verdict as :func:`judge_list` gives the
+    decoded list."""
+    p = memoryview(body).cast("B")
+    s = _ListScan()
     try:
-        x = unpacker.unpack()
-    except Exception:
+        _scan(p, len(p), offset, 0, s)
+    except _Deep:
+        return (NEST_INVALID, 0)
+    except _Undecided:
         return (NEST_UNDECIDED, 0)
-    if type(x) is not list:
-        return (NEST_UNDECIDED, 0)
-    return judge_list(x, tuple(shape), itemsize, max_bytes, int_app)
+    return _verdict(s, tuple(shape), itemsize, max_bytes, int_app)
 
 
 def request_head(body):
