@@ -4,11 +4,11 @@ in-flight ids, HELLO, the pending limit, FEEDBACK labels per output kind."""
 
 from __future__ import annotations
 
+import http.client as httpc
 import importlib
 import json
 import random
 
-import http.client as httpc
 import numpy as np
 import pytest
 

@@ -237,7 +237,7 @@ _TYPE_BYTE = {str: 0xA0, bytes: 0xC4, type(None): 0xC0, dict: 0x80}
 
 
 class _ListScan:
-    __slots__ = ("values", "dims", "leaf_depth", "max_arr_depth", "nonnum", "has_float", "ragged", "too_deep")
+    __slots__ = ("dims", "has_float", "leaf_depth", "max_arr_depth", "nonnum", "ragged", "too_deep", "values")
 
     def __init__(self) -> None:
         self.values = 0
@@ -256,8 +256,7 @@ class _ListScan:
                     self.ragged = True
             else:
                 self.dims.append(len(v))
-            if depth > self.max_arr_depth:
-                self.max_arr_depth = depth
+            self.max_arr_depth = max(self.max_arr_depth, depth)
             for item in v:
                 if not self.walk(item, depth + 1):
                     return False
@@ -270,9 +269,8 @@ class _ListScan:
         t = type(v)
         if t is float or isinstance(v, np.floating):
             self.has_float = True
-        elif not (t is int or t is bool or isinstance(v, (np.integer, np.bool_))):
-            if self.nonnum < 0:
-                self.nonnum = _TYPE_BYTE.get(t, 0xC7)  # (an ndarray or an extension value: 0xc7, as ext 8)
+        elif not (t is int or t is bool or isinstance(v, (np.integer, np.bool_))) and self.nonnum < 0:
+            self.nonnum = _TYPE_BYTE.get(t, 0xC7)  # (an ndarray or an extension value: 0xc7, as ext 8)
         return True
 
 

@@ -469,9 +469,8 @@ class AppRoute:
         elif t is float:
             if (kind == "number" or kind == "auto") and math.isfinite(label):
                 return
-        elif (t is list or t is np.ndarray) and (kind == "vector" or kind == "auto"):
-            if self._finite_vector(label):
-                return
+        elif (t is list or t is np.ndarray) and (kind == "vector" or kind == "auto") and self._finite_vector(label):
+            return
         want = {"label": "a class (an integer or a str)", "probabilities": "a class index (an integer >= 0)",
                 "number": "a finite number", "vector": f"a vector of 1 to {self.max_input_bytes // 8} finite numbers",
                 "auto": "a class (an integer or a str), a finite number, or a vector of finite numbers"}[kind]
