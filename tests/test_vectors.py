@@ -172,7 +172,8 @@ def test_every_message_type_and_required_case_is_covered():
             "hello_ok_authenticated", "error_unauthenticated", "error_permission_denied",
             # one per rule of the spec that a client once had to guess (issue 12)
             "error_ragged", "error_dtype_before_shape", "error_too_large", "error_ndim_limit",
-            "error_hello_without_versions", "error_hello_again", "error_duplicate_id", "error_invalid_label"} <= names
+            "error_hello_without_versions", "error_hello_again", "error_duplicate_id", "error_pending_limit",
+            "error_invalid_label"} <= names
     for v in VECTORS:
         if "answers" in v:
             assert v["answers"] in names and v["type"] == "ERROR"
@@ -201,25 +202,39 @@ def test_generator_is_deterministic_and_up_to_date():
 
 
 # ------------------------------------------------------------------ the replies a live server gives
-LIVE_CONTEXT = "application 'digits': float32, shape [2, 2], output_kind auto, a model that answers in 0.5 s; " \
-    "max_input_bytes = 64; the connection's first HELLO was answered HELLO_OK"
+# The setting of the vectors that answer a request: application 'digits' (float32, shape [2, 2], output_kind
+# auto) whose model answers in 0.5 s; max_input_bytes = 64 and max_pending_per_connection = 1; the connection's
+# first HELLO was answered HELLO_OK. The replies in WHILE_ONE_IS_PENDING are sent while request 1 (vector
+# predict_list_1) awaits its reply; the others once it is answered.
+WHILE_ONE_IS_PENDING = {"error_duplicate_id", "error_pending_limit"}
 
 
 def test_reply_vectors_are_what_a_live_server_answers(frontend_factory, wire_conn):
     """Catches: the server and the written rules disagreeing (which error wins when several apply, HELLO,
-    duplicate ids, labels, ndim): each reply vector that "answers" a request is what a live server (native
-    fast paths included) sends for exactly that request's bytes -- same id, code and name."""
-    fe = frontend_factory(max_input_bytes=64)
+    duplicate ids, the pending limit, labels, ndim): each reply vector that "answers" a request is what a
+    live server (native fast paths included) sends for exactly that request's bytes -- same id, code and
+    name."""
+    fe = frontend_factory(max_input_bytes=64, max_pending_per_connection=1)
     fe.deploy("digits", "row_sum_after_sleep", dtype="float32", shape=(2, 2), env={"CLIPPER_TEST_SLEEP_S": "0.5"})
     by_name = {v["name"]: v for v in VECTORS}
+    replies = [v for v in VECTORS if "answers" in v]
+    assert WHILE_ONE_IS_PENDING <= {v["name"] for v in replies}
     c = wire_conn(fe.port)
     c.send(wire.hello(0))
     assert c.recv(1)[0][0] == wire.HELLO_OK
-    c.send_raw(frame_bytes(by_name["predict_list_1"]))  # in flight for half a second: its id is held
-    for reply in [v for v in VECTORS if "answers" in v]:
+
+    def check(reply):
         c.send_raw(frame_bytes(by_name[reply["answers"]]))
         got = c.recv(1)[0]
         f = reply["fields"]
         assert got[:4] == [wire.ERROR, f["id"], f["code"], f["name"]], (reply["name"], got)
+
+    c.send_raw(frame_bytes(by_name["predict_list_1"]))  # in flight for half a second: its id is held
+    for reply in replies:
+        if reply["name"] in WHILE_ONE_IS_PENDING:
+            check(reply)
     first = c.recv(1)[0]
     assert first[:2] == [wire.RESULT, 1] and first[3] == 10.0  # the earlier request 1 got its own answer
+    for reply in replies:
+        if reply["name"] not in WHILE_ONE_IS_PENDING:
+            check(reply)

@@ -493,6 +493,23 @@ VECTORS = [
         "RESULT later (section 6).",
     },
     {
+        "name": "feedback_over_pending_limit",
+        "direction": CLIENT_TO_SERVER,
+        "type": "FEEDBACK",
+        "fields": {"id": 27, "app": "digits", "input": [[1, 2], [3, 4]], "label": 3},
+        "description": "Feedback sent while the connection already has max_pending_per_connection requests "
+        "awaiting replies (here 1: the PREDICT of vector predict_list_1).",
+    },
+    {
+        "name": "error_pending_limit",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "feedback_over_pending_limit",
+        "fields": {"id": 27, "code": 105, "name": "LIMIT_EXCEEDED",
+                   "message": "1 requests are pending on this connection; max_pending_per_connection is 1"},
+        "description": "FEEDBACK counts against max_pending_per_connection as PREDICT does (section 6).",
+    },
+    {
         "name": "feedback_nil_label",
         "direction": CLIENT_TO_SERVER,
         "type": "FEEDBACK",
