@@ -236,9 +236,14 @@ cdef class IdSet:
         return True
 
     def __contains__(self, key) -> bool:
-        if type(key) is not int or key < 0 or key >> 64:
+        cdef uint64_t k
+        if type(key) is not int:
             return False
-        return self.has(<uint64_t>key)
+        try:
+            k = key  # (no allocation; an int below 0 or past 2**64 - 1 is no request id)
+        except OverflowError:
+            return False
+        return self.has(k)
 
     def __len__(self) -> int:
         return self._len
