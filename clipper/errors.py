@@ -28,6 +28,8 @@ __all__ = [
     "DTypeMismatchError",
     "ShapeMismatchError",
     "InputTooLargeError",
+    "InvalidLabelError",
+    "DuplicateRequestIdError",
     "InvalidConfigError",
     "UnknownModelError",
     "AuthenticationError",
@@ -128,6 +130,14 @@ class LimitExceededError(ProtocolError, ValueError):
     name = "LIMIT_EXCEEDED"
 
 
+class DuplicateRequestIdError(ProtocolError, ValueError):
+    """A request reuses the id of a PREDICT or FEEDBACK still awaiting its reply on the same
+    connection. The earlier request is unaffected (it still gets its own reply)."""
+
+    code = 106
+    name = "DUPLICATE_REQUEST_ID"
+
+
 class InvalidInputError(RequestError, ValueError):
     """The query input is not acceptable for the application."""
 
@@ -161,6 +171,15 @@ class InputTooLargeError(InvalidInputError):
 
     code = 205
     name = "INPUT_TOO_LARGE"
+
+
+class InvalidLabelError(InvalidInputError):
+    """A FEEDBACK label does not fit the application's output kind (a class for ``label``, a finite
+    number for ``number``, a class index for ``probabilities``, a vector of finite numbers for
+    ``vector``)."""
+
+    code = 212
+    name = "INVALID_LABEL"
 
 
 class InvalidConfigError(RequestError, ValueError):

@@ -138,3 +138,14 @@ def as_json_text(batch):
     import json
 
     return [json.dumps({"n": len(x), "ok": True}) for x in batch]
+
+
+def varlen_probe(batch):
+    """A batch of arrays of any shape: per item, "<batch type> <dtype> <shape> <view|copy> <sum>"; "view" when
+    every item of the batch is a view (it owns no data) and they lie back to back in one buffer (the "vl"
+    payload, nothing copied per item)."""
+    addrs = [x.__array_interface__["data"][0] for x in batch]
+    back_to_back = all(addrs[i] + batch[i].nbytes == addrs[i + 1] for i in range(len(batch) - 1))
+    return [f"{type(batch).__name__} {x.dtype} {list(x.shape)} "
+            f"{'view' if back_to_back and not x.flags.owndata else f'copy({back_to_back},{x.flags.owndata})'} {float(x.sum())}"
+            for x in batch]

@@ -46,3 +46,51 @@ def test_variable_inputs_are_bounded_by_max_input_bytes(frontend_factory):
             c.predict("vsum", np.ones(101))
         with pytest.raises(E.InputTooLargeError):
             c.predict("vsum", [1.0] * 101)
+
+
+# ------------------------------------------------------------------ batches of such inputs: one buffer ("vl")
+def test_array_batches_are_one_buffer_of_offsets_shapes_and_data():
+    """Catches: the native and pure assemblers disagreeing, or the container's split copying or misplacing
+    an item (each must be a read-only view of the one payload, back to back)."""
+    import importlib
+
+    from clipper._native import framing_py
+    from clipper.container.runtime import split_arrays
+
+    native = importlib.import_module("clipper._native._framing")
+    items = [np.arange(n * 3, dtype="<f4").reshape(n, 3) for n in (2, 0, 5, 1)]
+    items.append(np.arange(12, dtype="<f4").reshape(3, 4)[:, :3])  # not contiguous: sent in C order
+    buf = native.assemble_arrays(items, 2)
+    assert bytes(buf) == bytes(framing_py.assemble_arrays(items, 2))
+    offsets = np.frombuffer(buf, "<u8", count=6)
+    assert list(offsets) == [0, 24, 24, 84, 96, 132]
+    assert list(np.frombuffer(buf, "<u8", count=10, offset=48)) == [2, 3, 0, 3, 5, 3, 1, 3, 3, 3]
+    payload = bytes(buf)
+    out = split_arrays(payload, 5, "<f4", 2)
+    for x, got in zip(items, out):
+        assert got.shape == x.shape and np.array_equal(got, x) and not got.flags.writeable
+        assert np.shares_memory(got, np.frombuffer(payload, np.uint8)) or got.size == 0
+    for bad in (payload[:-4], payload + b"\0\0\0\0", payload[:40]):
+        with pytest.raises(ValueError):
+            split_arrays(bad, 5, "<f4", 2)
+    with pytest.raises(ValueError):
+        split_arrays(payload, 5, "<f8", 2)  # the shapes then need other lengths
+    with pytest.raises(ValueError):
+        split_arrays(payload, 5, "object", 2)
+
+
+@pytest.mark.parametrize("shape, xs", [
+    ((-1,), [np.arange(n, dtype=np.float32) for n in (3, 1, 0, 7, 2)]),
+    ((-1, 3), [np.ones((n, 3), dtype=np.float32) * n for n in (1, 4, 2)]),
+    ((2, -1, -1), [np.ones((2, a, b), dtype=np.float32) for a, b in ((1, 1), (3, 2), (0, 5))]),
+])
+def test_variable_arrays_reach_the_model_as_views_of_one_buffer(frontend, shape, xs):
+    """Catches: variable-length batches still travelling as a msgpack list (each item decoded into an array
+    of its own), or items reaching the model with the wrong shape: a real container gets a list of numpy
+    views lying back to back in the one payload."""
+    frontend.deploy("probe", "varlen_probe", dtype="float32", shape=shape, max_batch=16, batch_delay_ms=20.0,
+                    cache=False)
+    with Client("127.0.0.1", frontend.port) as c:
+        outs = [p.output for p in c.predict_many("probe", xs)]
+    for x, out in zip(xs, outs):
+        assert out == f"list float32 {list(x.shape)} view {float(x.sum())}", out

@@ -8,12 +8,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 import clipper._native.framing_py as framing_py
 from clipper.config import Limits
-from clipper.errors import error_for_code
+from clipper.errors import ClipperError, error_for_code
 from clipper.protocol import wire
 
 
@@ -33,6 +34,8 @@ def _load_generator():
 
 def to_python(value):
     """Tagged JSON (see vectors.json "format") -> the value the codec takes."""
+    if isinstance(value, dict) and set(value) == {"$ext"}:
+        return msgpack.ExtType(value["$ext"]["type"], bytes.fromhex(value["$ext"]["hex"]))
     if isinstance(value, dict):
         if set(value) == {"$ndarray"}:
             spec = value["$ndarray"]
@@ -70,6 +73,8 @@ def build_with_wire(vector) -> list:
     """The message made by the wire module's builder for its type."""
     f = {k: to_python(v) for k, v in vector["fields"].items()}
     kind = vector["type"]
+    if kind == "HELLO" and "versions" not in f["info"]:
+        return [wire.HELLO, f["id"], f["info"]]  # (a malformed HELLO: the builder always sends versions)
     if kind == "HELLO":
         return wire.hello(f["id"], f["info"]["versions"], f["info"]["client"], f["info"].get("api_key"))
     if kind == "PREDICT":
@@ -137,6 +142,11 @@ def test_decoding_gives_the_message(vector, impl):
     reader = impl.FrameReader(wire.DecodeLimits().max_frame_bytes)
     bodies = reader.feed(frame_bytes(vector))
     assert len(bodies) == 1 and reader.buffered == 0
+    if "decode_error" in vector:  # a frame the decoder refuses, with that code
+        with pytest.raises(ClipperError) as info:
+            wire.make_unpacker()(bytes(bodies[0]))
+        assert info.value.code == vector["decode_error"]
+        return
     decoded = wire.make_unpacker()(bytes(bodies[0]))
     assert_same(decoded, to_python(vector["message"]))
 
@@ -159,7 +169,14 @@ def test_every_message_type_and_required_case_is_covered():
     names = set(IDS)
     assert {"predict_ndarray_f4", "predict_list", "predict_bytes", "predict_options", "result_scalar",
             "result_ndarray", "result_default", "error_with_id", "error_nil_id", "hello_api_key",
-            "hello_ok_authenticated", "error_unauthenticated", "error_permission_denied"} <= names
+            "hello_ok_authenticated", "error_unauthenticated", "error_permission_denied",
+            # one per rule of the spec that a client once had to guess (issue 12)
+            "error_ragged", "error_dtype_before_shape", "error_too_large", "error_ndim_limit",
+            "error_hello_without_versions", "error_hello_again", "error_duplicate_id", "error_pending_limit",
+            "error_invalid_label"} <= names
+    for v in VECTORS:
+        if "answers" in v:
+            assert v["answers"] in names and v["type"] == "ERROR"
     assert next(v for v in VECTORS if v["name"] == "error_nil_id")["fields"]["id"] is None
 
 
@@ -182,3 +199,42 @@ def test_generator_is_deterministic_and_up_to_date():
     assert first == second
     on_disk = {p.name: p.read_bytes() for p in VECTORS_DIR.iterdir() if p.suffix in (".bin", ".json")}
     assert first == on_disk, "run `python tests/vectors/make_vectors.py` and commit the result"
+
+
+# ------------------------------------------------------------------ the replies a live server gives
+# The setting of the vectors that answer a request: application 'digits' (float32, shape [2, 2], output_kind
+# auto) whose model answers in 0.5 s; max_input_bytes = 64 and max_pending_per_connection = 1; the connection's
+# first HELLO was answered HELLO_OK. The replies in WHILE_ONE_IS_PENDING are sent while request 1 (vector
+# predict_list_1) awaits its reply; the others once it is answered.
+WHILE_ONE_IS_PENDING = {"error_duplicate_id", "error_pending_limit"}
+
+
+def test_reply_vectors_are_what_a_live_server_answers(frontend_factory, wire_conn):
+    """Catches: the server and the written rules disagreeing (which error wins when several apply, HELLO,
+    duplicate ids, the pending limit, labels, ndim): each reply vector that "answers" a request is what a
+    live server (native fast paths included) sends for exactly that request's bytes -- same id, code and
+    name."""
+    fe = frontend_factory(max_input_bytes=64, max_pending_per_connection=1)
+    fe.deploy("digits", "row_sum_after_sleep", dtype="float32", shape=(2, 2), env={"CLIPPER_TEST_SLEEP_S": "0.5"})
+    by_name = {v["name"]: v for v in VECTORS}
+    replies = [v for v in VECTORS if "answers" in v]
+    assert WHILE_ONE_IS_PENDING <= {v["name"] for v in replies}
+    c = wire_conn(fe.port)
+    c.send(wire.hello(0))
+    assert c.recv(1)[0][0] == wire.HELLO_OK
+
+    def check(reply):
+        c.send_raw(frame_bytes(by_name[reply["answers"]]))
+        got = c.recv(1)[0]
+        f = reply["fields"]
+        assert got[:4] == [wire.ERROR, f["id"], f["code"], f["name"]], (reply["name"], got)
+
+    c.send_raw(frame_bytes(by_name["predict_list_1"]))  # in flight for half a second: its id is held
+    for reply in replies:
+        if reply["name"] in WHILE_ONE_IS_PENDING:
+            check(reply)
+    first = c.recv(1)[0]
+    assert first[:2] == [wire.RESULT, 1] and first[3] == 10.0  # the earlier request 1 got its own answer
+    for reply in replies:
+        if reply["name"] not in WHILE_ONE_IS_PENDING:
+            check(reply)

@@ -1,4 +1,4 @@
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 
 # Header of clipper._native._framing: the stream splitter of the msgpack port
 # and the batch assembler. Pure-Python twin: framing_py.py.
@@ -20,8 +20,22 @@ cdef class FrameReader:
 
     cdef void _set_state(self, ReaderState state, Py_ssize_t need)
 
+cdef class IdSet:
+    # The request ids awaiting their reply on one connection (duplicates are refused): a hash set of
+    # uint64 with open addressing and linear probing; O(1), and allocation-free while it does not grow.
+    cdef uint64_t* _keys         # the ids, by slot
+    cdef uint8_t* _used          # 1 where _keys holds an id
+    cdef Py_ssize_t _mask        # capacity - 1 (a power of two)
+    cdef Py_ssize_t _len         # ids held
+
+    cdef bint has(self, uint64_t key) noexcept nogil
+    cpdef bint add(self, uint64_t key) except -1
+    cpdef bint discard(self, uint64_t key)
+    cdef int _resize(self, Py_ssize_t capacity) except -1
+
 cpdef bytes pack_frame(object body)
 cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body, bint is_default,
                          object extra_body)
 cpdef bytearray assemble_batch(list inputs, Py_ssize_t item_nbytes)
 cpdef bytearray assemble_varlen(list inputs)
+cpdef bytearray assemble_arrays(list inputs, int ndim)

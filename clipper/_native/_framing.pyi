@@ -34,6 +34,19 @@ def error_frame(req_id: int, tail: bytes) -> bytes:
     """The frame of ``[127, req_id, code, name, message]`` from ``tail``, the msgpack encodings of
     code, name and message concatenated (encoded once, spliced per request)."""
 
+class IdSet:
+    """The request ids awaiting their reply on one connection: a hash set of uint64, O(1) and
+    allocation-free while it does not grow."""
+
+    def __init__(self) -> None: ...
+    def add(self, key: int) -> bool:
+        """Add ``key``; False (nothing changed) when it is held already."""
+    def discard(self, key: int) -> bool:
+        """Remove ``key``; True when it was held."""
+    def __contains__(self, key: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+
 def assemble_batch(inputs: list, item_nbytes: int) -> bytearray:
     """Copy each input (exactly ``item_nbytes`` bytes each) once into one buffer."""
 
@@ -41,20 +54,29 @@ def assemble_varlen(inputs: list) -> bytearray:
     """bytes/str inputs as one buffer: ``len(inputs) + 1`` little-endian uint64
     offsets, then the data (str as UTF-8); each input copied once."""
 
-def check_nested(body: bytes | bytearray | memoryview, offset: int, shape: tuple[int, ...]) -> tuple | None:
-    """Check the msgpack value at ``offset`` against ``shape`` without building it: None when it is
-    nested arrays of exactly that shape with number (or bool) leaves, else ``(kind, depth, got, want)``
-    (1 wrong length, 2 not an array, 3 a non-number leaf (``got``: its msgpack type byte), 4 undecidable
-    here, 5 a list or map where a number is expected)."""
+def assemble_arrays(inputs: list, ndim: int) -> bytearray:
+    """Arrays of one dtype and ``ndim`` dimensions, any shapes, as one buffer (the ``"vl"`` encoding of
+    arrays): ``len(inputs) + 1`` little-endian uint64 byte offsets, each item's shape (``ndim`` uint64
+    each), then the data; each item copied once."""
+
+def check_nested(body: bytes | bytearray | memoryview, offset: int, shape: tuple[int, ...], itemsize: int,
+                 max_bytes: int, int_app: bool) -> tuple | None:
+    """Judge the list input at ``offset`` against an application (``shape``, -1 any length; ``itemsize``;
+    ``max_bytes``, max_input_bytes; ``int_app``, no floats) without building it, by docs/protocol.md
+    section 4's rules in their order: None when it passes, else ``(verdict, detail)``: 201 too deep (0)
+    or ragged (1), 205 too large (the number of values), 203 not a number or a float for ``int_app``
+    (a msgpack type byte), 204 another shape (the list's shape), 0 undecidable here."""
 
 def request_head(body: bytes | bytearray | memoryview) -> tuple[int, int, str, int, bool] | None:
     """``(kind, req_id, app, input_offset, input_is_list)`` of a PREDICT/FEEDBACK frame with an
     unsigned integer id and a str app, read from its bytes; None for any other frame."""
 
-def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, out: bytearray) -> int:
+def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, out: bytearray,
+               inflight: IdSet | None = None) -> int:
     """From ``items[start]``, append to ``out`` the :func:`error_frame` of each PREDICT body for exactly
     the application ``app`` (UTF-8) of at most ``max_body`` bytes; return the index of the first item
-    that is anything else (admission refusing a run of frames in one pass)."""
+    that is anything else, or whose id ``inflight`` holds (admission refusing a run of frames in one
+    pass; a duplicate id is the caller's to refuse)."""
 
 def array_input(body: bytes | bytearray | memoryview, offset: int, ext_head: bytes, dtype, shape: tuple[int, ...]):
     """A PREDICT frame ``[1, id, app, x]``'s input as a read-only ndarray over the frame's bytes, when

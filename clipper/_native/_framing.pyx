@@ -5,7 +5,8 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from cpython.float cimport PyFloat_Check, PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_Check, PyLong_AsDouble
@@ -136,6 +137,120 @@ cdef class FrameReader:
         finally:
             PyBuffer_Release(&pybuf)
         return out
+
+
+# ------------------------------------------------------------------ request ids in flight
+cdef inline Py_ssize_t _slot(uint64_t key, Py_ssize_t mask) noexcept nogil:
+    return <Py_ssize_t>((key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 32) & mask
+
+
+cdef class IdSet:
+    """The request ids awaiting their reply on one connection.
+
+    ``add`` says whether the id was new (a duplicate is refused by the
+    caller), ``discard`` removes it when its reply goes; both O(1) and
+    allocation-free (the table doubles when three quarters full and never
+    shrinks: its size follows max_pending_per_connection). The native
+    ``refuse_run`` looks ids up in it without Python.
+    """
+
+    def __cinit__(self):
+        self._keys = NULL
+        self._used = NULL
+        self._len = 0
+        self._resize(16)
+
+    def __dealloc__(self):
+        PyMem_Free(self._keys)
+        PyMem_Free(self._used)
+
+    cdef int _resize(self, Py_ssize_t capacity) except -1:
+        cdef uint64_t* old_keys = self._keys
+        cdef uint8_t* old_used = self._used
+        cdef Py_ssize_t old_cap = self._mask + 1 if old_keys != NULL else 0, i, j
+        cdef uint64_t* keys = <uint64_t*>PyMem_Malloc(capacity * sizeof(uint64_t))
+        cdef uint8_t* used = <uint8_t*>PyMem_Malloc(capacity)
+        if keys == NULL or used == NULL:
+            PyMem_Free(keys)
+            PyMem_Free(used)
+            raise MemoryError()
+        memset(used, 0, capacity)
+        self._keys, self._used, self._mask = keys, used, capacity - 1
+        for i in range(old_cap):
+            if old_used[i]:
+                j = _slot(old_keys[i], self._mask)
+                while used[j]:
+                    j = (j + 1) & self._mask
+                keys[j] = old_keys[i]
+                used[j] = 1
+        PyMem_Free(old_keys)
+        PyMem_Free(old_used)
+        return 0
+
+    cdef bint has(self, uint64_t key) noexcept nogil:
+        cdef Py_ssize_t j = _slot(key, self._mask)
+        while self._used[j]:
+            if self._keys[j] == key:
+                return True
+            j = (j + 1) & self._mask
+        return False
+
+    cpdef bint add(self, uint64_t key) except -1:
+        """Add ``key``; False (and nothing changed) when it is held already."""
+        cdef Py_ssize_t j
+        if 4 * (self._len + 1) > 3 * (self._mask + 1):
+            self._resize(2 * (self._mask + 1))
+        j = _slot(key, self._mask)
+        while self._used[j]:
+            if self._keys[j] == key:
+                return False
+            j = (j + 1) & self._mask
+        self._keys[j] = key
+        self._used[j] = 1
+        self._len += 1
+        return True
+
+    cpdef bint discard(self, uint64_t key):
+        """Remove ``key`` if held (True when it was); the slots after it move back (no tombstones)."""
+        cdef Py_ssize_t j = _slot(key, self._mask), k, home
+        cdef Py_ssize_t mask = self._mask
+        while self._used[j]:
+            if self._keys[j] == key:
+                break
+            j = (j + 1) & mask
+        else:
+            return False
+        # backward-shift deletion: move each later entry of the run into the hole when its home allows
+        k = j
+        while True:
+            k = (k + 1) & mask
+            if not self._used[k]:
+                break
+            home = _slot(self._keys[k], mask)
+            # the entry at k may fill the hole at j unless its home lies cyclically in (j, k]
+            if (j < k and (home <= j or home > k)) or (j > k and (home <= j and home > k)):
+                self._keys[j] = self._keys[k]
+                j = k
+        self._used[j] = 0
+        self._len -= 1
+        return True
+
+    def __contains__(self, key) -> bool:
+        cdef uint64_t k
+        if type(key) is not int:
+            return False
+        try:
+            k = key  # (no allocation; an int below 0 or past 2**64 - 1 is no request id)
+        except OverflowError:
+            return False
+        return self.has(k)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def clear(self) -> None:
+        memset(self._used, 0, self._mask + 1)
+        self._len = 0
 
 
 cpdef bytes pack_frame(object body):
@@ -333,127 +448,293 @@ cpdef bytearray assemble_varlen(list inputs):
     return out
 
 
+cpdef bytearray assemble_arrays(list inputs, int ndim):
+    """Numpy arrays of one dtype and ``ndim`` dimensions but any shapes, as one buffer (the ``"vl"``
+    encoding of arrays, clipper/rpc/messages.py): ``len(inputs) + 1`` little-endian uint64 byte
+    offsets into the data, then each item's shape (``ndim`` little-endian uint64 each), then the
+    data, each item in C order. Each item is copied once (a non-contiguous one twice)."""
+    cdef Py_ssize_t count = len(inputs), i, k, total = 0
+    cdef Py_ssize_t head = (count + 1) * 8 + count * ndim * 8
+    cdef cnp.ndarray x
+    cdef bint copied = False
+    for i in range(count):
+        x = inputs[i]
+        if cnp.PyArray_NDIM(x) != ndim:
+            raise ValueError(f"item {i} of an array batch has {cnp.PyArray_NDIM(x)} dimensions; expected {ndim}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(x):  # (inputs are contiguous as checked; a caller's may not be)
+            if not copied:
+                inputs = list(inputs)  # (the caller's list is left as it was)
+                copied = True
+            x = cnp.PyArray_GETCONTIGUOUS(x)
+            inputs[i] = x
+        total += cnp.PyArray_NBYTES(x)
+    cdef bytearray out = PyByteArray_FromStringAndSize(NULL, head + total)
+    cdef char* base = PyByteArray_AS_STRING(out)
+    cdef char* shapes = base + (count + 1) * 8
+    cdef char* data = base + head
+    cdef uint64_t pos = 0
+    cdef cnp.npy_intp* dims
+    _store_le64(base, 0)
+    for i in range(count):
+        x = inputs[i]
+        dims = cnp.PyArray_DIMS(x)
+        for k in range(ndim):
+            _store_le64(shapes + (i * ndim + k) * 8, <uint64_t>dims[k])
+        memcpy(data + pos, cnp.PyArray_DATA(x), cnp.PyArray_NBYTES(x))
+        pos += cnp.PyArray_NBYTES(x)
+        _store_le64(base + (i + 1) * 8, pos)
+    return out
+
+
 # ------------------------------------------------------------------ nested-list inputs, before decoding
 cdef enum:
-    NEST_OK = 0
-    NEST_LENGTH = 1  # an array's length is not the shape's dimension
-    NEST_NOT_ARRAY = 2  # a scalar (or other) where a dimension expects an array
-    NEST_NOT_NUMBER = 3  # a leaf that is not a number or a bool
-    NEST_UNKNOWN = 4  # truncated, or an extension value: let the full decoder judge
-    NEST_CONTAINER = 5  # an array or map where a number is expected
-    MAX_NEST_DIMS = 32
+    MAX_NEST_DIMS = 32  # a list input nests at most this many arrays (EXT_NDARRAY's MAX_NDIM)
+    _SKIP_DEPTH = 64  # a map or array inside a value nested deeper than this: the decoder judges the frame
+    # check_nested's verdicts (the error codes of docs/protocol.md section 4, in the order they are judged)
+    NEST_UNDECIDED = 0  # truncated or not msgpack: the full decoder judges it
+    NEST_INVALID = 201  # too deep (detail 0) or ragged (detail 1)
+    NEST_TOO_LARGE = 205  # detail: the number of values
+    NEST_DTYPE = 203  # detail: the msgpack type byte of the first value that is not a number (0xcb: a float)
+    NEST_SHAPE = 204  # detail: the list's shape (a tuple)
 
 
-cdef struct _Walk:
-    int kind
-    int depth
-    Py_ssize_t got
-    Py_ssize_t want
+cdef struct _Scan:
+    Py_ssize_t values         # numbers (and other values) seen
+    Py_ssize_t dims[MAX_NEST_DIMS]  # the length of the first array met at each depth
+    int ndims                 # depths whose length is known
+    int leaf_depth            # the depth values were first met at (-1: none yet)
+    int max_arr_depth         # the deepest array (-1: none)
+    int nonnum                # the type byte of the first value that is not a number (-1: none)
+    bint has_float
+    bint ragged
+    bint too_deep
+    bint undecided
 
 
 cdef inline uint32_t _be16(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 8) | <uint32_t>p[1]
 
 
-cdef Py_ssize_t _walk_nested(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos, const Py_ssize_t* dims, int ndim,
-                             int depth, _Walk* w) noexcept nogil:
-    """The position after the value at ``pos``, checked against ``dims[depth:]``; -1 with ``w`` set."""
+cdef Py_ssize_t _skip(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos, int depth) noexcept nogil:
+    """The position after the msgpack value at ``pos`` (a value inside a list input that is not a
+    number: skipped whole); -1 when truncated, not msgpack, or nested past _SKIP_DEPTH."""
     cdef uint8_t b
-    cdef Py_ssize_t length, i, size
-    if pos >= n:
-        w.kind = NEST_UNKNOWN
+    cdef Py_ssize_t length = 0, size = 0, i, items = 0
+    if pos >= n or depth > _SKIP_DEPTH:
         return -1
     b = p[pos]
-    if depth < ndim:
-        if 0x90 <= b <= 0x9f:
-            length = b & 0x0F
-            pos += 1
-        elif b == 0xDC:
+    if b <= 0x7F or b >= 0xE0 or b == 0xC0 or b == 0xC2 or b == 0xC3:
+        return pos + 1
+    if 0xA0 <= b <= 0xBF:
+        size = b & 0x1F
+        pos += 1
+    elif 0x80 <= b <= 0x8F:
+        items = 2 * (b & 0x0F)
+        pos += 1
+    elif 0x90 <= b <= 0x9F:
+        items = b & 0x0F
+        pos += 1
+    elif b == 0xCC or b == 0xD0:
+        size = 1
+        pos += 1
+    elif b == 0xCD or b == 0xD1:
+        size = 2
+        pos += 1
+    elif b == 0xCE or b == 0xD2 or b == 0xCA:
+        size = 4
+        pos += 1
+    elif b == 0xCF or b == 0xD3 or b == 0xCB:
+        size = 8
+        pos += 1
+    elif b == 0xD9 or b == 0xC4:
+        if pos + 2 > n:
+            return -1
+        size = p[pos + 1]
+        pos += 2
+    elif b == 0xDA or b == 0xC5:
+        if pos + 3 > n:
+            return -1
+        size = _be16(p + pos + 1)
+        pos += 3
+    elif b == 0xDB or b == 0xC6:
+        if pos + 5 > n:
+            return -1
+        size = _read_be32(p + pos + 1)
+        pos += 5
+    elif 0xD4 <= b <= 0xD8:  # fixext: type byte, then 1..16 bytes
+        size = 1 + (1 << (b - 0xD4))
+        pos += 1
+    elif b == 0xC7:
+        if pos + 2 > n:
+            return -1
+        size = 1 + p[pos + 1]
+        pos += 2
+    elif b == 0xC8:
+        if pos + 3 > n:
+            return -1
+        size = 1 + _be16(p + pos + 1)
+        pos += 3
+    elif b == 0xC9:
+        if pos + 5 > n:
+            return -1
+        size = 1 + <Py_ssize_t>_read_be32(p + pos + 1)
+        pos += 5
+    elif b == 0xDC or b == 0xDE:
+        if pos + 3 > n:
+            return -1
+        items = _be16(p + pos + 1) * (2 if b == 0xDE else 1)
+        pos += 3
+    elif b == 0xDD or b == 0xDF:
+        if pos + 5 > n:
+            return -1
+        items = <Py_ssize_t>_read_be32(p + pos + 1) * (2 if b == 0xDF else 1)
+        pos += 5
+    else:
+        return -1  # 0xc1: never used
+    if size > n - pos:
+        return -1
+    pos += size
+    for i in range(items):
+        pos = _skip(p, n, pos, depth + 1)
+        if pos < 0:
+            return -1
+    return pos
+
+
+cdef Py_ssize_t _scan(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos, int depth, _Scan* s) noexcept nogil:
+    """Walk the list input's value at ``pos`` (at array depth ``depth``) into ``s``; the position after it,
+    or -1 when the walk stops (too deep, or undecidable)."""
+    cdef uint8_t b
+    cdef Py_ssize_t length, i
+    if pos >= n:
+        s.undecided = True
+        return -1
+    b = p[pos]
+    if 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD:
+        if depth >= MAX_NEST_DIMS:
+            s.too_deep = True
+            return -1
+        if b == 0xDC:
             if pos + 3 > n:
-                w.kind = NEST_UNKNOWN
+                s.undecided = True
                 return -1
             length = _be16(p + pos + 1)
             pos += 3
         elif b == 0xDD:
             if pos + 5 > n:
-                w.kind = NEST_UNKNOWN
+                s.undecided = True
                 return -1
             length = _read_be32(p + pos + 1)
             pos += 5
-        elif 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8:
-            w.kind = NEST_UNKNOWN  # an ndarray extension inside a list: the decoder knows how to judge it
-            return -1
         else:
-            w.kind = NEST_NOT_ARRAY
-            w.depth = depth
-            return -1
-        if length != dims[depth]:
-            w.kind = NEST_LENGTH
-            w.depth = depth
-            w.got = length
-            w.want = dims[depth]
-            return -1
+            length = b & 0x0F
+            pos += 1
+        if depth < s.ndims:
+            if length != s.dims[depth]:
+                s.ragged = True
+        else:  # the first array at this depth (depths are met in order along the first path)
+            s.dims[depth] = length
+            s.ndims = depth + 1
+        if depth > s.max_arr_depth:
+            s.max_arr_depth = depth
         for i in range(length):
-            pos = _walk_nested(p, n, pos, dims, ndim, depth + 1, w)
+            pos = _scan(p, n, pos, depth + 1, s)
             if pos < 0:
                 return -1
         return pos
-    if b <= 0x7F or b >= 0xE0 or b == 0xC2 or b == 0xC3:  # fixints, bools
-        size = 0
+    # a value
+    if s.leaf_depth < 0:
+        s.leaf_depth = depth
+    elif s.leaf_depth != depth:
+        s.ragged = True
+    s.values += 1
+    if b <= 0x7F or b >= 0xE0 or b == 0xC2 or b == 0xC3:
+        return pos + 1
+    if b == 0xCA or b == 0xCB:
+        s.has_float = True
+        pos += 5 if b == 0xCA else 9
     elif b == 0xCC or b == 0xD0:
-        size = 1
+        pos += 2
     elif b == 0xCD or b == 0xD1:
-        size = 2
-    elif b == 0xCE or b == 0xD2 or b == 0xCA:
-        size = 4
-    elif b == 0xCF or b == 0xD3 or b == 0xCB:
-        size = 8
-    elif 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8:
-        w.kind = NEST_UNKNOWN
-        return -1
-    elif 0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF:
-        w.kind = NEST_CONTAINER
-        w.depth = depth
-        return -1
+        pos += 3
+    elif b == 0xCE or b == 0xD2:
+        pos += 5
+    elif b == 0xCF or b == 0xD3:
+        pos += 9
     else:
-        w.kind = NEST_NOT_NUMBER
-        w.depth = depth
-        w.got = b  # the msgpack type byte (str, nil, bin)
+        if s.nonnum < 0:  # (the type's first byte: str 0xa0, bin 0xc4, nil 0xc0, map 0x80, ext 0xc7)
+            if 0xA0 <= b <= 0xBF or 0xD9 <= b <= 0xDB:
+                s.nonnum = 0xA0
+            elif 0xC4 <= b <= 0xC6:
+                s.nonnum = 0xC4
+            elif 0x80 <= b <= 0x8F or b == 0xDE or b == 0xDF:
+                s.nonnum = 0x80
+            elif b == 0xC0:
+                s.nonnum = 0xC0
+            else:
+                s.nonnum = 0xC7
+        pos = _skip(p, n, pos, depth)
+        if pos < 0:
+            s.undecided = True
+            return -1
+        return pos
+    if pos > n:
+        s.undecided = True
         return -1
-    if pos + 1 + size > n:
-        w.kind = NEST_UNKNOWN
-        return -1
-    return pos + 1 + size
+    return pos
 
 
-cpdef object check_nested(object body, Py_ssize_t offset, tuple shape):
-    """Check the msgpack value at ``offset`` of ``body`` against ``shape`` without building it.
+cpdef object check_nested(object body, Py_ssize_t offset, tuple shape, Py_ssize_t itemsize, Py_ssize_t max_bytes,
+                          bint int_app):
+    """Judge the list input (a msgpack array) at ``offset`` of ``body`` without building it, by the
+    rules of docs/protocol.md section 4 in their order.
 
-    Returns None when it is nested arrays of exactly ``shape`` with number
-    (or bool) leaves; else ``(kind, depth, got, want)``: 1 an array of
-    ``got`` items where dimension ``depth`` is ``want``, 2 not an array
-    where dimension ``depth`` expects one, 3 a leaf that is not a number
-    (``got`` its msgpack type byte), 4 not decidable here (truncated, or an
-    extension value), 5 an array or map where a number is expected.
+    ``shape`` is the application's (-1: any length), ``itemsize`` its
+    dtype's, ``max_bytes`` max_input_bytes, ``int_app`` whether its dtype
+    takes no floats (integers, bools). Returns None when the list passes
+    (the decoder converts it; values out of range are judged then), else
+    ``(verdict, detail)``: 201 nested deeper than 32 arrays (detail 0) or
+    ragged (1); 205 too large (detail: the number of values); 203 a value
+    that is not a number, or a float for ``int_app`` (detail: its msgpack
+    type byte); 204 another shape (detail: the list's shape); 0 undecidable
+    here (truncated, not msgpack): the decoder judges the frame.
     """
     cdef Py_buffer pybuf
-    cdef Py_ssize_t dims[MAX_NEST_DIMS]
-    cdef int ndim = len(shape), i
-    cdef _Walk w
-    cdef Py_ssize_t end
-    if ndim == 0 or ndim > MAX_NEST_DIMS:
-        return (NEST_UNKNOWN, 0, 0, 0)
-    for i in range(ndim):
-        dims[i] = shape[i]
-    w.kind = NEST_OK
-    w.depth = w.got = w.want = 0
+    cdef _Scan s
+    cdef Py_ssize_t end, want
+    cdef int ndim = len(shape), i, list_ndim
+    s.values = 0
+    s.ndims = 0
+    s.leaf_depth = -1
+    s.max_arr_depth = -1
+    s.nonnum = -1
+    s.has_float = s.ragged = s.too_deep = s.undecided = False
     PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
     try:
-        end = _walk_nested(<const uint8_t*>pybuf.buf, pybuf.len, offset, dims, ndim, 0, &w)
+        end = _scan(<const uint8_t*>pybuf.buf, pybuf.len, offset, 0, &s)
     finally:
         PyBuffer_Release(&pybuf)
+    if s.too_deep:
+        return (NEST_INVALID, 0)
     if end < 0:
-        return (w.kind, w.depth, w.got, w.want)
+        return (NEST_UNDECIDED, 0)
+    if s.values > max_bytes // itemsize:
+        return (NEST_TOO_LARGE, s.values)
+    if s.leaf_depth >= 0 and s.max_arr_depth >= s.leaf_depth:
+        s.ragged = True  # an array where another branch holds values
+    if s.ragged:
+        return (NEST_INVALID, 1)
+    if s.nonnum >= 0:
+        return (NEST_DTYPE, s.nonnum)
+    if s.has_float and int_app:
+        return (NEST_DTYPE, 0xCB)
+    list_ndim = s.leaf_depth if s.leaf_depth >= 0 else s.ndims
+    if list_ndim != ndim:
+        return (NEST_SHAPE, tuple([s.dims[i] for i in range(list_ndim)]))
+    for i in range(ndim):
+        want = shape[i]
+        if want != -1 and want != s.dims[i]:
+            return (NEST_SHAPE, tuple([s.dims[i] for i in range(list_ndim)]))
     return None
 
 
@@ -530,7 +811,7 @@ cpdef object request_head(object body):
 
 
 cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, object tail,
-                            bytearray out):
+                            bytearray out, IdSet inflight=None):
     """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
 
     From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
@@ -538,8 +819,9 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     ``app`` (its UTF-8 bytes) and at most ``max_body`` bytes, appends to
     ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
     Stops at the first item that is anything else (another kind, another
-    application, a malformed head, an oversized frame's int) and returns its
-    index: the caller takes that one the whole way.
+    application, a malformed head, an oversized frame's int, an id that
+    ``inflight`` holds: a duplicate, refused as such by the caller) and
+    returns its index: the caller takes that one the whole way.
     """
     cdef Py_ssize_t i = start, n_items, n, pos, slen, alen
     cdef Py_ssize_t base
@@ -573,6 +855,8 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
                 if pos < 0:
                     break
                 if slen != alen or pos + slen >= n or memcmp(p + pos, a, alen) != 0:
+                    break
+                if inflight is not None and inflight.has(req_id):
                     break
             finally:
                 PyBuffer_Release(&pybuf)

@@ -100,6 +100,42 @@ class FrameReader:
         return out
 
 
+class IdSet:
+    """The request ids awaiting their reply on one connection (the native one is a hash table of uint64)."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+
+    def add(self, key: int) -> bool:
+        """Add ``key``; False (and nothing changed) when it is held already."""
+        ids = self._ids
+        if key in ids:
+            return False
+        ids.add(key)
+        return True
+
+    def discard(self, key: int) -> bool:
+        try:
+            self._ids.remove(key)
+        except KeyError:
+            return False
+        return True
+
+    def has(self, key: int) -> bool:
+        return key in self._ids
+
+    def __contains__(self, key) -> bool:
+        return key in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def clear(self) -> None:
+        self._ids.clear()
+
+
 def pack_frame(body) -> bytes:
     """Return ``body`` prefixed with its 4-byte big-endian length."""
     return _HEADER.pack(len(body)) + bytes(body)
@@ -170,83 +206,221 @@ def assemble_varlen(inputs: list) -> bytearray:
     return out
 
 
-# ------------------------------------------------------------------ nested-list inputs, before decoding
-NEST_LENGTH = 1
-NEST_NOT_ARRAY = 2
-NEST_NOT_NUMBER = 3
-NEST_UNKNOWN = 4
-NEST_CONTAINER = 5
-_MAX_NEST_DIMS = 32
-_LEAF_SIZES = {0xC2: 0, 0xC3: 0, 0xCC: 1, 0xD0: 1, 0xCD: 2, 0xD1: 2, 0xCE: 4, 0xD2: 4, 0xCA: 4, 0xCF: 8, 0xD3: 8,
-               0xCB: 8}
+def assemble_arrays(inputs: list, ndim: int) -> bytearray:
+    """Numpy arrays of one dtype and ``ndim`` dimensions but any shapes, as one buffer (the ``"vl"``
+    encoding of arrays): ``len(inputs) + 1`` little-endian uint64 byte offsets into the data, then
+    each item's shape (``ndim`` little-endian uint64 each), then the data. Each item is copied once."""
+    offsets = [0]
+    dims: list[int] = []
+    inputs = [np.ascontiguousarray(x) for x in inputs]
+    for i, x in enumerate(inputs):
+        if x.ndim != ndim:
+            raise ValueError(f"item {i} of an array batch has {x.ndim} dimensions; expected {ndim}")
+        offsets.append(offsets[-1] + x.nbytes)
+        dims.extend(x.shape)
+    out = bytearray(struct.pack(f"<{len(offsets)}Q", *offsets))
+    out += struct.pack(f"<{len(dims)}Q", *dims)
+    for x in inputs:
+        out += x.reshape(-1).view(np.uint8).tobytes()
+    return out
 
 
-class _Stop(Exception):
-    def __init__(self, result: tuple) -> None:
-        self.result = result
+# ------------------------------------------------------------------ list inputs: the order of the checks
+MAX_NEST_DIMS = 32  # a list input nests at most this many arrays (EXT_NDARRAY's MAX_NDIM)
+NEST_UNDECIDED = 0
+NEST_INVALID = 201
+NEST_TOO_LARGE = 205
+NEST_DTYPE = 203
+NEST_SHAPE = 204
+# the msgpack type byte that stands for a value of each Python type in a verdict (as the native walk reports it)
+_TYPE_BYTE = {str: 0xA0, bytes: 0xC4, type(None): 0xC0, dict: 0x80}
 
 
-def _is_ext(b: int) -> bool:
-    return 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8
+class _ListScan:
+    __slots__ = ("dims", "has_float", "leaf_depth", "max_arr_depth", "nonnum", "ragged", "too_deep", "values")
+
+    def __init__(self) -> None:
+        self.values = 0
+        self.dims: list[int] = []
+        self.leaf_depth = self.max_arr_depth = self.nonnum = -1
+        self.has_float = self.ragged = self.too_deep = False
+
+    def walk(self, v, depth: int) -> bool:
+        """Walk ``v`` (a decoded value at array depth ``depth``); False when too deep (the walk stops)."""
+        if type(v) is list:
+            if depth >= MAX_NEST_DIMS:
+                self.too_deep = True
+                return False
+            if depth < len(self.dims):
+                if len(v) != self.dims[depth]:
+                    self.ragged = True
+            else:
+                self.dims.append(len(v))
+            self.max_arr_depth = max(self.max_arr_depth, depth)
+            for item in v:
+                if not self.walk(item, depth + 1):
+                    return False
+            return True
+        if self.leaf_depth < 0:
+            self.leaf_depth = depth
+        elif self.leaf_depth != depth:
+            self.ragged = True
+        self.values += 1
+        t = type(v)
+        if t is float or isinstance(v, np.floating):
+            self.has_float = True
+        elif not (t is int or t is bool or isinstance(v, (np.integer, np.bool_))) and self.nonnum < 0:
+            self.nonnum = _TYPE_BYTE.get(t, 0xC7)  # (an ndarray or an extension value: 0xc7, as ext 8)
+        return True
 
 
-def _walk(p, n: int, pos: int, shape: tuple, depth: int) -> int:
-    if pos >= n:
-        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
+def judge_list(x: list, shape: tuple, itemsize: int, max_bytes: int, int_app: bool):
+    """The verdict of docs/protocol.md section 4 on a decoded list input, as :func:`check_nested`
+    gives it on its bytes: None (it passes; values out of range are judged by the conversion), or
+    ``(verdict, detail)``."""
+    s = _ListScan()
+    if not s.walk(x, 0):
+        return (NEST_INVALID, 0)
+    return _verdict(s, tuple(shape), itemsize, max_bytes, int_app)
+
+
+_SKIP_DEPTH = 64
+_FIXED = {0xCC: 1, 0xD0: 1, 0xCD: 2, 0xD1: 2, 0xCE: 4, 0xD2: 4, 0xCF: 8, 0xD3: 8}
+
+
+class _Undecided(Exception):
+    pass
+
+
+def _skip(p, n: int, pos: int, depth: int) -> int:
+    """The position after the msgpack value at ``pos`` (a value that is not a number: skipped whole)."""
+    if pos >= n or depth > _SKIP_DEPTH:
+        raise _Undecided
     b = p[pos]
-    if depth < len(shape):
-        if 0x90 <= b <= 0x9F:
-            length, pos = b & 0x0F, pos + 1
-        elif b == 0xDC:
-            if pos + 3 > n:
-                raise _Stop((NEST_UNKNOWN, 0, 0, 0))
-            length, pos = int.from_bytes(p[pos + 1:pos + 3], "big"), pos + 3
-        elif b == 0xDD:
-            if pos + 5 > n:
-                raise _Stop((NEST_UNKNOWN, 0, 0, 0))
-            length, pos = int.from_bytes(p[pos + 1:pos + 5], "big"), pos + 5
-        elif _is_ext(b):
-            raise _Stop((NEST_UNKNOWN, 0, 0, 0))
-        else:
-            raise _Stop((NEST_NOT_ARRAY, depth, 0, 0))
-        if length != shape[depth]:
-            raise _Stop((NEST_LENGTH, depth, length, shape[depth]))
-        for _ in range(length):
-            pos = _walk(p, n, pos, shape, depth + 1)
-        return pos
-    if b <= 0x7F or b >= 0xE0:
-        size = 0
-    elif b in _LEAF_SIZES:
-        size = _LEAF_SIZES[b]
-    elif _is_ext(b):
-        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
-    elif 0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF:
-        raise _Stop((NEST_CONTAINER, depth, 0, 0))
+    size = items = 0
+    if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+        return pos + 1
+    if 0xA0 <= b <= 0xBF:
+        size, pos = b & 0x1F, pos + 1
+    elif 0x80 <= b <= 0x8F:
+        items, pos = 2 * (b & 0x0F), pos + 1
+    elif 0x90 <= b <= 0x9F:
+        items, pos = b & 0x0F, pos + 1
+    elif b in _FIXED or b in (0xCA, 0xCB):
+        size, pos = _FIXED.get(b, 4 if b == 0xCA else 8), pos + 1
+    elif b in (0xD9, 0xC4, 0xDA, 0xC5, 0xDB, 0xC6, 0xC7, 0xC8, 0xC9):
+        k = {0xD9: 1, 0xC4: 1, 0xC7: 1, 0xDA: 2, 0xC5: 2, 0xC8: 2}.get(b, 4)
+        if pos + 1 + k > n:
+            raise _Undecided
+        size = int.from_bytes(p[pos + 1:pos + 1 + k], "big") + (1 if b in (0xC7, 0xC8, 0xC9) else 0)
+        pos += 1 + k
+    elif 0xD4 <= b <= 0xD8:
+        size, pos = 1 + (1 << (b - 0xD4)), pos + 1
+    elif b in (0xDC, 0xDE, 0xDD, 0xDF):
+        k = 2 if b in (0xDC, 0xDE) else 4
+        if pos + 1 + k > n:
+            raise _Undecided
+        items = int.from_bytes(p[pos + 1:pos + 1 + k], "big") * (2 if b in (0xDE, 0xDF) else 1)
+        pos += 1 + k
     else:
-        raise _Stop((NEST_NOT_NUMBER, depth, b, 0))
-    if pos + 1 + size > n:
-        raise _Stop((NEST_UNKNOWN, 0, 0, 0))
-    return pos + 1 + size
+        raise _Undecided  # 0xc1: never used
+    if size > n - pos:
+        raise _Undecided
+    pos += size
+    for _ in range(items):
+        pos = _skip(p, n, pos, depth + 1)
+    return pos
 
 
-def check_nested(body, offset: int, shape: tuple):
-    """Check the msgpack value at ``offset`` of ``body`` against ``shape`` without building it.
+def _canonical_byte(b: int) -> int:
+    if 0xA0 <= b <= 0xBF or 0xD9 <= b <= 0xDB:
+        return 0xA0
+    if 0xC4 <= b <= 0xC6:
+        return 0xC4
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        return 0x80
+    return 0xC0 if b == 0xC0 else 0xC7
 
-    Returns None when it is nested arrays of exactly ``shape`` with number
-    (or bool) leaves; else ``(kind, depth, got, want)``: 1 an array of
-    ``got`` items where dimension ``depth`` is ``want``, 2 not an array
-    where dimension ``depth`` expects one, 3 a leaf that is not a number
-    (``got`` its msgpack type byte), 4 not decidable here (truncated, or an
-    extension value), 5 an array or map where a number is expected.
-    """
-    if not shape or len(shape) > _MAX_NEST_DIMS:
-        return (NEST_UNKNOWN, 0, 0, 0)
-    p = memoryview(body).cast("B")
-    try:
-        _walk(p, len(p), offset, tuple(shape), 0)
-    except _Stop as stop:
-        return stop.result
+
+class _Deep(Exception):
+    pass
+
+
+def _scan(p, n: int, pos: int, depth: int, s: _ListScan) -> int:
+    if pos >= n:
+        raise _Undecided
+    b = p[pos]
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        if depth >= MAX_NEST_DIMS:
+            raise _Deep
+        if b == 0xDC or b == 0xDD:
+            k = 2 if b == 0xDC else 4
+            if pos + 1 + k > n:
+                raise _Undecided
+            length, pos = int.from_bytes(p[pos + 1:pos + 1 + k], "big"), pos + 1 + k
+        else:
+            length, pos = b & 0x0F, pos + 1
+        if depth < len(s.dims):
+            if length != s.dims[depth]:
+                s.ragged = True
+        else:
+            s.dims.append(length)
+        s.max_arr_depth = max(s.max_arr_depth, depth)
+        for _ in range(length):
+            pos = _scan(p, n, pos, depth + 1, s)
+        return pos
+    if s.leaf_depth < 0:
+        s.leaf_depth = depth
+    elif s.leaf_depth != depth:
+        s.ragged = True
+    s.values += 1
+    if b <= 0x7F or b >= 0xE0 or b in (0xC2, 0xC3):
+        return pos + 1
+    if b in (0xCA, 0xCB):
+        s.has_float = True
+        pos += 5 if b == 0xCA else 9
+    elif b in _FIXED:
+        pos += 1 + _FIXED[b]
+    else:
+        if s.nonnum < 0:
+            s.nonnum = _canonical_byte(b)
+        return _skip(p, n, pos, depth)
+    if pos > n:
+        raise _Undecided
+    return pos
+
+
+def _verdict(s: _ListScan, shape: tuple, itemsize: int, max_bytes: int, int_app: bool):
+    if s.values > max_bytes // itemsize:
+        return (NEST_TOO_LARGE, s.values)
+    if s.ragged or (s.leaf_depth >= 0 and s.max_arr_depth >= s.leaf_depth):
+        return (NEST_INVALID, 1)
+    if s.nonnum >= 0:
+        return (NEST_DTYPE, s.nonnum)
+    if s.has_float and int_app:
+        return (NEST_DTYPE, 0xCB)
+    got = tuple(s.dims[:s.leaf_depth] if s.leaf_depth >= 0 else s.dims)
+    if len(got) != len(shape) or any(w != -1 and w != g for g, w in zip(got, shape)):
+        return (NEST_SHAPE, got)
     return None
+
+
+def check_nested(body, offset: int, shape: tuple, itemsize: int, max_bytes: int, int_app: bool):
+    """Judge the list input (a msgpack array) at ``offset`` of ``body`` without building it, by the
+    rules of docs/protocol.md section 4 in their order: None when it passes, else ``(verdict,
+    detail)`` (201 too deep (0) or ragged (1); 205 too large (the number of values); 203 not a number
+    or a float for ``int_app`` (a msgpack type byte); 204 another shape (the list's shape); 0
+    undecidable here: the decoder judges the frame). The same verdict as :func:`judge_list` gives the
+    decoded list."""
+    p = memoryview(body).cast("B")
+    s = _ListScan()
+    try:
+        _scan(p, len(p), offset, 0, s)
+    except _Deep:
+        return (NEST_INVALID, 0)
+    except _Undecided:
+        return (NEST_UNDECIDED, 0)
+    return _verdict(s, tuple(shape), itemsize, max_bytes, int_app)
 
 
 def request_head(body):
@@ -302,14 +476,15 @@ def error_frame(req_id: int, tail) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: bytearray) -> int:
+def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: bytearray, inflight=None) -> int:
     """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
 
     From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
     app, ...]`` with an unsigned integer id, exactly the application name
     ``app`` (its UTF-8 bytes) and at most ``max_body`` bytes, appends to
     ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
-    Returns the index of the first item that is anything else.
+    Returns the index of the first item that is anything else (or whose id
+    ``inflight`` holds: a duplicate, refused as such by the caller).
     """
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
@@ -322,6 +497,8 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
         if head is None or head[0] != 1:
             break
         if head[2].encode("utf-8") != app:
+            break
+        if inflight is not None and head[1] in inflight:
             break
         out += error_frame(head[1], tail)
         i += 1

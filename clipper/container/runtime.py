@@ -145,6 +145,8 @@ def decode_batch(count: int, encoding: str, meta, payload) -> Any:
         arr = np.frombuffer(payload, dtype=wire.ALLOWED_DTYPES[typestr])
         return arr.reshape(shape)
     if encoding == m.ENC_VARLEN:
+        if meta[0] == "array":
+            return split_arrays(payload, count, meta[1], meta[2])
         return split_varlen(payload, count, meta[0] == "str")
     return wire.make_unpacker()(payload)
 
@@ -160,6 +162,37 @@ def split_varlen(payload, count: int, as_str: bool) -> list:
     if as_str:
         return [str(data[a:b], "utf-8") for a, b in zip(offsets, offsets[1:])]
     return [bytes(data[a:b]) for a, b in zip(offsets, offsets[1:])]
+
+
+def split_arrays(payload, count: int, typestr: str, ndim: int) -> list:
+    """The items of a ``"vl"`` batch of arrays (``meta = ["array", typestr, ndim]``): ``count + 1``
+    uint64 byte offsets, ``count * ndim`` uint64 dimensions, then the data. Each item is a read-only
+    numpy view into the one payload buffer: nothing is copied."""
+    dtype = wire.ALLOWED_DTYPES.get(typestr) if type(typestr) is str else None
+    if dtype is None or type(ndim) is not int or not 0 <= ndim <= wire.MAX_NDIM or count < 0:
+        raise ValueError(f"an array batch's meta names dtype {typestr!r} and {ndim!r} dimensions")
+    buf = memoryview(payload).cast("B")
+    head = (count + 1 + count * ndim) * 8
+    if len(buf) < head:
+        raise ValueError(f"an array batch of {count} items is {len(buf)} bytes, shorter than its {head}-byte head")
+    offsets = np.frombuffer(buf, dtype="<u8", count=count + 1).tolist()
+    dims = np.frombuffer(buf, dtype="<u8", count=count * ndim, offset=(count + 1) * 8).tolist()
+    data = len(buf) - head
+    if offsets[0] != 0 or offsets[-1] != data:
+        raise ValueError(f"an array batch of {count} items declares {offsets[-1]} bytes of data and carries {data}")
+    itemsize = dtype.itemsize
+    items = []
+    for i in range(count):
+        shape = dims[i * ndim:(i + 1) * ndim]
+        n = 1
+        for d in shape:
+            n *= d
+        a, b = offsets[i], offsets[i + 1]
+        if b - a != n * itemsize or a % itemsize:
+            raise ValueError(f"item {i} of an array batch spans bytes {a}..{b}; shape {shape} of {dtype} needs "
+                             f"{n * itemsize}")
+        items.append(np.frombuffer(buf, dtype=dtype, count=n, offset=head + a).reshape(shape))
+    return items
 
 
 _BEAT = msgpack.packb([m.C_HEARTBEAT])

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 
@@ -51,6 +52,7 @@ from ..errors import (
     InputTooLargeError,
     InternalError,
     InvalidInputError,
+    InvalidLabelError,
     LimitExceededError,
     ModelError,
     NoModelAvailableError,
@@ -64,6 +66,7 @@ from ..errors import (
 from ..management.registry import Application
 from ..metrics import LATENCY_BUCKETS_S, Histogram
 from .._native import framing as _framing
+from .._native import framing_py as _framing_py
 from ..protocol.wire import PackedExtra, brief, ndarray_ext_head, pack
 from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
@@ -79,6 +82,8 @@ _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
 _floats_to_array = _framing.floats_to_array
+_judge_list = _framing_py.judge_list  # (a decoded list: the Python walk, whichever framing is loaded)
+_MAX_LIST_DIMS = _framing_py.MAX_NEST_DIMS
 _REFUSAL_HOLD_NS = 200_000  # a refusal's estimate stands this long for the next queries of its queue
 _ADMIT_HOLD_NS = 200_000  # an admission's bound on the queue's length stands this long (while no replica changes)
 _INF = float("inf")
@@ -327,7 +332,8 @@ class AppRoute:
         self.name_bytes = app.name.encode("utf-8")  # what the msgpack fast path compares frames' heads with
         self.np_dtype = app.np_dtype
         self.shape = tuple(app.input_shape)
-        self.variable = -1 in self.shape  # a free dimension: checked in full, never by the fast paths
+        self.variable = -1 in self.shape  # a free dimension: never taken by the array fast path
+        self.int_app = app.np_dtype is not None and app.np_dtype.kind in "iub"  # takes no floats in a list
         self.rest_original = app.rest_format == "original"  # REST answers in the original Clipper's format
         self.opaque = app.input_dtype if self.np_dtype is None else None
         self.slo_ns = int(app.slo_ms * 1_000_000)
@@ -408,22 +414,29 @@ class AppRoute:
 
     # ------------------------------------------------------------ inputs
     def check_input(self, x):
-        """Return ``x`` as the application's input type, or raise InvalidInputError."""
+        """Return ``x`` as the application's input type, or raise the error of the first rule it breaks.
+
+        The rules and their order are docs/protocol.md section 4's: form (201),
+        size (205), structure of a list (201), dtype (203), shape (204), values
+        (201). The msgpack port judges list inputs by the same rules on the
+        frame's bytes before decoding (``framing.check_nested``).
+        """
         dt = self.np_dtype
         if dt is not None:
             if type(x) is np.ndarray:
+                if x.nbytes > self.max_input_bytes:
+                    raise InputTooLargeError(
+                        f"input of {x.nbytes} bytes exceeds max_input_bytes={self.max_input_bytes}")
                 if x.dtype != dt:
                     raise DTypeMismatchError(
                         f"input has dtype {x.dtype.name}; application {self.name!r} expects {dt.name}")
                 if x.shape != self.shape and not self._fits(x.shape):
                     raise ShapeMismatchError(
-                        f"input has shape {list(x.shape)}; application {self.name!r} expects {list(self.shape)}")
-                if x.nbytes > self.max_input_bytes:
-                    raise InputTooLargeError(
-                        f"input of {x.nbytes} bytes exceeds max_input_bytes={self.max_input_bytes}")
+                        f"input has shape {list(x.shape)}; application {self.name!r} expects {list(self.shape)}"
+                        + (" (-1: any length)" if self.variable else ""))
                 return x
             if type(x) is list:
-                return self._convert_variable(x) if self.variable else self._convert_list(x)
+                return self._convert_list(x)
             raise InvalidInputError(
                 f"input is a {_kind(x)}; application {self.name!r} expects an array of {dt.name} "
                 f"with shape {list(self.shape)} (an ndarray extension or a list of numbers)")
@@ -432,59 +445,63 @@ class AppRoute:
                 raise InvalidInputError(f"input is a {_kind(x)}; application {self.name!r} expects bytes")
         elif type(x) is not str:
             raise InvalidInputError(f"input is a {_kind(x)}; application {self.name!r} expects a str")
-        if len(x) > self.max_input_bytes:
-            raise InputTooLargeError(f"input of {len(x)} bytes exceeds max_input_bytes={self.max_input_bytes}")
+        n = len(x)
+        if type(x) is str and 4 * n > self.max_input_bytes >= n:  # (a str's UTF-8 length: n to 4n bytes)
+            n = len(x.encode("utf-8", "surrogatepass"))
+        if n > self.max_input_bytes:
+            raise InputTooLargeError(f"input of {n} bytes exceeds max_input_bytes={self.max_input_bytes}")
         return x
+
+    def check_label(self, label) -> None:
+        """Raise InvalidLabelError unless a FEEDBACK ``label`` fits the application's output kind
+        (docs/protocol.md section 3): ``label`` a class (an integer or a str); ``probabilities`` a class
+        index (an integer >= 0); ``number`` a finite number; ``vector`` 1 to max_input_bytes / 8 finite
+        numbers (a list or a 1-D array); ``auto`` any of those. Bools, nil, maps, bytes, NaN and
+        infinities fit none."""
+        kind = self.app.output_kind
+        t = type(label)
+        if t is int:
+            if kind != "vector" and (kind != "probabilities" or label >= 0):
+                return
+        elif t is str:
+            if kind == "label" or kind == "auto":
+                return
+        elif t is float:
+            if (kind == "number" or kind == "auto") and math.isfinite(label):
+                return
+        elif (t is list or t is np.ndarray) and (kind == "vector" or kind == "auto") and self._finite_vector(label):
+            return
+        want = {"label": "a class (an integer or a str)", "probabilities": "a class index (an integer >= 0)",
+                "number": "a finite number", "vector": f"a vector of 1 to {self.max_input_bytes // 8} finite numbers",
+                "auto": "a class (an integer or a str), a finite number, or a vector of finite numbers"}[kind]
+        raise InvalidLabelError(f"label {brief(label)} ({_label_kind(label)}) does not fit application "
+                                f"{self.name!r}, whose output_kind is {kind!r}: expected {want}")
+
+    def _finite_vector(self, v) -> bool:
+        n = len(v)
+        if n == 0 or n > self.max_input_bytes // 8:
+            return False
+        if type(v) is np.ndarray:
+            return v.ndim == 1 and v.dtype.kind in "iuf" and bool(np.isfinite(v).all())
+        for x in v:
+            t = type(x)
+            if t is float:
+                if not math.isfinite(x):
+                    return False
+            elif t is not int:
+                return False
+        return True
 
     def _fits(self, shape: tuple) -> bool:
         """``shape`` matches the application's, a free dimension (-1) taking any length."""
         return self.variable and len(shape) == len(self.shape) and all(
             w == -1 or g == w for g, w in zip(shape, self.shape))
 
-    def _convert_variable(self, x: list) -> np.ndarray:
-        """A list input for a shape with free dimensions: converted, then its dimensions checked."""
-        dt = self.np_dtype
-        # bound the work before numpy builds anything: a vector holds at most max_input_bytes / itemsize items
-        if len(x) > self.max_input_bytes // dt.itemsize:
-            raise InputTooLargeError(f"list input of {len(x)} items exceeds max_input_bytes={self.max_input_bytes} "
-                                     f"(as {dt.name})")
-        try:
-            arr = np.array(x)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidInputError(f"list input is not a regular array of numbers: {exc}") from None
-        if not self._fits(arr.shape):
-            raise ShapeMismatchError(
-                f"input has shape {list(arr.shape)}; application {self.name!r} expects {list(self.shape)} "
-                f"(-1: any length)")
-        if arr.size == 0:
-            arr = arr.astype(dt)
-        kind = arr.dtype.kind
-        if kind not in "biuf" or (kind == "f" and dt.kind in "iub"):
-            raise DTypeMismatchError(
-                f"list input holds {arr.dtype.name} values; application {self.name!r} expects {dt.name}")
-        if kind in "iu" and dt.kind in "iu":
-            info = np.iinfo(dt)
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise InvalidInputError(f"list input has values outside the range of {dt.name}")
-        if arr.size * dt.itemsize > self.max_input_bytes:
-            raise InputTooLargeError(f"input of {arr.size * dt.itemsize} bytes (as {dt.name}) exceeds "
-                                     f"max_input_bytes={self.max_input_bytes}")
-        return np.ascontiguousarray(arr, dtype=dt)
-
     def _convert_list(self, x: list) -> np.ndarray:
+        """A list input as an array of the application's dtype, judged in the order of check_input."""
         dt = self.np_dtype
         shape = self.shape
-        if not shape or len(x) != shape[0]:
-            raise ShapeMismatchError(
-                f"list input has {len(x)} elements in its first dimension; application "
-                f"{self.name!r} expects shape {list(shape)}")
-        nbytes = dt.itemsize
-        for d in shape:
-            nbytes *= d
-        if nbytes > self.max_input_bytes:
-            raise InputTooLargeError(
-                f"input of {nbytes} bytes (as {dt.name}) exceeds max_input_bytes={self.max_input_bytes}")
-        if len(shape) == 1:
+        if len(shape) == 1 and len(x) == shape[0] and len(x) * dt.itemsize <= self.max_input_bytes:
             # a flat list of numbers for a float32/float64 application (a REST body's input): converted in
             # one native pass; anything else (or None from it) goes the general way below
             arr = _floats_to_array(x, dt)
@@ -492,15 +509,24 @@ class AppRoute:
                 return arr
         try:
             arr = np.array(x)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidInputError(f"list input is not a regular array of numbers: {exc}") from None
-        if arr.shape != self.shape:
-            raise ShapeMismatchError(
-                f"input has shape {list(arr.shape)}; application {self.name!r} expects {list(self.shape)}")
+        except (ValueError, TypeError, OverflowError):
+            arr = None  # ragged, or values numpy cannot take: judged below
+        if arr is None or arr.dtype.kind not in "biuf" or arr.ndim > _MAX_LIST_DIMS:
+            bad = _judge_list(x, shape, dt.itemsize, self.max_input_bytes, dt.kind in "iub")
+            if bad is not None:
+                raise self.nested_error(bad)
+            # regular numbers in shape, yet numpy could not take them: integers out of every range
+            raise InvalidInputError(f"list input has values outside the range of {dt.name}")
+        if arr.size * dt.itemsize > self.max_input_bytes:
+            raise InputTooLargeError(f"list input of {arr.size} values ({arr.size * dt.itemsize} bytes as {dt.name}) "
+                                     f"exceeds max_input_bytes={self.max_input_bytes}")
         kind = arr.dtype.kind
-        if kind not in "biuf" or (kind == "f" and dt.kind in "iub"):
-            raise DTypeMismatchError(
-                f"list input holds {arr.dtype.name} values; application {self.name!r} expects {dt.name}")
+        if arr.size and kind == "f" and dt.kind in "iub":
+            raise DTypeMismatchError(f"list input holds float values; application {self.name!r} expects {dt.name}")
+        if arr.shape != shape and not self._fits(arr.shape):
+            raise ShapeMismatchError(
+                f"input has shape {list(arr.shape)}; application {self.name!r} expects {list(shape)}"
+                + (" (-1: any length)" if self.variable else ""))
         if kind in "iu" and dt.kind in "iu":
             info = np.iinfo(dt)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
@@ -519,18 +545,25 @@ class AppRoute:
         return got
 
     def nested_error(self, bad: tuple) -> ClipperError:
-        """The error for a nested-list input that :func:`framing.check_nested` refused before decoding."""
-        kind, depth, got, want = bad
-        if kind == 1:
-            where = "its first dimension" if depth == 0 else f"dimension {depth}"
-            return ShapeMismatchError(f"list input has {got} elements in {where}; application "
-                                      f"{self.name!r} expects shape {list(self.shape)}")
-        if kind == 2 or kind == 5:
-            return InvalidInputError(f"list input is not a regular array of numbers of shape {list(self.shape)} "
-                                     f"(a {'scalar' if kind == 2 else 'list or map'} at depth {depth}); "
-                                     f"application {self.name!r}")
-        return DTypeMismatchError(f"list input holds {_msgpack_kind(got)} values; application {self.name!r} "
-                                  f"expects {self.np_dtype.name}")
+        """The error of a list input's verdict (``framing.check_nested`` on its bytes, ``judge_list`` on
+        the decoded list): ``(code, detail)``."""
+        code, detail = bad
+        if code == 205:
+            n = detail * self.np_dtype.itemsize
+            return InputTooLargeError(f"list input of {detail} values ({n} bytes as {self.np_dtype.name}) exceeds "
+                                      f"max_input_bytes={self.max_input_bytes}")
+        if code == 201:
+            if detail == 0:
+                return InvalidInputError(f"list input nests arrays more than {_MAX_LIST_DIMS} deep; application "
+                                         f"{self.name!r} expects shape {list(self.shape)}")
+            return InvalidInputError(f"list input is ragged (its arrays at one depth differ in length, or hold "
+                                     f"arrays beside numbers): not an array; application {self.name!r} expects "
+                                     f"shape {list(self.shape)}")
+        if code == 203:
+            return DTypeMismatchError(f"list input holds {_msgpack_kind(detail)} values; application {self.name!r} "
+                                      f"expects {self.np_dtype.name}")
+        return ShapeMismatchError(f"input has shape {list(detail)}; application {self.name!r} expects "
+                                  f"{list(self.shape)}" + (" (-1: any length)" if self.variable else ""))
 
     # ------------------------------------------------------------ outcomes
     def expire(self, t: Ticket) -> None:
@@ -724,6 +757,16 @@ class AppRoute:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _label_kind(x) -> str:
+    if x is None:
+        return "nil"
+    if type(x) is dict:
+        return "a map"
+    if type(x) is float and not math.isfinite(x):
+        return "not finite"
+    return _kind(x)
 
 
 def _kind(x) -> str:
@@ -1223,11 +1266,12 @@ class QueryProcessor:
         self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         return _error_frame(req_id, tail)
 
-    def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray) -> int:
+    def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray, inflight=None) -> int:
         """After :meth:`shed` refused a frame with OVERLOADED: refuse the frames that follow it in
         ``items`` (one read of one connection) for the same application while the refusal holds, in
         one native pass (``framing.refuse_run``), their error frames appended to ``out``. Returns the
-        index of the first frame left for the whole way. Under overload most of a read is such a run,
+        index of the first frame left for the whole way (a frame whose id ``inflight`` holds is left
+        too: the whole way refuses it as a duplicate). Under overload most of a read is such a run,
         and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
         queue = route.queue
         now = time.monotonic_ns()
@@ -1241,7 +1285,7 @@ class QueryProcessor:
                 or (queue.refusing_kind == REFUSE_SLO and route.answer_ns > queue.refusing_budget_ns)):
             return start  # shed would admit (an idle model), or the hold was another app's SLO
         tail = route.overload_text(queue, queue.refusing_kind)[2]
-        end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out)
+        end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight)
         n = end - start
         if n:
             route.requests += n
@@ -1397,6 +1441,7 @@ class QueryProcessor:
             raise ShuttingDownError("the frontend is shutting down and takes no new feedback")
         route = self._route(app_name)
         x = route.check_input(x)
+        route.check_label(label)
         user = self._user(options)
         route.feedback += 1
         policy = route.policy
@@ -1495,6 +1540,12 @@ def _msgpack_kind(type_byte: int) -> str:
         return "bytes"
     if type_byte == 0xC0:
         return "nil"
+    if 0x80 <= type_byte <= 0x8F or type_byte in (0xDE, 0xDF):
+        return "map"
+    if type_byte in (0xCA, 0xCB):
+        return "float"
+    if 0xC7 <= type_byte <= 0xC9 or 0xD4 <= type_byte <= 0xD8:
+        return "ndarray"
     return f"msgpack 0x{type_byte:02x}"
 
 

@@ -41,10 +41,21 @@ Encodings of a batch or an output block:
 
 * ``"nd"``: ``meta = [typestr, shape]``; the payload is the raw C-order bytes
   of an array of that dtype and shape (for a batch, ``shape[0] == count``).
-* ``"vl"`` (batches of bytes or str inputs): ``meta = ["bytes" | "str"]``;
-  the payload is ``count + 1`` little-endian uint64 offsets followed by the
-  items' bytes, item ``i`` being ``data[offsets[i]:offsets[i+1]]`` (a str as
-  UTF-8).
+* ``"vl"``, batches of items of different sizes, in one buffer:
+
+  * bytes or str inputs: ``meta = ["bytes" | "str"]``; the payload is
+    ``count + 1`` little-endian uint64 offsets followed by the items' bytes,
+    item ``i`` being ``data[offsets[i]:offsets[i+1]]`` (a str as UTF-8);
+  * arrays whose shape has a free dimension (``-1``): ``meta = ["array",
+    typestr, ndim]``; the payload is ``count + 1`` little-endian uint64 byte
+    offsets into the data (the first 0, the last the data's length), then
+    ``count * ndim`` little-endian uint64 dimensions (item ``i``'s shape is
+    ``dims[i*ndim:(i+1)*ndim]``), then the data: item ``i`` is
+    ``data[offsets[i]:offsets[i+1]]``, its elements in C order. Each item's
+    byte length is ``prod(shape) * itemsize``. The data starts 8-byte aligned
+    (the header is whole uint64s) and each item at a multiple of the
+    itemsize, so a receiver takes each item as an aligned view
+    (``np.frombuffer``), no copy.
 * ``"mp"``: ``meta = None``; the payload is a msgpack array of ``count``
   items (numpy arrays inside as EXT_NDARRAY).
 """

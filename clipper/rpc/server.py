@@ -98,7 +98,7 @@ class Replica:
         self.dead = False
         self.last_seen_ns = self.connected_ns = time.monotonic_ns()
         self.batches_done = 0
-        self.variable = False  # its model's shape has a free dimension: batches go as a list of arrays
+        self.variable = False  # its model's shape has a free dimension: batches go as "vl" arrays
 
     @property
     def pid(self) -> int | None:
@@ -504,6 +504,10 @@ class ContainerServer:
             payload = framing.assemble_batch(inputs, first.nbytes)
             meta = [wire._TYPESTR[first.dtype].decode(), [n, *first.shape]]
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_NDARRAY, meta])
+        elif isinstance(first, np.ndarray):  # a shape with a free dimension: one buffer, offsets and shapes
+            payload = framing.assemble_arrays(inputs, first.ndim)
+            header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_VARLEN,
+                                    ["array", wire._TYPESTR[first.dtype].decode(), first.ndim]])
         elif type(first) is bytes or type(first) is str:  # an application's inputs are all one kind
             payload = framing.assemble_varlen(inputs)
             header = msgpack.packb([m.F_BATCH, batch.batch_id, n, m.ENC_VARLEN,

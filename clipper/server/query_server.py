@@ -56,8 +56,10 @@ class QueryConnection(ClientConnection):
         self.reader = framing.FrameReader(server.limits.max_frame_bytes)
         self.unpack = server.unpack
         self.pack = server.packer.pack
-        self.pending = 0
+        self.pending = 0  # PREDICTs and FEEDBACKs awaiting their reply (max_pending_per_connection)
+        self.inflight = framing.IdSet()  # ... their ids: a request reusing one is refused (DUPLICATE_REQUEST_ID)
         self.version = wire.PROTOCOL_VERSION
+        self.negotiated = False  # a HELLO was answered HELLO_OK: the version is fixed from then on
         self._out: list = []
         self._out_bytes = 0  # bytes in _out
         self._flush_scheduled = False
@@ -124,11 +126,12 @@ class QueryConnection(ClientConnection):
         n = len(items)
         i = start
         route = self.processor.refusing_route
-        if route is not None and i < n and (self.allowed is None or route.name in self.allowed):
+        if (route is not None and i < n and (self.allowed is None or route.name in self.allowed)
+                and self.pending < self.max_pending):
             # admission refuses that application's queries at the moment: a read that starts with some
             # is refused up to its first other frame in one native pass, before any Python per frame
             out = bytearray()
-            i = self.processor.shed_run(route, items, i, out)
+            i = self.processor.shed_run(route, items, i, out, self.inflight)
             if out:
                 self._queue(out)
         while i < n:
@@ -150,9 +153,10 @@ class QueryConnection(ClientConnection):
                 route = self._shedding
                 if route is not None:  # admission refused it at the head: refuse the run that follows at once
                     self._shedding = None
-                    if i < n and (self.allowed is None or route.name in self.allowed):
+                    if (i < n and (self.allowed is None or route.name in self.allowed)
+                            and self.pending < self.max_pending):
                         out = bytearray()
-                        i = self.processor.shed_run(route, items, i, out)
+                        i = self.processor.shed_run(route, items, i, out, self.inflight)
                         if out:
                             self._queue(out)
 
@@ -215,6 +219,8 @@ class QueryConnection(ClientConnection):
         if type(req_id) is not int or req_id < 0:
             return self._write_error(None, E.MalformedFrameError(
                 f"request id {_brief(req_id)} is not an unsigned integer"))
+        if req_id in self.inflight:
+            return self._write_error(req_id, self._duplicate(req_id))
         kind = msg[0]
         try:
             if kind == _PREDICT:
@@ -223,11 +229,12 @@ class QueryConnection(ClientConnection):
                 allowed = self.allowed
                 if allowed is not None and msg[2] not in allowed:
                     raise self._refused(msg[2])
-                self._admit()
+                self._admit(req_id)
                 try:
                     self.processor.predict(self, req_id, msg[2], msg[3], msg[4] if len(msg) > 4 else None)
                 except BaseException:
                     self.pending -= 1
+                    self.inflight.discard(req_id)
                     raise
             elif kind == wire.PING:
                 self._write(wire.pong(req_id))
@@ -274,13 +281,16 @@ class QueryConnection(ClientConnection):
           of nested lists costs a scan, not a million Python objects.
         """
         kind, req_id, app, offset, is_list = head
+        if req_id in self.inflight:
+            self._write_error(req_id, self._duplicate(req_id))
+            return True
         allowed = self.allowed
         if allowed is not None and app not in allowed:
             self._write_error(req_id, self._refused(app))
             return True
         route = self.processor.routes.get(app)
-        if route is None:
-            return False
+        if route is None or self.pending >= self.max_pending or self.processor.draining:
+            return False  # (refused by the whole way, in the order of docs/protocol.md section 4)
         if kind == _PREDICT:
             frame = self.processor.shed(route, req_id, len(body), self)
             if frame is not None:
@@ -296,10 +306,10 @@ class QueryConnection(ClientConnection):
                 if x is not None:
                     self._predict_array(req_id, route, x)
                     return True
-        if not is_list or route.np_dtype is None or route.variable:  # (a free dimension: judged in full)
+        if not is_list or route.np_dtype is None:
             return False
-        bad = _check_nested(body, offset, route.shape)
-        if bad is None or bad[0] == 4:  # a fit, or for the full decoder to judge
+        bad = _check_nested(body, offset, route.shape, route.np_dtype.itemsize, route.max_input_bytes, route.int_app)
+        if bad is None or bad[0] == 0:  # it passes (the decoder converts it), or for the full decoder to judge
             return False
         if kind == _PREDICT:
             route.requests += 1
@@ -309,11 +319,12 @@ class QueryConnection(ClientConnection):
 
     def _predict_array(self, req_id: int, route, x) -> None:
         try:
-            self._admit()
+            self._admit(req_id)
             try:
                 self.processor.predict_array(self, req_id, route, x)
             except BaseException:
                 self.pending -= 1
+                self.inflight.discard(req_id)
                 raise
         except E.ClipperError as exc:
             self._write_error(req_id, exc)
@@ -321,21 +332,41 @@ class QueryConnection(ClientConnection):
             log.exception("internal error on request %s", req_id)
             self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _admit(self) -> None:
-        """Count one more request awaiting its reply, within max_pending_per_connection."""
+    def _admit(self, req_id: int) -> None:
+        """Count one more PREDICT or FEEDBACK awaiting its reply, within max_pending_per_connection, and
+        hold its id until the reply (the caller has checked that no request in flight holds it)."""
         if self.pending >= self.max_pending:
             raise E.LimitExceededError(
                 f"{self.pending} requests are pending on this connection; "
                 f"max_pending_per_connection is {self.max_pending}")
         self.pending += 1
+        self.inflight.add(req_id)
+
+    def _duplicate(self, req_id: int) -> E.ClipperError:
+        return E.DuplicateRequestIdError(
+            f"request id {req_id} is held by a request still awaiting its reply on this connection; "
+            f"an id may be used again only once its reply has arrived")
 
     def _on_hello(self, req_id: int, msg: list) -> None:
-        opts = msg[2] if len(msg) > 2 and isinstance(msg[2], dict) else {}
-        offered = opts.get("versions", [wire.PROTOCOL_VERSION])
-        if not isinstance(offered, list):
+        """HELLO (docs/protocol.md section 7): ``info`` a map with ``versions`` (required). The first
+        HELLO answered HELLO_OK fixes the version; a later one (to authenticate again) must offer it."""
+        if len(msg) < 3 or type(msg[2]) is not dict:
+            raise E.MalformedFrameError("HELLO is [0, id, info] with info a map")
+        opts = msg[2]
+        if "versions" not in opts:
+            raise E.MalformedFrameError("HELLO info lacks \"versions\" (required): an array of the protocol "
+                                        "versions the client speaks")
+        offered = opts["versions"]
+        if type(offered) is not list:
             raise E.MalformedFrameError("HELLO versions must be an array of integers")
         # Only integers count: an array among them would compare elementwise.
         common = [v for v in offered if type(v) is int and v in wire.SUPPORTED_VERSIONS]
+        if self.negotiated:
+            if self.version not in common:
+                raise E.UnsupportedVersionError(
+                    f"this connection speaks protocol version {self.version} since its first HELLO; a later HELLO "
+                    f"must offer it (it offers {_brief(offered)}); nothing was changed")
+            common = [self.version]
         if not common:
             raise E.UnsupportedVersionError(
                 f"client offers protocol versions {_brief(offered)}; this server speaks "
@@ -348,6 +379,7 @@ class QueryConnection(ClientConnection):
                     return
             authenticated = self.grant is not None and not self.grant.revoked
         self.version = max(common)
+        self.negotiated = True
         lim = self.server.limits
         self._write(wire.hello_ok(req_id, self.version, self.server.server_name, {
             "max_frame_bytes": lim.max_frame_bytes,
@@ -405,16 +437,18 @@ class QueryConnection(ClientConnection):
         allowed = self.allowed
         if allowed is not None and msg[2] not in allowed:
             raise self._refused(msg[2])
-        self._admit()
+        self._admit(req_id)
         try:
             self.processor.feedback(self, req_id, msg[2], msg[3], msg[4], msg[5] if len(msg) > 5 else None)
         except BaseException:
             self.pending -= 1
+            self.inflight.discard(req_id)
             raise
 
     # ------------------------------------------------------------ replies
     def send_result(self, req_id, query_id, output, is_default, extra) -> None:
         self.pending -= 1
+        self.inflight.discard(req_id)
         if self.closed:
             return
         pack = self.pack
@@ -430,11 +464,13 @@ class QueryConnection(ClientConnection):
 
     def send_feedback_ok(self, req_id, info: dict | None) -> None:
         self.pending -= 1
+        self.inflight.discard(req_id)
         if not self.closed:
             self._write(wire.feedback_ok(req_id, info))
 
     def send_error(self, req_id, exc: E.ClipperError) -> None:
         self.pending -= 1
+        self.inflight.discard(req_id)
         if not self.closed:
             self._write_error(req_id, exc)
 

@@ -12,7 +12,15 @@ objects:
 
 * ``{"$ndarray": {"dtype": "<f4", "shape": [2, 2], "values": [...]}}`` -- an
   EXT_NDARRAY array; ``values`` lists the elements in C order (flat);
-* ``{"$bin": "89504e47"}`` -- msgpack bin (bytes), as hex.
+* ``{"$bin": "89504e47"}`` -- msgpack bin (bytes), as hex;
+* ``{"$ext": {"type": 1, "hex": "..."}}`` -- a raw msgpack extension value
+  (for a payload the codec refuses to build, such as an ndarray of 33
+  dimensions).
+
+A reply vector may name the request it ``answers`` (its code, name and id
+are what a server sends that request: tests/test_vectors.py checks them on a
+live server); a request the decoder refuses names the error code in
+``decode_error``.
 
 Every vector gives the message twice: ``message`` is the msgpack array in
 order, ``fields`` names the same values as docs/protocol.md names them.
@@ -25,6 +33,7 @@ import json
 import sys
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -349,12 +358,182 @@ VECTORS = [
         },
         "description": "Request 13 arrived while the server was draining.",
     },
+    # ---- the rules of docs/protocol.md that leave nothing to guess. Each request has the reply a server
+    # gives it ("answers"), in the context "context" names; tests/test_vectors.py checks them on a live server.
+    {
+        "name": "predict_ragged",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 20, "app": "digits", "input": [[1, 2], [3]]},
+        "description": "A ragged list input (its arrays at one depth differ in length): not an array at all.",
+    },
+    {
+        "name": "error_ragged",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "predict_ragged",
+        "fields": {"id": 20, "code": 201, "name": "INVALID_INPUT",
+                   "message": "list input is ragged (its arrays at one depth differ in length, or hold arrays beside "
+                   "numbers): not an array; application 'digits' expects shape [2, 2]"},
+        "description": "A ragged list is INVALID_INPUT (201), never SHAPE_MISMATCH: its structure is judged before "
+        "its dtype and shape (section 4).",
+    },
+    {
+        "name": "predict_dtype_and_shape",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 21, "app": "digits", "input": nd("<f8", [3], [1.0, 2.0, 3.0])},
+        "description": "An array input of both the wrong dtype (float64) and the wrong shape ([3]).",
+    },
+    {
+        "name": "error_dtype_before_shape",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "predict_dtype_and_shape",
+        "fields": {"id": 21, "code": 203, "name": "DTYPE_MISMATCH",
+                   "message": "input has dtype float64; application 'digits' expects float32"},
+        "description": "Several rules broken: the first in the order of section 4 wins (dtype before shape).",
+    },
+    {
+        "name": "predict_too_large",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 22, "app": "digits", "input": list(range(17))},
+        "description": "A list input of 17 numbers (68 bytes as float32), also of the wrong shape.",
+    },
+    {
+        "name": "error_too_large",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "predict_too_large",
+        "fields": {"id": 22, "code": 205, "name": "INPUT_TOO_LARGE",
+                   "message": "list input of 17 values (68 bytes as float32) exceeds max_input_bytes=64"},
+        "description": "Size is judged before structure, dtype and shape: INPUT_TOO_LARGE (205), not "
+        "SHAPE_MISMATCH (with max_input_bytes = 64).",
+    },
+    {
+        "name": "predict_ndim_33",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "decode_error": 105,
+        "fields": {"id": 26, "app": "digits", "input": {"$ext": {"type": 1, "hex": "033c6634210000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000000100000001000000010000803f"}}},
+        "description": "An EXT_NDARRAY with ndim 33 (each dimension 1, one float32): past MAX_NDIM, so the frame "
+        "cannot be decoded.",
+    },
+    {
+        "name": "error_ndim_limit",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "predict_ndim_33",
+        "fields": {"id": None, "code": 105, "name": "LIMIT_EXCEEDED",
+                   "message": "ndarray has 33 dimensions; at most 32 allowed"},
+        "description": "ndim above 32 is a decoding limit: LIMIT_EXCEEDED (105) with a nil id, as every decoding "
+        "limit (section 5).",
+    },
+    {
+        "name": "hello_without_versions",
+        "direction": CLIENT_TO_SERVER,
+        "type": "HELLO",
+        "fields": {"id": 23, "info": {"client": "example-client/1.0"}},
+        "description": "A HELLO without its required \"versions\".",
+    },
+    {
+        "name": "error_hello_without_versions",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "hello_without_versions",
+        "fields": {"id": 23, "code": 101, "name": "MALFORMED_FRAME",
+                   "message": "HELLO info lacks \"versions\" (required): an array of the protocol versions the "
+                   "client speaks"},
+        "description": "A HELLO without versions is MALFORMED_FRAME (101) with its id; nothing is negotiated.",
+    },
+    {
+        "name": "hello_again",
+        "direction": CLIENT_TO_SERVER,
+        "type": "HELLO",
+        "fields": {"id": 24, "info": {"versions": [2], "client": "example-client/1.0"}},
+        "description": "A second HELLO, after the first was answered HELLO_OK with version 1, offering only "
+        "version 2.",
+    },
+    {
+        "name": "error_hello_again",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "hello_again",
+        "fields": {"id": 24, "code": 103, "name": "UNSUPPORTED_VERSION",
+                   "message": "this connection speaks protocol version 1 since its first HELLO; a later HELLO must "
+                   "offer it (it offers [2]); nothing was changed"},
+        "description": "The first HELLO_OK fixes the version; a later HELLO (to authenticate again) must offer it, "
+        "else UNSUPPORTED_VERSION (103) and nothing changes (section 7).",
+    },
+    {
+        "name": "predict_duplicate_id",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 1, "app": "digits", "input": [[5, 6], [7, 8]]},
+        "description": "A PREDICT with id 1 sent while the PREDICT of vector predict_list_1 (id 1) still awaits "
+        "its reply on the same connection.",
+    },
+    {
+        "name": "predict_list_1",
+        "direction": CLIENT_TO_SERVER,
+        "type": "PREDICT",
+        "fields": {"id": 1, "app": "digits", "input": [[1, 2], [3, 4]]},
+        "description": "A query with id 1 (in the live check, its model takes half a second to answer).",
+    },
+    {
+        "name": "error_duplicate_id",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "predict_duplicate_id",
+        "fields": {"id": 1, "code": 106, "name": "DUPLICATE_REQUEST_ID",
+                   "message": "request id 1 is held by a request still awaiting its reply on this connection; an "
+                   "id may be used again only once its reply has arrived"},
+        "description": "The duplicate is refused at once; the earlier request 1 is unaffected and gets its own "
+        "RESULT later (section 6).",
+    },
+    {
+        "name": "feedback_over_pending_limit",
+        "direction": CLIENT_TO_SERVER,
+        "type": "FEEDBACK",
+        "fields": {"id": 27, "app": "digits", "input": [[1, 2], [3, 4]], "label": 3},
+        "description": "Feedback sent while the connection already has max_pending_per_connection requests "
+        "awaiting replies (here 1: the PREDICT of vector predict_list_1).",
+    },
+    {
+        "name": "error_pending_limit",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "feedback_over_pending_limit",
+        "fields": {"id": 27, "code": 105, "name": "LIMIT_EXCEEDED",
+                   "message": "1 requests are pending on this connection; max_pending_per_connection is 1"},
+        "description": "FEEDBACK counts against max_pending_per_connection as PREDICT does (section 6).",
+    },
+    {
+        "name": "feedback_nil_label",
+        "direction": CLIENT_TO_SERVER,
+        "type": "FEEDBACK",
+        "fields": {"id": 25, "app": "digits", "input": [[1, 2], [3, 4]], "label": None},
+        "description": "Feedback whose label is nil.",
+    },
+    {
+        "name": "error_invalid_label",
+        "direction": SERVER_TO_CLIENT,
+        "type": "ERROR",
+        "answers": "feedback_nil_label",
+        "fields": {"id": 25, "code": 212, "name": "INVALID_LABEL",
+                   "message": "label None (nil) does not fit application 'digits', whose output_kind is 'auto': "
+                   "expected a class (an integer or a str), a finite number, or a vector of finite numbers"},
+        "description": "A label that does not fit the application's output kind is INVALID_LABEL (212) (section 3).",
+    },
 ]
 
 
 # ------------------------------------------------------------------ conversion
 def from_json(value):
     """The Python value (as the reference codec takes it) of a JSON description."""
+    if isinstance(value, dict) and set(value) == {"$ext"}:
+        return msgpack.ExtType(value["$ext"]["type"], bytes.fromhex(value["$ext"]["hex"]))
     if isinstance(value, dict):
         if set(value) == {"$ndarray"}:
             spec = value["$ndarray"]
@@ -398,7 +577,7 @@ def render() -> dict[str, bytes]:
         data = encode(vector)
         file = f"{vector['name']}.bin"
         files[file] = data
-        entries.append({
+        entry = {
             "name": vector["name"],
             "file": file,
             "direction": vector["direction"],
@@ -408,12 +587,18 @@ def render() -> dict[str, bytes]:
             "fields": vector["fields"],
             "message": message_json(vector),
             "hex": data.hex(),
-        })
+        }
+        for key in ("answers", "decode_error"):
+            if key in vector:
+                entry[key] = vector[key]
+        entries.append(entry)
     doc = {
         "protocol_version": wire.PROTOCOL_VERSION,
         "format": "each .bin file is one complete frame: 4-byte big-endian body length, then the "
         "msgpack body. '$ndarray' = EXT_NDARRAY (values flat, C order); '$bin' = msgpack bin "
-        "as hex. The bytes are the reference encoder's (shortest int and length forms, floats "
+        "as hex; '$ext' = a raw msgpack extension (type, payload as hex). 'answers': the request a reply "
+        "vector answers (a live server's reply has its id, code and name); 'decode_error': the code a "
+        "request the decoder refuses gets. The bytes are the reference encoder's (shortest int and length forms, floats "
         "as float64, map keys in the order listed); a decoder must accept any valid msgpack "
         "form of the same message.",
         "field_order": {name: list(order) for name, order in FIELDS.items()},
