@@ -76,6 +76,8 @@ def payload_value(name: str):
         return np.array(spec["values"], dtype=spec["dtype"]).reshape(spec["shape"])
     if kind == "vl":
         return [to_value(x) for x in spec["items"]]
+    if kind == "vla":
+        return [np.array(it["values"], dtype=spec["dtype"]).reshape(it["shape"]) for it in spec["items"]]
     return to_value(spec)
 
 
@@ -109,6 +111,11 @@ def test_each_vector_decodes_to_what_it_describes(name):
     if encoding == m.ENC_NDARRAY:
         arr = np.frombuffer(fs[1], dtype=wire.ALLOWED_DTYPES[meta[0]]).reshape(meta[1])
         assert meta[1][0] == count and same(arr, expected)
+    elif encoding == m.ENC_VARLEN and meta[0] == "array":
+        got = rt_mod.split_arrays(fs[1], count, meta[1], meta[2])
+        assert len(got) == count and all(same(a, b) for a, b in zip(got, expected, strict=True))
+        offsets = np.frombuffer(fs[1], "<u8", count + 1)
+        assert offsets[0] == 0 and len(fs[1]) == 8 * (count + 1 + count * meta[2]) + int(offsets[-1])
     elif encoding == m.ENC_VARLEN:
         assert rt_mod.split_varlen(fs[1], count, meta[0] == "str") == expected
         offsets = np.frombuffer(fs[1], "<u8", count + 1)
@@ -247,7 +254,7 @@ def test_the_frontend_speaks_the_vectors(rpc_server):
     assert (event, batch_id) == ("deliver", 9)
     assert same(list(outputs), list(payload_value("c_result_nd_2d")))
     mp_inputs = [np.array([0.5, 1.5], np.float32), np.array([1, 2, 3], np.float32)]
-    assert round_trip("f_batch_mp", mp_inputs, "c_result_mp", variable=True) == (
+    assert round_trip("f_batch_vl_array", mp_inputs, "c_result_mp", variable=True) == (
         "deliver", 10, ["cat", {"p": 0.25, "label": 3}])
 
     # heartbeats: the frontend's, and the container's counts as being heard
@@ -339,12 +346,12 @@ def test_the_container_sdk_speaks_the_vectors(router, monkeypatch):
         assert hello == frames("c_hello")
         router.send_multipart([ident, *frames("f_welcome")])
         for batch, answer in (("f_batch_nd_f4", "c_result_nd_f8"), ("f_batch_vl_str", "c_error"),
-                              ("f_batch_vl_bytes", "c_result_nd_2d"), ("f_batch_mp", "c_result_mp")):
+                              ("f_batch_vl_bytes", "c_result_nd_2d"), ("f_batch_vl_array", "c_result_mp")):
             router.send_multipart([ident, *frames(batch)])
             assert _recv(router)[1:] == frames(answer), batch
         assert same(seen[0], payload_value("f_batch_nd_f4"))
         assert seen[1] == ["h\u00e9llo", "", "ab"] and seen[2] == [b"\x00\xff", b"png"]
-        assert all(same(np.array(a), b) for a, b in zip(seen[3], payload_value("f_batch_mp"), strict=True))
+        assert all(same(np.array(a), b) for a, b in zip(seen[3], payload_value("f_batch_vl_array"), strict=True))
         assert rt.heartbeat_interval == 1.0 and rt._links[0].timeout == 5.0 and rt.replica_id == 1
         # its own heartbeat, once an interval has passed since it connected
         assert _recv(router, 3000, heartbeats=True)[1:] == frames("c_heartbeat")

@@ -14,6 +14,7 @@ frame 1, when there is one:
 * ``{"vl": {"kind": "str" | "bytes", "items": [...]}}``: count + 1 uint64
   offsets, then the items' bytes (bytes items as ``{"$bin": hex}``);
 * ``{"mp": [...]}``: a msgpack array, numpy arrays inside as EXT_NDARRAY
+* ``{"vla": {"dtype", "items": [{"shape", "values"}]}}``: arrays of one dtype and any shapes, as one buffer
   (``{"$ndarray": {...}}``, docs/protocol.md section 5).
 
 The bytes are built here from the spec's rules (msgpack for headers, numpy
@@ -96,11 +97,12 @@ VECTORS = [
     {"name": "c_result_nd_2d", "type": "C_RESULT", "header": [3, 9, 2, "nd", ["<f4", [2, 3]]],
      "payload": nd("<f4", [2, 3], [2, 0, 255, 3, 112, 103]),
      "description": "The answer to batch 9: a float32 vector of 3 per input (output i is row i)."},
-    {"name": "f_batch_mp", "type": "F_BATCH", "header": [2, 10, 2, "mp", None],
-     "payload": {"mp": [{"$ndarray": {"dtype": "<f4", "shape": [2], "values": [0.5, 1.5]}},
-                        {"$ndarray": {"dtype": "<f4", "shape": [3], "values": [1, 2, 3]}}]},
+    {"name": "f_batch_vl_array", "type": "F_BATCH", "header": [2, 10, 2, "vl", ["array", "<f4", 1]],
+     "payload": {"vla": {"dtype": "<f4", "items": [{"shape": [2], "values": [0.5, 1.5]},
+                                                  {"shape": [3], "values": [1, 2, 3]}]}},
      "description": "Batch 10, for a model deployed with input shape [-1] (a dimension of any length): two "
-                    "float32 vectors of different lengths, as one msgpack array of EXT_NDARRAY arrays."},
+                    "float32 vectors of different lengths in one buffer: 3 byte offsets, 2 x 1 dimensions "
+                    "(uint64 little-endian), then the data."},
     {"name": "c_result_mp", "type": "C_RESULT", "header": [3, 10, 2, "mp", None],
      "payload": {"mp": ["cat", {"p": 0.25, "label": 3}]},
      "description": "The answer to batch 10 as a msgpack array of 2 outputs (any msgpack values)."},
@@ -146,6 +148,14 @@ def payload_bytes(payload: dict) -> bytes:
         return struct.pack(f"<{len(offsets)}Q", *offsets) + b"".join(data)
     if kind == "mp":
         return wire.pack(to_value(spec))
+    if kind == "vla":  # arrays of one dtype, any shapes: offsets, dimensions, data
+        arrays = [np.array(it["values"], dtype=np.dtype(spec["dtype"])).reshape(it["shape"]) for it in spec["items"]]
+        offsets = [0]
+        for a in arrays:
+            offsets.append(offsets[-1] + a.nbytes)
+        dims = [d for a in arrays for d in a.shape]
+        return (struct.pack(f"<{len(offsets)}Q", *offsets) + struct.pack(f"<{len(dims)}Q", *dims)
+                + b"".join(a.tobytes() for a in arrays))
     raise ValueError(kind)
 
 
