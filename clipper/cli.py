@@ -420,9 +420,10 @@ def _print_status(st: dict, prev: dict | None, dt: float) -> None:
 
 def _model_file_opts(sp) -> None:
     """``--onnx FILE`` and its siblings (clipper.deployers), shared by deploy and test-model."""
-    for kind, what in (("onnx", "an ONNX model (onnxruntime)"), ("sklearn", "a scikit-learn model (.skops, or a "
-                       "trusted .joblib/.pkl)"), ("xgboost", "an XGBoost booster (.json/.ubj)"),
-                       ("lightgbm", "a LightGBM booster (.txt)"), ("torch", "a PyTorch model (.pt2 or TorchScript)")):
+    for kind, what in (("onnx", "an ONNX model (onnxruntime)"),
+                       ("sklearn", "a scikit-learn model (.skops, or a trusted .joblib/.pkl)"),
+                       ("xgboost", "an XGBoost booster (.json/.ubj)"), ("lightgbm", "a LightGBM booster (.txt)"),
+                       ("torch", "a PyTorch model (.pt2 or TorchScript)")):
         sp.add_argument(f"--{kind}", metavar="FILE", default=None, help=f"{what}; pip install 'clipper-serving[{kind}]'")
     sp.add_argument("--output", choices=("label", "probabilities", "vector", "number"), default=None,
                     help="a model file's output kind (default: what the model is, e.g. label for a classifier)")

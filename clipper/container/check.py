@@ -28,7 +28,7 @@ from ..rpc import messages as m
 from ..selection.combine import detect_kind
 from .runtime import decode_batch, encode_outputs, load_predictor, rss_bytes
 
-__all__ = ["load_inputs", "run_batch", "check_model", "main_test_model"]
+__all__ = ["check_model", "load_inputs", "main_test_model", "run_batch"]
 
 MAX_CALLS = 100_000
 
@@ -91,7 +91,7 @@ def _frames(inputs: list) -> tuple[str, object, bytes]:
 def _decode_outputs(reply: list, count: int) -> list:
     """The outputs of a reply, decoded as the frontend's RPC server decodes them."""
     header = msgpack.unpackb(reply[0])
-    _, _, n, encoding, meta = header
+    _, _, _, encoding, meta = header
     payload = bytes(reply[1]) if len(reply) > 1 else b""
     if encoding == m.ENC_NDARRAY:
         typestr, shape = meta

@@ -24,7 +24,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -126,7 +126,7 @@ class FileModel:
 
     kind = ""
     extra = ""
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, path: str | None = None, output: str | None = None, options: dict | None = None) -> None:
         path = path if path is not None else os.environ.get(ENV_FILE)

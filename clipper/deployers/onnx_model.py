@@ -123,11 +123,17 @@ def _input_signature(sess, input_dtype=None, input_shape=None):
     return inp.name, dtype, shape, per_item, shape
 
 
+def _one_per_input(shape) -> bool:
+    """A shape of one value per input: [N] or [N, 1]."""
+    shape = list(shape or [])
+    return len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+
+
 def _output_signature(sess, output=None, output_name=None):
     """(output name, output kind) chosen from the session's outputs (see the module's docstring)."""
     outs = sess.get_outputs()
     by_name = {o.name: o for o in outs}
-    labels = [o for o in outs if o.type in _LABEL_TYPES and len(o.shape or []) <= 2]
+    labels = [o for o in outs if o.type in _LABEL_TYPES and _one_per_input(o.shape)]
     probs = [o for o in outs if o.type.startswith("seq(map(") or (o.type in _FLOAT_TYPES and len(o.shape or []) == 2)]
     if output_name is not None:
         if output_name not in by_name:
@@ -139,16 +145,14 @@ def _output_signature(sess, output=None, output_name=None):
             elif o.type.startswith("seq(map("):
                 output = "probabilities"
             else:
-                output = "number" if len(o.shape or []) == 1 or (o.shape or [0])[-1] == 1 else "vector"
+                output = "number" if _one_per_input(o.shape) else "vector"
         return o.name, output
     classifier = bool(labels) and bool(probs) and labels[0] is not probs[0]
     if output is None:
         if classifier or (labels and len(outs) == 1):
             output = "label"
         else:
-            o = outs[0]
-            shape = o.shape or []
-            output = "number" if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1) else "vector"
+            output = "number" if _one_per_input(outs[0].shape) else "vector"
     if output == "label":
         if not labels:
             raise InvalidConfigError(f"the ONNX model has no label output (outputs: "
@@ -209,7 +213,7 @@ class OnnxModel(FileModel):
             x = batch
         if self._per_item:
             parts = [self._run(self._outputs, {self._input: x[i:i + 1]})[0] for i in range(n)]
-            out = sum((list(p) for p in parts), []) if isinstance(parts[0], list) else np.concatenate(parts)
+            out = [v for p in parts for v in p] if isinstance(parts[0], list) else np.concatenate(parts)
         else:
             out = self._run(self._outputs, {self._input: x})[0]
         return self._convert(out, n)

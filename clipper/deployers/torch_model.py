@@ -94,7 +94,11 @@ def inspect_torch(path, *, input_dtype: str | None = None, input_shape=None, out
                                      "input_shape=...), or save the model with torch.export")
         input_dtype = input_dtype or "float32"
     shape = tuple(int(d) for d in input_shape)
-    probe = _run(module, np.zeros((2, *shape), dtype=input_dtype))
+    try:
+        probe = _run(module, np.zeros((2, *shape), dtype=input_dtype))
+    except Exception as exc:
+        raise InvalidConfigError(f"the model cannot take a batch of {input_dtype}{list(shape)}: "
+                                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}") from None
     if len(probe) != 2:
         raise InvalidConfigError(f"the model answered {len(probe)} rows for a batch of 2 inputs {list(shape)}")
     if output is None:
