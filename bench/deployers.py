@@ -55,8 +55,9 @@ def log(args, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def build_models(folder: Path) -> dict:
-    """Digits models of every installed kind, trained here: kind -> (path, raw call(batch), deploy options)."""
+def build_models(folder: Path, kinds=("onnx", "xgboost", "lightgbm", "torch")) -> dict:
+    """Digits models of every installed kind (sklearn and ``kinds``), trained here:
+    kind -> (path, raw call(batch), deploy options)."""
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
@@ -69,6 +70,8 @@ def build_models(folder: Path) -> dict:
     sio.dump(logreg, folder / "digits.skops")
     out["sklearn"] = (folder / "digits.skops", logreg.predict, {})
     try:
+        if "onnx" not in kinds:
+            raise ImportError
         import onnxruntime as ort
         from skl2onnx import to_onnx
 
@@ -83,6 +86,8 @@ def build_models(folder: Path) -> dict:
     except ImportError:
         pass
     try:
+        if "xgboost" not in kinds:
+            raise ImportError
         import xgboost as xgb
 
         clf = xgb.XGBClassifier(n_estimators=20, max_depth=4, n_jobs=1).fit(X, y)
@@ -93,6 +98,8 @@ def build_models(folder: Path) -> dict:
     except ImportError:
         pass
     try:
+        if "lightgbm" not in kinds:
+            raise ImportError
         import lightgbm as lgb
 
         clf = lgb.LGBMClassifier(n_estimators=20, num_leaves=15, n_jobs=1, verbose=-1).fit(X, y)
@@ -102,6 +109,8 @@ def build_models(folder: Path) -> dict:
     except ImportError:
         pass
     try:
+        if "torch" not in kinds:
+            raise ImportError
         import torch
 
         torch.manual_seed(0)
@@ -243,6 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32, 128])
     p.add_argument("--overhead-s", type=float, default=0.3, help="seconds per in-process timing")
     p.add_argument("--skip-served", action="store_true")
+    p.add_argument("--kinds", default="onnx,xgboost,lightgbm,torch",
+                   help="deployers timed beside sklearn (those installed); the served part needs onnx")
     p.add_argument("--ready-timeout", type=float, default=90.0)
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -252,7 +263,7 @@ def main(argv=None) -> int:
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="clipper-bench-deployers-") as tmp:
         tmp = Path(tmp)
-        built = build_models(tmp)
+        built = build_models(tmp, tuple(args.kinds.split(",")))
         report["overhead"] = measure_overhead(args, built)
         if not args.skip_served:
             report["served"] = measure_served(args, built, tmp)

@@ -430,3 +430,19 @@ def test_hello_load_figures_are_bounded():
                 {"rss_bytes": 1.5}, {"rss_bytes": [1]}):
         with pytest.raises(HelloError, match="load_ms|rss_bytes"):
             parse_hello([m.C_HELLO, m.RPC_VERSION, {**base, **bad}])
+
+
+# ------------------------------------------------------------ bench
+def test_bench_deployers_overhead_runs(tmp_path):
+    """bench/deployers.py's in-process part, briefly (its served part is the frontend's, measured for real)."""
+    pytest.importorskip("skl2onnx")
+    from bench.deployers import main
+
+    out = tmp_path / "deployers.json"
+    assert main(["--skip-served", "--kinds", "onnx", "--overhead-s", "0.002", "--batch-sizes", "1,4", "--quiet",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"sklearn", "onnx"} <= set(report["overhead"])
+    for kind, r in report["overhead"].items():
+        assert [row["batch_size"] for row in r["sizes"]] == [1, 4], kind
+        assert all(row["framework_us"] > 0 and row["deployer_us"] > 0 for row in r["sizes"]), kind
