@@ -340,6 +340,10 @@ def test_onnx_input_dtype_shape_and_batch_dimension_are_read_from_the_model(tmp_
     # integer inputs keep their dtype; the identity is a vector
     d = inspect_model_file("onnx", _onnx_file(tmp_path / "i.onnx", ["n", 7], ["n", 7], in_type=TensorProto.INT64))
     assert (d.input_dtype, d.input_shape, d.output_kind) == ("int64", (7,), "vector")
+    # one string per query: Clipper's str inputs, string labels out
+    d = inspect_model_file("onnx", _onnx_file(tmp_path / "s.onnx", ["n"], ["n"], in_type=TensorProto.STRING))
+    assert (d.input_dtype, d.input_shape, d.output_kind) == ("str", (), "label")
+    assert predictor_for(d).predict(["cat", "dog"]) == ["cat", "dog"]
     with pytest.raises(InvalidConfigError, match="fixed first dimension 4"):
         inspect_model_file("onnx", _onnx_file(tmp_path / "d.onnx", [4, 5], [4]))
     free = _onnx_file(tmp_path / "e.onnx", ["n", "m"], ["n"])

@@ -2,11 +2,12 @@
 
 A booster's raw prediction is, by its objective: a row of class
 probabilities (multi-class), the positive class's probability (binary), a
-class index as a float (XGBoost's ``multi:softmax``), or a number. Classifiers
+class index as a float (XGBoost's ``multi:softmax``), a number, or a row of
+numbers (a multi-target regressor). Classifiers
 answer ``label`` by default (the class index, as the framework's scikit-learn
 wrapper's ``predict`` does), or ``probabilities`` (a row per input; a binary
-model's is ``[1 - p, p]``); anything else answers ``number`` (``vector``
-for several targets).
+model's is ``[1 - p, p]``); anything else answers ``number``, or ``vector`` for
+several targets.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ FAMILIES = {
     "multiclass": ("label",),
     "binary": ("label", "probabilities", "number"),
     "other": ("number", "vector"),
+    "multitarget": ("vector",),
 }
 
 

@@ -37,13 +37,16 @@ def load_booster(path: str, nthread: int = 1):
 
 def family(booster) -> tuple[str, str]:
     """(output family, objective name) of a booster."""
-    objective = json.loads(booster.save_config())["learner"]["objective"]["name"]
+    learner = json.loads(booster.save_config())["learner"]
+    objective = learner["objective"]["name"]
     if objective == "multi:softprob":
         return "multiprob", objective
     if objective == "multi:softmax":
         return "multiclass", objective
     if objective == "binary:logistic":
         return "binary", objective
+    if int(learner.get("learner_model_param", {}).get("num_target", "1")) > 1:
+        return "multitarget", objective
     return "other", objective
 
 
