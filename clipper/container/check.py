@@ -162,11 +162,11 @@ def main_test_model(args, model_file, options: dict) -> int:
     if model_file is not None:
         from ..deployers import inspect_model_file, predictor_for
 
+        t0 = time.perf_counter()  # from the framework's import on, as a container's load time counts
         d = inspect_model_file(model_file[0], model_file[1], input_dtype=dtype, input_shape=shape,
                                output=args.output, options=options, trusted_types=args.trust_type,
                                trust_pickle=args.trust_pickle)
         dtype, shape, what = d.input_dtype, d.input_shape, f"{d.kind} model {d.path}"
-        t0 = time.perf_counter()
         predict = predictor_for(d).predict
     else:
         what = args.entry
