@@ -215,7 +215,47 @@ def cmd_register_app(args) -> int:
     return 0
 
 
+_MODEL_FILE_KINDS = ("onnx", "sklearn", "xgboost", "lightgbm", "torch")
+
+
+def _model_file_args(args) -> tuple[str, str] | None:
+    """(kind, file) of ``--onnx FILE`` and its siblings, or None; checked against ENTRY."""
+    given = [(k, getattr(args, k)) for k in _MODEL_FILE_KINDS if getattr(args, k, None)]
+    if len(given) > 1 or (given and args.entry):
+        raise InvalidConfigError("give one of ENTRY, --onnx, --sklearn, --xgboost, --lightgbm, --torch")
+    if not given and not args.entry:
+        raise InvalidConfigError("give ENTRY (module:function) or a model file: --onnx, --sklearn, --xgboost, "
+                                 "--lightgbm or --torch FILE")
+    return given[0] if given else None
+
+
+def _model_file_options(args) -> dict:
+    """``--option KEY=VALUE`` pairs (VALUE as JSON when it parses, else as text)."""
+    out = {}
+    for item in args.option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidConfigError(f"--option {item!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_deploy(args) -> int:
+    model_file = _model_file_args(args)
+    if model_file is not None:
+        out = _admin(args).deploy_model_file(
+            model_file[0], args.name, args.version, model_file[1], output=args.output,
+            options=_model_file_options(args), input_dtype=args.input_dtype, input_shape=args.input_shape or None,
+            trusted_types=args.trust_type, trust_pickle=args.trust_pickle, replicas=args.replicas,
+            max_batch=args.max_batch, batching=args.batching, batch_delay_ms=args.batch_delay_ms,
+            latency_budget_ms=args.latency_budget_ms, workdir=os.path.abspath(args.workdir), wait=not args.no_wait)
+        print(json.dumps(out))
+        return 0
+    if not args.input_dtype:
+        raise InvalidConfigError("deploying ENTRY needs --input-dtype")
     out = _admin(args).deploy_model(args.name, args.version, args.input_dtype, args.input_shape, entry=args.entry,
                                     replicas=args.replicas, max_batch=args.max_batch, batching=args.batching,
                                     batch_delay_ms=args.batch_delay_ms, latency_budget_ms=args.latency_budget_ms,
@@ -367,11 +407,37 @@ def _print_status(st: dict, prev: dict | None, dt: float) -> None:
         print(f"cache: {c['entries']} entries, {c['used_bytes']} of {c['budget_bytes']} bytes, "
               f"hit ratio {c['hit_ratio']:.3f} ({c['hits']} hits, {c['misses']} misses, {c['joins']} joins, "
               f"{c['evictions']} evictions)")
-    print(f"{'replica':8s} {'model':20s} {'pid':>8s} {'busy':>5s} {'max_batch':>9s} {'batches':>9s}")
+    print(f"{'replica':8s} {'model':20s} {'pid':>8s} {'busy':>5s} {'max_batch':>9s} {'batches':>9s} "
+          f"{'load ms':>9s} {'rss MiB':>8s}")
     for r in st["replicas"]:
+        load, rss = r.get("load_ms"), r.get("rss_bytes")  # the container's claims at its handshake
         print(f"#{r['replica_id']:<7d} {r['model']:20s} {r['pid'] or 0:8d} {str(r['busy']):>5s} "
-              f"{r['max_batch'] or 0:9d} {r['batches_done']:9d}")
+              f"{r['max_batch'] or 0:9d} {r['batches_done']:9d} {'-' if load is None else format(load, '.1f'):>9s} "
+              f"{'-' if rss is None else format(rss / 2**20, '.1f'):>8s}")
     return 0
+
+
+def _model_file_opts(sp) -> None:
+    """``--onnx FILE`` and its siblings (clipper.deployers), shared by deploy and test-model."""
+    for kind, what in (("onnx", "an ONNX model (onnxruntime)"),
+                       ("sklearn", "a scikit-learn model (.skops, or a trusted .joblib/.pkl)"),
+                       ("xgboost", "an XGBoost booster (.json/.ubj)"), ("lightgbm", "a LightGBM booster (.txt)"),
+                       ("torch", "a PyTorch model (.pt2 or TorchScript)")):
+        sp.add_argument(f"--{kind}", metavar="FILE", default=None, help=f"{what}; pip install 'clipper-serving[{kind}]'")
+    sp.add_argument("--output", choices=("label", "probabilities", "vector", "number"), default=None,
+                    help="a model file's output kind (default: what the model is, e.g. label for a classifier)")
+    sp.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                    help="a deployer option, e.g. intra_op_num_threads=2 (repeatable)")
+    sp.add_argument("--trust-type", action="append", default=None, metavar="TYPE",
+                    help="a type a .skops file may build beyond skops' defaults (review it first; repeatable)")
+    sp.add_argument("--trust-pickle", action="store_true",
+                    help="load a .joblib/.pkl scikit-learn file: a pickle runs any code it holds (only your own)")
+
+
+def cmd_test_model(args) -> int:
+    from .container.check import main_test_model
+
+    return main_test_model(args, _model_file_args(args), _model_file_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,11 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     admin_opts(s)
     s.set_defaults(func=cmd_register_app)
 
-    s = sub.add_parser("deploy", help="deploy a model version from module:function")
+    s = sub.add_parser("deploy", help="deploy a model version from module:function, or a saved model file")
     s.add_argument("name")
     s.add_argument("version")
-    s.add_argument("entry", help="module:function, module:Class or path/file.py:function")
-    s.add_argument("--input-dtype", required=True)
+    s.add_argument("entry", nargs="?", default=None, help="module:function, module:Class or path/file.py:function")
+    _model_file_opts(s)
+    s.add_argument("--input-dtype", default=None, help="the input dtype (a model file's is read from it)")
     s.add_argument("--input-shape", type=_shape, default=[])
     s.add_argument("--replicas", type=int, default=1)
     s.add_argument("--max-batch", type=int, default=256, help="the largest batch a replica takes")
@@ -472,6 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return before the containers connect")
     admin_opts(s)
     s.set_defaults(func=cmd_deploy)
+
+    s = sub.add_parser("test-model", help="run a model in this process through a container's batch path, timed")
+    s.add_argument("entry", nargs="?", default=None, help="module:function, module:Class or path/file.py:function")
+    _model_file_opts(s)
+    s.add_argument("--input", required=True, help="a JSON file (one input, or {\"inputs\": [...]}) or a .npy file")
+    s.add_argument("--input-dtype", default=None, help="the input dtype (default: the model file's, else float64)")
+    s.add_argument("--input-shape", type=_shape, default=None)
+    s.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes to time (default 1,8,32)")
+    s.add_argument("--seconds", type=float, default=0.5, help="time spent on each batch size (default 0.5)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_test_model)
 
     s = sub.add_parser("link", help="link a model to an application")
     s.add_argument("app")

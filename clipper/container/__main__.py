@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from ..errors import ClipperError
 from ..rpc import messages as m
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
         frontend = split_frontends(frontend)
     except ValueError as exc:
         p.error(f"--frontend: {exc}")
+    t0 = time.perf_counter()
     try:
         predict = load_predictor(args.entry)
     except LoadError as exc:
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
         return m.EXIT_LOAD_FAILED
     rt = ContainerRuntime(predict, args.name, args.version, frontend, input_dtype=args.input_dtype,
                           input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss,
-                          credentials=credentials)
+                          credentials=credentials, load_ms=(time.perf_counter() - t0) * 1000)
     def on_signal(signum, frame):
         rt.stop()
         raise StopServing  # interrupts the poll; run() says goodbye to the frontend on the way out

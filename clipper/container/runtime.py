@@ -43,7 +43,22 @@ from ..rpc import messages as m
 
 log = logging.getLogger("clipper.container")
 
-__all__ = ["load_predictor", "serve", "ContainerRuntime", "split_frontends"]
+__all__ = ["load_predictor", "serve", "ContainerRuntime", "split_frontends", "rss_bytes"]
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux ``/proc/self/statm``), else its peak; None if unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 class LoadError(Exception):
@@ -254,8 +269,10 @@ class ContainerRuntime:
         input_shape: list[int] | None = None,
         exit_on_frontend_loss: bool = False,
         credentials: ContainerCredentials | None = None,
+        load_ms: float | None = None,
     ) -> None:
         self.predict = predict
+        self.load_ms = load_ms  # how long loading the model took (told to the frontend at handshake)
         self.credentials = credentials
         self.name = name
         self.version = str(version)
@@ -348,6 +365,11 @@ class ContainerRuntime:
             info["input_dtype"] = self.input_dtype
         if self.input_shape is not None:
             info["input_shape"] = list(self.input_shape)
+        if self.load_ms is not None:
+            info["load_ms"] = round(float(self.load_ms), 3)
+        rss = rss_bytes()
+        if rss is not None:
+            info["rss_bytes"] = rss
         sock.send(msgpack.packb([m.C_HELLO, m.RPC_VERSION, info]))
         link.sock = sock
         link.last_heard = time.monotonic()
@@ -585,5 +607,7 @@ def serve(predict, name: str, version: str, frontend: str | list[str] = "tcp://1
 
     ``frontend`` is one address, or several (a list, or separated by commas) of frontends sharing a state store.
     """
+    t0 = time.perf_counter()
     fn = load_predictor(predict)
+    kw.setdefault("load_ms", (time.perf_counter() - t0) * 1000)
     return ContainerRuntime(fn, name, version, frontend, **kw).run()

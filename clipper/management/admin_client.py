@@ -116,6 +116,28 @@ class AdminClient:
             "batching": batching, "batch_delay_ms": batch_delay_ms, "latency_budget_ms": latency_budget_ms,
             "workdir": workdir, "env": env or {}, "wait": wait})
 
+    def deploy_model_file(self, kind: str, name: str, version: str, path, *, output: str | None = None,
+                          options: dict | None = None, input_dtype: str | None = None, input_shape=None,
+                          trusted_types=None, trust_pickle: bool = False, **kw) -> dict:
+        """Deploy a saved model file: ``kind`` is onnx, sklearn, xgboost, lightgbm or torch.
+
+        The file is inspected here (its framework must be installed here: ``pip
+        install 'clipper-serving[onnx]'``...) for its input dtype and shape and
+        what it answers; its containers run the kind's predictor with the file's
+        absolute path, which must be readable where the frontend runs them.
+        ``output`` picks the output kind (label, probabilities, vector, number),
+        ``options`` the kind's options; other keywords are :meth:`deploy_model`'s.
+        The reply adds ``deployer``: what was inferred, with the ``output_kind``
+        to register the application with. See :mod:`clipper.deployers`.
+        """
+        from ..deployers import inspect_model_file
+
+        d = inspect_model_file(kind, path, input_dtype=input_dtype, input_shape=input_shape, output=output,
+                               options=options, trusted_types=trusted_types, trust_pickle=trust_pickle)
+        env = {**(kw.pop("env", None) or {}), **d.env}
+        out = self.deploy_model(name, version, d.input_dtype, d.input_shape, entry=d.entry, env=env, **kw)
+        return {**out, "deployer": d.to_dict()}
+
     def link_model_to_app(self, app: str, model: str, version: str | None = None) -> dict:
         """Link ``model`` (its current version, or ``version`` when given) to ``app``."""
         body = {"app": app, "model": model}

@@ -17,13 +17,14 @@ claims, validated and bounded (``clipper.rpc.server.parse_hello``): model and
 version names, ``pid`` an integer in 1..2**31-1 (shown, never signalled),
 ``input_dtype`` one of the application dtypes, ``input_shape`` at most 32
 non-negative integers, ``sdk`` at most 128 characters, ``credential_id`` at
-most 64 (believed only under ``rpc_security = "none"``). Header frames are
+most 64 (believed only under ``rpc_security = "none"``), ``load_ms`` (the model's load time) a
+number in 0..7 days, ``rss_bytes`` (the container's resident memory at the hello) an integer in 0..2**50. Header frames are
 at most 64 KiB; any message at most ``limits.max_rpc_message_bytes``.
 
 Container -> frontend::
 
     C_HELLO      [1, rpc_version, {"model", "version", "pid"?, "input_dtype"?, "input_shape"?, "sdk"?,
-                                   "credential_id"?}]
+                                   "credential_id"?, "load_ms"?, "rss_bytes"?}]
     C_HEARTBEAT  [2]
     C_RESULT     [3, batch_id, count, encoding, meta]  + payload frame
     C_ERROR      [4, batch_id, code, message]

@@ -13,7 +13,7 @@ of :mod:`clipper.security.container_keys`; a peer without a credential never
 completes one. Every message then carries its credential's id (ZeroMQ's
 ``User-Id``), and a hello is accepted only for the model (and version) that
 credential was issued for. The hello's other fields (pid, dtype, shape, sdk,
-protocol version) are validated, typed and bounded; a bad one gets F_REJECT
+protocol version, the model's load time and resident memory) are validated, typed and bounded; a bad one gets F_REJECT
 and changes nothing else. A claimed pid is only shown, never signalled: a
 replica that hangs is dropped, told to exit, and, if the local manager
 started it, killed through the manager's own process handle.
@@ -69,6 +69,8 @@ MAX_HEADER_BYTES = 65536
 MAX_ERROR_MESSAGE_CHARS = 4096
 MAX_SHAPE_DIMS = 32
 MAX_PID = 2**31 - 1
+MAX_LOAD_MS = 7 * 24 * 3600 * 1000.0  # a model's claimed load time: at most a week
+MAX_RSS_BYTES = 2**50  # its claimed resident memory: at most 1 PiB
 _unpack_header = functools.partial(
     msgpack.unpackb, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES,
     max_array_len=MAX_SHAPE_DIMS + 8, max_map_len=32, max_ext_len=0)
@@ -79,7 +81,7 @@ class Replica:
 
     __slots__ = ("channel", "ident", "replica_id", "key", "grant", "claimed_pid", "peer", "queue", "batch", "batch2", "sizer",
                  "dead", "last_seen_ns", "connected_ns", "batches_done", "sdk", "lat_ewma_ns",
-                 "variable")
+                 "variable", "load_ms", "rss_bytes")
 
     def __init__(self, channel: "_Channel", ident: bytes, replica_id: int, key: str, grant, queue):
         self.channel = channel
@@ -90,6 +92,8 @@ class Replica:
         self.claimed_pid = None  # what its hello says: shown, never acted on
         self.peer = None  # the address its connection comes from
         self.sdk = None
+        self.load_ms = None  # what its hello says its model took to load, and its resident memory then: shown only
+        self.rss_bytes = None
         self.queue = queue
         self.batch = None  # the (oldest) batch in flight, if any
         self.batch2 = None  # a batch sent behind it (batches_in_flight = 2), if any
@@ -161,6 +165,14 @@ def parse_hello(header) -> dict:
                              "non-negative integers (or -1, a dimension of any length)")
         shape = tuple(shape)
     out["input_shape"] = shape
+    load_ms = info.get("load_ms")
+    if load_ms is not None and (type(load_ms) not in (int, float) or not 0 <= load_ms <= MAX_LOAD_MS):
+        raise HelloError(f"hello load_ms {load_ms!r} is not a number of milliseconds in 0..{MAX_LOAD_MS:.0f}")
+    out["load_ms"] = None if load_ms is None else round(float(load_ms), 3)
+    rss = info.get("rss_bytes")
+    if rss is not None and (type(rss) is not int or not 0 <= rss <= MAX_RSS_BYTES):
+        raise HelloError(f"hello rss_bytes {rss!r} is not an integer in 0..{MAX_RSS_BYTES}")
+    out["rss_bytes"] = rss
     for field, limit in (("sdk", 128), ("credential_id", 64)):
         value = info.get(field)
         if value is not None and (type(value) is not str or len(value) > limit):
@@ -407,6 +419,7 @@ class ContainerServer:
         replica.claimed_pid = info["pid"]
         replica.variable = -1 in mv.input_shape
         replica.sdk = info["sdk"]
+        replica.load_ms, replica.rss_bytes = info["load_ms"], info["rss_bytes"]
         try:
             replica.peer = head.get("Peer-Address")
         except zmq.ZMQError:
@@ -610,6 +623,8 @@ class ContainerServer:
             "max_batch": r.sizer.current if r.sizer is not None else None,
             "batches_done": r.batches_done,
             "connected_s": round((now - r.connected_ns) / 1e9, 3),
+            "load_ms": r.load_ms,  # claimed by the container at its handshake, bounded
+            "rss_bytes": r.rss_bytes,
         } for r in self.all_replicas()]
 
     def security_stats(self) -> dict:
