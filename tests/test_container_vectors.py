@@ -318,9 +318,10 @@ def _recv(sock, timeout_ms: int = 10_000, heartbeats: bool = False) -> list[byte
 
 def _start_runtime(router, monkeypatch, predict):
     monkeypatch.setattr(rt_mod, "os", _Os())
+    monkeypatch.setattr(rt_mod, "rss_bytes", lambda: 104857600)  # the vector's figures, not this process's
     creds = ContainerCredentials("0123456789abcdef", "digits", "1", "none")
     rt = rt_mod.ContainerRuntime(predict, "digits", "1", router.getsockopt_string(zmq.LAST_ENDPOINT),
-                                 input_dtype="float32", input_shape=[4], credentials=creds)
+                                 input_dtype="float32", input_shape=[4], credentials=creds, load_ms=12.5)
     result: list = []
     t = threading.Thread(target=lambda: result.append(rt.run()), daemon=True)
     t.start()

@@ -61,7 +61,8 @@ TYPE_CODES = {"C_HELLO": 1, "C_HEARTBEAT": 2, "C_RESULT": 3, "C_ERROR": 4, "C_BY
               "F_WELCOME": 1, "F_BATCH": 2, "F_HEARTBEAT": 3, "F_REJECT": 4, "F_REHELLO": 5}
 
 HELLO_INFO = {"model": "digits", "version": "1", "pid": 4242, "sdk": "clipper-container/0.1",
-              "credential_id": "0123456789abcdef", "input_dtype": "float32", "input_shape": [4]}
+              "credential_id": "0123456789abcdef", "input_dtype": "float32", "input_shape": [4],
+              "load_ms": 12.5, "rss_bytes": 104857600}
 
 
 def nd(dtype: str, shape: list, values: list) -> dict:
