@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import logging
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
