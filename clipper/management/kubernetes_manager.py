@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,7 +422,8 @@ class KubernetesManager:
         self.keyring = keyring
         self.store = store  # the shared state store: is a credential another frontend issued still valid?
         self.delete_on_close = delete_on_close
-        self.on_failure = None  # (model key, return code, text): the frontend sets it; the kubelet restarts pods
+        # (model key, return code, text): the frontend sets it; the kubelet restarts pods
+        self.on_failure: Callable[[str, int, str], None] | None = None
         self._api = api
         self._locks: dict[str, asyncio.Lock] = {}
         self.deployments: dict[str, dict] = {}  # model key -> {"deployment", "secret", "replicas", ...}

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class LocalProcessManager:
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
         self.backoff_ms = backoff_ms
         self.slots: dict[str, list[_Slot]] = {}
-        self.on_failure = None  # (model key, return code, stderr tail) -> None
+        self.on_failure: Callable[[str, int, str], None] | None = None  # (model key, return code, stderr tail)
 
     def argv(self, mv: ModelVersion) -> list[str]:
         if mv.command:

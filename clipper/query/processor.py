@@ -41,6 +41,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -69,6 +70,9 @@ from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue
 from .ticket import ANSWER, DEFAULT, ERROR, FEEDBACK_OK, Part, Query, Ticket
+
+if TYPE_CHECKING:
+    from ..store.states import StateTable
 
 log = logging.getLogger("clipper.query")
 
@@ -300,7 +304,7 @@ class AppRoute:
         self.links: list[tuple[str, ModelQueue | None]] = []  # (linked model, its queue) in link order
         self.queue_by_name: dict[str, ModelQueue | None] = {}
         self.policy: Policy | None = None
-        self.states = None  # StateTable, for policies that learn
+        self.states: StateTable | None = None  # for policies that learn
         self.simple = True
         self.single_extra: dict | None = None
         self.deadlines = Deadlines(self.loop, self.expire, self._note_lateness)
@@ -423,7 +427,7 @@ class AppRoute:
                         f"input of {x.nbytes} bytes exceeds max_input_bytes={self.max_input_bytes}")
                 return x
             if type(x) is list:
-                return self._convert_variable(x) if self.variable else self._convert_list(x)
+                return self._convert_variable(x, dt) if self.variable else self._convert_list(x, dt)
             raise InvalidInputError(
                 f"input is a {_kind(x)}; application {self.name!r} expects an array of {dt.name} "
                 f"with shape {list(self.shape)} (an ndarray extension or a list of numbers)")
@@ -441,9 +445,8 @@ class AppRoute:
         return self.variable and len(shape) == len(self.shape) and all(
             w == -1 or g == w for g, w in zip(shape, self.shape))
 
-    def _convert_variable(self, x: list) -> np.ndarray:
+    def _convert_variable(self, x: list, dt: np.dtype) -> np.ndarray:
         """A list input for a shape with free dimensions: converted, then its dimensions checked."""
-        dt = self.np_dtype
         # bound the work before numpy builds anything: a vector holds at most max_input_bytes / itemsize items
         if len(x) > self.max_input_bytes // dt.itemsize:
             raise InputTooLargeError(f"list input of {len(x)} items exceeds max_input_bytes={self.max_input_bytes} "
@@ -471,8 +474,7 @@ class AppRoute:
                                      f"max_input_bytes={self.max_input_bytes}")
         return np.ascontiguousarray(arr, dtype=dt)
 
-    def _convert_list(self, x: list) -> np.ndarray:
-        dt = self.np_dtype
+    def _convert_list(self, x: list, dt: np.dtype) -> np.ndarray:
         shape = self.shape
         if not shape or len(x) != shape[0]:
             raise ShapeMismatchError(
@@ -529,11 +531,12 @@ class AppRoute:
             return InvalidInputError(f"list input is not a regular array of numbers of shape {list(self.shape)} "
                                      f"(a {'scalar' if kind == 2 else 'list or map'} at depth {depth}); "
                                      f"application {self.name!r}")
+        assert self.np_dtype is not None  # (check_nested runs for numeric applications only)
         return DTypeMismatchError(f"list input holds {_msgpack_kind(got)} values; application {self.name!r} "
                                   f"expects {self.np_dtype.name}")
 
     # ------------------------------------------------------------ outcomes
-    def expire(self, t: Ticket) -> None:
+    def expire(self, t: Query | Fanout) -> None:
         """The ticket's deadline passed: answer with what there is."""
         if type(t) is Fanout:
             self.complete(t, at_deadline=True)
@@ -542,7 +545,7 @@ class AppRoute:
             t.settle(ERROR, DeadlineExceededError(
                 f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}"))
         else:
-            extra = t.extra or self.single_extra
+            extra = t.extra or self.single_extra  # type: ignore[union-attr]  # a Query (a Fanout returned above)
             key = extra["models"][0] if extra else "the model"
             t.settle(DEFAULT, None, {"explanation": f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
                                      "confidence": 0.0, "models": [], "missing": [f"{key} (no answer in time)"]})
@@ -761,10 +764,10 @@ class QueryProcessor:
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
-        self.refusing_route = None  # the application shed last refused with OVERLOADED (its refusal may hold)
+        self.refusing_route: AppRoute | None = None  # the application shed last refused with OVERLOADED (its refusal may hold)
         # The request shed just admitted (its route, id and connection; no tuple per request): predict
         # of that very frame skips admission; any other request clears it.
-        self._shed_route = None
+        self._shed_route: AppRoute | None = None
         self._shed_id = None
         self._shed_conn = None
         # The largest frame any registered application could take as a valid request (its input, and
@@ -807,7 +810,7 @@ class QueryProcessor:
         self.max_user_id_len = max_user_id_len
         self.max_user_states = max_user_states
         self.max_user_states_in_memory = max_user_states_in_memory
-        self._tables: dict[str, object] = {}
+        self._tables: dict[str, StateTable] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
         self.state_flushes = 0
         self.state_flush_errors = 0
@@ -863,8 +866,10 @@ class QueryProcessor:
     def flush_states(self) -> None:
         """Write every changed state to the store (one transaction)."""
         self._flush_timer = None
-        items, taken = [], []
-        merges = []
+        items: list = []
+        taken: list = []
+        merges: list = []
+        its: list | None  # (bound by both loops below)
         for table in self._tables.values():
             merging = table.merging
             its, tk = table.take_dirty_merge() if merging else table.take_dirty()
@@ -1152,7 +1157,7 @@ class QueryProcessor:
             queue.refused_at_ns = now
             queue.admit_until_ns = 0
             return REFUSE_STALLED, est
-        limit = budget_ns - 2 * self.loop_lag_ns
+        limit: float = budget_ns - 2 * self.loop_lag_ns
         lat = queue.est_lat_ns
         if est > limit:
             if est - lat > self.admission_wait_batches * lat:  # (an app with a short SLO alone does not
@@ -1294,7 +1299,7 @@ class QueryProcessor:
         self._select(conn, req_id, qid, route, x, nbytes, now, user, state)
 
     def _select(self, conn, req_id, qid, route: AppRoute, x, nbytes: int, now: int, user: str, state) -> None:
-        names = self._selection(route, route.policy.select(state, x), "select")
+        names = self._selection(route, route.policy.select(state, x), "select")  # type: ignore[union-attr]  # checked by the caller
         self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 
@@ -1308,6 +1313,7 @@ class QueryProcessor:
         self.unsettled += 1
         self.waiting_for_state += 1
         table = route.states
+        assert table is not None  # (only a policy that learns has states to wait for)
         wait = _StateWait(self, conn, req_id, route, nbytes, go)
         self._state_waits.add(wait)
         delay = max(0.0, (until_ns - time.monotonic_ns()) / 1e9)
@@ -1321,6 +1327,7 @@ class QueryProcessor:
         except TypeError:
             names = None
         if names is None or any(n not in route.queue_by_name for n in names) or len(set(names)) != len(names):
+            assert route.policy is not None  # (it was just asked)
             raise InternalError(f"policy {route.policy.name!r}: {what} returned {names!r}; expected distinct "
                                 f"models among {list(route.queue_by_name)}")
         return names
@@ -1409,7 +1416,7 @@ class QueryProcessor:
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             raise OverloadedError(f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                                   f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        state = route.states.peek(user)
+        state = route.states.peek(user)  # type: ignore[union-attr]  # a policy that learns has its states
         if state is None:  # read from the store off the loop; the feedback goes on when it arrives
             self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._feedback_fan_out(
                 conn, req_id, route, x, nbytes, user, label, st, known),
@@ -1422,7 +1429,7 @@ class QueryProcessor:
         if not known:  # learning from a fresh state would overwrite what the store holds for this user
             raise StateUnavailableError(f"the policy state of user {_short(user)} of application {route.name!r} "
                                         "could not be read from the state store in time; nothing was learned")
-        policy = route.policy
+        policy: Policy = route.policy  # type: ignore[assignment]  # checked by feedback() and _StateWait.resume
         if not policy.learns or route.states is None:
             conn.send_feedback_ok(req_id, None)
             return

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 from collections import deque
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeGuard
 
 from ..errors import InvalidConfigError, StateUnavailableError
 from .base import StateStore, settle_overlay
@@ -71,7 +71,7 @@ FEED_CHECK_S = 30.0  # an idle change feed checks its connection this often
 _RETRY_MAX_S = 2.0
 
 
-def is_redis_url(path: str | None) -> bool:
+def is_redis_url(path: str | None) -> TypeGuard[str]:
     return isinstance(path, str) and path.split("://", 1)[0] in ("redis", "rediss", "unix")
 
 
