@@ -384,7 +384,7 @@ class QueryConnection(ClientConnection):
         self._flush()
         self.transport.close()
         self.closed = True
-        self._on_frame = self._ignore_frame  # the frames still in this read are dropped, unanswered
+        self._on_frame = self._ignore_frame  # type: ignore[method-assign]  # the frames still in this read are dropped, unanswered
 
     def _ignore_frame(self, body) -> None:
         pass
@@ -445,7 +445,7 @@ class QueryConnection(ClientConnection):
         if not self.closed:
             self._queue(framing.pack_frame(wire.pack(msg)))
 
-    def _queue(self, frame: bytes) -> None:
+    def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes > EARLY_FLUSH_BYTES:
