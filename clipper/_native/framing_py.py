@@ -71,7 +71,7 @@ class FrameReader:
             avail = n - pos
             if not buf and avail >= self._need:
                 # Fast path: the whole piece is in ``data``.
-                chunk = view[pos : pos + self._need]
+                chunk: bytes | memoryview = view[pos : pos + self._need]
                 pos += self._need
             else:
                 take = min(self._need - len(buf), avail)

@@ -217,6 +217,7 @@ def model_labels(mv: ModelVersion, instance: str, frontend: str | None = None) -
 # ------------------------------------------------------------------ manifests
 def container_args(mv: ModelVersion, rpc_address: str) -> list[str]:
     """``python -m clipper.container``'s arguments for ``mv`` (a model with an ``entry``)."""
+    assert mv.entry is not None
     args = [mv.entry, "--name", mv.name, "--version", mv.version, "--frontend", rpc_address,
             "--input-dtype", mv.input_dtype]
     if mv.input_shape:
@@ -356,16 +357,16 @@ class _Api:
     def put_secret(self, body: dict) -> None:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            self.core.create_namespaced_secret(ns, body)
+            self.core.create_namespaced_secret(ns, body)  # type: ignore[arg-type]  # (the client takes a dict body)
         except self.ApiException as exc:
             if exc.status != 409:
                 raise
-            self.core.replace_namespaced_secret(name, ns, body)
+            self.core.replace_namespaced_secret(name, ns, body)  # type: ignore[arg-type]
 
     def apply_deployment(self, body: dict) -> dict:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            d = self.apps.create_namespaced_deployment(ns, body)
+            d = self.apps.create_namespaced_deployment(ns, body)  # type: ignore[arg-type]
         except self.ApiException as exc:
             if exc.status != 409:
                 raise
@@ -481,6 +482,7 @@ class KubernetesManager:
                     doc = self.issue_document(mv)
                     await asyncio.to_thread(api.put_secret, build_credentials_secret(mv, self.settings, doc))
                 status = await asyncio.to_thread(api.apply_deployment, deployment)
+                assert doc is not None  # (valid, or issued just now)
             except (InvalidConfigError, ContainerFailedError):
                 raise
             except Exception as exc:

@@ -72,6 +72,7 @@ class LocalProcessManager:
     def argv(self, mv: ModelVersion) -> list[str]:
         if mv.command:
             return list(mv.command)
+        assert mv.entry is not None  # (manages(): an entry or a command)
         return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
                 "--frontend", ",".join([self.rpc_address, *self.peers]), "--die-with-parent",
                 "--input-dtype", mv.input_dtype,

@@ -239,7 +239,7 @@ class Fanout(Ticket):
     __slots__ = ("user", "state", "names", "keys", "outputs", "errors", "remaining", "parts", "label", "is_feedback")
 
     def __init__(self, sink, req_id, query_id, route, x, nbytes, arrival_ns, deadline_ns, user, state, names, keys,
-                 label=None, is_feedback=False):
+                 label=None, is_feedback=False) -> None:
         self.sink = sink
         self.req_id = req_id
         self.query_id = query_id
