@@ -340,7 +340,7 @@ class Frontend:
             for key in reversed(store.keys(ns, everything)):  # oldest first: the order they were made in
                 raw = store.load(ns, key)
                 try:
-                    out.append((key, json.loads(raw)))
+                    out.append((key, json.loads(raw)))  # type: ignore[arg-type]  # None (gone since): TypeError
                 except (TypeError, ValueError):
                     log.error("ignoring the registry entry %s/%s of %s: not JSON", ns, key, store)
             return out

@@ -353,7 +353,7 @@ def array_input(body, offset, ext_head, dtype, shape):
         return None
     count = nbytes // dtype.itemsize
     arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset + hlen).reshape(shape)
-    if type(body) is memoryview and len(body.obj) > PIN_RATIO * len(body):
+    if type(body) is memoryview and len(body.obj) > PIN_RATIO * len(body):  # type: ignore[arg-type]  # (bytes-like)
         arr = arr.copy()  # a slice of a much larger read: do not pin the read
     arr.flags.writeable = False  # read-only (a bytearray body would give a writeable view)
     return arr
