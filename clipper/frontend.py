@@ -31,9 +31,9 @@ from .server.query_server import QueryServer
 if TYPE_CHECKING:  # imported where they are made, at start
     from .management.admin_http import AdminServer
     from .management.kubernetes_manager import KubernetesManager
+    from .management.registry import Model
     from .metrics import MetricsServer
     from .security import ApiKeyRegistry
-    from .management.registry import Model
     from .security.container_keys import ContainerGrant, ContainerKeyring
     from .server.rest import RestServer
     from .store.base import StateStore
@@ -62,7 +62,7 @@ class Frontend:
         self.rest: RestServer | None = None
         self.admin: AdminServer | None = None
         self.metrics: MetricsServer | None = None
-        self.partial_budget: ByteBudget | None = None  # bytes of unfinished frames and request bodies, all ports (ByteBudget)
+        self.partial_budget: ByteBudget | None = None  # bytes of unfinished frames and request bodies, all ports
         self.query_port: int | None = None
         self.rest_port: int | None = None
         self.admin_port: int | None = None
@@ -77,7 +77,7 @@ class Frontend:
         self._ipc_dir: str | None = None  # the private folder of the local containers' Unix socket
         self._rpc_public_host = "localhost"  # set at start when the RPC port listens on a wildcard address
         self.keyring: ContainerKeyring | None = None  # the container RPC's credentials, once started
-        self.api_keys: ApiKeyRegistry | None = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
+        self.api_keys: ApiKeyRegistry | None = None  # the query ports' API keys, once started
         self._restoring = False
         self._origin = os.urandom(8).hex().encode()  # this frontend, in the shared store's change feed
         self._sync_task: asyncio.Task | None = None  # a catch-up with the shared store, running
@@ -1020,8 +1020,9 @@ class Frontend:
             raise StateUnavailableError(
                 f"the state store {self.store!r} does not answer ({type(exc).__name__}: {exc}); management "
                 "changes are refused until it does (queries are still served)") from None
-        waiting = self.store.pending_bytes  # type: ignore[union-attr]  # a store with ping() (Redis) counts them
-        if waiting > self.store.max_pending_bytes // 2:  # type: ignore[union-attr]  # a change now might not be taken: refused before
+        store: Any = self.store  # (one with ping(): Redis, which counts the bytes of writes not yet applied)
+        waiting = store.pending_bytes
+        if waiting > store.max_pending_bytes // 2:  # a change now might not be taken: refused before
             raise StateUnavailableError(                   # anything changes
                 f"the state store {self.store!r} is behind ({waiting} bytes of writes wait for it); management "
                 "changes are refused until it catches up (queries are still served)")

@@ -125,7 +125,8 @@ def encode_outputs(batch_id: int, outputs, count: int) -> list:
         if ts is not None:
             arr = np.ascontiguousarray(outputs)
             header = msgpack.packb([m.C_RESULT, batch_id, count, m.ENC_NDARRAY, [ts.decode(), list(arr.shape)]])
-            return [header, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""]  # type: ignore[arg-type]  # (a buffer)
+            # (numpy's stubs do not say an ndarray is a buffer)
+            return [header, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""]  # type: ignore[arg-type]
         outputs = outputs.tolist()
     if isinstance(outputs, (str, bytes)) or not hasattr(outputs, "__len__"):
         raise ModelError(

@@ -764,7 +764,8 @@ class QueryProcessor:
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
-        self.refusing_route: AppRoute | None = None  # the application shed last refused with OVERLOADED (its refusal may hold)
+        # the application shed last refused with OVERLOADED (its refusal may hold)
+        self.refusing_route: AppRoute | None = None
         # The request shed just admitted (its route, id and connection; no tuple per request): predict
         # of that very frame skips admission; any other request clears it.
         self._shed_route: AppRoute | None = None
@@ -1299,7 +1300,8 @@ class QueryProcessor:
         self._select(conn, req_id, qid, route, x, nbytes, now, user, state)
 
     def _select(self, conn, req_id, qid, route: AppRoute, x, nbytes: int, now: int, user: str, state) -> None:
-        names = self._selection(route, route.policy.select(state, x), "select")  # type: ignore[union-attr]  # checked by the caller
+        # (route.policy: the caller checked it, not None)
+        names = self._selection(route, route.policy.select(state, x), "select")  # type: ignore[union-attr]
         self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 

@@ -384,7 +384,8 @@ class QueryConnection(ClientConnection):
         self._flush()
         self.transport.close()
         self.closed = True
-        self._on_frame = self._ignore_frame  # type: ignore[method-assign]  # the frames still in this read are dropped, unanswered
+        # the frames still in this read are dropped, unanswered (the method swapped on this connection)
+        self._on_frame = self._ignore_frame  # type: ignore[method-assign]
 
     def _ignore_frame(self, body) -> None:
         pass

@@ -285,7 +285,8 @@ class RedisStore(StateStore):
                     for ns, entries in by_ns.items():
                         currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
                         for (key, base, value), current in zip(entries, currents):
-                            merged.append((ns, key, value, merge_states(current, base, value)))  # type: ignore[arg-type]  # bytes: responses are not decoded
+                            # (current: bytes or None, the responses are not decoded)
+                            merged.append((ns, key, value, merge_states(current, base, value)))  # type: ignore[arg-type]
                     pipe.multi()
                     keys = [f"{self.prefix}:seq"]
                     args: list = []

@@ -100,7 +100,7 @@ def _merged(current: bytes, base: bytes | None, mine: bytes) -> bytes:
     b_name, b_state = decode_state(base) if base is not None else (None, None)
     if b_name != m_name:
         b_state = None
-    return encode_state(m_name, _merge(c_state, b_state, m_state))  # type: ignore[arg-type]  # a nameless state stays so
+    return encode_state(m_name, _merge(c_state, b_state, m_state))  # type: ignore[arg-type]  # (nameless stays so)
 
 
 class StateTable:
