@@ -90,6 +90,7 @@ async def _start(args) -> int:
                 await fe.apply(spec)
             named = {str(m.get("name")) for m in spec["models"]}  # the file's models: not all a shared store holds
             member = cfg.local_containers == "member"  # (the first worker's containers serve it: wait for them)
+            assert fe.manager is not None  # (started)
             for model in fe.registry.models.values():
                 if model.name not in named:
                     continue
@@ -382,7 +383,7 @@ def _rate(st, prev, dt, app, field) -> str:
     return f"{(a - b) / dt:,.0f}"
 
 
-def _print_status(st: dict, prev: dict | None, dt: float) -> None:
+def _print_status(st: dict, prev: dict | None, dt: float) -> int:
     traffic = st["traffic"]
     print(f"clipper {st['version']}  ports: {st['ports']}  client connections: {st['connections']} msgpack, "
           f"{st.get('rest_connections', 0)} REST")

@@ -13,9 +13,9 @@ import asyncio
 import contextvars
 import logging
 import os
-import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import FrontendConfig
@@ -27,6 +27,16 @@ from .query.processor import AppRoute, QueryProcessor
 from .rpc.server import ContainerServer
 from .server._connection import ByteBudget
 from .server.query_server import QueryServer
+
+if TYPE_CHECKING:  # imported where they are made, at start
+    from .management.admin_http import AdminServer
+    from .management.kubernetes_manager import KubernetesManager
+    from .management.registry import Model
+    from .metrics import MetricsServer
+    from .security import ApiKeyRegistry
+    from .security.container_keys import ContainerGrant, ContainerKeyring
+    from .server.rest import RestServer
+    from .store.base import StateStore
 
 log = logging.getLogger("clipper.frontend")
 
@@ -47,12 +57,12 @@ class Frontend:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.processor: QueryProcessor | None = None
         self.rpc: ContainerServer | None = None
-        self.manager: LocalProcessManager | None = None
+        self.manager: LocalProcessManager | KubernetesManager | None = None
         self.query_server: QueryServer | None = None
-        self.rest = None
-        self.admin = None
-        self.metrics = None
-        self.partial_budget = None  # bytes of unfinished frames and request bodies, all ports (ByteBudget)
+        self.rest: RestServer | None = None
+        self.admin: AdminServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.partial_budget: ByteBudget | None = None  # bytes of unfinished frames and request bodies, all ports
         self.query_port: int | None = None
         self.rest_port: int | None = None
         self.admin_port: int | None = None
@@ -62,15 +72,15 @@ class Frontend:
         self._started = False
         self._failures: dict[str, asyncio.Future] = {}  # model key -> set when a container of it fails to start
         self._next_deployment_id = 1  # names each deployed model version in the prediction cache
-        self.store = None
-        self._scratch = None  # a temporary folder (closures and secrets of a frontend without a state file)
-        self._ipc_dir = None  # the private folder of the local containers' Unix socket
+        self.store: StateStore | None = None
+        self._scratch: str | None = None  # a temporary folder (closures and secrets of a frontend without a state file)
+        self._ipc_dir: str | None = None  # the private folder of the local containers' Unix socket
         self._rpc_public_host = "localhost"  # set at start when the RPC port listens on a wildcard address
-        self.keyring = None  # the container RPC's credentials (clipper.security.ContainerKeyring), once started
-        self.api_keys = None  # the query ports' API keys (clipper.security.ApiKeyRegistry), once started
+        self.keyring: ContainerKeyring | None = None  # the container RPC's credentials, once started
+        self.api_keys: ApiKeyRegistry | None = None  # the query ports' API keys, once started
         self._restoring = False
         self._origin = os.urandom(8).hex().encode()  # this frontend, in the shared store's change feed
-        self._sync_task = None  # a catch-up with the shared store, running
+        self._sync_task: asyncio.Task | None = None  # a catch-up with the shared store, running
         self._sync_again = False  # ... and another change was announced while it ran
         self.syncs = 0  # catch-ups done
         self._generation = 0  # local registry changes written so far
@@ -129,7 +139,7 @@ class Frontend:
                                         admission_wait_batches=cfg.admission_wait_batches,
                                         admission_standing_ms=cfg.admission_standing_ms,
                                         max_inflight_bytes=lim.max_inflight_input_bytes)
-        ipc_dir = None
+        ipc_dir: str | None = None
         if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve" and cfg.rpc_ipc_dir:
             from .security.files import private_dir
 
@@ -322,6 +332,7 @@ class Frontend:
         import json
 
         store = self.store
+        assert store is not None
         everything = 10**9
 
         def values(ns):
@@ -329,7 +340,7 @@ class Frontend:
             for key in reversed(store.keys(ns, everything)):  # oldest first: the order they were made in
                 raw = store.load(ns, key)
                 try:
-                    out.append((key, json.loads(raw)))
+                    out.append((key, json.loads(raw)))  # type: ignore[arg-type]  # None (gone since): TypeError
                 except (TypeError, ValueError):
                     log.error("ignoring the registry entry %s/%s of %s: not JSON", ns, key, store)
             return out
@@ -348,7 +359,7 @@ class Frontend:
             snap["legacy"] = True
             return snap
         currents = dict(values(self._NS_CURRENT))
-        models: dict[str, dict] = {}
+        models: dict[str | None, dict] = {}  # (a version without a name is refused when it is restored)
         for _, v in versions:
             name = v.get("name") if isinstance(v, dict) else None
             models.setdefault(name, {"name": name, "versions": [],
@@ -397,6 +408,7 @@ class Frontend:
                           versions=[mv for m in reg.models.values() for mv in m.versions.values()],
                           currents=list(reg.models))
             if not failed:
+                assert self.store is not None
                 self.store.delete(self._LEGACY_NS, "snapshot")
         log.info("restored %d applications and %d models from %s", len(self.registry.applications),
                  len(self.registry.models), self.store)
@@ -408,6 +420,7 @@ class Frontend:
         """(The store's thread.) Another frontend changed the registry, or the feed was (re)connected."""
         if data is not None and data == self._origin:
             return  # this frontend's own change
+        assert self.loop is not None  # (subscribed at start)
         try:
             self.loop.call_soon_threadsafe(self._schedule_sync)
         except RuntimeError:  # the loop is closed
@@ -419,18 +432,21 @@ class Frontend:
         if self._sync_task is not None and not self._sync_task.done():
             self._sync_again = True  # once this catch-up ends, one more (it may have read too early)
             return
+        assert self.loop is not None
         self._sync_task = self.loop.create_task(self.sync_registry())
 
     async def sync_registry(self) -> None:
         """Catch up with what the shared store says the registry is (another frontend's changes):
         applications, model versions (this frontend runs their replicas itself), current versions and
         links added, changed or removed. The store is read off the event loop."""
+        store, api_keys, keyring = self.store, self.api_keys, self.keyring
+        assert self.loop is not None and store is not None and api_keys is not None and keyring is not None
         while True:
             self._sync_again = False
             generation = self._generation
             try:
                 snap, kept = await self.loop.run_in_executor(
-                    None, lambda: (self._saved_registry(), self.store.load(self._NS_META, "registry")))
+                    None, lambda: (self._saved_registry(), store.load(self._NS_META, "registry")))
             except ClipperError as exc:
                 log.warning("cannot catch up with %s: %s", self.store, exc.message)
                 return
@@ -441,8 +457,8 @@ class Frontend:
             except ClipperError as exc:
                 log.warning("cannot catch up with %s: %s", self.store, exc.message)
                 return
-            self.api_keys.sync_stored(keys["api_keys"])  # issued and revoked elsewhere
-            self.keyring.sync_stored(keys["credentials"])
+            api_keys.sync_stored(keys["api_keys"])  # issued and revoked elsewhere
+            keyring.sync_stored(keys["credentials"])
             if snap is None and kept is None:
                 # The store holds no registry at all, not even the mark of one (a Redis that restarted without
                 # its data, say): that is not "everything was deleted". What this frontend knows is written
@@ -462,9 +478,11 @@ class Frontend:
         from .security.api_keys import API_KEYS_NAMESPACE
         from .security.container_keys import STORE_NAMESPACE
 
+        store = self.store
+        assert store is not None
         out = {}
         for what, ns in (("api_keys", API_KEYS_NAMESPACE), ("credentials", STORE_NAMESPACE)):
-            out[what] = {k: self.store.load(ns, k) for k in self.store.keys(ns, 1_000_000)}
+            out[what] = {k: store.load(ns, k) for k in store.keys(ns, 1_000_000)}
         return out
 
     def announce(self) -> None:
@@ -484,6 +502,8 @@ class Frontend:
         """Make the registry what ``snap`` says, step by step; stop as soon as this frontend changes
         something itself (its change is newer than the snapshot: the caller reads again)."""
         reg = self.registry
+        assert self.manager is not None
+        model: Model | None  # (each loop below binds it)
         token = _APPLYING.set(True)  # what is applied is what the store holds: nothing to write back
 
         async def step(what: str, make) -> bool:
@@ -492,7 +512,8 @@ class Frontend:
             return await self._restore_step(what, make)
 
         try:
-            saved_apps = {a.get("name"): a for a in snap.get("applications", []) if isinstance(a, dict)}
+            saved_apps: dict[Any, dict] = {a.get("name"): a for a in snap.get("applications", [])
+                                           if isinstance(a, dict)}
             for name in list(reg.applications):
                 saved = saved_apps.get(name)
                 if saved is None or saved != _plain(reg.applications[name].to_dict()):  # gone, or registered anew
@@ -501,7 +522,7 @@ class Frontend:
                 if name not in reg.applications:
                     await step(f"application {name!r}", lambda a=a: self.register_application(
                         _make(Application, a, "application")))
-            saved_versions = {}
+            saved_versions: dict[tuple[Any, str], dict] = {}
             for m in snap.get("models", []):
                 for v in m.get("versions", []):
                     if isinstance(v, dict):
@@ -584,6 +605,7 @@ class Frontend:
     # ------------------------------------------------------------ management
     async def register_application(self, app: Application) -> Application:
         """Register ``app``; queries to it are accepted from now on."""
+        assert self.processor is not None
         async with self._lock:
             self.registry.add_application(app)
             route = self.processor.routes[app.name] = AppRoute(app, self.processor)
@@ -597,6 +619,7 @@ class Frontend:
 
         Queries of it still waiting are answered now (default output or error), not left behind.
         """
+        assert self.processor is not None
         async with self._lock:
             app = self.registry.remove_application(name)
             route = self.processor.routes.pop(name, None)
@@ -617,6 +640,7 @@ class Frontend:
         or cloudpickle version does not match), the deployment is removed
         again and the error names why.
         """
+        assert self.manager is not None
         waits = wait and mv.replicas > 0 and self.manager.manages(mv)
         async with self._lock:
             known = self.registry.models.get(mv.name)
@@ -638,6 +662,7 @@ class Frontend:
         return mv
 
     def _add_version(self, mv: ModelVersion, make_current: bool) -> None:
+        assert self.processor is not None and self.rpc is not None
         self.registry.add_model_version(mv, make_current=make_current)
         lim = self.config.limits
         deployment_id = self._next_deployment_id  # a fresh one: a redeployed version never meets old cache entries
@@ -694,7 +719,7 @@ class Frontend:
         or in a temporary folder for a frontend whose state is not kept."""
         return self._local_dir() / "clipper-secrets"
 
-    def _process_exited(self, grant, returncode) -> None:
+    def _process_exited(self, grant: ContainerGrant, returncode) -> None:
         """The manager saw a child exit: its credentials go, and with them its replica."""
         if self.keyring is not None and self.keyring.get(grant.id) is grant:
             self.keyring.revoke(grant.id, f"exited (return code {returncode})")
@@ -719,6 +744,7 @@ class Frontend:
         its cache entries go, and applications re-route at once. Returns the
         removed versions' keys.
         """
+        assert self.keyring is not None
         async with self._lock:
             linking = self._apps_linking(name)
             before = {a: list(self.registry.links.get(a, ())) for a in linking}
@@ -747,6 +773,7 @@ class Frontend:
             return [mv.key for mv in mvs]
 
     async def _retire(self, mv: ModelVersion, reason: str) -> None:
+        assert self.manager is not None and self.processor is not None and self.rpc is not None
         await self.manager.remove(mv.key)  # no restarts from now on
         queue = self.processor.queues.pop(mv.key, None)
         self.rpc.drop_model(mv.key, reason)
@@ -765,6 +792,7 @@ class Frontend:
         there: the frontend keeps the public half). ``frontend`` is the RPC
         address the container should dial, written into the document.
         """
+        assert self.keyring is not None
         m = self.registry.get_model(model)
         if version is not None:
             self.registry.get_model_version(model, str(version))
@@ -782,6 +810,7 @@ class Frontend:
 
     def revoke_container_credentials(self, credential_id: str) -> dict:
         """Revoke operator-issued credentials: the replicas holding them are dropped and told to exit."""
+        assert self.keyring is not None
         grant = self.keyring.get(credential_id)
         if grant is None or grant.origin != "operator":
             raise InvalidConfigError(f"no container credentials with id {credential_id!r} "
@@ -828,6 +857,7 @@ class Frontend:
             self._persist(links=[app_name])
 
     async def set_replicas(self, model_name: str, version: str, replicas: int) -> None:
+        assert self.manager is not None
         async with self._lock:
             mv = self.registry.get_model_version(model_name, version)
             probe = ModelVersion(mv.name, mv.version, mv.input_dtype, mv.input_shape, replicas=replicas)
@@ -838,6 +868,7 @@ class Frontend:
     async def wait_ready(self, model_name: str, version: str | None = None, replicas: int | None = None,
                          timeout_s: float | None = None) -> None:
         """Wait until ``replicas`` (default: the deployed count, at least 1) containers are connected."""
+        assert self.rpc is not None and self.loop is not None and self.manager is not None
         model = self.registry.get_model(model_name)
         mv = model.versions[str(version)] if version is not None else model.current
         if mv is None:
@@ -883,6 +914,7 @@ class Frontend:
         serve now get a new budget, so a change costs what it touches, not
         what the registry holds.
         """
+        assert self.processor is not None
         routes = self.processor.routes
         names = list(routes) if apps is None else list(apps)
         touched: set[str] = set()
@@ -935,6 +967,7 @@ class Frontend:
             mv = self.registry.get_model_version(model, version)
         except ClipperError as exc:
             raise ClipperError(f"model {model}:{version} is not deployed on this frontend ({exc.message})") from None
+        assert self.processor is not None
         return self.processor.queues[mv.key], mv
 
     async def apply(self, spec: dict, base_dir: Path | None = None) -> None:
@@ -964,6 +997,7 @@ class Frontend:
         """Applications that cannot answer from a model now: ``"app: why"`` each (empty: ready)."""
         if self.processor is not None and self.processor.draining:
             return ["the frontend is shutting down"]
+        assert self.processor is not None  # (asked by the REST port, made after the processor)
         out = []
         for name, route in self.processor.routes.items():
             queues = [q for _, q in route.links if q is not None]
@@ -986,13 +1020,15 @@ class Frontend:
             raise StateUnavailableError(
                 f"the state store {self.store!r} does not answer ({type(exc).__name__}: {exc}); management "
                 "changes are refused until it does (queries are still served)") from None
-        waiting = self.store.pending_bytes
-        if waiting > self.store.max_pending_bytes // 2:  # a change now might not be taken: refused before
+        store: Any = self.store  # (one with ping(): Redis, which counts the bytes of writes not yet applied)
+        waiting = store.pending_bytes
+        if waiting > store.max_pending_bytes // 2:  # a change now might not be taken: refused before
             raise StateUnavailableError(                   # anything changes
                 f"the state store {self.store!r} is behind ({waiting} bytes of writes wait for it); management "
                 "changes are refused until it catches up (queries are still served)")
 
     def status(self) -> dict:
+        assert self.rpc is not None and self.manager is not None and self.processor is not None
         return {
             "version": __version__,
             "ports": {"query": self.query_port, "rest": self.rest_port, "admin": self.admin_port,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import logging
 import time
 
@@ -163,7 +164,7 @@ def families(snap: dict):
     """The metric families of a :func:`snapshot` (any thread)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    apps = {
+    apps: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
         "requests": CounterMetricFamily("clipper_app_requests", "Queries received, by application", labels=["app"]),
         "answers": CounterMetricFamily("clipper_app_answers", "Queries answered, by outcome: a model's answer, "
                                        "the default output, or an error", labels=["app", "outcome"]),
@@ -194,7 +195,7 @@ def families(snap: dict):
     yield from apps.values()
     yield latency
 
-    models = {
+    models: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
         "queries": CounterMetricFamily("clipper_model_queries", "Queries sent to the model in batches",
                                        labels=["model"]),
         "batches": CounterMetricFamily("clipper_model_batches", "Batches sent to the model", labels=["model"]),
@@ -335,7 +336,7 @@ class MetricsServer(HttpServer):
         self._waiting: list = []  # (connection, reply, head_only) waiting for the rendering in progress
         self._rendering = False  # a snapshot or rendering is in progress
         self._future = None  # the worker's rendering, while it runs
-        self._executor = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
 
     def render(self) -> bytes:

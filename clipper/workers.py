@@ -97,9 +97,9 @@ class PrivateRedis:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
-        self.proc = None
-        self._sock_dir = None
-        self.url = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self._sock_dir: str | None = None
+        self.url: str | None = None
 
     async def start(self, timeout_s: float = 30.0) -> str:
         exe = shutil.which("redis-server")
@@ -163,10 +163,10 @@ class _Worker:
         self.index = index
         self.metrics_port = metrics_port
         self.rpc_port = rpc_port
-        self.proc = None
+        self.proc: asyncio.subprocess.Process | None = None
         self.ready: dict | None = None
         self.starts = 0
-        self.task = None
+        self.task: asyncio.Task | None = None
         self.extra: list[str] = []  # more arguments for its `clipper start` (its part in shared containers)
 
 
@@ -189,8 +189,8 @@ class Supervisor:
         self.held: dict[str, socket.socket] = {}
         self.ports: dict[str, int | None] = {}
         self.workers: list[_Worker] = []
-        self._dir = None
-        self._rpc_dir = None
+        self._dir: str | None = None
+        self._rpc_dir: str | None = None
         self._stopping = False
         self.restarts = 0
 
@@ -260,6 +260,7 @@ class Supervisor:
             {"index": w.index, "pid": w.proc.pid if w.proc else None, **(w.ready or {})} for w in self.workers]}
 
     async def _start_worker(self, w: _Worker, timeout_s: float = 120.0) -> None:
+        assert self._dir is not None  # (made by start)
         ready_file = os.path.join(self._dir, f"worker-{w.index}.json")
         try:
             os.unlink(ready_file)
@@ -293,6 +294,7 @@ class Supervisor:
     async def _watch(self, w: _Worker) -> None:
         delay = self.backoff_s[0]
         while True:
+            assert w.proc is not None  # (started before it is watched)
             rc = await w.proc.wait()
             if self._stopping:
                 return

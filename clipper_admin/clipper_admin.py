@@ -13,11 +13,15 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
 
 from clipper import errors as E
 
 from .container_manager import ContainerManager
 from .exceptions import ClipperException, UnconnectedException
+
+if TYPE_CHECKING:
+    from clipper.management.admin_client import AdminClient
 
 __all__ = ["ClipperConnection", "INPUT_TYPES", "input_type_spec"]
 
@@ -69,7 +73,7 @@ class ClipperConnection:
     def __init__(self, container_manager: ContainerManager) -> None:
         self.connected = False
         self.cm = container_manager
-        self._admin = None
+        self._admin: AdminClient | None = None
         self._labels: dict = {}  # (model, version) -> the labels given at deploy (kept here, not by the frontend)
 
     # -------------------------------------------------------------- connection
@@ -88,6 +92,7 @@ class ClipperConnection:
     def connect(self) -> None:
         self.cm.connect()
         self._connect_admin()
+        assert self._admin is not None
         self._admin.health()
         log.info("Successfully connected to Clipper cluster at %s", self.cm.get_query_addr())
 

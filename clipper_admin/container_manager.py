@@ -180,6 +180,7 @@ class LocalContainerManager(ContainerManager):
         return [out]
 
     def _log_tail(self) -> str:
+        assert self.folder is not None  # (asked while the frontend starts)
         try:
             lines = (self.folder / "clipper.log").read_text(errors="replace").strip().splitlines()
         except OSError:

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
+scripts/lint.sh  # ruff and mypy: an error fails the run before any test
 # System tools the tests drive for real: openssl (throwaway CAs and certificates), curl (TLS from
 # another client), iproute2 (network namespaces as the other hosts of the container RPC tests),
 # redis-server (the shared state store's tests start their own, on a private Unix socket), gcc with

@@ -86,7 +86,7 @@ def test_killed_mid_batch_is_retried_on_another_replica(frontend, wire_conn, tmp
 def test_killed_mid_batch_without_retries_fails_with_a_clear_error(frontend_factory, wire_conn, tmp_path):
     gates = Gates(tmp_path)
     fe = frontend_factory(max_batch_retries=0)
-    mv = fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
+    fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
     c = wire_conn(fe.port)
     c.send(wire.predict(1, "sleepy", _gx(1.0, hold=1)))
     victim = gates.wait_batch(1.0)
@@ -166,7 +166,7 @@ def test_long_predict_keeps_its_container_alive(frontend_factory, wire_conn, tmp
     predict runs (the replica is dropped, the query retried on a new container)."""
     gates = Gates(tmp_path)
     fe = frontend_factory(heartbeat_interval_ms=100, heartbeat_timeout_ms=1000, max_batch_retries=0)
-    mv = fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
+    fe.deploy("sleepy", "gated", replicas=1, cache=False, env=gates.env)
     before = fe.call(fe.fe.rpc.stats)
     c = wire_conn(fe.port)
     c.send(wire.predict(1, "sleepy", _gx(1.0, hold=1)))

@@ -24,7 +24,7 @@ DEFAULT = -1.0  # the application's default output: what a query without a model
 
 
 @pytest.fixture(scope="module")
-def lan(network: Network) -> Network:
+def lan(network: Network) -> Network:  # noqa: F811 - the fixture imported from hosts
     """The hosts: r (Redis), a, b, e (frontends), c, d (containers), q (the client)."""
     for name in "rabecdq":
         network.add_host(name)

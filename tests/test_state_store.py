@@ -711,8 +711,8 @@ def test_eight_writers_at_once_lose_no_update_to_one_users_state(redis_server):
                 s = table.peek("carol")
                 if s is None:
                     got = []
-                    table.fetch("carol", lambda st_, known: got.append(st_))
-                    _run_until(loop, lambda: got, timeout=60)
+                    table.fetch("carol", lambda st_, known: got.append(st_))  # noqa: B023 - _run_until waits for it
+                    _run_until(loop, lambda: got, timeout=60)  # noqa: B023 - runs at once
                     s = got[0]
                 table.put("carol", {"logw": {"a": s["logw"]["a"] - 0.125, "b": s["logw"]["b"]},
                                     "updates": s["updates"] + 1})

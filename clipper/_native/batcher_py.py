@@ -212,8 +212,8 @@ class BatchSizer:
         self._over_n = self._max_batch + 1  # the smallest size over budget since the last refit
         self._over_count = 0                # batches over budget since the last refit
         self._min_n = 1                     # the smallest size in the window at the last fit
-        self._line = None    # the fitted line as integers (n0, l0, d, dl), d > 0
-        self._fit = None     # the fitted line as (a, b) in ns and ns per query
+        self._line: tuple[int, int, int, int] | None = None    # the fitted line as integers (n0, l0, d, dl), d > 0
+        self._fit: tuple[float, float] | None = None     # the fitted line as (a, b) in ns and ns per query
 
     def observe(self, n: int, latency_ns: int) -> int:
         n = _int_arg("n", n, 1, _INT64_MAX, "an integer in [1, 2**63 - 1] (queries in the batch)")

@@ -146,7 +146,9 @@ class PredictionCache:
     # -- storage ---------------------------------------------------------------
 
     def _reset(self) -> None:
-        self._slots: list[_Entry | None] = [None] * _INITIAL_CAPACITY
+        # A free slot holds None; typed as what the code reads, which it does only at occupied slots (the native
+        # twin's layout; no per-read check).
+        self._slots: list[_Entry] = [None] * _INITIAL_CAPACITY  # type: ignore[list-item]
         # Free slots as a stack; the last item is taken first, so slot 0 goes first.
         self._free: list[int] = list(range(_INITIAL_CAPACITY - 1, -1, -1))
         self._buckets: dict[int, list[int]] = {}   # masked hash -> slots with that hash
@@ -160,7 +162,7 @@ class PredictionCache:
         if not self._free:
             # Double the slots; the first new one is taken first.
             old = len(self._slots)
-            self._slots.extend([None] * old)
+            self._slots.extend([None] * old)  # type: ignore[list-item]
             self._free.extend(range(2 * old - 1, old - 1, -1))
         return self._free.pop()
 
@@ -189,7 +191,7 @@ class PredictionCache:
             del self._buckets[e.hash]
         self._used -= e.charge
         self._count -= 1
-        self._slots[slot] = None
+        self._slots[slot] = None  # type: ignore[call-overload]
         self._free.append(slot)
         return e.obj
 

@@ -71,7 +71,7 @@ class FrameReader:
             avail = n - pos
             if not buf and avail >= self._need:
                 # Fast path: the whole piece is in ``data``.
-                chunk = view[pos : pos + self._need]
+                chunk: bytes | memoryview = view[pos : pos + self._need]
                 pos += self._need
             else:
                 take = min(self._need - len(buf), avail)
@@ -530,7 +530,7 @@ def array_input(body, offset, ext_head, dtype, shape):
         return None
     count = nbytes // dtype.itemsize
     arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset + hlen).reshape(shape)
-    if type(body) is memoryview and len(body.obj) > PIN_RATIO * len(body):
+    if type(body) is memoryview and len(body.obj) > PIN_RATIO * len(body):  # type: ignore[arg-type]  # (bytes-like)
         arr = arr.copy()  # a slice of a much larger read: do not pin the read
     arr.flags.writeable = False  # read-only (a bytearray body would give a writeable view)
     return arr

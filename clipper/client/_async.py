@@ -54,9 +54,9 @@ class ClientProtocol(asyncio.Protocol):
         self._max_frame_bytes = max_frame_bytes
         self._reader = framing.FrameReader(max_frame_bytes)
         self._unpack = wire.make_unpacker(client_limits(max_frame_bytes))
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made, first
         self.pending: dict[int, asyncio.Future] = {}
-        self.lost: ConnectionError | None = None  # why the connection is gone, once it is
+        self.lost: E.ConnectionClosedError | None = None  # why the connection is gone, once it is
         self._closing_by_client = False
         self._write_paused = False
         self._drain_waiters: deque[asyncio.Future] = deque()
@@ -223,7 +223,7 @@ class AsyncClient:
         self.server_info: dict = {}
         self._slots = asyncio.Semaphore(DEFAULT_WINDOW)
         self._tls = False
-        self._api_key = None
+        self._api_key: str | None = None
 
     @classmethod
     async def connect(
@@ -264,7 +264,7 @@ class AsyncClient:
         check_api_key(api_key)
         loop = asyncio.get_running_loop()
         where = f"{host}:{port}"
-        kw = {}
+        kw: dict[str, Any] = {}
         if tls_context is not None:
             kw = {"ssl": tls_context, "server_hostname": server_hostname or host}
             if connect_timeout is not None:
@@ -386,7 +386,7 @@ class AsyncClient:
             for fut in futs:  # cancelled from outside: abandon what is left
                 if not fut.done():
                     fut.cancel()
-        out = []
+        out: list = []
         for reply in replies:
             if isinstance(reply, BaseException):
                 out.append(reply)

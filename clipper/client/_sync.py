@@ -396,7 +396,7 @@ class Client:
                     if remaining <= 0:
                         failure = "timeout"
                         break
-                if self._tls and sock.pending():
+                if self._tls and sock.pending():  # type: ignore[attr-defined]  # an SSLSocket with _tls
                     # Plaintext TLS already decrypted: the socket may never become readable for it.
                     self._receive(waiting, replies)
                     continue
@@ -465,7 +465,7 @@ class Client:
             # One TLS recv() returns at most one record (16 KiB): read on while the socket has more,
             # and always while the session holds decrypted bytes (no readable event would tell of them).
             reads += 1
-            if reads >= _TLS_READS_PER_EVENT and not sock.pending():
+            if reads >= _TLS_READS_PER_EVENT and not sock.pending():  # type: ignore[attr-defined]  # (TLS)
                 return
 
     def _take(self, data, waiting: set, replies: dict) -> None:

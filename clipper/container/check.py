@@ -140,7 +140,7 @@ def check_model(predict, inputs: list, batch_sizes=(1, 8, 32), *, seconds: float
         elif detect_kind(outputs[0]) != kind:
             raise ModelError(f"at batch size {size}: the outputs are {detect_kind(outputs[0])}s; at batch size "
                              f"{batch_sizes[0]} they were {kind}s")
-        times = []
+        times: list[float] = []
         deadline = time.perf_counter() + seconds
         while len(times) < MAX_CALLS and (len(times) < min_calls or time.perf_counter() < deadline):
             times.append(run_batch(predict, batch)[1])

@@ -75,6 +75,8 @@ def _import_entry(entry: str):
             raise LoadError(f"entry file {str(path)!r} does not exist")
         name = f"clipper_model_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:  # not a name Python imports (no .py suffix)
+            raise LoadError(f"entry file {str(path)!r} is not a Python source file (.py)")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         sys.path.insert(0, str(path.parent))
@@ -114,7 +116,7 @@ def load_predictor(entry_or_obj) -> Callable[[Any], Any]:
         try:
             inst = obj()
             if callable(getattr(inst, "load", None)):
-                inst.load()
+                inst.load()  # type: ignore[attr-defined]  # (just checked)
         except Exception as exc:
             raise LoadError(f"loading {obj.__name__} failed: {type(exc).__name__}: {exc}") from exc
         fn = getattr(inst, "predict", None)
@@ -138,7 +140,8 @@ def encode_outputs(batch_id: int, outputs, count: int) -> list:
         if ts is not None:
             arr = np.ascontiguousarray(outputs)
             header = msgpack.packb([m.C_RESULT, batch_id, count, m.ENC_NDARRAY, [ts.decode(), list(arr.shape)]])
-            return [header, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""]
+            # (numpy's stubs do not say an ndarray is a buffer)
+            return [header, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""]  # type: ignore[arg-type]
         outputs = outputs.tolist()
     if isinstance(outputs, (str, bytes)) or not hasattr(outputs, "__len__"):
         raise ModelError(
@@ -281,13 +284,13 @@ class ContainerRuntime:
         self.input_dtype = input_dtype
         self.input_shape = input_shape
         self.exit_on_frontend_loss = exit_on_frontend_loss
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self._links: list[_Link] = []
-        self._poller = None
+        self._poller: zmq.Poller | None = None
         self._sock_lock = threading.Lock()
         self._busy = False
         self._holding = False
-        self._beater_thread = None
+        self._beater_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.batches_done = 0
 
@@ -415,6 +418,7 @@ class ContainerRuntime:
         """Read one handshake event; an exit code if the frontend refused this container."""
         from zmq.utils.monitor import recv_monitor_message
 
+        assert link.monitor is not None  # (a handshake event came from it)
         event = recv_monitor_message(link.monitor)["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._stop_monitor(link)  # from here on, only the frontend's own messages matter
@@ -484,7 +488,7 @@ class ContainerRuntime:
 
     def _make_poller(self) -> tuple[zmq.Poller, dict]:
         poller = zmq.Poller()
-        owner = {}
+        owner: dict = {}
         for link in self._links:
             if link.sock is None:  # refused for now: asked again at retry_at
                 continue

@@ -254,7 +254,7 @@ class AdminClient:
         only this once (the frontend keeps its hash). Clients send it in HELLO
         (``Client(..., api_key=key)``) or as ``Authorization: Bearer <key>``.
         """
-        body = {"apps": [apps] if isinstance(apps, str) else list(apps)}
+        body: dict = {"apps": [apps] if isinstance(apps, str) else list(apps)}
         if name is not None:
             body["name"] = name
         return self._call("POST", "/api/v1/api-keys", body)

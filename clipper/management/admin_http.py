@@ -56,6 +56,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -75,6 +76,9 @@ from ..server.http import REASONS as _REASONS
 from ..server.http import HttpHeadersConnection, HttpReply, HttpServer, clip, error_body
 from . import api_key_routes
 from .registry import Application, ModelVersion
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger("clipper.admin")
 
@@ -259,9 +263,9 @@ class AdminServer(HttpServer):
         self.port: int | None = None
         self.tls = False
         self.token = AdminToken(cfg.admin_token_file or frontend.secrets_dir() / "admin-token")
-        self._published = None
+        self._published: Path | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int) -> int:  # type: ignore[override]  # (TLS from the admin config)
         cfg = self.frontend.config
         ssl_ctx = cert = None
         if cfg.admin_tls_cert_file:
@@ -300,7 +304,7 @@ class AdminServer(HttpServer):
             except ValueError:
                 addr = None
             if addr is not None:
-                if getattr(addr, "ipv4_mapped", None) is not None:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
                     addr = addr.ipv4_mapped
                 names.add(str(addr))
                 if addr.is_loopback:

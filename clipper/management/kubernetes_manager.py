@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +217,7 @@ def model_labels(mv: ModelVersion, instance: str, frontend: str | None = None) -
 # ------------------------------------------------------------------ manifests
 def container_args(mv: ModelVersion, rpc_address: str) -> list[str]:
     """``python -m clipper.container``'s arguments for ``mv`` (a model with an ``entry``)."""
+    assert mv.entry is not None
     args = [mv.entry, "--name", mv.name, "--version", mv.version, "--frontend", rpc_address,
             "--input-dtype", mv.input_dtype]
     if mv.input_shape:
@@ -355,16 +357,16 @@ class _Api:
     def put_secret(self, body: dict) -> None:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            self.core.create_namespaced_secret(ns, body)
+            self.core.create_namespaced_secret(ns, body)  # type: ignore[arg-type]  # (the client takes a dict body)
         except self.ApiException as exc:
             if exc.status != 409:
                 raise
-            self.core.replace_namespaced_secret(name, ns, body)
+            self.core.replace_namespaced_secret(name, ns, body)  # type: ignore[arg-type]
 
     def apply_deployment(self, body: dict) -> dict:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
-            d = self.apps.create_namespaced_deployment(ns, body)
+            d = self.apps.create_namespaced_deployment(ns, body)  # type: ignore[arg-type]
         except self.ApiException as exc:
             if exc.status != 409:
                 raise
@@ -421,7 +423,8 @@ class KubernetesManager:
         self.keyring = keyring
         self.store = store  # the shared state store: is a credential another frontend issued still valid?
         self.delete_on_close = delete_on_close
-        self.on_failure = None  # (model key, return code, text): the frontend sets it; the kubelet restarts pods
+        # (model key, return code, text): the frontend sets it; the kubelet restarts pods
+        self.on_failure: Callable[[str, int, str], None] | None = None
         self._api = api
         self._locks: dict[str, asyncio.Lock] = {}
         self.deployments: dict[str, dict] = {}  # model key -> {"deployment", "secret", "replicas", ...}
@@ -479,6 +482,7 @@ class KubernetesManager:
                     doc = self.issue_document(mv)
                     await asyncio.to_thread(api.put_secret, build_credentials_secret(mv, self.settings, doc))
                 status = await asyncio.to_thread(api.apply_deployment, deployment)
+                assert doc is not None  # (valid, or issued just now)
             except (InvalidConfigError, ContainerFailedError):
                 raise
             except Exception as exc:

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,12 @@ class LocalProcessManager:
         self.base_dir = Path(base_dir) if base_dir else Path.cwd()
         self.backoff_ms = backoff_ms
         self.slots: dict[str, list[_Slot]] = {}
-        self.on_failure = None  # (model key, return code, stderr tail) -> None
+        self.on_failure: Callable[[str, int, str], None] | None = None  # (model key, return code, stderr tail)
 
     def argv(self, mv: ModelVersion) -> list[str]:
         if mv.command:
             return list(mv.command)
+        assert mv.entry is not None  # (manages(): an entry or a command)
         return [sys.executable, "-m", "clipper.container", mv.entry, "--name", mv.name, "--version", mv.version,
                 "--frontend", ",".join([self.rpc_address, *self.peers]), "--die-with-parent",
                 "--input-dtype", mv.input_dtype,

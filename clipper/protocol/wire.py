@@ -151,7 +151,8 @@ def encode_ndarray(arr: np.ndarray) -> msgpack.ExtType:
         arr = np.ascontiguousarray(arr)
     if arr.size == 0:
         return msgpack.ExtType(EXT_NDARRAY, head)
-    return msgpack.ExtType(EXT_NDARRAY, b"".join((head, arr.reshape(-1).view(np.uint8))))
+    # (numpy's stubs do not say an ndarray is a buffer)
+    return msgpack.ExtType(EXT_NDARRAY, b"".join((head, arr.reshape(-1).view(np.uint8))))  # type: ignore[arg-type]
 
 
 def ndarray_ext_head(dtype: np.dtype, shape: tuple) -> bytes | None:

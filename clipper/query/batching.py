@@ -124,7 +124,7 @@ class ModelQueue:
         self.est_lat_ns = 0.0  # the shortest replica batch latency the last estimate_ns used
         # estimate_ns's last look at the replicas (valid while replica_version is unchanged, for _EST_MEMO_NS):
         # (version, at_ns, drain rate, shortest latency, when the soonest busy replica is free)
-        self._est_memo = None
+        self._est_memo: tuple | None = None
         self.replica_version = 0  # bumped whenever a replica's state changes (batch out or back, added, removed)
         self.est_rate = 0.0  # the drain rate (queries per ns) the last estimate used
         # Admission's shortcut (QueryProcessor.admits): while replica_version is admit_version and
@@ -299,7 +299,7 @@ class ModelQueue:
             else:
                 break
             limit = replica.sizer.current
-            queries = []
+            queries: list = []
             wait_total = 0
             while pending and len(queries) < limit:
                 q = pending.popleft()

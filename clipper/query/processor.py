@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -72,6 +73,9 @@ from ..selection.policies import MISSING
 from ..selection.policy import Policy, make_policy
 from .batching import ModelQueue
 from .ticket import ANSWER, DEFAULT, ERROR, FEEDBACK_OK, Part, Query, Ticket
+
+if TYPE_CHECKING:
+    from ..store.states import StateTable
 
 log = logging.getLogger("clipper.query")
 
@@ -240,7 +244,7 @@ class Fanout(Ticket):
     __slots__ = ("user", "state", "names", "keys", "outputs", "errors", "remaining", "parts", "label", "is_feedback")
 
     def __init__(self, sink, req_id, query_id, route, x, nbytes, arrival_ns, deadline_ns, user, state, names, keys,
-                 label=None, is_feedback=False):
+                 label=None, is_feedback=False) -> None:
         self.sink = sink
         self.req_id = req_id
         self.query_id = query_id
@@ -305,7 +309,7 @@ class AppRoute:
         self.links: list[tuple[str, ModelQueue | None]] = []  # (linked model, its queue) in link order
         self.queue_by_name: dict[str, ModelQueue | None] = {}
         self.policy: Policy | None = None
-        self.states = None  # StateTable, for policies that learn
+        self.states: StateTable | None = None  # for policies that learn
         self.simple = True
         self.single_extra: dict | None = None
         self.deadlines = Deadlines(self.loop, self.expire, self._note_lateness)
@@ -499,7 +503,7 @@ class AppRoute:
 
     def _convert_list(self, x: list) -> np.ndarray:
         """A list input as an array of the application's dtype, judged in the order of check_input."""
-        dt = self.np_dtype
+        dt: np.dtype = self.np_dtype  # type: ignore[assignment]  # (lists are converted for numeric apps only)
         shape = self.shape
         if len(shape) == 1 and len(x) == shape[0] and len(x) * dt.itemsize <= self.max_input_bytes:
             # a flat list of numbers for a float32/float64 application (a REST body's input): converted in
@@ -548,9 +552,11 @@ class AppRoute:
         """The error of a list input's verdict (``framing.check_nested`` on its bytes, ``judge_list`` on
         the decoded list): ``(code, detail)``."""
         code, detail = bad
+        dt = self.np_dtype
+        assert dt is not None  # (lists are judged for numeric applications only)
         if code == 205:
-            n = detail * self.np_dtype.itemsize
-            return InputTooLargeError(f"list input of {detail} values ({n} bytes as {self.np_dtype.name}) exceeds "
+            n = detail * dt.itemsize
+            return InputTooLargeError(f"list input of {detail} values ({n} bytes as {dt.name}) exceeds "
                                       f"max_input_bytes={self.max_input_bytes}")
         if code == 201:
             if detail == 0:
@@ -561,12 +567,12 @@ class AppRoute:
                                      f"shape {list(self.shape)}")
         if code == 203:
             return DTypeMismatchError(f"list input holds {_msgpack_kind(detail)} values; application {self.name!r} "
-                                      f"expects {self.np_dtype.name}")
+                                      f"expects {dt.name}")
         return ShapeMismatchError(f"input has shape {list(detail)}; application {self.name!r} expects "
                                   f"{list(self.shape)}" + (" (-1: any length)" if self.variable else ""))
 
     # ------------------------------------------------------------ outcomes
-    def expire(self, t: Ticket) -> None:
+    def expire(self, t: Query | Fanout) -> None:
         """The ticket's deadline passed: answer with what there is."""
         if type(t) is Fanout:
             self.complete(t, at_deadline=True)
@@ -575,7 +581,7 @@ class AppRoute:
             t.settle(ERROR, DeadlineExceededError(
                 f"no answer within the {self.slo_ns / 1e6:g} ms SLO of application {self.name!r}"))
         else:
-            extra = t.extra or self.single_extra
+            extra = t.extra or self.single_extra  # type: ignore[union-attr]  # a Query (a Fanout returned above)
             key = extra["models"][0] if extra else "the model"
             t.settle(DEFAULT, None, {"explanation": f"no answer within the {self.slo_ns / 1e6:g} ms SLO",
                                      "confidence": 0.0, "models": [], "missing": [f"{key} (no answer in time)"]})
@@ -804,10 +810,11 @@ class QueryProcessor:
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
         self.refused_in_runs = 0  # OVERLOADED refusals made by shed_run (native, a run of frames at once)
-        self.refusing_route = None  # the application shed last refused with OVERLOADED (its refusal may hold)
+        # the application shed last refused with OVERLOADED (its refusal may hold)
+        self.refusing_route: AppRoute | None = None
         # The request shed just admitted (its route, id and connection; no tuple per request): predict
         # of that very frame skips admission; any other request clears it.
-        self._shed_route = None
+        self._shed_route: AppRoute | None = None
         self._shed_id = None
         self._shed_conn = None
         # The largest frame any registered application could take as a valid request (its input, and
@@ -850,7 +857,7 @@ class QueryProcessor:
         self.max_user_id_len = max_user_id_len
         self.max_user_states = max_user_states
         self.max_user_states_in_memory = max_user_states_in_memory
-        self._tables: dict[str, object] = {}
+        self._tables: dict[str, StateTable] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
         self.state_flushes = 0
         self.state_flush_errors = 0
@@ -906,8 +913,10 @@ class QueryProcessor:
     def flush_states(self) -> None:
         """Write every changed state to the store (one transaction)."""
         self._flush_timer = None
-        items, taken = [], []
-        merges = []
+        items: list = []
+        taken: list = []
+        merges: list = []
+        its: list | None  # (bound by both loops below)
         for table in self._tables.values():
             merging = table.merging
             its, tk = table.take_dirty_merge() if merging else table.take_dirty()
@@ -1195,7 +1204,7 @@ class QueryProcessor:
             queue.refused_at_ns = now
             queue.admit_until_ns = 0
             return REFUSE_STALLED, est
-        limit = budget_ns - 2 * self.loop_lag_ns
+        limit: float = budget_ns - 2 * self.loop_lag_ns
         lat = queue.est_lat_ns
         if est > limit:
             if est - lat > self.admission_wait_batches * lat:  # (an app with a short SLO alone does not
@@ -1338,7 +1347,8 @@ class QueryProcessor:
         self._select(conn, req_id, qid, route, x, nbytes, now, user, state)
 
     def _select(self, conn, req_id, qid, route: AppRoute, x, nbytes: int, now: int, user: str, state) -> None:
-        names = self._selection(route, route.policy.select(state, x), "select")
+        # (route.policy: the caller checked it, not None)
+        names = self._selection(route, route.policy.select(state, x), "select")  # type: ignore[union-attr]
         self._fan_out(Fanout(conn, req_id, qid, route, x, nbytes, now, now + route.answer_ns, user, state, names,
                              [_key(route, n) for n in names]), route.deadlines)
 
@@ -1352,6 +1362,7 @@ class QueryProcessor:
         self.unsettled += 1
         self.waiting_for_state += 1
         table = route.states
+        assert table is not None  # (only a policy that learns has states to wait for)
         wait = _StateWait(self, conn, req_id, route, nbytes, go)
         self._state_waits.add(wait)
         delay = max(0.0, (until_ns - time.monotonic_ns()) / 1e9)
@@ -1365,6 +1376,7 @@ class QueryProcessor:
         except TypeError:
             names = None
         if names is None or any(n not in route.queue_by_name for n in names) or len(set(names)) != len(names):
+            assert route.policy is not None  # (it was just asked)
             raise InternalError(f"policy {route.policy.name!r}: {what} returned {names!r}; expected distinct "
                                 f"models among {list(route.queue_by_name)}")
         return names
@@ -1454,7 +1466,7 @@ class QueryProcessor:
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             raise OverloadedError(f"the frontend holds {self.inflight_bytes} bytes of inputs not yet answered; "
                                   f"max_inflight_input_bytes is {self.max_inflight_bytes}")
-        state = route.states.peek(user)
+        state = route.states.peek(user)  # type: ignore[union-attr]  # a policy that learns has its states
         if state is None:  # read from the store off the loop; the feedback goes on when it arrives
             self._wait_for_state(conn, req_id, route, nbytes, user, lambda st, known: self._feedback_fan_out(
                 conn, req_id, route, x, nbytes, user, label, st, known),
@@ -1467,7 +1479,7 @@ class QueryProcessor:
         if not known:  # learning from a fresh state would overwrite what the store holds for this user
             raise StateUnavailableError(f"the policy state of user {_short(user)} of application {route.name!r} "
                                         "could not be read from the state store in time; nothing was learned")
-        policy = route.policy
+        policy: Policy = route.policy  # type: ignore[assignment]  # checked by feedback() and _StateWait.resume
         if not policy.learns or route.states is None:
             conn.send_feedback_ok(req_id, None)
             return

@@ -55,9 +55,14 @@ waits in it, unsent.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ClipperError
+
+if TYPE_CHECKING:
+    from ..protocol.wire import PackedExtra
+    from .batching import ModelQueue
+    from .processor import AppRoute
 
 __all__ = ["ANSWER", "DEFAULT", "ERROR", "FEEDBACK_OK", "ReplySink", "QueueItem", "Ticket", "Query", "Part"]
 
@@ -102,6 +107,16 @@ class Ticket:
     """One client request, from arrival until :meth:`settle`."""
 
     __slots__ = ("sink", "req_id", "query_id", "route", "input", "nbytes", "arrival_ns", "deadline_ns", "done")
+    # (the slots' types, for the type checker)
+    sink: ReplySink
+    req_id: Any
+    query_id: int
+    route: AppRoute
+    input: Any
+    nbytes: int
+    arrival_ns: int
+    deadline_ns: int
+    done: bool
 
     is_feedback = False
 
@@ -123,7 +138,7 @@ class Ticket:
         if proc.draining and not proc.unsettled:
             proc.on_idle()
         self.input = None
-        sink, self.sink = self.sink, None
+        sink, self.sink = self.sink, None  # type: ignore[assignment]  # dropped once settled (settle runs once)
         if how != FEEDBACK_OK and not self.is_feedback:
             route.latency.observe_ns(time.monotonic_ns() - self.arrival_ns)
         if how == ANSWER:
@@ -148,6 +163,11 @@ class Query(Ticket):
     """A request answered by one model: the ticket and its queue item in one object."""
 
     __slots__ = ("attempts", "token", "followers", "queue", "extra")
+    attempts: int
+    token: Any
+    followers: list | None
+    queue: ModelQueue | None
+    extra: PackedExtra | dict | None
 
     def __init__(self, sink, req_id, query_id, route, x, nbytes: int, arrival_ns: int, deadline_ns: int) -> None:
         self.sink = sink  # where the answer goes (ReplySink)

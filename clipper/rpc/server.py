@@ -143,7 +143,7 @@ def parse_hello(header) -> dict:
         raise HelloError(f"container RPC version {version!r} is not supported; this frontend speaks {m.RPC_VERSION}")
     if type(info) is not dict:
         raise HelloError("a hello's info is a map")
-    out = {}
+    out: dict = {}
     for field in ("model", "version"):
         value = info.get(field)
         if type(value) is not str or not NAME_RE.match(value):
@@ -260,6 +260,7 @@ class ContainerServer:
 
     @property
     def port(self) -> int:
+        assert self.tcp is not None  # (bound by start)
         return int(self.tcp.endpoint.rsplit(":", 1)[1])
 
     @property
@@ -267,6 +268,7 @@ class ContainerServer:
         """Where the local manager's children connect, and with which mechanism."""
         if self.ipc is not None:
             return self.ipc.endpoint, "plain"
+        assert self.tcp is not None  # (bound by start)
         return self.tcp.endpoint, "curve" if self.secure else "none"
 
     @property
@@ -321,7 +323,7 @@ class ContainerServer:
         # exception per wake-up costs more than the whole message handling.
         for _ in range(10_000):
             try:
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                if not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # EVENTS is an int option
                     return
                 frames = sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.ZMQError:

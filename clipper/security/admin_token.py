@@ -51,7 +51,7 @@ class AdminToken:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser().resolve()
         self._token = b""
-        self._sig = None
+        self._sig: object = None  # the file's stat signature when last read, or "refused"
         if not self.path.exists():
             if not self.path.parent.exists():  # a folder of its own: private; an existing one is left as it is
                 private_dir(self.path.parent)

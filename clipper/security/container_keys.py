@@ -37,6 +37,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
@@ -45,6 +46,9 @@ from zmq.utils import z85
 
 from ..errors import InvalidConfigError
 from .files import loose_permissions, private_dir, read_private, write_private
+
+if TYPE_CHECKING:
+    from ..store.base import StateStore
 
 log = logging.getLogger("clipper.rpc.auth")
 
@@ -116,6 +120,7 @@ class ContainerGrant:
         if self.public_key is not None:
             d["public_key"] = self.public_key.decode()
         else:  # PLAIN (a leader's local child): only a digest of the password leaves this process
+            assert self.password is not None  # (a grant with neither is not stored: ContainerKeyring._stored)
             d["password_sha256"] = _digest(self.password)
         return json.dumps(d).encode()
 
@@ -179,10 +184,10 @@ class _Authenticator(ThreadAuthenticator):
 
     def stop(self) -> None:
         if self.thread is not None and not self.thread.is_alive():  # nobody left to read TERMINATE
-            self.thread = None
+            self.thread = None  # type: ignore[assignment]  # (as ThreadAuthenticator.stop leaves it)
             if self.pipe is not None:
                 self.pipe.close(linger=0)
-                self.pipe = None
+                self.pipe = None  # type: ignore[assignment]
         super().stop()
 
 
@@ -211,7 +216,7 @@ class ContainerKeyring:
         self.denied = 0  # handshakes the ZAP handler refused
         self.on_revoke = None  # (grant, reason) -> None: drop the replicas holding it
         self._auths: list[_Authenticator] = []
-        self._store = None
+        self._store: StateStore | None = None
 
     @classmethod
     def open(cls, mode: str, folder: str | os.PathLike | None) -> "ContainerKeyring":
@@ -232,7 +237,7 @@ class ContainerKeyring:
         if why:
             raise InvalidConfigError(f"the container RPC's secret key {why}")
         try:
-            pub, sec = zmq.auth.load_certificate(str(secret_file))
+            pub, sec = zmq.auth.load_certificate(str(secret_file))  # type: ignore[assignment]  # (sec checked below)
         except (OSError, ValueError) as exc:
             raise InvalidConfigError(f"cannot load the container RPC key {str(secret_file)!r}: {exc}") from None
         if sec is None:
@@ -281,14 +286,17 @@ class ContainerKeyring:
             raise InvalidConfigError(f"credential mechanism {mechanism!r} is not 'curve' or 'plain'")
         self.grants[gid] = grant
         if self._stored(grant):
+            assert self._store is not None
             self._store.save_many([(STORE_NAMESPACE, gid, grant.to_store())])
             if origin != "operator" and self._on_shared is not None:
                 self._on_shared()  # the peers catch up now (operator ones: the admin API announces)
         return grant, secret
 
     def _stored(self, grant: ContainerGrant) -> bool:
+        # (rpc_security "none": a grant with neither key nor password is not stored; the members believe its id.)
         return self._store is not None and (grant.origin == "operator"
-                                            or (grant.origin == "manager" and self._share_local))
+                                            or (grant.origin == "manager" and self._share_local
+                                                and (grant.public_key is not None or grant.password is not None)))
 
     def share_local(self, on_change, *, leader: bool) -> None:
         """This frontend is one of a ``--workers`` group: its local manager's credentials (the leader's) are
@@ -313,6 +321,7 @@ class ContainerKeyring:
         self.passwords.pop(grant.id, None)
         self.digests.pop(grant.id, None)
         if self._stored(grant) and in_store:
+            assert self._store is not None
             self._store.delete(STORE_NAMESPACE, grant.id)
             if grant.origin != "operator" and self._on_shared is not None:
                 self._on_shared()
@@ -366,6 +375,7 @@ class ContainerKeyring:
         if pub is not None:
             self._by_key[pub] = grant
         else:
+            assert digest is not None
             self.digests[gid] = digest
         return True
 
@@ -414,6 +424,7 @@ class ContainerCredentials:
         elif secret.get("mechanism") == "none":
             doc.update(mechanism="none")
         else:
+            assert server_public_key is not None  # (a CURVE document names the server's key)
             doc.update(mechanism="curve", server_public_key=server_public_key.decode(),
                        public_key=secret["public_key"], secret_key=secret["secret_key"])
         return doc
@@ -480,6 +491,7 @@ class ContainerCredentials:
             sock.curve_secretkey = self.secret_key
         elif self.mechanism == "plain":
             sock.plain_username = self.id.encode()
+            assert self.password is not None  # (a PLAIN credential has one)
             sock.plain_password = self.password.encode()
         # "none": nothing to prove at the socket (rpc_security = "none", loopback only)
 

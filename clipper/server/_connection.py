@@ -66,10 +66,10 @@ class ClientServer:
     (the port's name in metrics).
     """
 
-    connection_class: type = None
+    connection_class: type = None  # type: ignore[assignment]  # each subclass sets it
     interface = "client"
     max_connections_name = "max_connections"
-    _server: asyncio.AbstractServer | None = None
+    _server: asyncio.Server | None = None
 
     def __init__(self, loop, limits, *, max_connections: int | None = None,
                  partial_budget: ByteBudget | None = None) -> None:
@@ -194,7 +194,9 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, server) -> None:
         self.server = server
-        self.transport = None
+        # Never None once connection_made ran, which asyncio calls before anything else: typed so, not asserted
+        # on every write (the sweep and _pause, which may come first, check).
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.closed = False
         self._pause_mask = 0  # PAUSED_* bits: why reading is paused
         self._partial_since = 0.0  # an unfinished frame/request (or a new connection's first byte) since then

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import Any
 
 import httptools
 import orjson
@@ -116,7 +117,7 @@ def original_error_body(exc: E.ClipperError) -> dict:
 def limit_error(status: int, message: str) -> E.LimitExceededError:
     """A LIMIT_EXCEEDED that answers with ``status`` (431 for a head, 414 for a target)."""
     exc = E.LimitExceededError(message)
-    exc.http_status = status
+    exc.http_status = status  # type: ignore[attr-defined]  # read with getattr (HttpConnection.fail, admin API)
     return exc
 
 
@@ -133,6 +134,8 @@ class HttpReply:
     """
 
     __slots__ = ("data", "close")
+    data: Any  # (see above: written as `type(d) is bytes` tests, which mypy does not narrow on)
+    close: bool
 
     def __init__(self, close: bool = False) -> None:
         self.data = None

@@ -416,7 +416,8 @@ class QueryConnection(ClientConnection):
         self._flush()
         self.transport.close()
         self.closed = True
-        self._on_frame = self._ignore_frame  # the frames still in this read are dropped, unanswered
+        # the frames still in this read are dropped, unanswered (the method swapped on this connection)
+        self._on_frame = self._ignore_frame  # type: ignore[method-assign]
 
     def _ignore_frame(self, body) -> None:
         pass
@@ -481,7 +482,7 @@ class QueryConnection(ClientConnection):
         if not self.closed:
             self._queue(framing.pack_frame(wire.pack(msg)))
 
-    def _queue(self, frame: bytes) -> None:
+    def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes > EARLY_FLUSH_BYTES:

@@ -121,7 +121,7 @@ class _Reply(HttpReply):
         self.close = not keep_alive
         self.conn = conn
         self.status = 200
-        self.payload = None
+        self.payload: object = None
         self.items: list = []
         self.waiting = 0
         self.batch = False
@@ -195,7 +195,8 @@ class RestConnection(HttpConnection):
 
     # ------------------------------------------------------------ requests
     def on_request(self, body: list, keep_alive: bool) -> None:
-        reply = self.new_reply(_Reply(self, keep_alive))
+        reply = _Reply(self, keep_alive)
+        self.new_reply(reply)
         try:
             self._handle(reply, body)
         except E.ClipperError as exc:
@@ -317,9 +318,9 @@ class RestConnection(HttpConnection):
 
     @staticmethod
     def _json_body(body: list) -> dict:
-        body = body[0] if len(body) == 1 else b"".join(body)
+        raw = body[0] if len(body) == 1 else b"".join(body)
         try:
-            data = orjson.loads(body) if body else None
+            data = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError as exc:
             raise E.InvalidInputError(f"the body is not JSON: {clip(str(exc), 200)}") from None
         if type(data) is not dict:

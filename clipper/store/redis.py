@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 from collections import deque
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeGuard
 
 from ..errors import InvalidConfigError, StateUnavailableError
 from .base import StateStore, settle_overlay
@@ -71,7 +71,7 @@ FEED_CHECK_S = 30.0  # an idle change feed checks its connection this often
 _RETRY_MAX_S = 2.0
 
 
-def is_redis_url(path: str | None) -> bool:
+def is_redis_url(path: str | None) -> TypeGuard[str]:
     return isinstance(path, str) and path.split("://", 1)[0] in ("redis", "rediss", "unix")
 
 
@@ -233,7 +233,7 @@ class RedisStore(StateStore):
         for kind, arg in batch:
             if kind == "save":
                 keys = [f"{self.prefix}:seq"]
-                args = []
+                args: list = []
                 for ns, key, value in arg:
                     keys += (self._h(ns), self._z(ns))
                     args += (key, value)
@@ -274,7 +274,7 @@ class RedisStore(StateStore):
                 try:
                     await pipe.watch(*hashes)
                     if await pipe.exists(done_key):  # an earlier attempt went through: what is stored now
-                        merged = []
+                        merged: list = []
                         for ns, entries in by_ns.items():
                             currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
                             merged.extend((ns, key, value, cur if cur is not None else value)
@@ -285,10 +285,11 @@ class RedisStore(StateStore):
                     for ns, entries in by_ns.items():
                         currents = await pipe.hmget(self._h(ns), [k for k, _, _ in entries])
                         for (key, base, value), current in zip(entries, currents):
-                            merged.append((ns, key, value, merge_states(current, base, value)))
+                            # (current: bytes or None, the responses are not decoded)
+                            merged.append((ns, key, value, merge_states(current, base, value)))  # type: ignore[arg-type]
                     pipe.multi()
                     keys = [f"{self.prefix}:seq"]
-                    args = []
+                    args: list = []
                     for ns, key, _, m in merged:
                         keys += (self._h(ns), self._z(ns))
                         args += (key, m)
@@ -304,7 +305,8 @@ class RedisStore(StateStore):
                         await asyncio.sleep(min(0.1, 0.002 * conflicts))
 
     def _applied(self, batch: list, results) -> None:
-        done_items, after, freed = [], [], 0
+        done_items: list = []
+        after, freed = [], 0
         i = 0
         for kind, arg in batch:
             if kind == "merge":
@@ -472,14 +474,14 @@ class RedisStore(StateStore):
             self._hand_over(("merge", (items, on_merged, os.urandom(12).hex())),
                             [(ns, key, value) for ns, key, _, value in items])
 
-    def delete(self, namespace: str, key: str) -> None:
+    def delete(self, namespace: str, key: str) -> None:  # type: ignore[override]  # (see the docstring)
         """Queue the delete; returns None (whether the value existed is not known without a read)."""
         mark = _Deleted()
         with self._lock:
             self._overlay[(namespace, key)] = mark
         self._submit(("delete", (namespace, key, mark)))
 
-    def delete_namespace(self, namespace: str) -> None:
+    def delete_namespace(self, namespace: str) -> None:  # type: ignore[override]  # (see the docstring)
         """Queue the removal of the namespace; returns None (its size is not known without a read).
         Until it is applied, reads of the namespace find nothing but what is written after it."""
         with self._lock:

@@ -202,6 +202,7 @@ class SQLiteStore(StateStore):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout = 5000")
         jobs = self._jobs
+        assert jobs is not None  # (made with the thread)
         stopping = False
         while not stopping:
             batch = [jobs.get()]
@@ -243,7 +244,8 @@ class SQLiteStore(StateStore):
 
     def _commit(self, db, work: list) -> None:
         seq = self._seq
-        done_items, after = [], []
+        done_items: list = []
+        after: list = []
         db.execute("BEGIN")
         try:
             for kind, arg in work:
@@ -274,6 +276,7 @@ class SQLiteStore(StateStore):
 
     def close(self) -> None:
         if self._thread is not None:
+            assert self._jobs is not None  # (made with the thread)
             done = threading.Event()
             self._jobs.put(("stop", done))
             done.wait(30.0)

@@ -27,7 +27,7 @@ since.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 
@@ -100,7 +100,7 @@ def _merged(current: bytes, base: bytes | None, mine: bytes) -> bytes:
     b_name, b_state = decode_state(base) if base is not None else (None, None)
     if b_name != m_name:
         b_state = None
-    return encode_state(m_name, _merge(c_state, b_state, m_state))
+    return encode_state(m_name, _merge(c_state, b_state, m_state))  # type: ignore[arg-type]  # (nameless stays so)
 
 
 class StateTable:
@@ -131,7 +131,7 @@ class StateTable:
         self.unstorable = 0
         self.loop = loop  # where fetch's callbacks run (needed by fetch only)
         self.load_timeout_s = load_timeout_s
-        self._loading: dict[str, tuple[list, object]] = {}  # user -> (callbacks, timeout timer): reads out
+        self._loading: dict[str, tuple[list, Any, object]] = {}  # user -> (callbacks, timer, token): reads out
         self.load_failures = 0  # reads that failed or timed out (the query went on with a fresh state)
         # figures
         self.loads = 0

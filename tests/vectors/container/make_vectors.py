@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent.parent))  # run from a checkout without installing
 
-from clipper.protocol import wire  # EXT_NDARRAY: the client protocol's array encoding
+from clipper.protocol import wire  # noqa: E402 - after the sys.path line. EXT_NDARRAY: the client protocol's array encoding
 
 OUT = HERE / "vectors.json"
 C2F = "container->frontend"
