@@ -211,8 +211,9 @@ BAD = {
     "probabilities": [-1, 2.0, "cat", [0.5, 0.5], None, True],
     "number": [float("nan"), float("inf"), "1.5", None, [1.0], b"\x00", True, {"v": 1}],
     "vector": [[], [1.0, float("nan")], [[1.0]], ["a"], [True], 1.0, None, [0.5] * 9, np.zeros((2, 2)),
-               np.array(["a"])],
-    "auto": [None, float("nan"), b"x", {"a": 1}, True, [1, "a"], [[1]], []],
+               np.array(["a"]), np.array(3.0)],
+    # (a 0-d array: found by the protocol fuzzer as an INTERNAL_ERROR, len() of an unsized object)
+    "auto": [None, float("nan"), b"x", {"a": 1}, True, [1, "a"], [[1]], [], np.array(7, np.uint64)],
 }
 
 

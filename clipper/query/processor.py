@@ -482,11 +482,13 @@ class AppRoute:
                                 f"{self.name!r}, whose output_kind is {kind!r}: expected {want}")
 
     def _finite_vector(self, v) -> bool:
+        if type(v) is np.ndarray and v.ndim != 1:  # (a 0-d array has no length: not a vector)
+            return False
         n = len(v)
         if n == 0 or n > self.max_input_bytes // 8:
             return False
         if type(v) is np.ndarray:
-            return v.ndim == 1 and v.dtype.kind in "iuf" and bool(np.isfinite(v).all())
+            return v.dtype.kind in "iuf" and bool(np.isfinite(v).all())
         for x in v:
             t = type(x)
             if t is float:
