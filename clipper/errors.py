@@ -14,6 +14,8 @@ Three branches:
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 __all__ = [
     "ClipperError",
     "RequestError",
@@ -72,11 +74,11 @@ class ClipperError(Exception):
     def __str__(self) -> str:
         return f"[{self.name} {self.code}] {self.message}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., ClipperError], tuple[type[ClipperError], str, int]]:
         return (_rebuild, (type(self), self.message, self.code))
 
 
-def _rebuild(cls, message, code):
+def _rebuild(cls: type[ClipperError], message: str, code: int) -> ClipperError:
     return cls(message, code=code)
 
 
@@ -326,7 +328,7 @@ class InternalError(ClipperError):
     name = "INTERNAL_ERROR"
 
 
-def _all_subclasses(cls):
+def _all_subclasses(cls: type[ClipperError]) -> Iterator[type[ClipperError]]:
     for sub in cls.__subclasses__():
         yield sub
         yield from _all_subclasses(sub)

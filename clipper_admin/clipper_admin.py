@@ -13,7 +13,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Iterable, ParamSpec, TypeVar, cast
 
 from clipper import errors as E
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["ClipperConnection", "INPUT_TYPES", "input_type_spec"]
 
 log = logging.getLogger("clipper_admin")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # The original's input types: each a vector of any length (-1: a free dimension), or a str / bytes input.
 INPUT_TYPES = {
@@ -51,10 +54,10 @@ def _type_name(dtype: str) -> str:
     return _TYPE_NAMES.get(dtype, dtype)
 
 
-def _clipper_errors(fn):
+def _clipper_errors(fn: Callable[Concatenate[ClipperConnection, _P], _R]) -> Callable[Concatenate[ClipperConnection, _P], _R]:
     """Clipper's own errors leave as ClipperException (the original's), keeping their code."""
     @functools.wraps(fn)
-    def call(self, *args, **kwargs):
+    def call(self: ClipperConnection, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(self, *args, **kwargs)
         except E.ClipperError as exc:
@@ -78,9 +81,9 @@ class ClipperConnection:
 
     # -------------------------------------------------------------- connection
     @_clipper_errors
-    def start_clipper(self, query_frontend_image=None, mgmt_frontend_image=None, frontend_exporter_image=None,
-                      cache_size: int | None = None, qf_http_thread_pool_size=None, qf_http_timeout_request=None,
-                      qf_http_timeout_content=None, num_frontend_replicas: int = 1) -> None:
+    def start_clipper(self, query_frontend_image: str | None = None, mgmt_frontend_image: str | None = None, frontend_exporter_image: str | None = None,
+                      cache_size: int | None = None, qf_http_thread_pool_size: int | None = None, qf_http_timeout_request: int | None = None,
+                      qf_http_timeout_content: int | None = None, num_frontend_replicas: int = 1) -> None:
         """Start a frontend. The image and thread-pool arguments are the original's and mean nothing here."""
         if num_frontend_replicas != 1:
             raise ClipperException("num_frontend_replicas: a LocalContainerManager runs one frontend process")
@@ -105,11 +108,11 @@ class ClipperConnection:
         self.connected = True
 
     @property
-    def admin(self):
+    def admin(self) -> AdminClient:
         """This Clipper's own :class:`AdminClient` behind the connection (its full API)."""
         if not self.connected:
             raise UnconnectedException()
-        return self._admin
+        return cast("AdminClient", self._admin)  # set while connected
 
     # -------------------------------------------------------------- applications
     @_clipper_errors
@@ -159,7 +162,7 @@ class ClipperConnection:
 
     # -------------------------------------------------------------- models
     @_clipper_errors
-    def deploy_model(self, name: str, version, input_type: str, image: str, labels=None, num_replicas: int = 1,
+    def deploy_model(self, name: str, version: str | int, input_type: str, image: str, labels: list[str] | None = None, num_replicas: int = 1,
                      batch_size: int = -1) -> None:
         """Deploy ``image`` -- here a container entry, ``module:function`` or ``path/file.py:function``
         (Docker images need a Docker engine, which this Clipper does not use)."""
@@ -171,18 +174,18 @@ class ClipperConnection:
                                    "processes: pass image='module:function' (or 'path/file.py:function'), or deploy "
                                    "a function with clipper_admin.deployers.python.deploy_python_closure")
         self.admin.deploy_model(name, str(version), dtype, shape, entry=entry, replicas=num_replicas,
-                                **({"max_batch": batch_size} if batch_size and batch_size > 0 else {}))
+                                **cast("dict[str, Any]", {"max_batch": batch_size} if batch_size and batch_size > 0 else {}))
         self._labels[(name, str(version))] = list(labels or [])
         log.info("Successfully registered model %s:%s", name, version)
 
     @_clipper_errors
-    def register_model(self, name: str, version, input_type: str, image=None, labels=None, batch_size=-1) -> None:
+    def register_model(self, name: str, version: str | int, input_type: str, image: str | None = None, labels: list[str] | None = None, batch_size: int = -1) -> None:
         raise ClipperException("register_model registers a model whose containers are started elsewhere: here, "
                                "use deploy_model with num_replicas=0 and start containers with "
                                "`python -m clipper.container` and credentials (clipper container-credentials)")
 
     @_clipper_errors
-    def build_and_deploy_model(self, *args, **kwargs) -> None:
+    def build_and_deploy_model(self, *args: object, **kwargs: object) -> None:
         raise ClipperException("build_and_deploy_model builds a Docker image; this Clipper uses no Docker engine: "
                                "deploy a function with deploy_python_closure, or a module:function with deploy_model")
 
@@ -197,7 +200,7 @@ class ClipperConnection:
                 for v, mv in m["versions"].items()]
 
     @_clipper_errors
-    def get_model_info(self, name: str, version) -> dict | None:
+    def get_model_info(self, name: str, version: str | int) -> dict | None:
         try:
             m = self.admin.get_model_info(name)
         except (E.UnknownModelError, E.UnknownApplicationError):
@@ -222,13 +225,13 @@ class ClipperConnection:
         return current
 
     @_clipper_errors
-    def set_model_version(self, name: str, version, num_replicas: int | None = None) -> None:
+    def set_model_version(self, name: str, version: str | int, num_replicas: int | None = None) -> None:
         self.admin.set_model_version(name, str(version))
         if num_replicas is not None:
             self.set_num_replicas(name, num_replicas, version)
 
     @_clipper_errors
-    def get_num_replicas(self, name: str, version=None) -> int:
+    def get_num_replicas(self, name: str, version: str | int | None = None) -> int:
         """How many replicas the version (default: the current one) is deployed with."""
         version = self.get_current_model_version(name) if version is None else str(version)
         mv = self.admin.get_model_info(name)["versions"].get(version)
@@ -237,7 +240,7 @@ class ClipperConnection:
         return int(mv["replicas"])
 
     @_clipper_errors
-    def set_num_replicas(self, name: str, num_replicas: int, version=None) -> None:
+    def set_num_replicas(self, name: str, num_replicas: int, version: str | int | None = None) -> None:
         version = self.get_current_model_version(name) if version is None else str(version)
         self.admin.set_num_replicas(name, version, int(num_replicas))
 
@@ -251,7 +254,7 @@ class ClipperConnection:
 
     # -------------------------------------------------------------- stopping
     @_clipper_errors
-    def stop_models(self, model_names) -> None:
+    def stop_models(self, model_names: str | Iterable[str]) -> None:
         """Stop every version's containers of each named model (the models stay registered)."""
         names = [model_names] if isinstance(model_names, str) else list(model_names)
         models = self.admin.get_all_models()
@@ -267,7 +270,7 @@ class ClipperConnection:
                 self.admin.set_num_replicas(name, str(version), 0)
 
     @_clipper_errors
-    def stop_inactive_model_versions(self, model_names) -> None:
+    def stop_inactive_model_versions(self, model_names: str | Iterable[str]) -> None:
         models = self.admin.get_all_models()
         for name in ([model_names] if isinstance(model_names, str) else model_names):
             m = models.get(name, {})
@@ -321,7 +324,7 @@ class ClipperConnection:
             raise UnconnectedException()
         return self.cm.get_logs(logging_dir)
 
-    def test_predict_function(self, query: dict, func, input_type: str):
+    def test_predict_function(self, query: dict, func: Callable[[list[Any]], _R], input_type: str) -> _R:
         """Run ``func`` on ``query`` (a REST body, ``input`` or ``input_batch``) here, as a container would."""
         import numpy as np
 

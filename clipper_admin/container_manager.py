@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .exceptions import ClipperException
 
@@ -211,7 +212,7 @@ class DockerContainerManager(LocalContainerManager):
                  clipper_management_port: int = CLIPPER_INTERNAL_MANAGEMENT_PORT,
                  clipper_rpc_port: int = CLIPPER_INTERNAL_RPC_PORT, redis_ip: str | None = None,
                  redis_port: int = 6379, prometheus_port: int = 9090, docker_network: str = "clipper_network",
-                 extra_container_kwargs: dict | None = None, **local) -> None:
+                 extra_container_kwargs: dict | None = None, **local: Any) -> None:
         state = local.pop("state_path", None)
         if redis_ip is not None and state is None:
             state = f"redis://{redis_ip}:{int(redis_port)}/0"
@@ -227,7 +228,7 @@ class DockerContainerManager(LocalContainerManager):
 class KubernetesContainerManager(ContainerManager):
     """The original's Kubernetes manager: not available in this Clipper yet."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         raise ClipperException("KubernetesContainerManager needs a Kubernetes cluster, and this Clipper has no "
                                "Kubernetes manager yet: use LocalContainerManager (or DockerContainerManager, "
                                "which runs local processes)")

@@ -7,7 +7,7 @@ import socket
 import ssl
 from collections import deque
 from time import perf_counter
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, cast
 
 from .. import errors as E
 from .._native import framing
@@ -63,8 +63,8 @@ class ClientProtocol(asyncio.Protocol):
         self._closed = loop.create_future()
 
     # ------------------------------------------------------------ asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # create_connection's: a stream transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -72,7 +72,7 @@ class ClientProtocol(asyncio.Protocol):
             except OSError:  # pragma: no cover - not a TCP socket
                 pass
 
-    def data_received(self, data) -> None:
+    def data_received(self, data: bytes) -> None:
         unpack = self._unpack
         pending = self.pending
         for item in self._reader.feed(data):
@@ -95,7 +95,7 @@ class ClientProtocol(asyncio.Protocol):
                 fut.set_result(msg)
             # else: the late reply of a request that timed out or was cancelled.
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._closing_by_client:
             why = f"the connection to {self._where} was closed by the client"
         elif exc is None:
@@ -119,7 +119,7 @@ class ClientProtocol(asyncio.Protocol):
         self._wake_writers()
 
     # ------------------------------------------------------------ used by AsyncClient
-    def send(self, rid: int, data: bytes, on_done=None) -> asyncio.Future:
+    def send(self, rid: int, data: bytes, on_done: Callable[[asyncio.Future], object] | None = None) -> asyncio.Future:
         """Write one request frame; return the future of its reply."""
         if self.lost is not None:
             raise E.ConnectionClosedError(str(self.lost.message))
@@ -131,7 +131,7 @@ class ClientProtocol(asyncio.Protocol):
         self.transport.write(data)
         return fut
 
-    def register(self, rid: int, on_done=None) -> asyncio.Future:
+    def register(self, rid: int, on_done: Callable[[asyncio.Future], object] | None = None) -> asyncio.Future:
         """Like :meth:`send` without the write (the caller writes in bulk)."""
         if self.lost is not None:
             raise E.ConnectionClosedError(str(self.lost.message))
@@ -142,7 +142,7 @@ class ClientProtocol(asyncio.Protocol):
             fut.add_done_callback(on_done)
         return fut
 
-    def write(self, data) -> None:
+    def write(self, data: bytes) -> None:
         if self.lost is not None:
             raise E.ConnectionClosedError(str(self.lost.message))
         self.transport.write(data)
@@ -165,10 +165,10 @@ class ClientProtocol(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
     # ------------------------------------------------------------ internals
-    def _make_forget(self, rid: int):
+    def _make_forget(self, rid: int) -> Callable[[asyncio.Future], None]:
         pending = self.pending
 
-        def forget(fut) -> None:
+        def forget(fut: asyncio.Future) -> None:
             # A timed-out or cancelled request: stop waiting for its id, so its
             # late reply is dropped.
             if pending.get(rid) is fut:
@@ -441,7 +441,7 @@ class AsyncClient:
     async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     def __repr__(self) -> str:
@@ -449,14 +449,14 @@ class AsyncClient:
         return f"<AsyncClient {self.host}:{self.port} {state}>"
 
     # ------------------------------------------------------------ internals
-    def _timeout(self, timeout) -> float | None:
+    def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else check_timeout(timeout)
 
     def _check_open(self) -> None:
         if self.closed:
             raise E.ConnectionClosedError(f"the connection to {self.host}:{self.port} is closed")
 
-    async def _call(self, rid: int, data: bytes, timeout: float | None):
+    async def _call(self, rid: int, data: bytes, timeout: float | None) -> list:
         """Send one request and wait for its reply message (raises a
         ClipperError the connection reported for it)."""
         proto = self._proto
@@ -494,8 +494,8 @@ class AsyncClient:
         self._encoder.max_frame_bytes = frame_limit_from(info)
 
 
-def _releaser(slots: asyncio.Semaphore):
-    def release(_fut) -> None:
+def _releaser(slots: asyncio.Semaphore) -> Callable[[asyncio.Future], None]:
+    def release(_fut: asyncio.Future) -> None:
         slots.release()
 
     return release

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, cast
 
 import msgpack
 import numpy as np
@@ -60,7 +60,7 @@ class Prediction:
 
 
 # --------------------------------------------------------------------- encoding
-def _encode_default(obj):
+def _encode_default(obj: object) -> object:
     if isinstance(obj, np.ndarray):
         return wire.encode_ndarray(obj)
     if isinstance(obj, np.generic):
@@ -111,7 +111,7 @@ def client_limits(max_frame_bytes: int) -> wire.DecodeLimits:
 _NO_ID = object()
 
 
-def reply_id(msg) -> Any:
+def reply_id(msg: object) -> Any:
     """The request id a decoded reply answers; ``None`` for an ERROR the server
     could not attribute; ``_NO_ID`` when ``msg`` is not a reply at all."""
     if type(msg) is not list or len(msg) < 2 or type(msg[0]) is not int:
@@ -124,10 +124,10 @@ def reply_id(msg) -> Any:
     return rid
 
 
-def unattributed_error(msg) -> E.ClipperError:
+def unattributed_error(msg: object) -> E.ClipperError:
     """The exception for a reply frame no request can be matched with."""
     if reply_id(msg) is None:
-        return error_from_reply(msg)
+        return error_from_reply(cast(list, msg))
     return E.MalformedFrameError(f"the server sent a reply that is not [type, id, ...]: {_short(msg)}")
 
 
@@ -138,7 +138,7 @@ def error_from_reply(msg: list) -> E.ClipperError:
     return E.error_for_code(msg[2], message)
 
 
-def _short(obj) -> str:
+def _short(obj: object) -> str:
     text = repr(obj)
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -196,7 +196,7 @@ def feedback_info(msg: list) -> dict | E.ClipperError:
     return info if type(info) is dict else {}
 
 
-def user_options(options, user) -> dict | None:
+def user_options(options: Mapping | None, user: str | None) -> dict | None:
     """Request options with ``user`` merged in (``options`` is a Mapping or None)."""
     if user is None:
         return None if options is None else dict(options)
@@ -207,7 +207,7 @@ def user_options(options, user) -> dict | None:
     return out
 
 
-def check_hello_ok(msg: list, offered) -> dict:
+def check_hello_ok(msg: list, offered: tuple[int, ...]) -> dict:
     """Validate the answer to HELLO; return the server info, or raise."""
     err = check_reply(msg, wire.HELLO_OK)
     if err is not None:
@@ -236,7 +236,7 @@ def frame_limit_from(info: dict) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
-def check_timeout(timeout) -> float | None:
+def check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
     value = float(timeout)
@@ -246,7 +246,7 @@ def check_timeout(timeout) -> float | None:
 
 
 # ------------------------------------------------------------------------- TLS
-def client_tls_context(tls, cafile) -> ssl.SSLContext | None:
+def client_tls_context(tls: bool | ssl.SSLContext | None, cafile: str | None) -> ssl.SSLContext | None:
     """The context a client connects with, or None for plain TCP.
 
     ``tls``: False/None (plain TCP unless ``cafile`` is given), True (verify
@@ -286,7 +286,7 @@ def tls_failure(exc: BaseException, where: str) -> E.ClipperError:
     return E.ConnectionClosedError(f"TLS: the handshake with {where} failed: {type(exc).__name__}: {exc}")
 
 
-def check_api_key(api_key) -> str | None:
+def check_api_key(api_key: str | None) -> str | None:
     if api_key is not None and (type(api_key) is not str or not api_key):
         raise TypeError(f"api_key must be a non-empty str, got {type(api_key).__name__}")
     return api_key

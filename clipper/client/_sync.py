@@ -319,7 +319,7 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -327,7 +327,7 @@ class Client:
         return f"<Client {self.host}:{self.port} {state}>"
 
     # ------------------------------------------------------------ internals
-    def _timeout(self, timeout) -> float | None:
+    def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else check_timeout(timeout)
 
     def _check_open(self) -> None:
@@ -468,7 +468,7 @@ class Client:
             if reads >= _TLS_READS_PER_EVENT and not sock.pending():  # type: ignore[attr-defined]  # (TLS)
                 return
 
-    def _take(self, data, waiting: set, replies: dict) -> None:
+    def _take(self, data: bytes, waiting: set, replies: dict) -> None:
         unpack = self._unpack
         for item in self._reader.feed(data):
             if type(item) is int:
@@ -489,7 +489,7 @@ class Client:
                 replies[rid] = msg
             # else: the late reply of an abandoned request; dropped.
 
-    def _lost_message(self, exc) -> str:
+    def _lost_message(self, exc: OSError | None) -> str:
         if self._closed:
             return f"the connection to {self.host}:{self.port} was closed by the client"
         if exc is None:
@@ -506,7 +506,7 @@ def _fail_all(waiting: set, replies: dict, exc: E.ClipperError) -> None:
     waiting.clear()
 
 
-def _raise_unless(reply, expected: int) -> None:
+def _raise_unless(reply: list | E.ClipperError, expected: int) -> None:
     if isinstance(reply, E.ClipperError):
         raise reply
     err = check_reply(reply, expected)
@@ -514,12 +514,12 @@ def _raise_unless(reply, expected: int) -> None:
         raise err
 
 
-def _check_app(app) -> None:
+def _check_app(app: str) -> None:
     if type(app) is not str:
         raise TypeError(f"the application name must be a str, got {type(app).__name__}")
 
 
-def _make_opts(options, user=None) -> dict | None:
+def _make_opts(options: Mapping | None, user: str | None = None) -> dict | None:
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping, got {type(options).__name__}")
     return user_options(options, user)

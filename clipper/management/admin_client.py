@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
+from typing import Any, Callable, Iterable, Sequence
 
 from urllib.parse import quote
 
@@ -63,7 +65,7 @@ class AdminClient:
         netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.base = f"{'https' if tls else 'http'}://{netloc}:{self.port}"
 
-    def _call(self, method: str, path: str, body=None):
+    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self._token:
@@ -90,8 +92,8 @@ class AdminClient:
     def status(self) -> dict:
         return self._call("GET", "/api/v1/status")
 
-    def register_application(self, name: str, input_dtype: str, input_shape=(), slo_ms: float = 100.0,
-                             default_output=None, on_deadline: str = "default", cache: bool = True, *,
+    def register_application(self, name: str, input_dtype: str, input_shape: Sequence[int] = (), slo_ms: float = 100.0,
+                             default_output: Any = None, on_deadline: str = "default", cache: bool = True, *,
                              policy: str = "single", policy_options: dict | None = None, output_kind: str = "auto",
                              loss: str | None = None, confidence_threshold: float = 0.0,
                              on_low_confidence: str = "flag", on_overload: str | None = None,
@@ -106,7 +108,7 @@ class AdminClient:
             "confidence_threshold": confidence_threshold, "on_low_confidence": on_low_confidence,
             "on_overload": on_overload, "rest_format": rest_format})
 
-    def deploy_model(self, name: str, version: str, input_dtype: str, input_shape=(), *, entry: str | None = None,
+    def deploy_model(self, name: str, version: str, input_dtype: str, input_shape: Sequence[int] = (), *, entry: str | None = None,
                      command: list[str] | None = None, replicas: int = 1, max_batch: int = 256,
                      batching: str = "aimd", batch_delay_ms: float = 0.0, latency_budget_ms: float | None = None,
                      workdir: str | None = None, env: dict | None = None, wait: bool = True) -> dict:
@@ -116,9 +118,9 @@ class AdminClient:
             "batching": batching, "batch_delay_ms": batch_delay_ms, "latency_budget_ms": latency_budget_ms,
             "workdir": workdir, "env": env or {}, "wait": wait})
 
-    def deploy_model_file(self, kind: str, name: str, version: str, path, *, output: str | None = None,
-                          options: dict | None = None, input_dtype: str | None = None, input_shape=None,
-                          trusted_types=None, trust_pickle: bool = False, **kw) -> dict:
+    def deploy_model_file(self, kind: str, name: str, version: str, path: str | os.PathLike[str], *, output: str | None = None,
+                          options: dict | None = None, input_dtype: str | None = None, input_shape: Sequence[int] | None = None,
+                          trusted_types: Iterable[str] | None = None, trust_pickle: bool = False, **kw: Any) -> dict:
         """Deploy a saved model file: ``kind`` is onnx, sklearn, xgboost, lightgbm or torch.
 
         The file is inspected here (its framework must be installed here: ``pip
@@ -182,7 +184,7 @@ class AdminClient:
         """Make ``version`` the model's current version (roll back or forward)."""
         return self._call("POST", f"/api/v1/models/{_seg(name)}/current", {"version": str(version)})
 
-    def deploy_python_closure(self, name: str, version: str, func, input_dtype: str, input_shape=(), *,
+    def deploy_python_closure(self, name: str, version: str, func: Callable[[Any], Any], input_dtype: str, input_shape: Sequence[int] = (), *,
                               replicas: int = 1, max_batch: int = 256, batching: str = "aimd",
                               batch_delay_ms: float = 0.0, latency_budget_ms: float | None = None,
                               env: dict | None = None, wait: bool = True) -> dict:
@@ -247,7 +249,7 @@ class AdminClient:
     def get_linked_models(self, app: str) -> list[str]:
         return self.status()["applications"][app]["linked_models"]
 
-    def create_api_key(self, apps, name: str | None = None) -> dict:
+    def create_api_key(self, apps: str | Iterable[str], name: str | None = None) -> dict:
         """Make an API key granting queries and feedback for the applications ``apps`` (registered names).
 
         Returns ``{id, key, apps, name, created}``; ``key`` is the secret, shown

@@ -12,10 +12,11 @@ for ``strings``, ``bytes`` for ``bytes`` -- and returns one output per input
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable, cast
 
 from clipper import errors as E
 
-from ..clipper_admin import input_type_spec
+from ..clipper_admin import ClipperConnection, input_type_spec
 from ..exceptions import ClipperException
 
 __all__ = ["deploy_python_closure", "create_endpoint"]
@@ -23,9 +24,9 @@ __all__ = ["deploy_python_closure", "create_endpoint"]
 log = logging.getLogger("clipper_admin")
 
 
-def deploy_python_closure(clipper_conn, name: str, version, input_type: str, func, base_image: str = "default",
-                          labels=None, registry=None, num_replicas: int = 1, batch_size: int = -1,
-                          pkgs_to_install=None) -> None:
+def deploy_python_closure(clipper_conn: ClipperConnection, name: str, version: str | int, input_type: str, func: Callable[[list[Any]], Any], base_image: str = "default",
+                          labels: list[str] | None = None, registry: str | None = None, num_replicas: int = 1, batch_size: int = -1,
+                          pkgs_to_install: list[str] | None = None) -> None:
     """Deploy ``func`` as model ``name``:``version`` (it waits until its replicas are connected)."""
     dtype, shape = input_type_spec(input_type)
     if pkgs_to_install:
@@ -34,16 +35,16 @@ def deploy_python_closure(clipper_conn, name: str, version, input_type: str, fun
     try:
         clipper_conn.admin.deploy_python_closure(
             name, str(version), func, dtype, shape, replicas=num_replicas,
-            **({"max_batch": batch_size} if batch_size and batch_size > 0 else {}))
+            **cast("dict[str, Any]", {"max_batch": batch_size} if batch_size and batch_size > 0 else {}))
     except E.ClipperError as exc:
         raise ClipperException(exc.message, code=exc.code) from exc
     clipper_conn._labels[(name, str(version))] = list(labels or [])
     log.info("Successfully registered model %s:%s", name, version)
 
 
-def create_endpoint(clipper_conn, name: str, input_type: str, func, default_output: str = "None", version=1,
-                    slo_micros: int = 3000000, labels=None, registry=None, base_image: str = "default",
-                    num_replicas: int = 1, batch_size: int = -1, pkgs_to_install=None) -> None:
+def create_endpoint(clipper_conn: ClipperConnection, name: str, input_type: str, func: Callable[[list[Any]], Any], default_output: str = "None", version: str | int = 1,
+                    slo_micros: int = 3000000, labels: list[str] | None = None, registry: str | None = None, base_image: str = "default",
+                    num_replicas: int = 1, batch_size: int = -1, pkgs_to_install: list[str] | None = None) -> None:
     """Register application ``name``, deploy ``func`` as model ``name`` and link the two."""
     clipper_conn.register_application(name, input_type, default_output, slo_micros)
     deploy_python_closure(clipper_conn, name, version, input_type, func, base_image, labels, registry,
