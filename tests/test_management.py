@@ -494,3 +494,33 @@ def test_a_registry_saved_as_one_snapshot_comes_back_and_is_kept_entry_by_entry(
     fe.close()
     again = frontend_factory(state_path=str(path))
     assert again.call(lambda: again.fe.registry.linked_models("legacy")) == ["lm"]
+
+
+def test_batch_settings_of_a_deployment_reach_its_queue_and_the_budget_is_half_the_smallest_slo(frontend):
+    """What a deployment sets through the admin API arrives at its model queue: ``batch_delay_ms``, and
+    ``latency_budget_ms`` when given. Without one, the batch latency budget is ``batch_budget_fraction``
+    (0.5) of the smallest SLO among the applications the version serves, following links as they come and
+    go (half the 100 ms default while it serves none). No container is needed: the versions have no entry.
+
+    Mutations caught: ``batch_delay_ms`` dropped on the way from the registry to the ModelQueue (0.0);
+    the budget from the largest SLO instead of the smallest (``max(count)``: 20 ms, not 5); the fraction
+    ignored (the whole SLO); an explicit ``latency_budget_ms`` overridden by the derived one."""
+    a = admin(frontend)
+    a.register_application("quick", "float32", [4], slo_ms=10)
+    a.register_application("relaxed", "float32", [4], slo_ms=40)
+    a.deploy_model("shared", "1", "float32", [4], batch_delay_ms=3.5, wait=False)
+    a.deploy_model("own", "1", "float32", [4], latency_budget_ms=7, wait=False)
+
+    def queue(key: str) -> dict:
+        return frontend.stats()["models"][key]
+
+    assert queue("shared:1")["batch_delay_ms"] == 3.5 and queue("own:1")["batch_delay_ms"] == 0.0
+    assert queue("shared:1")["latency_budget_ms"] == 50.0  # serving no application: half the default 100 ms
+    a.link_model_to_app("relaxed", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 20.0
+    a.link_model_to_app("quick", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 5.0  # half the smallest of 10 and 40
+    a.unlink_model_from_app("quick", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 20.0
+    a.link_model_to_app("quick", "own")
+    assert queue("own:1")["latency_budget_ms"] == 7.0  # given: kept, whatever the SLOs
