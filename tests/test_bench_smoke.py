@@ -549,3 +549,102 @@ def test_state_store_runner_measures_sqlite_and_redis(tmp_path):
         assert "error" not in run and run["steps"] > 0 and run["errors"] == 0, run
         assert run["states"]["store"]
     assert report["summary"]["redis/sqlite"]["steps_per_s"] > 0
+
+
+# ------------------------------------------------------------ bench/micro, bench.selection, bench.rest
+@pytest.mark.timeout(240)
+def test_micro_benchmarks_each_run_once_and_pass_their_checks():
+    """``bench/micro`` lies outside ``testpaths``: run it here with the benchmarks disabled (each body once),
+    so a change that breaks a benchmark's setup or its closing check fails CI, not the next bench run.
+
+    Mutation caught (found by this test): test_queued_path[decoded] with its 20 ms SLO (97 of 1000 answered:
+    decoding the burst outlasted the SLO on a loaded machine)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/micro", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable"], cwd=REPO, capture_output=True, text=True, timeout=220)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in tail and "failed" not in tail and "error" not in tail, tail
+
+
+@pytest.mark.timeout(240)
+def test_selection_runner_failure_scenario_short(tmp_path):
+    """``bench.selection`` end to end, its cheapest scenario cut short: a ``clipper start`` frontend with five
+    scikit-learn containers, 60 queries each followed by feedback, the best model broken for the middle
+    third. The report holds each policy's errors; the fault took effect (the single model's error in the
+    middle third is at least half) and Exp4 over five models answered that third better than it.
+
+    Mutation caught: the fault file never touched (another path touched instead: the single model's error
+    in the middle third stays ~0.1)."""
+    out = tmp_path / "selection.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.selection", "--scenario", "failure", "--failure-queries", "60", "--window", "10",
+         "--train-n", "60", "--no-plots", "--quiet", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    (res,) = json.loads(out.read_text())["scenarios"]["failure"]
+    assert "error" not in res, res["error"]
+    assert res["queries"] == 60 and res["failure_span"] == [20, 40]
+    pol = res["policies"]
+    assert set(pol) == {"best", "exp3", "exp4"}
+    assert pol["best"]["error_during"] >= 0.5 > pol["best"]["error_before"], pol["best"]
+    assert pol["exp4"]["error_during"] < pol["best"]["error_during"]
+    assert sum(res["exp3_picks"].values()) == 60
+
+
+_STAND_IN_WRK = r'''
+import re, sys, time, http.client, urllib.parse
+args = sys.argv[1:]
+duration = float(args[args.index("-d") + 1].rstrip("s"))
+body = re.search(r"wrk.body = \[\[(.*)\]\]", open(args[args.index("-s") + 1]).read(), re.S).group(1)
+url = urllib.parse.urlsplit(args[-1])
+conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+lat, non_2xx, t0 = [], 0, time.monotonic()
+while time.monotonic() - t0 < duration:
+    t = time.monotonic()
+    conn.request("POST", url.path, body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    lat.append((time.monotonic() - t) * 1000)
+    non_2xx += not 200 <= r.status < 300
+wall = time.monotonic() - t0
+lat.sort()
+print(f"Running {duration:g}s test @ {args[-1]}")
+print("  Latency Distribution")
+for q in (50, 75, 90, 99):
+    print(f"     {q}%  {lat[min(len(lat) - 1, len(lat) * q // 100)]:.2f}ms")
+print(f"  {len(lat)} requests in {wall:.2f}s, 0.00MB read")
+if non_2xx:
+    print(f"  Non-2xx or 3xx responses: {non_2xx}")
+print(f"Requests/sec: {len(lat) / wall:10.2f}")
+'''
+
+
+@pytest.mark.timeout(240)
+def test_rest_runner_short(tmp_path):
+    """``bench.rest`` end to end, one short repeat: a ``clipper start`` frontend (the no-op model), the
+    msgpack closed loop, then wrk against its REST port and against the REST floor (``bench.echo_server
+    --http``). Without wrk on the machine a stand-in with wrk's arguments and output format (one
+    keep-alive connection, ``--latency`` lines) drives the REST ports, so the runner's plumbing, its wrk
+    parsing and its report are checked all the same.
+
+    Mutation caught: ``parse_wrk`` missing the latency lines (its regex expecting ``%%``: no percentiles)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        wrk = tmp_path / "wrk"
+        wrk.write_text(f"#!{sys.executable}\n{_STAND_IN_WRK}")
+        wrk.chmod(0o755)
+    out = tmp_path / "rest.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rest", "--duration", "1", "--warmup", "0", "--repeat", "1", "--connections",
+         "2", "--msgpack-level", "1x2", "--wrk", str(wrk), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    for side in ("rest", "rest_floor"):
+        r = run[side]
+        assert r["throughput_rps"] > 0 and r["requests"] > 0 and r["non_2xx"] == 0 and r["socket_errors"] == 0, r
+        assert set(r["latency_ms"]) >= {"p50", "p99"} and 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"], r
+    assert run["msgpack"]["throughput_rps"] > 0 and run["msgpack"]["errors"] == 0
+    assert run["rest_vs_msgpack"] > 0 and run["rest_vs_floor"] > 0
+    assert proc.stdout.startswith("REST ") and f"report: {out}" in proc.stdout
