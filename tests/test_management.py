@@ -135,9 +135,9 @@ def test_rollback_under_load_loses_no_query(frontend_factory, tmp_path):
     test_admission's; the SLO is a minute), and a load thread that dies fails the test.
 
     Mutations caught: the switch failing the old version's queue (``fail_all`` on it in
-    ``set_model_version``): NO_MODEL_AVAILABLE errors; a switch that moves the old queue's queries to the
-    new version (answers of ratio 2 for inputs marked as sent to v1, and the held batch never answered by
-    v2); a load thread that raises (the check of ``crashed``)."""
+    ``set_model_version``): NO_MODEL_AVAILABLE errors; a switch that moves the old queue's waiting queries
+    to the new version (none left queued for v1 after the switch); a load thread that raises after the last
+    switch (the check of ``crashed``)."""
     frontend = frontend_factory(admission_control=False)
     a = admin(frontend)
     a.register_application("roll", "float32", [4], slo_ms=60_000, cache=False)
