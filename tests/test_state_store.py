@@ -167,7 +167,7 @@ def _read_state_from_another_process(path, app: str, user: str, timeout: float =
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", _READ_FROM_ANOTHER_PROCESS, str(path), f"policy/{app}", user,
                           str(timeout)], capture_output=True, text=True, timeout=timeout + 60, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=False)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
