@@ -144,30 +144,40 @@ def test_garbage_on_one_connection_leaves_others_alone(served, wire_conn):
     assert _code(bad.recv(2)[1]) == E.FrameTooLargeError.code
 
 
-def test_max_pending_per_connection(frontend_factory, wire_conn):
+def test_max_pending_per_connection(frontend_factory, wire_conn, tmp_path):
+    # model_zoo.gated holds the batch until the refusal is in (no sleep for a loaded machine to outlast)
     fe = frontend_factory(max_pending_per_connection=2)
-    fe.deploy("sleepy", "sleep_by_input", max_batch=1)
+    fe.deploy("sleepy", "gated", max_batch=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(fe.port)
-    slow = np.array([0.3, 0, 0, 0], np.float32)
     for i in range(3):
-        c.send(wire.predict(i, "sleepy", slow))
-    out = {m[1]: m for m in c.recv(3)}
-    assert _code(out[2]) == E.LimitExceededError.code and "max_pending_per_connection is 2" in out[2][4]
-    assert out[0][0] == out[1][0] == wire.RESULT
+        c.send(wire.predict(i, "sleepy", np.array([i, 1, 0, 0], np.float32)))
+    (refused,) = c.recv(1)
+    (tmp_path / "gate-1").touch()
+    assert refused[1] == 2 and _code(refused) == E.LimitExceededError.code
+    assert "max_pending_per_connection is 2" in refused[4]
+    out = {m[1]: m for m in c.recv(2)}
+    assert out[0][0] == out[1][0] == wire.RESULT and (out[0][3], out[1][3]) == (0.0, 1.0)
 
 
-def test_queue_full(frontend_factory, wire_conn):
+def test_queue_full(frontend_factory, wire_conn, tmp_path):
+    # The first query sent to the only replica is held there (model_zoo.gated) while the others arrive:
+    # two wait in the queue, the rest find it full, whatever the machine's load. (One or none of the six
+    # is in the replica when the queue fills, depending on whether the frontend read them in one go: so
+    # three or four refusals, the first three coming before any answer.)
     fe = frontend_factory(max_queue_length=2)
-    fe.deploy("sleepy", "sleep_by_input", max_batch=1)
+    fe.deploy("sleepy", "gated", max_batch=1, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(fe.port)
     for i in range(6):
         # distinct inputs: equal ones would join one cache entry, not queue
-        slow = np.array([0.3, i, 0, 0], np.float32)
-        c.send(wire.predict(i, "sleepy", slow))
-    out = [m for m in c.recv(6)]
-    codes = [m[2] for m in out if m[0] == wire.ERROR]
-    assert codes and set(codes) == {E.QueueFullError.code}
-    assert sum(1 for m in out if m[0] == wire.RESULT) >= 2
+        c.send(wire.predict(i, "sleepy", np.array([i, 1, 0, 0], np.float32)))
+    first = c.recv(3)
+    (tmp_path / "gate-1").touch()
+    out = first + c.recv(3)
+    assert {_code(m) for m in first} == {E.QueueFullError.code}
+    refused = [m for m in out if m[0] == wire.ERROR]
+    served = [m for m in out if m[0] == wire.RESULT]
+    assert {_code(m) for m in refused} == {E.QueueFullError.code} and len(served) in (2, 3), out
+    assert sorted(m[1] for m in out) == list(range(6)) and all(m[3] == float(m[1]) for m in served)
 
 
 def test_max_connections(frontend_factory, wire_conn):

@@ -178,3 +178,32 @@ def test_fixed_batching_keeps_its_size(frontend, wire_conn):
     c.recv(200)
     st = frontend.stats()["models"]["sum-model:1"]
     assert st["batch_sizes"] == [4] and st["batches_sent"] >= 50
+
+
+def test_a_small_cache_budget_evicts_through_a_running_frontend(frontend_factory, wire_conn):
+    """``limits.cache_bytes`` reaches the frontend's cache: with 2 KiB (about a dozen entries of a 16-byte
+    input, a float output and the per-entry overhead), 60 distinct inputs evict most of what came before,
+    the bytes charged stay within the budget, an evicted input goes to the model again and the newest
+    one is still a hit.
+
+    Mutations caught: ``cache_bytes`` not passed from the config to the query processor (the 32 MiB default
+    evicts nothing); the cache never calling ``_evict`` (tried on the pure twin, CLIPPER_NO_EXTENSIONS=1: used
+    bytes over the budget)."""
+    fe = frontend_factory(cache_bytes=2048)
+    fe.deploy("ev", "row_sum", max_batch=4)
+    c = wire_conn(fe.port)
+    for i in range(60):  # one at a time: each answer is cached before the next input arrives
+        c.send(wire.predict(i, "ev", vec(i)))
+        assert c.recv(1)[0][3] == float(i)
+    st = fe.stats()
+    cache = st["cache"]
+    assert cache["budget_bytes"] == 2048 and 0 < cache["used_bytes"] <= 2048, cache
+    assert cache["evictions"] >= 40 and cache["entries"] == 60 - cache["evictions"] <= 20, cache
+    sent = model_stats(st, "ev-model:1")["queries_sent"]
+    assert sent == 60
+    c.send(wire.predict(100, "ev", vec(59)))  # the newest: still cached
+    assert c.recv(1)[0][3] == 59.0
+    c.send(wire.predict(101, "ev", vec(0)))  # the oldest: evicted, computed again
+    assert c.recv(1)[0][3] == 0.0
+    st = fe.stats()
+    assert model_stats(st, "ev-model:1")["queries_sent"] == 61 and st["applications"]["ev"]["cache_hits"] == 1

@@ -102,20 +102,24 @@ def test_wrong_output_count(frontend, wire_conn):
     assert "returned 2 outputs for a batch of 1 inputs" in msg[4]
 
 
-def test_default_output_at_deadline(frontend, wire_conn):
-    frontend.deploy("late", "sleep_by_input", slo_ms=100, default_output=-1.0)
+def test_default_output_at_deadline(frontend, wire_conn, tmp_path):
+    # The model holds the query at a gate opened only after the answer (model_zoo.gated), not a sleep
+    # that a loaded machine could outlast: only the deadline can have answered it.
+    frontend.deploy("late", "gated", slo_ms=100, default_output=-1.0, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
-    c.send(wire.predict(1, "late", np.array([1.0, 0, 0, 0], np.float32)))
-    msg = c.recv(1, timeout=5)[0]
+    c.send(wire.predict(1, "late", np.array([1.0, 1, 0, 0], np.float32)))
+    msg = c.recv(1, timeout=30)[0]
+    (tmp_path / "gate-1").touch()
     assert msg[0] == wire.RESULT and msg[3] == -1.0 and msg[4] is True
     assert "100 ms SLO" in msg[5]["explanation"]
 
 
-def test_deadline_error_when_the_app_asks_for_it(frontend, wire_conn):
-    frontend.deploy("late", "sleep_by_input", slo_ms=100, on_deadline="error")
+def test_deadline_error_when_the_app_asks_for_it(frontend, wire_conn, tmp_path):
+    frontend.deploy("late", "gated", slo_ms=100, on_deadline="error", env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
     c = wire_conn(frontend.port)
-    c.send(wire.predict(1, "late", np.array([1.0, 0, 0, 0], np.float32)))
-    msg = c.recv(1, timeout=5)[0]
+    c.send(wire.predict(1, "late", np.array([1.0, 1, 0, 0], np.float32)))
+    msg = c.recv(1, timeout=30)[0]
+    (tmp_path / "gate-1").touch()
     assert msg[0] == wire.ERROR and msg[2] == E.DeadlineExceededError.code
 
 

@@ -117,46 +117,119 @@ def test_delete_leaves_nothing_behind(frontend):
         assert c.predict("gone", np.ones(4, np.float32)).output == 7.0
 
 
-def test_rollback_under_load_loses_no_query(frontend):
+def _wait_for_batch_holding(mark_dir: Path, x0: float, timeout: float = 60.0) -> None:
+    """Wait until a ``model_zoo.gated`` container recorded a batch holding the input whose x[0] is ``x0``."""
+    deadline = time.monotonic() + timeout
+    while not any(repr(x0) in p.read_text().split(",") for p in mark_dir.glob("*.batch")):
+        assert time.monotonic() < deadline, f"no batch holding {x0} within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_rollback_under_load_loses_no_query(frontend_factory, tmp_path):
+    """Switches versions six times under three pipelining clients. Version 1 is slow exactly at each switch
+    away from it: a query held at a gate in its one replica, with load queries queued behind it (the
+    queue length is checked after the switch, before the gate opens), so the switch meets queries still
+    waiting for the old version. The load goes on after the last switch until the new current version
+    has answered a few hundred more. Every query sent must come back answered by one version or the other,
+    whole (no error at all: admission control is off, its refusals at a stalled queue are
+    test_admission's; the SLO is a minute), and a load thread that dies fails the test.
+
+    Mutations caught: the switch failing the old version's queue (``fail_all`` on it in
+    ``set_model_version``): NO_MODEL_AVAILABLE errors; a switch that moves the old queue's waiting queries
+    to the new version (none left queued for v1 after the switch); a load thread that raises after the last
+    switch (the check of ``crashed``)."""
+    frontend = frontend_factory(admission_control=False)
     a = admin(frontend)
-    a.register_application("roll", "float32", [4], slo_ms=10_000)
-    for v, factor in (("1", "1"), ("2", "2")):
-        a.deploy_model("m", v, "float32", [4], entry="model_zoo.py:Scaled", workdir=str(TESTS),
-                       env={"CLIPPER_TEST_FACTOR": factor}, wait=True)
+    a.register_application("roll", "float32", [4], slo_ms=60_000, cache=False)
+    a.deploy_model("m", "1", "float32", [4], entry="model_zoo.py:gated", workdir=str(TESTS),
+                   env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)}, wait=True)
+    a.deploy_model("m", "2", "float32", [4], entry="model_zoo.py:Scaled", workdir=str(TESTS),
+                   env={"CLIPPER_TEST_FACTOR": "2"}, wait=True)
+    a.set_model_version("m", "1")
     a.link_model_to_app("roll", "m")
     stop = threading.Event()
-    answers: list = []
+    lock = threading.Lock()
+    sent = [0]
+    answers: list = []  # (x[0], output, models)
     errors: list = []
+    crashed: list = []
 
     def load(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        with Client("127.0.0.1", frontend.port, timeout=30) as c:
-            while not stop.is_set():
-                xs = [np.array([v, 0, 0, 0], np.float32) for v in rng.integers(1, 1000, 32)]
-                for x, p in zip(xs, c.predict_many("roll", xs)):
-                    if isinstance(p, Exception) or p.is_default:
-                        errors.append(p)
-                    else:
-                        answers.append((float(x[0]), p.output))
+        try:
+            rng = np.random.default_rng(seed)
+            with Client("127.0.0.1", frontend.port, timeout=90) as c:
+                while not stop.is_set():
+                    xs = [np.array([v, 0, 0, 0], np.float32) for v in rng.integers(1, 1000, 32)]
+                    with lock:
+                        sent[0] += len(xs)
+                    ps = c.predict_many("roll", xs)
+                    with lock:
+                        for x, p in zip(xs, ps):
+                            if isinstance(p, Exception) or p.is_default:
+                                errors.append(p)
+                            else:
+                                answers.append((float(x[0]), p.output, p.models))
+        except BaseException as exc:  # surfaces in the main thread: a dead load thread fails the test
+            crashed.append(exc)
+            raise
 
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    def progressed(n: int, deadline: float) -> None:
+        while len(answers) < n:
+            assert not crashed and all(t.is_alive() for t in threads), (crashed, errors[:3])
+            assert time.monotonic() < deadline, f"{len(answers)} of {n} answers; errors {errors[:3]}"
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(3)]
+    held: dict = {}
+    holders = []
+    queued_at_switch = []
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
+        current = "1"
         for i in range(6):
-            while len(answers) < 200 * (i + 1):  # switch once the load has made progress
-                assert time.monotonic() < deadline and all(t.is_alive() for t in threads), errors[:3]
-                time.sleep(0.01)
-            a.set_model_version("m", "1" if i % 2 == 0 else "2")
+            progressed(len(answers) + 150, deadline)
+            if current == "1":  # v1 slow now: one query held at gate i+1, load queries queued behind it
+                gate = i + 1
+
+                def hold(gate=gate) -> None:
+                    with Client("127.0.0.1", frontend.port, timeout=90) as c:
+                        held[gate] = c.predict("roll", np.array([5000.0 + gate, gate, 0, 0], np.float32))
+
+                h = threading.Thread(target=hold, daemon=True)
+                h.start()
+                holders.append(h)
+                _wait_for_batch_holding(tmp_path, 5000.0 + gate)
+                frontend.wait_until(lambda s: s["models"]["m:1"]["queue_length"] >= 8, timeout=60,
+                                    what="queries queued behind the held batch of v1")
+                a.set_model_version("m", "2")
+                # the switch left them where they were: still queued for v1, its replica still held
+                queued_at_switch.append(frontend.stats()["models"]["m:1"]["queue_length"])
+                (tmp_path / f"gate-{gate}").touch()
+                current = "2"
+            else:
+                a.set_model_version("m", "1")
+                current = "1"
+        after = len(answers)
+        progressed(after + 300, deadline)  # the load goes on after the last switch
     finally:
         stop.set()
         for t in threads:
-            t.join(60)
+            t.join(90)
+        for h in holders:
+            h.join(90)
+    assert not crashed and not any(t.is_alive() for t in threads), crashed
     assert errors == []
-    assert len(answers) >= 1200
-    ratios = {out / x for x, out in answers}
-    assert ratios == {1.0, 2.0}  # every answer came whole from one version or the other
+    assert len(answers) == sent[0] >= 1200  # none lost
+    assert all(n >= 8 for n in queued_at_switch) and len(queued_at_switch) == 3, queued_at_switch
+    for x, out, models in answers:  # each answer whole from the version that names itself
+        assert (out, models) in ((x, ("m:1",)), (2 * x, ("m:2",))), (x, out, models)
+    assert sorted(held) == [1, 3, 5]
+    for gate, p in held.items():  # the held queries: answered by v1, which held them across the switch
+        assert p.models == ("m:1",) and p.output == 5000.0 + gate, p
+    # after the last switch (to v1) the load went on and v1 served it
+    assert any(models == ("m:1",) for _, _, models in answers[after:])
 
 
 def test_closure_deploys_and_a_version_mismatch_fails_fast(frontend):
@@ -421,3 +494,33 @@ def test_a_registry_saved_as_one_snapshot_comes_back_and_is_kept_entry_by_entry(
     fe.close()
     again = frontend_factory(state_path=str(path))
     assert again.call(lambda: again.fe.registry.linked_models("legacy")) == ["lm"]
+
+
+def test_batch_settings_of_a_deployment_reach_its_queue_and_the_budget_is_half_the_smallest_slo(frontend):
+    """What a deployment sets through the admin API arrives at its model queue: ``batch_delay_ms``, and
+    ``latency_budget_ms`` when given. Without one, the batch latency budget is ``batch_budget_fraction``
+    (0.5) of the smallest SLO among the applications the version serves, following links as they come and
+    go (half the 100 ms default while it serves none). No container is needed: the versions have no entry.
+
+    Mutations caught: ``batch_delay_ms`` dropped on the way from the registry to the ModelQueue (0.0);
+    the budget from the largest SLO instead of the smallest (``max(count)``: 20 ms, not 5); the fraction
+    ignored (the whole SLO); an explicit ``latency_budget_ms`` overridden by the derived one."""
+    a = admin(frontend)
+    a.register_application("quick", "float32", [4], slo_ms=10)
+    a.register_application("relaxed", "float32", [4], slo_ms=40)
+    a.deploy_model("shared", "1", "float32", [4], batch_delay_ms=3.5, wait=False)
+    a.deploy_model("own", "1", "float32", [4], latency_budget_ms=7, wait=False)
+
+    def queue(key: str) -> dict:
+        return frontend.stats()["models"][key]
+
+    assert queue("shared:1")["batch_delay_ms"] == 3.5 and queue("own:1")["batch_delay_ms"] == 0.0
+    assert queue("shared:1")["latency_budget_ms"] == 50.0  # serving no application: half the default 100 ms
+    a.link_model_to_app("relaxed", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 20.0
+    a.link_model_to_app("quick", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 5.0  # half the smallest of 10 and 40
+    a.unlink_model_from_app("quick", "shared")
+    assert queue("shared:1")["latency_budget_ms"] == 20.0
+    a.link_model_to_app("quick", "own")
+    assert queue("own:1")["latency_budget_ms"] == 7.0  # given: kept, whatever the SLOs

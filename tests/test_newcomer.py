@@ -236,12 +236,12 @@ def test_the_client_describes_an_application(frontend):
             c.describe("nope")
 
 
-def test_a_query_refused_for_a_full_queue_is_counted_in_an_outcome(frontend_factory):
+def test_a_query_refused_for_a_full_queue_is_counted_in_an_outcome(frontend_factory, tmp_path):
     """Catches: QUEUE_FULL counted as a request but in no outcome (requests != answered + defaults +
-    errors)."""
+    errors). The model holds its batch at a gate (model_zoo.gated) until two refusals are counted."""
     fe = frontend_factory(max_queue_length=1, admission_control=False)
-    fe.deploy("slow", "sleep_by_input", cache=False)
-    xs = [np.array([0.5, i, 0, 0], dtype=np.float32) for i in range(4)]
+    fe.deploy("slow", "gated", cache=False, env={"CLIPPER_TEST_MARK_DIR": str(tmp_path)})
+    xs = [np.array([0.5 + i, 1, 0, 0], dtype=np.float32) for i in range(4)]
     import threading
 
     out = []
@@ -256,9 +256,13 @@ def test_a_query_refused_for_a_full_queue_is_counted_in_an_outcome(frontend_fact
     threads = [threading.Thread(target=one, args=(x,)) for x in xs]
     for t in threads:
         t.start()
+    try:  # one in the replica (or none yet) and one queued: at least two find the queue full
+        fe.wait_until(lambda st: st["applications"]["slow"]["errors"] >= 2, what="two refusals")
+    finally:
+        (tmp_path / "gate-1").touch()
     for t in threads:
         t.join(30)
-    assert any(isinstance(o, E.QueueFullError) for o in out), out
+    assert sum(isinstance(o, E.QueueFullError) for o in out) >= 2 and len(out) == 4, out
     st = fe.wait_until(lambda st: st["applications"]["slow"]["requests"] == 4
                        and sum(st["applications"]["slow"][k] for k in ("answered", "defaults", "errors")) == 4,
                        what="every query in one outcome")

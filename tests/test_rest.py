@@ -213,3 +213,40 @@ def test_a_connection_past_max_connections_gets_503_and_the_first_goes_on(fronte
         assert first.post("/sum/predict", {"input": [2, 2, 2, 2]})[1]["output"] == 8.0
     finally:
         first.close()
+
+
+def test_a_bug_in_one_item_of_a_batch_fails_that_item_alone(frontend_factory):
+    """A fault inside the query processor (not a ClipperError) while starting one input of an ``input_batch``:
+    that item answers INTERNAL_ERROR, the others their outputs, the request 200; the connection's in-flight
+    count comes back (max_pending_per_connection is 3, so a leaked count refuses the next request).
+
+    Mutations caught: the per-item ``except Exception`` in ``RestConnection._handle`` removed (the whole
+    request answers 500 and the count leaks); that branch logging without ``send_error`` (the reply never
+    completes: the client times out)."""
+    fe = frontend_factory(max_pending_per_connection=3)
+    fe.deploy("sum", "row_sum")
+    proc = fe.fe.processor
+    real_predict = proc.predict
+
+    def buggy(conn, req_id, app_name, x, options=None):
+        if float(x[0]) == 13.0:
+            raise KeyError("a bug on the query path (injected by the test)")
+        return real_predict(conn, req_id, app_name, x, options)
+
+    fe.call(lambda: setattr(proc, "predict", buggy))
+    h = Http(fe.fe.rest_port)
+    h.conn.timeout = 15
+    try:
+        for _ in range(3):  # again and again on one connection: nothing leaks
+            status, out = h.post("/sum/predict", {"input_batch": [[1, 1, 1, 1], [13, 0, 0, 0], [2, 0, 0, 0]]})
+            assert status == 200, out
+            first, bad, last = out["batch_predictions"]
+            assert first["output"] == 4.0 and last["output"] == 2.0
+            assert bad["error"]["code"] == E.InternalError.code and "KeyError" in bad["error"]["message"], bad
+        status, out = h.post("/sum/predict", {"input": [13, 0, 0, 0]})  # a single input: 500, typed
+        assert status == 500 and out["error"]["code"] == E.InternalError.code
+        status, out = h.post("/sum/predict", {"input_batch": [[3, 0, 0, 0]] * 3})
+        assert status == 200 and [p["output"] for p in out["batch_predictions"]] == [3.0] * 3
+    finally:
+        h.close()
+    assert fe.call(lambda: sum(c.in_flight for c in fe.fe.rest.connections)) == 0

@@ -138,6 +138,100 @@ def test_a_frontend_whose_store_is_stuck_answers_queries_and_refuses_to_learn_bl
     assert fe.state("stuck", "frank")["updates"] == 1
 
 
+_READ_FROM_ANOTHER_PROCESS = r"""
+import sys, time
+import msgpack
+from clipper.store.sqlite import SQLiteStore
+path, ns, key, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+deadline = time.monotonic() + timeout
+while True:
+    store = SQLiteStore(path)  # a fresh store each time: nothing cached between reads
+    raw = store.load(ns, key)
+    store.close()
+    if raw is not None or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+sys.stdout.write("null" if raw is None else __import__("json").dumps(msgpack.unpackb(raw, raw=False)))
+"""
+
+
+def _read_state_from_another_process(path, app: str, user: str, timeout: float = 20.0):
+    """The policy state of ``app`` for ``user`` as a second process reads it from the SQLite file, waiting up
+    to ``timeout`` s for it to appear (None if it never does)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _READ_FROM_ANOTHER_PROCESS, str(path), f"policy/{app}", user,
+                          str(timeout)], capture_output=True, text=True, timeout=timeout + 60, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _learning_frontend(frontend_factory, tmp_path, app: str):
+    path = tmp_path / "state.sqlite"
+    fe = frontend_factory(state_path=str(path), state_flush_ms=50)
+    fe.deploy_ensemble(app, [("right", "first_as_label", None), ("wrong", "constant", {"CLIPPER_TEST_CONST": "0"})],
+                       output_kind="label")
+    return fe, path
+
+
+def test_learned_states_reach_the_file_behind_the_caller_where_another_process_reads_them(frontend_factory,
+                                                                                         tmp_path):
+    """Feedback changes a user's state in memory; the write-behind flush (``state_flush_ms``) puts it in the
+    SQLite file with no flush or stop asked for, and a second process reading the file sees it.
+
+    Mutations caught: ``_states_dirty`` arming no timer (the state reaches the file only at the stop: the
+    other process never sees it); ``state_flush_ms`` not passed from the config to the query processor."""
+    fe, path = _learning_frontend(frontend_factory, tmp_path, "wb")
+    assert fe.call(lambda: fe.fe.processor.state_flush_s) == 0.05
+    x = np.array([3, 0, 0, 0], np.float32)
+    with Client("127.0.0.1", fe.port) as c:
+        c.feedback("wb", x, 3, user="ann")
+        c.feedback("wb", x, 3, user="ann")
+    in_memory = fe.state("wb", "ann")
+    assert in_memory["updates"] == 2
+    on_disk = _read_state_from_another_process(path, "wb", "ann")
+    assert on_disk is not None and on_disk["state"] == in_memory  # read while the frontend still runs
+    assert fe.stats()["states"]["flush_errors"] == 0
+
+
+def test_a_state_save_that_fails_once_is_tried_again_and_loses_nothing(frontend_factory, tmp_path):
+    """The store refuses the first save of policy states (a full disk, say); the flush keeps the changed
+    states and tries again ``state_flush_ms`` later: the file ends up holding them.
+
+    Mutations caught: the failed flush not giving the taken states back (``give_back`` dropped: the retry
+    has nothing to write, the file never holds the state); no retry armed after a failure
+    (``self._states_dirty()`` dropped in the except branch: nothing is written until the stop)."""
+    fe, path = _learning_frontend(frontend_factory, tmp_path, "retry")
+    store = fe.fe.processor.store
+    calls: list = []
+    real_save_many = store.save_many
+
+    def fails_once(items):
+        items = list(items)
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise OSError("database or disk is full (injected by the test)")
+        return real_save_many(items)
+
+    fe.call(lambda: setattr(store, "save_many", fails_once))
+    x = np.array([3, 0, 0, 0], np.float32)
+    with Client("127.0.0.1", fe.port) as c:
+        c.feedback("retry", x, 3, user="bob")
+    fe.wait_until(lambda s: s["states"]["flush_errors"] >= 1, what="the first save failed")
+    # no other change comes to make the state dirty again: only the retry can write it
+    on_disk = _read_state_from_another_process(path, "retry", "bob")
+    assert on_disk is not None and on_disk["state"] == fe.state("retry", "bob"), on_disk
+    assert on_disk["state"]["updates"] == 1
+    st = fe.stats()["states"]
+    assert st["flush_errors"] == 1 and st["flushes"] >= 1 and len(calls) >= 2
+
+
 def _hold_writer_nowait(store):
     """_hold_writer from the frontend's loop (which must not wait): (release, busy) events."""
     release, busy = threading.Event(), threading.Event()
