@@ -92,6 +92,22 @@ def hold_port(host: str, port: int) -> socket.socket:
     return s
 
 
+async def _until_ready(proc, ready, timeout_s: float, what: str) -> None:
+    """Wait (bounded) until ``await ready()`` is true for a process just started; its exit or the
+    deadline is an error that says which."""
+    deadline = time.monotonic() + timeout_s
+    while not await ready():
+        if proc.returncode is not None:
+            raise InvalidConfigError(f"{what} exited at its start (return code {proc.returncode}); see its messages "
+                                     "above")
+        if time.monotonic() > deadline:
+            raise InvalidConfigError(f"{what} was not ready within {timeout_s:.0f} s")
+        try:
+            await asyncio.wait_for(proc.wait(), 0.05)
+        except asyncio.TimeoutError:
+            pass
+
+
 class PrivateRedis:
     """A redis-server for this supervisor's workers only: a Unix socket in a 0700 folder, data in ``data_dir``."""
 
@@ -119,19 +135,12 @@ class PrivateRedis:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, preexec_fn=_pdeathsig,
             start_new_session=True)
         self.url = f"unix://{path}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.returncode is not None:
-                raise InvalidConfigError(f"the private redis-server exited at its start "
-                                         f"(return code {self.proc.returncode}); see its messages above")
-            if os.path.exists(path) and await asyncio.to_thread(self._ping, path):
-                return self.url
-            if time.monotonic() > deadline:
-                raise InvalidConfigError(f"the private redis-server did not answer within {timeout_s:.0f} s")
-            try:
-                await asyncio.wait_for(self.proc.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
+
+        async def answers() -> bool:
+            return os.path.exists(path) and await asyncio.to_thread(self._ping, path)
+
+        await _until_ready(self.proc, answers, timeout_s, "the private redis-server")
+        return self.url
 
     @staticmethod
     def _ping(path: str) -> bool:
@@ -277,17 +286,11 @@ class Supervisor:
         w.ready = None
         w.proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                       stdout=sys.stderr.fileno(), preexec_fn=_pdeathsig)
-        deadline = time.monotonic() + timeout_s
-        while not os.path.exists(ready_file):
-            if w.proc.returncode is not None:
-                raise InvalidConfigError(f"worker {w.index} exited at its start (return code {w.proc.returncode}); "
-                                         "see its messages above")
-            if time.monotonic() > deadline:
-                raise InvalidConfigError(f"worker {w.index} was not ready within {timeout_s:.0f} s")
-            try:
-                await asyncio.wait_for(w.proc.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
+
+        async def wrote_ready() -> bool:
+            return os.path.exists(ready_file)
+
+        await _until_ready(w.proc, wrote_ready, timeout_s, f"worker {w.index}")
         with open(ready_file) as f:
             w.ready = json.load(f)
 

@@ -104,6 +104,20 @@ def make_env(path: str, output_kind: str, options: dict, extra: dict | None = No
     return env
 
 
+def booster_deployment(kind: str, what: str, path: str, entry: str, n: int, objective: str, output_kind: str,
+                       input_dtype: str | None, input_shape, default_dtype: str, options: dict | None) -> Deployment:
+    """The deployment of a gradient-boosted booster file (XGBoost, LightGBM): ``n`` float features, the
+    dtype given (float32 or float64) or ``default_dtype``; a given input shape must be ``[n]``."""
+    if input_shape is not None and list(input_shape) != [n]:
+        raise InvalidConfigError(f"input shape {list(input_shape)} given; the booster takes {n} features")
+    dtype = input_dtype or default_dtype
+    if dtype not in ("float32", "float64"):
+        raise InvalidConfigError(f"input dtype {dtype!r}: {what} boosters take float32 or float64")
+    notes = [f"objective {objective}: {dtype}[{n}] -> {output_kind}"]
+    return Deployment(kind, path, entry, dtype, (n,), output_kind, make_env(path, output_kind, dict(options or {})),
+                      notes)
+
+
 def check_file(path, kind: str, suffixes: tuple[str, ...] | None = None) -> str:
     """The absolute path of an existing model file (with one of ``suffixes``, when given)."""
     if not isinstance(path, (str, os.PathLike)):

@@ -10,7 +10,7 @@ with ``num_threads`` threads (option, default 1). Outputs by objective: see
 from __future__ import annotations
 
 from ..errors import InvalidConfigError
-from ._base import Deployment, FileModel, check_file, check_options, make_env, require
+from ._base import Deployment, FileModel, booster_deployment, check_file, check_options, require
 from ._boosters import converter
 
 __all__ = ["LightGBMModel", "inspect_lightgbm", "load_booster"]
@@ -50,14 +50,8 @@ def inspect_lightgbm(path, *, input_dtype: str | None = None, input_shape=None, 
     booster = load_booster(path)
     fam, objective = family(booster)
     kind, _ = converter(fam, output, f"a LightGBM booster with objective {objective}")
-    n = booster.num_feature()
-    if input_shape is not None and list(input_shape) != [n]:
-        raise InvalidConfigError(f"input shape {list(input_shape)} given; the booster takes {n} features")
-    dtype = input_dtype or "float64"
-    if dtype not in ("float32", "float64"):
-        raise InvalidConfigError(f"input dtype {dtype!r}: LightGBM boosters take float32 or float64")
-    notes = [f"objective {objective}: {dtype}[{n}] -> {kind}"]
-    return Deployment("lightgbm", path, ENTRY, dtype, (n,), kind, make_env(path, kind, dict(options or {})), notes)
+    return booster_deployment("lightgbm", "LightGBM", path, ENTRY, booster.num_feature(), objective, kind,
+                              input_dtype, input_shape, "float64", options)
 
 
 class LightGBMModel(FileModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from ..errors import InvalidConfigError
-from ._base import Deployment, FileModel, check_file, check_options, make_env, require
+from ._base import Deployment, FileModel, booster_deployment, check_file, check_options, require
 from ._boosters import converter
 
 __all__ = ["XGBoostModel", "inspect_xgboost", "load_booster"]
@@ -57,14 +57,8 @@ def inspect_xgboost(path, *, input_dtype: str | None = None, input_shape=None, o
     booster = load_booster(path, opts["nthread"])
     fam, objective = family(booster)
     kind, _ = converter(fam, output, f"an XGBoost booster with objective {objective}")
-    n = booster.num_features()
-    if input_shape is not None and list(input_shape) != [n]:
-        raise InvalidConfigError(f"input shape {list(input_shape)} given; the booster takes {n} features")
-    dtype = input_dtype or "float32"
-    if dtype not in ("float32", "float64"):
-        raise InvalidConfigError(f"input dtype {dtype!r}: XGBoost boosters take float32 or float64")
-    notes = [f"objective {objective}: {dtype}[{n}] -> {kind}"]
-    return Deployment("xgboost", path, ENTRY, dtype, (n,), kind, make_env(path, kind, dict(options or {})), notes)
+    return booster_deployment("xgboost", "XGBoost", path, ENTRY, booster.num_features(), objective, kind,
+                              input_dtype, input_shape, "float32", options)
 
 
 class XGBoostModel(FileModel):
