@@ -191,7 +191,7 @@ class Supervisor:
         self.containers = containers
         self.n = n
         self.cfg = cfg
-        self.worker_argv = worker_argv  # (index, ports dict, state url, ready file) -> argv
+        self.worker_argv = worker_argv  # (index, ports dict, state url, ready file, extra arguments) -> argv
         self.state_url = state_url
         self.redis = None if state_url else PrivateRedis(data_dir)
         self.backoff_s = backoff_s
