@@ -40,6 +40,7 @@ from ..errors import ModelError, WrongOutputCountError
 from ..security.container_keys import ContainerCredentials
 from ..protocol import wire
 from ..rpc import messages as m
+from ..rpc import zio
 
 log = logging.getLogger("clipper.container")
 
@@ -527,7 +528,8 @@ class ContainerRuntime:
                 if sock is not link.sock:
                     continue
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    # [header, payload?]: the header as bytes, the payload a Frame (a batch's inputs are views of it)
+                    frames = zio.recv_parts(sock, zio.NOBLOCK, 0b10)
                 except zmq.Again:
                     continue
                 rc = self._on_message(link, frames, lock)
@@ -557,7 +559,7 @@ class ContainerRuntime:
         return m.EXIT_OK
 
     def _on_message(self, link: _Link, frames, lock) -> int | None:
-        header = msgpack.unpackb(frames[0].bytes)
+        header = msgpack.unpackb(frames[0])
         kind = header[0]
         link.lost = False
         if kind == m.F_BATCH:
@@ -570,7 +572,7 @@ class ContainerRuntime:
                 self._holding = True
             if link.sock is not None:
                 try:
-                    link.sock.send_multipart(reply, copy=False, flags=zmq.NOBLOCK)
+                    zio.send_parts(link.sock, reply, zio.NOBLOCK)
                 except zmq.Again:  # its frontend is away with a full queue: it has given this batch up
                     log.warning("could not send batch %s's answer to %s", header[1], link.address)
             self.batches_done += 1

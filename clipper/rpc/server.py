@@ -55,12 +55,15 @@ from ..management.registry import INPUT_DTYPES, NAME_RE, NAME_RULE
 from ..protocol import wire
 from ..security.container_keys import ZAP_DOMAIN
 from . import messages as m
+from . import zio
 
 log = logging.getLogger("clipper.rpc")
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = zio.POLLIN
+_NOBLOCK = zio.NOBLOCK
+_events = zio.events
+_recv_parts = zio.recv_parts
+_send_parts = zio.send_parts
 
 __all__ = ["Replica", "ContainerServer"]
 
@@ -323,9 +326,11 @@ class ContainerServer:
         # exception per wake-up costs more than the whole message handling.
         for _ in range(10_000):
             try:
-                if not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # EVENTS is an int option
+                if not _events(sock) & _POLLIN:
                     return
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                # [routing id, header, payload?]: the header a Frame (its User-Id and Peer-Address are read),
+                # the rest bytes (no Frame to make and free)
+                frames = _recv_parts(sock, _NOBLOCK, 0b010)
             except zmq.ZMQError:
                 return
             try:
@@ -336,7 +341,7 @@ class ContainerServer:
         self._schedule_check(ch)  # more to read: yield to other work, come back soon
 
     def _send(self, ch: _Channel, ident: bytes, frames: list) -> None:
-        ch.sock.send_multipart([ident, *frames], copy=False)
+        _send_parts(ch.sock, [ident, *frames])
         self._schedule_check(ch)
 
     def _send_header(self, ch: _Channel, ident: bytes, header: list) -> None:
@@ -350,7 +355,7 @@ class ContainerServer:
         if len(frames) < 2 or len(frames[1]) > MAX_HEADER_BYTES:
             self.ignored += 1
             return
-        ident = frames[0].bytes
+        ident = frames[0]
         head = frames[1]
         uid = head.get("User-Id") if ch.secure else None
         replica = ch.replicas.get(ident)
@@ -372,7 +377,7 @@ class ContainerServer:
         if replica is not None:
             replica.last_seen_ns = time.monotonic_ns()
             if kind == m.C_RESULT:
-                self._on_result(replica, header, frames[2] if len(frames) > 2 else None)
+                self._on_result(replica, header, frames[2] if len(frames) > 2 else b"")
             elif kind == m.C_ERROR:
                 self._on_error(replica, header)
             elif kind == m.C_HELLO:
@@ -472,10 +477,10 @@ class ContainerServer:
                 dtype = wire.ALLOWED_DTYPES[typestr]
                 if type(shape) is not list or not shape or shape[0] != count:
                     raise ModelError(f"model {replica.key}: output shape {shape!r} does not hold {count} outputs")
-                arr = np.frombuffer(payload.buffer if payload is not None else b"", dtype=dtype).reshape(shape)
+                arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
                 outputs = arr.tolist() if arr.ndim == 1 else list(arr)
             elif encoding == m.ENC_MSGPACK:
-                outputs = self._unpack(payload.buffer)
+                outputs = self._unpack(payload)
                 if not isinstance(outputs, list) or len(outputs) != len(queries):
                     raise WrongOutputCountError(f"model {replica.key} returned a malformed output block")
             else:
