@@ -16,6 +16,8 @@ large, or whose metadata such as ``User-Id`` is read).
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 from zmq.backend import Socket as _CSocket
 
@@ -33,7 +35,7 @@ _get = _CSocket.get
 
 def events(sock: zmq.Socket) -> int:
     """The socket's ``ZMQ_EVENTS`` as a plain int (``& POLLIN``: a message can be read now)."""
-    return _get(sock, EVENTS)
+    return _get(sock, EVENTS)  # type: ignore[return-value]  # an int option
 
 
 def send_parts(sock: zmq.Socket, parts: list, flags: int = 0, copy: bool = False) -> None:
@@ -55,7 +57,7 @@ def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0) -> list:
     ``frames_at`` is set, else ``bytes``. Raises :class:`zmq.Again` under NOBLOCK when no
     message waits."""
     as_frame = frames_at & 1
-    part = _recv(sock, flags, not as_frame)
+    part: Any = _recv(sock, flags, not as_frame)
     parts = [part]
     i = 1
     while part.more if as_frame else _get(sock, _RCVMORE):
