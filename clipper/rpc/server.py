@@ -2,10 +2,10 @@
 
 Containers connect (DEALER), introduce themselves with C_HELLO and become
 :class:`Replica` objects of their model version's queue. Batches go out as a
-header frame plus one payload frame sent with ``copy=False``: the payload is a
-fresh buffer per batch, never reused, so ZeroMQ may read it for as long as it
-needs (it holds a reference until sent). Results come back the same way and
-are viewed with ``np.frombuffer`` on the received frame.
+header frame plus one payload frame, the batch's inputs assembled into one
+buffer and copied once into ZeroMQ's message (cheaper than pyzmq's zero-copy
+release thread: :mod:`clipper.rpc.zio`). Results come back the same way and
+are viewed with ``np.frombuffer`` on the received bytes.
 
 Trust (docs/security.md): nothing a container says about itself is believed.
 With ``rpc_security = "curve"`` every handshake is checked by the ZAP handler

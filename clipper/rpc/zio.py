@@ -38,12 +38,16 @@ def events(sock: zmq.Socket) -> int:
     return _get(sock, EVENTS)  # type: ignore[return-value]  # an int option
 
 
-def send_parts(sock: zmq.Socket, parts: list, flags: int = 0, copy: bool = False) -> None:
+def send_parts(sock: zmq.Socket, parts: list, flags: int = 0, copy: bool = True) -> None:
     """Send ``parts`` as one multipart message (``flags``: 0 or NOBLOCK).
 
-    With ``copy`` False a part of at least the socket's ``copy_threshold`` bytes is sent
-    without a copy (pyzmq keeps a reference until ZeroMQ has sent it); smaller parts are
-    copied either way.
+    Parts are copied into ZeroMQ's messages by default. With ``copy`` False a part of at
+    least the socket's ``copy_threshold`` bytes is not, but pyzmq then keeps a reference
+    until ZeroMQ has sent it and releases it on its garbage-collector thread, which wakes and
+    takes the GIL once per message: under load that thread took 11% of the frontend's samples
+    and the send itself 7%, where copying a batch of 32 no-op inputs (100 KB) costs a few
+    microseconds; the frontend's CPU per query was 0.91x with copies (4x32 in flight, medians
+    of 4 alternating runs).
     """
     more = flags | SNDMORE
     last = len(parts) - 1
