@@ -356,6 +356,7 @@ class ContainerRuntime:
 
     def _connect(self, link: _Link) -> None:
         sock = self.ctx.socket(zmq.DEALER)
+        sock.copy_threshold = zio.COPY_THRESHOLD
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # a frontend away (or refusing, for now): back off to 5 s
         if self.credentials is not None:

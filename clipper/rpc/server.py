@@ -3,9 +3,10 @@
 Containers connect (DEALER), introduce themselves with C_HELLO and become
 :class:`Replica` objects of their model version's queue. Batches go out as a
 header frame plus one payload frame, the batch's inputs assembled into one
-buffer and copied once into ZeroMQ's message (cheaper than pyzmq's zero-copy
-release thread: :mod:`clipper.rpc.zio`). Results come back the same way and
-are viewed with ``np.frombuffer`` on the received bytes.
+buffer; a payload of 256 KiB or more is handed to ZeroMQ without a copy, a
+smaller one is copied into ZeroMQ's message (cheaper than pyzmq's zero-copy
+release: :mod:`clipper.rpc.zio`). Results come back the same way and are
+viewed with ``np.frombuffer`` on the received bytes.
 
 Trust (docs/security.md): nothing a container says about itself is believed.
 With ``rpc_security = "curve"`` every handshake is checked by the ZAP handler
@@ -235,6 +236,7 @@ class ContainerServer:
 
     def _bind(self, name: str, addr: str, mechanism: str | None) -> _Channel:
         sock = self.ctx.socket(zmq.ROUTER)
+        sock.copy_threshold = zio.COPY_THRESHOLD
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 0)

@@ -21,13 +21,16 @@ from typing import Any
 import zmq
 from zmq.backend import Socket as _CSocket
 
-__all__ = ["EVENTS", "NOBLOCK", "POLLIN", "SNDMORE", "events", "recv_parts", "send_parts"]
+__all__ = ["COPY_THRESHOLD", "EVENTS", "NOBLOCK", "POLLIN", "SNDMORE", "events", "recv_parts", "send_parts"]
 
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+# Parts from this size on are sent without a copy (see send_parts): copying 256 KiB costs about
+# what one wake of pyzmq's release thread does.
+COPY_THRESHOLD = 256 * 1024
 _send = _CSocket.send
 _recv = _CSocket.recv
 _get = _CSocket.get
@@ -38,22 +41,22 @@ def events(sock: zmq.Socket) -> int:
     return _get(sock, EVENTS)  # type: ignore[return-value]  # an int option
 
 
-def send_parts(sock: zmq.Socket, parts: list, flags: int = 0, copy: bool = True) -> None:
+def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
     """Send ``parts`` as one multipart message (``flags``: 0 or NOBLOCK).
 
-    Parts are copied into ZeroMQ's messages by default. With ``copy`` False a part of at
-    least the socket's ``copy_threshold`` bytes is not, but pyzmq then keeps a reference
-    until ZeroMQ has sent it and releases it on its garbage-collector thread, which wakes and
-    takes the GIL once per message: under load that thread took 11% of the frontend's samples
-    and the send itself 7%, where copying a batch of 32 no-op inputs (100 KB) costs a few
-    microseconds; the frontend's CPU per query was 0.91x with copies (4x32 in flight, medians
-    of 4 alternating runs).
+    A part of at least the socket's ``copy_threshold`` bytes (:data:`COPY_THRESHOLD` on the
+    sockets of Clipper's RPC) goes without a copy: pyzmq keeps a reference until ZeroMQ has
+    sent it and drops it on its garbage-collector thread, which wakes and takes the GIL once
+    per message. Below that a part is copied into ZeroMQ's message: under load with the
+    threshold at pyzmq's 64 KiB that thread took 11% of the frontend's samples and the send
+    7%, where copying a batch of 32 no-op inputs (100 KB) takes a few microseconds (the
+    frontend's CPU per query was 0.91x with copies, 4x32 in flight, medians of 4 runs).
     """
     more = flags | SNDMORE
     last = len(parts) - 1
     for i in range(last):
-        _send(sock, parts[i], more, copy)
-    _send(sock, parts[last], flags, copy)
+        _send(sock, parts[i], more, False)
+    _send(sock, parts[last], flags, False)
 
 
 def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0) -> list:
