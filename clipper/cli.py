@@ -97,6 +97,9 @@ async def _start(args) -> int:
                 mv = model.current
                 if mv is not None and mv.replicas > 0 and (fe.manager.manages(mv) or (member and mv.entry)):
                     await fe.wait_ready(mv.name, mv.version)
+        from .gctune import settle_heap
+
+        settle_heap()  # everything is loaded: the collector need not look at it again
         ports = {"query_port": fe.query_port, "rest_port": fe.rest_port, "admin_port": fe.admin_port,
                  "metrics_port": fe.metrics_port, "rpc_port": fe.rpc_port,
                  "pid": os.getpid()}

@@ -103,6 +103,9 @@ def main(argv=None) -> int:
         print(f"clipper container {args.name}:{args.version}: cannot load {args.entry!r}: {exc}",
               file=sys.stderr, flush=True)
         return m.EXIT_LOAD_FAILED
+    from ..gctune import settle_heap
+
+    settle_heap()  # the model is loaded: the collector need not traverse it again
     rt = ContainerRuntime(predict, args.name, args.version, frontend, input_dtype=args.input_dtype,
                           input_shape=shape, exit_on_frontend_loss=args.exit_on_frontend_loss,
                           credentials=credentials, load_ms=(time.perf_counter() - t0) * 1000)

@@ -617,4 +617,7 @@ def serve(predict, name: str, version: str, frontend: str | list[str] = "tcp://1
     t0 = time.perf_counter()
     fn = load_predictor(predict)
     kw.setdefault("load_ms", (time.perf_counter() - t0) * 1000)
+    from ..gctune import settle_heap
+
+    settle_heap()  # the model is loaded: the collector need not traverse it again
     return ContainerRuntime(fn, name, version, frontend, **kw).run()

@@ -1110,7 +1110,7 @@ class QueryProcessor:
                 return
             token = found  # a miss: this query will lead the reservation
         now = time.monotonic_ns()
-        nbytes = _nbytes(x)
+        nbytes = x.nbytes if type(x) is np.ndarray else len(x)  # (_nbytes, inlined)
         # The msgpack fast path admitted this very request from its frame head: no second estimate.
         admitted = self._shed_route is route and self._shed_conn is conn and self._shed_id == req_id
         self._shed_route = self._shed_conn = None
@@ -1138,7 +1138,7 @@ class QueryProcessor:
             raise
         self.inflight_bytes += nbytes
         self.unsettled += 1
-        route.track(q)
+        route.deadlines.track(q)
 
     def _probe_lag(self) -> None:
         """Every 2 ms while requests arrive: how late the timer fired is how far behind the loop is."""

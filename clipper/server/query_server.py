@@ -304,7 +304,18 @@ class QueryConnection(ClientConnection):
                 # view of the frame's bytes, nothing decoded (anything else is decoded and judged in full)
                 x = _array_input(body, offset, ext, route.np_dtype, route.shape)
                 if x is not None:
-                    self._predict_array(req_id, route, x)
+                    # (the pending limit was checked above)
+                    self.pending += 1
+                    self.inflight.add(req_id)
+                    try:
+                        self.processor.predict_array(self, req_id, route, x)
+                    except Exception as exc:
+                        self.pending -= 1
+                        self.inflight.discard(req_id)
+                        if not isinstance(exc, E.ClipperError):  # a bug: fail the request, keep the connection
+                            log.exception("internal error on request %s", req_id)
+                            exc = E.InternalError(f"{type(exc).__name__}: {exc}")
+                        self._write_error(req_id, exc)
                     return True
         if not is_list or route.np_dtype is None:
             return False
@@ -316,21 +327,6 @@ class QueryConnection(ClientConnection):
             route.errors += 1
         self._write_error(req_id, route.nested_error(bad))
         return True
-
-    def _predict_array(self, req_id: int, route, x) -> None:
-        try:
-            self._admit(req_id)
-            try:
-                self.processor.predict_array(self, req_id, route, x)
-            except BaseException:
-                self.pending -= 1
-                self.inflight.discard(req_id)
-                raise
-        except E.ClipperError as exc:
-            self._write_error(req_id, exc)
-        except Exception as exc:  # a bug: fail the request, keep the connection
-            log.exception("internal error on request %s", req_id)
-            self._write_error(req_id, E.InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _admit(self, req_id: int) -> None:
         """Count one more PREDICT or FEEDBACK awaiting its reply, within max_pending_per_connection, and
