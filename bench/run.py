@@ -323,6 +323,7 @@ def measure_target(server: Server, app: str, args, log) -> dict:
             inputs=args.inputs,
             unique_inputs=args.unique_inputs,
             seed=args.seed,
+            engine=args.engine,
         )
 
         def one(label: str, **kw) -> dict:
@@ -499,6 +500,9 @@ def main(argv=None) -> int:
     ap.add_argument("--inputs", type=int, default=16, help="distinct inputs in the request pool")
     ap.add_argument("--unique-inputs", action="store_true", help="every request a new input (no cache hits)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", choices=("python", "c"), default="python",
+                    help="the load generator's workers: python (uvloop) or c (bench/cload: a tenth of the CPU per "
+                         "request, so more of the 2 cores is left to the server measured)")
     ap.add_argument("--max-batch", type=int, help="run Clipper with this max_batch for every model")
     ap.add_argument("--replicas", type=int, help="run Clipper with this many replicas of every model")
     ap.add_argument("--ready-timeout", type=float, default=90.0, help="seconds a server gets to become ready")

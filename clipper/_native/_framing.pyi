@@ -86,3 +86,7 @@ def array_input(body: bytes | bytearray | memoryview, offset: int, ext_head: byt
 def floats_to_array(items: list, dtype):
     """A flat list of floats and ints as a new 1-D float32/float64 array, converted as numpy converts
     them; None for any other dtype or item (or an int too large for a double)."""
+
+def json_vector(raw: bytes, dtype, n: int):
+    """A REST body that is exactly ``{"input": [n JSON numbers]}`` as a new 1-D float32/float64 array
+    (each number to the nearest double, then to the dtype); None for anything else."""

@@ -6,6 +6,8 @@ tests run both.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 
 import numpy as np
@@ -554,4 +556,42 @@ def floats_to_array(items, dtype):
         else:
             return None
     with np.errstate(over="ignore"):  # (past float32's range is inf, as in the native cast)
+        return np.array(values, dtype=np.float64).astype(dtype)
+
+
+_JSON_WS = b" \t\n\r"  # JSON's whitespace (not Python's: no \x0b, \x0c)
+_JSON_VECTOR_BODY = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"input"[ \t\n\r]*:[ \t\n\r]*\[(.*)\][ \t\n\r]*\}[ \t\n\r]*',
+                               re.S)
+_JSON_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_JSON_COMMA = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
+
+
+def json_vector(raw, dtype, n):
+    """A REST body that is exactly ``{"input": [n JSON numbers]}`` (JSON whitespace anywhere between
+    tokens) as a new 1-D array of ``dtype`` (float32 or float64), each number to the nearest double and
+    then to the dtype; None for anything else (another dtype, key or count, ``n`` 0, a number outside
+    the strict grammar, an integer of more than 15 digits, a double that is not finite)."""
+    if type(raw) is not bytes or n <= 0 or dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return None
+    m = _JSON_VECTOR_BODY.fullmatch(raw)
+    if m is None:
+        return None
+    tokens = _JSON_COMMA.split(m.group(1).strip(_JSON_WS))
+    if len(tokens) != n:
+        return None
+    values = []
+    for tok in tokens:
+        num = _JSON_NUMBER.fullmatch(tok)
+        if num is None:
+            return None
+        if num.group(1) is None and num.group(2) is None:  # an integer (-0 is 0)
+            if len(tok.lstrip(b"-")) > 15:
+                return None
+            values.append(float(int(tok)))
+        else:
+            d = float(tok)
+            if not math.isfinite(d):
+                return None
+            values.append(d)
+    with np.errstate(over="ignore"):
         return np.array(values, dtype=np.float64).astype(dtype)

@@ -370,6 +370,11 @@ class AppRoute:
         else:
             self.max_valid_frame = self.processor.max_input_bytes + 512
             self.ext_head = None
+        # a REST body {"input": [n numbers]} is parsed natively for a fixed-length float vector (n; 0: never)
+        # (within max_input_bytes: a bigger input gets the full way's error, in its words)
+        self.json_vector_len = (self.shape[0] if len(self.shape) == 1 and not self.variable and self.np_dtype
+                                in (np.dtype(np.float32), np.dtype(np.float64))
+                                and self.shape[0] * self.np_dtype.itemsize <= self.processor.max_input_bytes else 0)
         self.error_on_deadline = app.on_deadline == "error"
         self.default_on_overload = app.on_overload == "default"
         self.use_cache = bool(app.cache)
