@@ -982,6 +982,12 @@ cdef inline bint _is_digit(char c) noexcept nogil:
     return 48 <= c <= 57
 
 
+# 10**0 .. 10**22: every one exact in a double (Clinger's fast path below)
+cdef double _POW10[23]
+for _k in range(23):
+    _POW10[_k] = 10.0 ** _k
+
+
 cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
     """A REST body that is exactly ``{"input": [n JSON numbers]}`` (JSON whitespace anywhere between
     tokens) parsed straight into a new 1-D array of ``dtype`` (float32 or float64), each number as
@@ -994,8 +1000,10 @@ cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
     cdef const char* s
     cdef char* stop
     cdef int tn = dtype.type_num
-    cdef bint neg, intlike
-    cdef long long iv
+    cdef bint neg, intlike, exact
+    cdef long long iv, e10, ev
+    cdef bint eneg
+    cdef uint64_t m
     cdef double d
     cdef cnp.npy_intp dims[1]
     cdef cnp.ndarray arr
@@ -1032,7 +1040,13 @@ cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
             p += 1
         if p >= end or not _is_digit(s[p]):
             return None
+        # m: the digits as one integer while it stays exact (below 2**53); e10: the power of ten it is
+        # scaled by. Then Clinger's fast path: m and 10**|e10| (|e10| <= 22) are both exact doubles, so
+        # one multiplication or division rounds correctly, as strtod would; anything else goes to strtod.
         iv = 0
+        m = 0
+        exact = True
+        e10 = 0
         digits = 0
         if s[p] == b'0':
             p += 1
@@ -1043,6 +1057,8 @@ cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
                     iv = iv * 10 + (s[p] - 48)
                 digits += 1
                 p += 1
+        m = <uint64_t>iv if digits <= 15 else 0
+        exact = digits <= 15
         intlike = True
         if p < end and s[p] == b'.':
             p += 1
@@ -1050,22 +1066,37 @@ cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
             if p >= end or not _is_digit(s[p]):
                 return None
             while p < end and _is_digit(s[p]):
+                if exact:
+                    m = m * 10 + <uint64_t>(s[p] - 48)
+                    e10 -= 1
+                    if m >= (<uint64_t>1 << 53):
+                        exact = False
                 p += 1
         if p < end and (s[p] == b'e' or s[p] == b'E'):
             p += 1
             intlike = False
+            eneg = False
             if p < end and (s[p] == b'+' or s[p] == b'-'):
+                eneg = s[p] == b'-'
                 p += 1
             if p >= end or not _is_digit(s[p]):
                 return None
+            ev = 0
             while p < end and _is_digit(s[p]):
+                if ev < 100000:
+                    ev = ev * 10 + (s[p] - 48)
                 p += 1
+            e10 += -ev if eneg else ev
         if intlike:
             if digits > 15:  # (exact in a double up to here; longer ones are the full decoder's)
                 return None
             d = <double>iv  # an integer: -0 is 0, as an int is
             if neg:
                 d = -d if iv else 0.0
+        elif exact and -22 <= e10 <= 22:
+            d = <double>m * _POW10[e10] if e10 >= 0 else <double>m / _POW10[-e10]
+            if neg:
+                d = -d  # (a float -0.0 keeps its sign, as orjson's does)
         else:
             d = strtod(s + t0, &stop)
             if stop != s + p or not isfinite(d):  # (a locale's other decimal point stops it early)
