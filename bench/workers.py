@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     # what measure_target reads
     args.unique_inputs, args.seed, args.open_fraction, args.arrivals, args.open_quantum_us = False, 0, 0, "poisson", 100
+    args.engine = "python"
     load_workers = args.loadgen_workers
     args.workers_n, args.workers = args.workers, load_workers
 
