@@ -238,3 +238,130 @@ def test_an_input_from_a_read_of_many_frames_is_copied_so_a_waiting_query_never_
     arr2 = impl.array_input(memoryview(alone)[:len(frame)], off, ext_head, x.dtype, x.shape)
     span2 = np.frombuffer(alone, np.uint8).ctypes.data
     assert span2 <= arr2.ctypes.data < span2 + len(alone) and (arr2 == x).all()
+
+
+# --------------------------------------------------------------------------- admitted runs (take_run)
+_RUN_DT = np.dtype(np.float32)
+_RUN_EXT = wire.ndarray_ext_head(_RUN_DT, (4,))
+
+
+def _run_item(kind: str, req_id: int):
+    x = np.full(4, req_id, dtype=np.float32)
+    if kind == "good":
+        return _frame(req_id, "a", x)
+    if kind == "other_app":
+        return _frame(req_id, "b", x)
+    if kind == "options":
+        return _frame(req_id, "a", x, {"user": "u"})
+    if kind == "wrong_dtype":
+        return _frame(req_id, "a", x.astype(np.float64))
+    if kind == "list":
+        return _frame(req_id, "a", x.tolist())
+    if kind == "feedback":
+        return wire.pack(wire.feedback(req_id, "a", x, 1.0))
+    if kind == "memoryview":  # a slice of a larger read, as the reader hands out
+        body = _frame(req_id, "a", x)
+        return memoryview(b"\0" * 7 + body + b"\0" * 7)[7:7 + len(body)]
+    return 1 << 30  # an oversized frame's length, as FrameReader reports it
+
+
+@settings(max_examples=400, deadline=None)
+@given(kinds=st.lists(st.tuples(st.sampled_from(["good"] * 6 + ["other_app", "options", "wrong_dtype", "list",
+                                                                 "feedback", "memoryview", "oversized"]),
+                                st.integers(0, 12)), max_size=14),
+       held=st.sets(st.integers(0, 12), max_size=4), start=st.integers(0, 3), max_n=st.integers(0, 15))
+def test_take_run_native_and_twin_take_the_same_frames(kinds, held, start, max_n):
+    """``take_run``: the same end, ids, inputs and held ids from the native module and its twin; every
+    frame taken is one the per-frame fast path would take, and no id is taken twice. (Mutations caught:
+    not adding taken ids to the set, so a duplicate inside the run is taken; accepting another app.)"""
+    items = [_run_item(k, i) for k, i in kinds]
+    results = []
+    for mod in (native, twin):
+        held_set = mod.IdSet()
+        for h in held:
+            held_set.add(h)
+        ids: list = []
+        xs: list = []
+        end = mod.take_run(items, start, b"a", _RUN_EXT, _RUN_DT, (4,), held_set, max_n, ids, xs)
+        results.append((end, ids, [x.tobytes() for x in xs], sorted(i for i in range(13) if i in held_set)))
+    assert results[0] == results[1]
+    end, ids, xs, now_held = results[0]
+    begin = max(start, 0)
+    assert end - begin == len(ids) <= max_n and len(set(ids)) == len(ids) and not set(ids) & held
+    for k, (kind, rid) in enumerate(kinds[begin:end]):
+        assert kind in ("good", "memoryview") and ids[k] == rid and xs[k] == np.full(4, rid, np.float32).tobytes()
+    assert set(now_held) == held | set(ids)
+
+
+def test_a_pipelined_burst_is_taken_in_runs_and_answered_as_one_at_a_time(frontend, wire_conn):
+    """One write of 200 frames after the model has a latency estimate: most are taken in admitted runs
+    (counted), and every reply is what the per-frame path gives: the sum for plain arrays, the
+    duplicate refused while its first is in flight, another application's frame and a list input
+    answered in the middle of the runs. (The cache off: a cached application's frames each look in the
+    cache, one at a time.)"""
+    frontend.deploy("sum", "row_sum", cache=False)
+    proc = frontend.fe.processor
+    taken = []
+    real = proc.admit_run
+
+    def counting(conn, route, items, start):
+        end = real(conn, route, items, start)
+        taken.append(end - start)
+        return end
+
+    proc.admit_run = counting
+    c = wire_conn(frontend.port)
+    for i in range(20):  # the queue learns its batch latency: admission then holds a bound runs use
+        c.send(wire.predict(10_000 + i, "sum", np.ones(4, np.float32)))
+        c.recv(1)
+    burst = []
+    for i in range(200):
+        if i == 120:
+            burst.append(wire.predict(7, "sum", np.ones(4, np.float32)))  # id 7 again: still in flight?
+        elif i == 150:
+            burst.append(wire.predict(150, "nope", np.ones(4, np.float32)))
+        elif i == 160:
+            burst.append(wire.predict(160, "sum", [1.0, 2.0, 3.0, 4.0]))
+        else:
+            burst.append(wire.predict(i, "sum", np.arange(4, dtype=np.float32) + i))
+    c.send_raw(b"".join(native.pack_frame(wire.pack(m)) for m in burst))
+    out: dict = {}
+    dup = []
+    for m in c.recv(200):
+        if m[1] == 7 and m[0] == wire.ERROR:
+            dup.append(m)
+        else:
+            out[m[1]] = m
+    for i in range(200):
+        if i in (120,):
+            continue
+        m = out[i]
+        if i == 150:
+            assert m[0] == wire.ERROR and m[2] == E.UnknownApplicationError.code
+        elif i == 160:
+            assert m[0] == wire.RESULT and m[3] == 10.0
+        else:
+            assert m[0] == wire.RESULT and not m[4] and m[3] == pytest.approx(float(4 * i + 6)), m
+    # id 7 sent twice in one read: the second is refused as a duplicate if the first was still in flight,
+    # else answered; either way 200 replies came and nothing was lost
+    assert len(dup) <= 1
+    assert sum(taken) > 100, taken  # most of the burst went through runs
+    route = proc.routes["sum"]
+    assert route.requests == 20 + 199 - len(dup)  # every PREDICT for "sum" counted once (a duplicate is not)
+
+
+def test_a_run_keeps_the_pending_limit(frontend_factory, wire_conn):
+    """max_pending_per_connection holds inside an admitted run: of 120 frames in one write, 50 are taken
+    and the other 70 get LIMIT_EXCEEDED (mutation caught: a run sized by the queue alone)."""
+    fe = frontend_factory(max_pending_per_connection=50)
+    fe.deploy("sum", "row_sum", cache=False)
+    c = wire_conn(fe.port)
+    for i in range(20):  # a latency estimate, so that admission holds a bound runs use
+        c.send(wire.predict(10_000 + i, "sum", np.ones(4, np.float32)))
+        c.recv(1)
+    c.send_raw(b"".join(native.pack_frame(wire.pack(wire.predict(i, "sum", np.ones(4, np.float32))))
+                        for i in range(120)))
+    replies = c.recv(120)
+    results = [m for m in replies if m[0] == wire.RESULT]
+    limited = [m for m in replies if m[0] == wire.ERROR and m[2] == E.LimitExceededError.code]
+    assert len(results) == 50 and len(limited) == 70, (len(results), len(limited))

@@ -1121,3 +1121,52 @@ cpdef object json_vector(object raw, cnp.dtype dtype, Py_ssize_t n):
     if _json_ws(s, p + 1, end) != end:
         return None
     return arr
+
+
+cpdef Py_ssize_t take_run(list items, Py_ssize_t start, bytes app, bytes ext_head, cnp.dtype dtype, tuple shape,
+                          IdSet inflight, Py_ssize_t max_n, list ids, list xs):
+    """Take a run of PREDICT frames whose input the array fast path takes (admission's admitted run).
+
+    From ``items[start]`` on, while an item is ``[1, id, app, x]`` with an unsigned integer id not held
+    by ``inflight`` (nor by an earlier frame of the run), exactly the application name ``app`` (its
+    UTF-8 bytes) and ``x`` an ndarray of exactly ``dtype`` and ``shape`` (:func:`array_input`),
+    appends the id to ``ids``, the input to ``xs``, and adds the id to ``inflight``; at most ``max_n``
+    frames. Returns the index of the first item not taken (the caller takes it the whole way).
+    """
+    cdef Py_ssize_t i = start, n_items, n, pos, slen = 0, alen, taken = 0
+    cdef Py_buffer pybuf
+    cdef const uint8_t* p
+    cdef const char* a
+    cdef uint64_t req_id = 0
+    cdef object item, x
+    if items is None or app is None or ext_head is None or inflight is None or ids is None or xs is None:
+        raise TypeError("take_run: no argument may be None")
+    n_items = len(items)
+    alen = PyBytes_GET_SIZE(app)
+    a = PyBytes_AS_STRING(app)
+    if i < 0:
+        i = 0
+    while i < n_items and taken < max_n:
+        item = items[i]
+        if type(item) is int:
+            break
+        PyObject_GetBuffer(item, &pybuf, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t*>pybuf.buf
+            n = pybuf.len
+            if n < 4 or p[0] != 0x94 or p[1] != 1:
+                break
+            pos = _head(p, n, &req_id, &slen)
+            if pos < 0 or slen != alen or memcmp(p + pos, a, alen) != 0 or inflight.has(req_id):
+                break
+        finally:
+            PyBuffer_Release(&pybuf)
+        x = array_input(item, pos + slen, ext_head, dtype, shape)
+        if x is None:
+            break
+        inflight.add(req_id)
+        ids.append(req_id)
+        xs.append(x)
+        taken += 1
+        i += 1
+    return i

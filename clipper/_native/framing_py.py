@@ -595,3 +595,30 @@ def json_vector(raw, dtype, n):
             values.append(d)
     with np.errstate(over="ignore"):
         return np.array(values, dtype=np.float64).astype(dtype)
+
+
+def take_run(items: list, start: int, app: bytes, ext_head: bytes, dtype, shape: tuple, inflight, max_n: int,
+             ids: list, xs: list) -> int:
+    """Take a run of PREDICT frames ``[1, id, app, x]`` whose ``x`` the array fast path takes, each id new
+    to ``inflight`` (added as taken), at most ``max_n``: ids to ``ids``, inputs to ``xs``; returns the
+    index of the first item not taken."""
+    if items is None or app is None or ext_head is None or inflight is None or ids is None or xs is None:
+        raise TypeError("take_run: no argument may be None")
+    i, taken = max(start, 0), 0
+    while i < len(items) and taken < max_n:
+        item = items[i]
+        if type(item) is int:
+            break
+        head = request_head(item)
+        if (head is None or head[0] != 1 or memoryview(item)[0] != 0x94 or head[2].encode("utf-8") != app
+                or inflight.has(head[1])):
+            break
+        x = array_input(item, head[3], ext_head, dtype, shape)
+        if x is None:
+            break
+        inflight.add(head[1])
+        ids.append(head[1])
+        xs.append(x)
+        taken += 1
+        i += 1
+    return i

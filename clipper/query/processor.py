@@ -85,6 +85,7 @@ _QUEUED = object()  # _submit: the query waits for its model
 _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
+_take_run = _framing.take_run
 _floats_to_array = _framing.floats_to_array
 _judge_list = _framing_py.judge_list  # (a decoded list: the Python walk, whichever framing is loaded)
 _MAX_LIST_DIMS = _framing_py.MAX_NEST_DIMS
@@ -1144,6 +1145,59 @@ class QueryProcessor:
         self.inflight_bytes += nbytes
         self.unsettled += 1
         route.deadlines.track(q)
+
+    def admit_run(self, conn, route: AppRoute, items: list, start: int) -> int:
+        """After the msgpack port's array fast path admitted a query of ``route`` from one read of
+        ``conn``: take the PREDICT frames that follow it for the same application in one pass, as long
+        as each would be admitted the same way one at a time (the last admission look's bound, the
+        connection's pending limit, the queue's length and byte limits, the in-flight byte budget) and
+        its input is an exact array (``framing.take_run``, native). Returns the index of the first
+        frame left for the whole way. A pipelining client's read is mostly such a run: each query then
+        costs its ticket and its place in the queue, not a trip through the per-frame path."""
+        queue = route.queue
+        if (queue is None or not route.simple or self.draining or (route.use_cache and queue.cache is not None)
+                or route.ext_head is None or self.routes.get(route.name) is not route):
+            return start
+        room = min(conn.max_pending - conn.pending, queue.max_queue_length - queue.live)
+        now = time.monotonic_ns()
+        if self.admission:
+            if not (queue.admit_version == queue.replica_version and now < queue.admit_until_ns
+                    and route.answer_ns >= queue.admit_budget_ns):
+                return start  # no standing bound: each is estimated on its own
+            room = min(room, queue.admit_below - queue.live)
+        if room <= 0:
+            return start
+        ids: list = []
+        xs: list = []
+        _take_run(items, start, route.name_bytes, route.ext_head, route.np_dtype, route.shape, conn.inflight, room,
+                  ids, xs)
+        answer_ns = route.answer_ns
+        deadline = now + answer_ns - min(2 * self.loop_lag_ns, answer_ns // 2)  # (as _start plans it)
+        extra = route.single_extra
+        track = route.deadlines.track
+        submit = queue.submit
+        qid = self._next_query_id
+        n = len(ids)
+        for k in range(n):
+            x = xs[k]
+            nbytes = x.nbytes
+            if (self.inflight_bytes + nbytes > self.max_inflight_bytes
+                    or queue.bytes + nbytes > queue.max_queue_bytes):
+                for rid in ids[k:]:  # the rest goes the whole way (and gets its error there)
+                    conn.inflight.discard(rid)
+                n = k
+                break
+            q = Query(conn, ids[k], qid, route, x, nbytes, now, deadline)
+            q.extra = extra
+            qid += 1
+            submit(q)
+            self.inflight_bytes += nbytes
+            self.unsettled += 1
+            track(q)
+        self._next_query_id = qid
+        route.requests += n
+        conn.pending += n
+        return start + n
 
     def _probe_lag(self) -> None:
         """Every 2 ms while requests arrive: how late the timer fired is how far behind the loop is."""

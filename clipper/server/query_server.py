@@ -65,6 +65,7 @@ class QueryConnection(ClientConnection):
         self._flush_scheduled = False
         self._backlog = None  # frames read but held back: the client stopped reading its replies
         self._shedding = None  # the route whose frame admission just refused at its head (see _process)
+        self._run = None  # the route whose frame the array fast path just admitted (see _process)
         self._junk_seen = 0  # bytes of oversized frames the reader had skipped at the last look
         self._junk_tokens = float(JUNK_BURST_BYTES)  # what it may still skip before it is slowed
         self._junk_at = _monotonic()
@@ -150,6 +151,11 @@ class QueryConnection(ClientConnection):
                        f"{self.server.limits.max_frame_bytes})")))
             else:
                 self._on_frame(item)
+                route = self._run
+                if route is not None:  # the fast path admitted it: the same application's next frames
+                    self._run = None   # in this read are taken in one pass while admission's bound holds
+                    if i < n and (self.allowed is None or route.name in self.allowed):
+                        i = self.processor.admit_run(self, route, items, i)
                 route = self._shedding
                 if route is not None:  # admission refused it at the head: refuse the run that follows at once
                     self._shedding = None
@@ -309,6 +315,7 @@ class QueryConnection(ClientConnection):
                     self.inflight.add(req_id)
                     try:
                         self.processor.predict_array(self, req_id, route, x)
+                        self._run = route  # admitted: _process may take the frames after it in one run
                     except Exception as exc:
                         self.pending -= 1
                         self.inflight.discard(req_id)
