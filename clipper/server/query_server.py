@@ -154,7 +154,8 @@ class QueryConnection(ClientConnection):
                 route = self._run
                 if route is not None:  # the fast path admitted it: the same application's next frames
                     self._run = None   # in this read are taken in one pass while admission's bound holds
-                    if i < n and (self.allowed is None or route.name in self.allowed):
+                    if (i < n and not self.closed and not self._pause_mask & PAUSED_WRITE
+                            and (self.allowed is None or route.name in self.allowed)):
                         i = self.processor.admit_run(self, route, items, i)
                 route = self._shedding
                 if route is not None:  # admission refused it at the head: refuse the run that follows at once
