@@ -810,6 +810,30 @@ cpdef object request_head(object body):
         PyBuffer_Release(&pybuf)
 
 
+cdef Py_ssize_t _run_head(object item, const char* app, Py_ssize_t alen, Py_ssize_t max_body,
+                          uint64_t* req_id) except -2:
+    """A run's test of one item (refuse_run, take_run): a PREDICT frame body ``[1, id, app, ...]`` of at
+    most ``max_body`` bytes with an unsigned integer id and exactly the application name ``app``. Returns
+    where its input starts (and sets ``req_id``); -1 for anything else, an oversized frame's int too."""
+    cdef Py_buffer pybuf
+    cdef const uint8_t* p
+    cdef Py_ssize_t n, pos, slen = 0
+    if type(item) is int:
+        return -1
+    PyObject_GetBuffer(item, &pybuf, PyBUF_SIMPLE)
+    try:
+        p = <const uint8_t*>pybuf.buf
+        n = pybuf.len
+        if n > max_body or n < 4 or p[1] != 1:
+            return -1
+        pos = _head(p, n, req_id, &slen)
+        if pos < 0 or slen != alen or pos + slen >= n or memcmp(p + pos, app, alen) != 0:
+            return -1
+        return pos + slen
+    finally:
+        PyBuffer_Release(&pybuf)
+
+
 cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, object tail,
                             bytearray out, IdSet inflight=None):
     """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
@@ -823,15 +847,11 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     ``inflight`` holds: a duplicate, refused as such by the caller) and
     returns its index: the caller takes that one the whole way.
     """
-    cdef Py_ssize_t i = start, n_items, n, pos, slen, alen
+    cdef Py_ssize_t i = start, n_items, n, alen
     cdef Py_ssize_t base
-    cdef Py_buffer pybuf, tail_buf
-    cdef const uint8_t* p
+    cdef Py_buffer tail_buf
     cdef const char* a
-    cdef uint8_t b
-    cdef uint64_t req_id
-    cdef char* q
-    cdef object item
+    cdef uint64_t req_id = 0
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
     n_items = len(items)
@@ -842,24 +862,10 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     PyObject_GetBuffer(tail, &tail_buf, PyBUF_SIMPLE)
     try:
         while i < n_items:
-            item = items[i]
-            if type(item) is int:
+            if _run_head(items[i], a, alen, max_body, &req_id) < 0:
                 break
-            PyObject_GetBuffer(item, &pybuf, PyBUF_SIMPLE)
-            try:
-                p = <const uint8_t*>pybuf.buf
-                n = pybuf.len
-                if n > max_body or n < 4 or p[1] != 1:
-                    break
-                pos = _head(p, n, &req_id, &slen)
-                if pos < 0:
-                    break
-                if slen != alen or pos + slen >= n or memcmp(p + pos, a, alen) != 0:
-                    break
-                if inflight is not None and inflight.has(req_id):
-                    break
-            finally:
-                PyBuffer_Release(&pybuf)
+            if inflight is not None and inflight.has(req_id):
+                break
             base = len(out)
             PyByteArray_Resize(out, base + HEADER_BYTES + 11 + tail_buf.len)
             n = _put_error(PyByteArray_AS_STRING(out) + base, req_id, <const char*>tail_buf.buf, tail_buf.len)
@@ -1133,9 +1139,7 @@ cpdef Py_ssize_t take_run(list items, Py_ssize_t start, bytes app, bytes ext_hea
     appends the id to ``ids``, the input to ``xs``, and adds the id to ``inflight``; at most ``max_n``
     frames. Returns the index of the first item not taken (the caller takes it the whole way).
     """
-    cdef Py_ssize_t i = start, n_items, n, pos, slen = 0, alen, taken = 0
-    cdef Py_buffer pybuf
-    cdef const uint8_t* p
+    cdef Py_ssize_t i = start, n_items, offset, alen, taken = 0
     cdef const char* a
     cdef uint64_t req_id = 0
     cdef object item, x
@@ -1148,20 +1152,10 @@ cpdef Py_ssize_t take_run(list items, Py_ssize_t start, bytes app, bytes ext_hea
         i = 0
     while i < n_items and taken < max_n:
         item = items[i]
-        if type(item) is int:
+        offset = _run_head(item, a, alen, PY_SSIZE_T_MAX, &req_id)
+        if offset < 0 or inflight.has(req_id):
             break
-        PyObject_GetBuffer(item, &pybuf, PyBUF_SIMPLE)
-        try:
-            p = <const uint8_t*>pybuf.buf
-            n = pybuf.len
-            if n < 4 or p[0] != 0x94 or p[1] != 1:
-                break
-            pos = _head(p, n, &req_id, &slen)
-            if pos < 0 or slen != alen or memcmp(p + pos, a, alen) != 0 or inflight.has(req_id):
-                break
-        finally:
-            PyBuffer_Release(&pybuf)
-        x = array_input(item, pos + slen, ext_head, dtype, shape)
+        x = array_input(item, offset, ext_head, dtype, shape)  # (exactly [1, id, app, x]: its test)
         if x is None:
             break
         inflight.add(req_id)

@@ -610,7 +610,7 @@ def take_run(items: list, start: int, app: bytes, ext_head: bytes, dtype, shape:
         if type(item) is int:
             break
         head = request_head(item)
-        if (head is None or head[0] != 1 or memoryview(item)[0] != 0x94 or head[2].encode("utf-8") != app
+        if (head is None or head[0] != 1 or head[2].encode("utf-8") != app
                 or inflight.has(head[1])):
             break
         x = array_input(item, head[3], ext_head, dtype, shape)
