@@ -12,6 +12,10 @@ it, stops it, then starts Clipper with the scenario's deployment file
   with the best throughput is ``best``;
 - ``open``: an open loop at ``--open-fraction`` of that best throughput.
 
+Beside the echo floor it measures the container hop's own floor
+(``bench.zmq_floor``: a bare ZeroMQ round trip between two Python
+processes); a query at one in flight pays both round trips.
+
 The JSON report holds the configuration, the machine, every measurement and,
 per scenario, Clipper's figures as ratios of the floor's. ``--repeat K``
 runs everything K times and the summary gives medians. Every subprocess is
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 
 from .loadgen import LoadgenError, LoadSpec, format_summary, run_load
+from . import zmq_floor
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = {
@@ -436,6 +441,9 @@ def summarize(runs: list[dict], scenarios: list[str]) -> dict:
                 med["open_behind_any"] = any(f.get("open_behind") for f in figs)
             med["measured"] = len(figs)
             entry[target] = med
+        zmq_p50 = _median([p.get("zmq_floor", {}).get("p50_ms") for p in per])
+        if zmq_p50 is not None:
+            entry["zmq_rtt_p50_ms"] = zmq_p50
         for k in ("throughput_ratio", "p50_at_1_ratio"):
             v = _median([p.get("ratios", {}).get(k) for p in per])
             if v is not None:
@@ -462,7 +470,8 @@ def summary_line(name: str, s: dict) -> str:
     pct = f" = {s['throughput_ratio']:.0%} of" if "throughput_ratio" in s else " vs"
     line = (
         f"{name}: {c['throughput_rps']:,.0f} req/s{pct} floor {f['throughput_rps']:,.0f} req/s; "
-        f"p99 {c['p99_ms']:.1f} ms; p50@1 {c['p50_at_1_ms']:.2f} ms (floor {f['p50_at_1_ms']:.2f} ms)"
+        f"p99 {c['p99_ms']:.1f} ms; p50@1 {c['p50_at_1_ms']:.2f} ms (floor {f['p50_at_1_ms']:.2f} ms"
+        + (f", ZeroMQ round trip {s['zmq_rtt_p50_ms']:.2f} ms)" if "zmq_rtt_p50_ms" in s else ")")
     )
     if "open_p99_ms" in c:
         line += f"; open@{c['open_rate_rps']:,.0f}/s p50 {c['open_p50_ms']:.2f} p99 {c['open_p99_ms']:.1f} ms"
@@ -549,6 +558,12 @@ def main(argv=None) -> int:
                 app = SCENARIOS[name][1] if name in SCENARIOS else "noop"
                 tag = f"{name}-{rep}"
                 res["floor"] = measure_target(echo_server(tmp, args.ready_timeout, tag), app, args, log)
+                try:  # the container hop's floor, beside the echo floor's p50@1
+                    res["zmq_floor"] = zmq_floor.measure(count=max(1000, int(args.duration * 2000)))
+                    log(f"  zmq round trip: p50 {res['zmq_floor']['p50_ms']:.3f} ms, "
+                        f"p99 {res['zmq_floor']['p99_ms']:.3f} ms")
+                except RuntimeError as exc:
+                    log(f"  zmq round trip: FAILED: {exc}")
                 if name in SCENARIOS:
                     config = config_variant(SCENARIOS[name][0], tmp, args.max_batch, args.replicas)
                     res["config_file"] = str(SCENARIOS[name][0].relative_to(REPO))

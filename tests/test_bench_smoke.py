@@ -156,6 +156,9 @@ def test_runner_floor_scenario(tmp_path):
     assert floor["open"]["fraction_of_best"] == 0.5
     summary = report["summary"]["floor"]["floor"]
     assert summary["throughput_rps"] > 0 and summary["p50_at_1_ms"] > 0
+    zmq_floor = report["runs"][0]["scenarios"]["floor"]["zmq_floor"]  # the container hop's floor beside it
+    assert zmq_floor["count"] == 1000 and 0 < zmq_floor["p50_ms"] <= zmq_floor["p99_ms"]
+    assert report["summary"]["floor"]["zmq_rtt_p50_ms"] == zmq_floor["p50_ms"]
 
 
 # ------------------------------------------------------------ bench.hotpath

@@ -7,7 +7,8 @@ module, or the twin when ``CLIPPER_NO_EXTENSIONS=1`` is set (for debugging,
 and so the tests can run both). This module is the only place that decides.
 
 Modules: ``framing`` (stream framing, batch assembly), ``cache`` (the
-prediction cache), ``batcher`` (batch-size control).
+prediction cache), ``batcher`` (batch-size control), ``zmqio`` (ZeroMQ
+message I/O on libzmq itself; chosen through ``clipper.rpc.zio``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 
 NO_EXTENSIONS: bool = os.environ.get("CLIPPER_NO_EXTENSIONS", "") not in ("", "0")
 IMPLEMENTATION = "python" if NO_EXTENSIONS else "cython"
-MODULES = ("framing", "cache", "batcher")
+MODULES = ("framing", "cache", "batcher", "zmqio")
 
 
 def load(name: str):

@@ -343,8 +343,12 @@ class ContainerServer:
         self._schedule_check(ch)  # more to read: yield to other work, come back soon
 
     def _send(self, ch: _Channel, ident: bytes, frames: list) -> None:
-        _send_parts(ch.sock, [ident, *frames])
-        self._schedule_check(ch)
+        sock = ch.sock
+        _send_parts(sock, [ident, *frames])
+        # The send may have taken the FD's edge (ZeroMQ handled the socket's pending commands): what it
+        # left readable is read on a later turn, and nothing else is scheduled for a send.
+        if not ch.check_scheduled and _events(sock) & _POLLIN:
+            self._schedule_check(ch)
 
     def _send_header(self, ch: _Channel, ident: bytes, header: list) -> None:
         try:
