@@ -189,20 +189,27 @@ def events(sock) -> int:
     return value
 
 
+cdef int _finished(int rc) except -1:
+    """1 when a call returned ``rc`` >= 0; 0 when a signal interrupted it (to be called again, once the
+    signal's Python handler ran); the call's error raised otherwise."""
+    if rc >= 0:
+        return 1
+    if z_errno() == E_INTR:
+        PyErr_CheckSignals()
+        return 0
+    return _raise()
+
+
 cdef int _recv_into(zmsg_t *msg, void *h, int flags) except -1:
-    cdef int rc
+    cdef int rc = -1
     while True:
         if flags & ZMQ_DONTWAIT:
             rc = z_msg_recv(msg, h, flags)
         else:
             with nogil:
                 rc = z_msg_recv(msg, h, flags)
-        if rc >= 0:
+        if _finished(rc):
             return 0
-        if z_errno() == E_INTR:
-            PyErr_CheckSignals()
-            continue
-        return _raise()
 
 
 def recv_parts(sock, int flags, unsigned long frames_at=0) -> list:
@@ -231,24 +238,20 @@ def recv_parts(sock, int flags, unsigned long frames_at=0) -> list:
             finally:
                 z_msg_close(&tmp)
         i += 1
-        flags &= ~ZMQ_DONTWAIT  # the message's other parts are already here: ZeroMQ delivers it whole
+        flags |= ZMQ_DONTWAIT  # the message's other parts are here already (ZeroMQ delivers it whole)
     return parts
 
 
 cdef int _send_copy(void *h, const char *data, size_t size, int flags) except -1:
-    cdef int rc
+    cdef int rc = -1
     while True:
         if flags & ZMQ_DONTWAIT:
             rc = z_send(h, data, size, flags)
         else:
             with nogil:
                 rc = z_send(h, data, size, flags)
-        if rc >= 0:
+        if _finished(rc):
             return 0
-        if z_errno() == E_INTR:
-            PyErr_CheckSignals()
-            continue
-        return _raise()
 
 
 def send_parts(sock, list parts, int flags=0) -> None:
