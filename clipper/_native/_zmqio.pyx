@@ -32,7 +32,6 @@ from libc.stdint cimport uintptr_t
 import errno as _errno
 
 import zmq
-from zmq.error import _check_rc
 
 ready = False
 """True once :func:`bind_library` found libzmq's functions."""
@@ -70,6 +69,8 @@ cdef int ZMQ_DONTWAIT = zmq.DONTWAIT
 cdef int ZMQ_SNDMORE = zmq.SNDMORE
 cdef int E_INTR = _errno.EINTR
 cdef int E_NOTSOCK = _errno.ENOTSOCK
+cdef int E_AGAIN = zmq.EAGAIN
+cdef int E_TERM = zmq.ETERM
 cdef Py_ssize_t copy_threshold = 256 * 1024
 
 FUNCTIONS = ("zmq_getsockopt", "zmq_send", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_data", "zmq_msg_size",
@@ -112,8 +113,15 @@ cdef inline void *_handle(sock) except NULL:
 
 
 cdef int _raise() except -1:
-    _check_rc(-1, z_errno())
-    return -1
+    """Raise what pyzmq raises for libzmq's current error."""
+    cdef int err = z_errno()
+    if err == E_AGAIN:
+        raise zmq.Again(err)
+    if err == E_TERM:
+        raise zmq.ContextTerminated(err)
+    if err == E_INTR:
+        raise zmq.InterruptedSystemCall(err)
+    raise zmq.ZMQError(err)
 
 
 cdef class Msg:

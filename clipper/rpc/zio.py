@@ -69,7 +69,11 @@ def libzmq_addresses(names) -> dict | None:
 def _choose():
     if NO_EXTENSIONS or os.environ.get("CLIPPER_ZMQIO", "") == "pyzmq":
         return _twin, "python"
-    native = load("zmqio")
+    try:
+        native = load("zmqio")
+    except ImportError as exc:  # a broken build of the native module: pyzmq still works
+        log.warning("clipper._native._zmqio cannot be imported (%s): ZeroMQ I/O goes through pyzmq", exc)
+        return _twin, "python"
     addresses = libzmq_addresses(native.FUNCTIONS)
     if addresses is None:
         log.info("libzmq's functions were not found in this process: ZeroMQ I/O goes through pyzmq")
