@@ -7,6 +7,7 @@ for byte, in either direction and with either implementation at either end; erro
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -14,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import uvloop
 import zmq
 from hypothesis import given, settings, strategies as st
 
@@ -21,6 +23,7 @@ from clipper._native import NO_EXTENSIONS
 from clipper._native import _zmqio as native
 from clipper._native import zmqio_py as twin
 from clipper.rpc import zio
+from clipper.rpc.server import ContainerServer
 
 IMPLS = {"native": native, "twin": twin}
 
@@ -203,3 +206,40 @@ def test_which_implementation_the_rpc_uses(env, expected):
     out = subprocess.run([sys.executable, "-c", "from clipper.rpc import zio; print(zio.IMPLEMENTATION)"],
                          env={**base, **env}, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_a_message_with_an_unsendable_part_is_not_sent_at_all(pair, impl):
+    """Parts are checked before the first goes out: nothing half-sent is left queued to be glued onto
+    the next message."""
+    router, dealer, ident = pair
+    with pytest.raises(TypeError):
+        IMPLS[impl].send_parts(router, [ident, b"first", object()])
+    IMPLS[impl].send_parts(router, [ident, b"next"])
+    _wait(dealer)
+    assert IMPLS[impl].recv_parts(dealer, zio.NOBLOCK) == [b"next"]
+
+
+def test_a_message_object_made_by_hand_is_empty_not_a_crash():
+    msg = native.Msg()
+    assert len(msg) == 0 and msg.bytes == b"" and bytes(msg.buffer) == b"" and not msg.more
+
+
+def test_a_failed_send_still_schedules_a_read():
+    """A send that fails (the peer is gone: EHOSTUNREACH) has handled the socket's pending commands
+    first, taking the FD's edge with them; the server reads on a later turn all the same."""
+    loop = uvloop.new_event_loop()
+    server = ContainerServer(loop, "tcp://127.0.0.1:0", lambda model, version: None, heartbeat_interval_ms=1000,
+                             heartbeat_timeout_ms=5000, batch_timeout_ms=5000)
+    try:
+        server.start()
+        ch = server.tcp
+        loop.run_until_complete(asyncio.sleep(0))  # the start's own check runs and clears
+        assert not ch.check_scheduled
+        with pytest.raises(zmq.ZMQError) as err:
+            server._send(ch, b"nobody", [b"x"])
+        assert err.value.errno == zmq.EHOSTUNREACH
+        assert ch.check_scheduled
+    finally:
+        server.close()
+        loop.close()

@@ -18,13 +18,15 @@ libzmq that pyzmq itself loaded, on the socket's own handle
   ``zmq_send`` (libzmq copies it) and hands larger ones to pyzmq's zero-copy
   send.
 
-libzmq's functions are found by :func:`bind_library` (called by
-``clipper.rpc.zio``), given their addresses in the process's one libzmq; until
-then :data:`ready` is False and ``zio`` uses the twin. A closed socket raises
+libzmq's functions are given to :func:`bind_library` by ``clipper.rpc.zio``,
+which looks them up through pyzmq's own extension module (so they are those of
+the libzmq it is linked with); until then :data:`ready` is False and ``zio``
+uses the twin. A message is sent whole or not at all as far as its parts'
+types go (each is checked before the first is sent). A closed socket raises
 ``zmq.ZMQError(ENOTSOCK)`` as pyzmq does: its handle is never used.
 """
 
-from cpython.buffer cimport PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uintptr_t
@@ -133,6 +135,12 @@ cdef class Msg:
     cdef Py_ssize_t shape[1]
     cdef object _bytes
 
+    def __cinit__(self):
+        if not ready:
+            raise RuntimeError("clipper._native._zmqio: bind_library was not called")
+        z_msg_init(&self.msg)  # an empty message until one is received into it
+        self.live = True
+
     def __dealloc__(self):
         if self.live:
             z_msg_close(&self.msg)
@@ -232,8 +240,6 @@ def recv_parts(sock, int flags, unsigned long frames_at=0) -> list:
     while more:
         if i < 64 and (frames_at >> i) & 1:
             part = Msg.__new__(Msg)
-            z_msg_init(&part.msg)
-            part.live = True
             _recv_into(&part.msg, h, flags)
             more = z_msg_more(&part.msg)
             parts.append(part)
@@ -274,6 +280,10 @@ def send_parts(sock, list parts, int flags=0) -> None:
     cdef Py_buffer view
     if n == 0:
         raise ValueError("a message has at least one part")
+    for i in range(n):  # all or nothing: a part found unsendable halfway would leave the others queued
+        part = parts[i]
+        if type(part) is not bytes and not PyObject_CheckBuffer(part):
+            raise TypeError(f"part {i} of a message is a {type(part).__name__}, not a bytes-like object")
     for i in range(n):
         f = flags | ZMQ_SNDMORE if i < n - 1 else flags
         part = parts[i]

@@ -42,6 +42,12 @@ def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
     below the socket's ``copy_threshold`` and sends a larger one without a copy."""
     if not parts:
         raise ValueError("a message has at least one part")
+    for i, part in enumerate(parts):  # all or nothing: a part found unsendable halfway would leave the others queued
+        if type(part) is not bytes:
+            try:
+                memoryview(part)
+            except TypeError:
+                raise TypeError(f"part {i} of a message is a {type(part).__name__}, not a bytes-like object") from None
     more = flags | _SNDMORE
     last = len(parts) - 1
     for i in range(last):

@@ -344,9 +344,16 @@ class ContainerServer:
 
     def _send(self, ch: _Channel, ident: bytes, frames: list) -> None:
         sock = ch.sock
-        _send_parts(sock, [ident, *frames])
-        # The send may have taken the FD's edge (ZeroMQ handled the socket's pending commands): what it
-        # left readable is read on a later turn, and nothing else is scheduled for a send.
+        try:
+            # NOBLOCK: a ROUTER with no high-water mark never waits (the GIL is kept across the parts)
+            _send_parts(sock, [ident, *frames], _NOBLOCK)
+        except zmq.ZMQError:
+            # Even a failed send (a peer gone: EHOSTUNREACH) handled the socket's pending commands first and
+            # took the FD's edge with them: whatever waits is read on a later turn.
+            self._schedule_check(ch)
+            raise
+        # The same after a send that went out: what it left readable is read on a later turn, and nothing
+        # else is scheduled for a send.
         if not ch.check_scheduled and _events(sock) & _POLLIN:
             self._schedule_check(ch)
 

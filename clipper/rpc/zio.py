@@ -2,11 +2,12 @@
 
 Every batch pays each of them at least once, and a lone client's query is a
 batch of one. They call libzmq directly (``clipper._native._zmqio``), bound
-here to the libzmq that pyzmq loaded: pyzmq's own ``Socket.get`` passes each
-option through Python-level enum code, 18% of the frontend's instructions at
-one query in flight (five calls a query, measured with callgrind). Where that
-libzmq cannot be found unambiguously (not one ``libzmq`` in the process's
-memory map, a version other than pyzmq's, no ``/proc``), with
+here to the libzmq that pyzmq's extension module is linked with (its functions
+looked up through that module): pyzmq's own ``Socket.get`` passes each option
+through Python-level enum code, 18% of the frontend's instructions at one
+query in flight (five calls a query, measured with callgrind). Where those
+functions cannot be found that way (a pyzmq that hides a static libzmq, a
+version other than pyzmq's), with
 ``CLIPPER_NO_EXTENSIONS=1``, or with ``CLIPPER_ZMQIO=pyzmq`` (the escape hatch
 should an unusual pyzmq build disagree with the binding), the pure twin
 ``clipper._native.zmqio_py`` calls pyzmq instead; :data:`IMPLEMENTATION` says
@@ -43,26 +44,19 @@ COPY_THRESHOLD = 256 * 1024
 
 
 def libzmq_addresses(names) -> dict | None:
-    """The addresses of libzmq's functions ``names`` in the one libzmq this process has loaded
-    (pyzmq's); None when there is not exactly one, or it is not the version pyzmq reports."""
+    """The addresses of libzmq's functions ``names`` as pyzmq's own extension module resolves them
+    (looked up through that module, which searches the libzmq it was linked with); None when they
+    cannot be found there, or that libzmq is not the version pyzmq reports."""
     try:
-        paths = set()
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                fields = line.split(None, 5)
-                if len(fields) == 6:
-                    path = fields[5].strip()
-                    if os.path.basename(path).startswith("libzmq") and ".so" in path:
-                        paths.add(path)
-        if len(paths) != 1:
-            return None
-        lib = ctypes.CDLL(paths.pop(), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        from zmq.backend.cython import _zmq as extension
+
+        lib = ctypes.CDLL(extension.__file__, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         lib.zmq_version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
         if (major.value, minor.value, patch.value) != zmq.zmq_version_info():
             return None
         return {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in names}
-    except (OSError, AttributeError, ValueError):
+    except (ImportError, OSError, AttributeError, ValueError, TypeError):
         return None
 
 
