@@ -199,7 +199,8 @@ def test_the_native_module_finds_pyzmqs_libzmq():
         native.bind_library({**addresses, "zmq_send": 0}, zio.COPY_THRESHOLD)
 
 
-@pytest.mark.parametrize("env, expected", [({}, "cython"), ({"CLIPPER_ZMQIO": "pyzmq"}, "python"),
+@pytest.mark.parametrize("env, expected", [({}, "cython"), ({"CLIPPER_ZMQIO": "native"}, "cython"),
+                                           ({"CLIPPER_ZMQIO": "pyzmq"}, "python"),
                                            ({"CLIPPER_NO_EXTENSIONS": "1"}, "python")])
 def test_which_implementation_the_rpc_uses(env, expected):
     base = {k: v for k, v in os.environ.items() if k not in ("CLIPPER_ZMQIO", "CLIPPER_NO_EXTENSIONS")}
@@ -243,3 +244,10 @@ def test_a_failed_send_still_schedules_a_read():
     finally:
         server.close()
         loop.close()
+
+
+def test_an_unknown_zmqio_choice_is_refused_by_name():
+    base = {k: v for k, v in os.environ.items() if k not in ("CLIPPER_ZMQIO", "CLIPPER_NO_EXTENSIONS")}
+    out = subprocess.run([sys.executable, "-c", "import clipper.rpc.zio"], env={**base, "CLIPPER_ZMQIO": "pyzmqq"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "CLIPPER_ZMQIO is 'pyzmqq'" in out.stderr

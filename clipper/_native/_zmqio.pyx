@@ -86,12 +86,11 @@ def bind_library(dict addresses, Py_ssize_t threshold):
     bytes or more go through pyzmq's zero-copy send."""
     global z_getsockopt, z_send, z_msg_init, z_msg_recv, z_msg_data, z_msg_size, z_msg_more, z_msg_close
     global z_msg_gets, z_errno, copy_threshold, ready
-    cdef dict a = {}
-    for name in FUNCTIONS:
+    for name in FUNCTIONS:  # all checked before any is used
         value = addresses[name]
-        if type(value) is not int or value == 0:
+        if type(value) is not int or value <= 0:
             raise ValueError(f"no address for {name}")
-        a[name] = value
+    a = addresses
     z_getsockopt = <getsockopt_f><uintptr_t>a["zmq_getsockopt"]
     z_send = <send_f><uintptr_t>a["zmq_send"]
     z_msg_init = <msg_init_f><uintptr_t>a["zmq_msg_init"]

@@ -7,11 +7,11 @@ looked up through that module): pyzmq's own ``Socket.get`` passes each option
 through Python-level enum code, 18% of the frontend's instructions at one
 query in flight (five calls a query, measured with callgrind). Where those
 functions cannot be found that way (a pyzmq that hides a static libzmq, a
-version other than pyzmq's), with
-``CLIPPER_NO_EXTENSIONS=1``, or with ``CLIPPER_ZMQIO=pyzmq`` (the escape hatch
-should an unusual pyzmq build disagree with the binding), the pure twin
-``clipper._native.zmqio_py`` calls pyzmq instead; :data:`IMPLEMENTATION` says
-which.
+version other than pyzmq's), with ``CLIPPER_NO_EXTENSIONS=1``, or with
+``CLIPPER_ZMQIO=pyzmq`` (the escape hatch should an unusual pyzmq build
+disagree with the binding; ``native``, the default, and ``pyzmq`` are the only
+values), the pure twin ``clipper._native.zmqio_py`` calls pyzmq instead;
+:data:`IMPLEMENTATION` says which.
 
 ``recv_parts`` lets the caller choose per part whether it becomes ``bytes``
 (a copy) or a message object (``_zmqio.Msg``, or pyzmq's ``Frame`` from the
@@ -61,7 +61,10 @@ def libzmq_addresses(names) -> dict | None:
 
 
 def _choose():
-    if NO_EXTENSIONS or os.environ.get("CLIPPER_ZMQIO", "") == "pyzmq":
+    choice = os.environ.get("CLIPPER_ZMQIO", "") or "native"
+    if choice not in ("native", "pyzmq"):
+        raise ValueError(f"CLIPPER_ZMQIO is {choice[:40]!r}; it may be 'native' (the default) or 'pyzmq'")
+    if NO_EXTENSIONS or choice == "pyzmq":
         return _twin, "python"
     try:
         native = load("zmqio")
