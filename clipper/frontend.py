@@ -672,7 +672,13 @@ class Frontend:
             max_queue_length=lim.max_queue_length, max_queue_bytes=lim.max_queue_bytes,
             max_batch_retries=lim.max_batch_retries,
             max_batch=mv.max_batch, batching=mv.batching, batch_delay_ms=mv.batch_delay_ms,
-            cache=self.processor.cache, batches_in_flight=self.config.batches_in_flight)
+            cache=self.processor.cache, batches_in_flight=self.config.batches_in_flight,
+            on_answered=self._flush_answers)
+
+    def _flush_answers(self) -> None:
+        """Write the msgpack port's queued replies now (a batch's answers are all settled)."""
+        if self.query_server is not None:
+            self.query_server.flush_dirty()
 
     async def deploy_closure(self, name: str, version: str, blob: bytes, input_dtype: str, input_shape=(),
                              **kw) -> ModelVersion:

@@ -148,6 +148,29 @@ def test_free_replica_takes_up_to_its_batch_size(h):
     assert [t.app.outcomes[q.query_id] for q in qs[:3]] == [("result", 10.0), ("result", 11.0), ("result", 12.0)]
 
 
+def test_answers_go_out_before_the_batch_bookkeeping_only_when_nothing_waits(h):
+    # on_answered (the frontend's flush of queued replies) runs once a batch's outputs are all settled and
+    # before the batch is taken off its replica, when no query waits; with queries waiting, the next batch
+    # is sent first and the replies go out with the loop turn's others (on_answered is not called).
+    seen = []
+    t = h(max_batch=2)
+    r = Replica(1)
+    t.queue.on_answered = lambda: seen.append((r.batch, dict(t.app.outcomes)))
+    t.queue.add_replica(r)
+    qs = [t.query([i]) for i in range(3)]
+    b1 = t.next_batch()
+    t.queue.deliver(r, b1, [1.0, 2.0])  # qs[2] waits: no early flush
+    assert seen == [] and t.app.outcomes[qs[1].query_id] == ("result", 2.0)
+    b2 = t.next_batch()
+    assert b2.queries == [qs[2]]
+    t.queue.deliver(r, b2, [3.0])  # nothing waits: the flush comes first, with every answer settled
+    assert len(seen) == 1
+    batch_then, outcomes_then = seen[0]
+    assert batch_then is b2  # the bookkeeping (the replica freed) came after it
+    assert outcomes_then[qs[2].query_id] == ("result", 3.0)
+    assert r.batch is None
+
+
 def test_expired_queries_are_never_sent(h):
     t = h()
     r = Replica(1)

@@ -496,3 +496,34 @@ def test_packed_extra_is_a_dict_carrying_its_encoding():
     e = wire.PackedExtra(confidence=1.0, models=["m:1"])
     assert e == {"confidence": 1.0, "models": ["m:1"]} and e.packed == wire.pack({"confidence": 1.0, "models": ["m:1"]})
     assert wire.pack([1, e]) == wire.pack([1, dict(e)])
+
+
+# ------------------------------------------------------------ a container's output block
+@settings(max_examples=300, deadline=None)
+@given(typestr=st.sampled_from(sorted(wire.ALLOWED_DTYPES)), n=st.integers(1, 40), cols=st.integers(0, 3),
+       seed=st.integers(0, 2**32 - 1), cut=st.integers(-3, 3))
+def test_an_output_block_reads_as_numpy_reads_it(typestr, n, cols, seed, cut):
+    # The RPC reads a one-dimensional block with memoryview.cast (no numpy): the same Python values, of the
+    # same types, as numpy's tolist(); other shapes go through numpy. A block whose size is not the shape's
+    # is refused either way (ValueError or TypeError, which the RPC turns into the batch's ModelError).
+    from clipper.rpc.server import ndarray_outputs
+
+    dtype = wire.ALLOWED_DTYPES[typestr]
+    shape = [n] if cols == 0 else [n, cols]
+    raw = np.random.default_rng(seed).integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    block = raw.tobytes()
+    if cut:
+        block = block[:cut] if cut < 0 else block + bytes(cut)
+        with pytest.raises((ValueError, TypeError)):
+            ndarray_outputs(block, dtype, typestr, shape)
+        return
+    got = ndarray_outputs(block, dtype, typestr, shape)
+    want = np.frombuffer(block, dtype=dtype).reshape(shape)
+    assert len(got) == n
+    if cols == 0:
+        ref = want.tolist()
+        assert [type(v) for v in got] == [type(v) for v in ref]
+        # (NaNs of any payload compare by their bits)
+        assert np.array_equal(np.array(got, dtype=dtype).view(np.uint8), want.view(np.uint8)) or got == ref
+    else:
+        assert all(np.array_equal(g, w, equal_nan=dtype.kind == "f") for g, w in zip(got, want))

@@ -101,10 +101,13 @@ class ModelQueue:
     def __init__(self, key: str, loop, send_batch: Callable, *, deployment_id: int = 0, max_queue_length: int,
                  max_batch_retries: int, max_batch: int, batching: str = "aimd", batch_delay_ms: float = 0.0,
                  budget_ns: int = 50_000_000, cache=None, max_queue_bytes: int = 1 << 62,
-                 batches_in_flight: int = 1):
+                 batches_in_flight: int = 1, on_answered: Callable[[], None] | None = None):
         self.key = key
         self.loop = loop
         self._send_batch = send_batch  # (replica, batch) -> None; raises on a dead replica
+        # Writes the replies queued so far (the frontend's QueryServer.flush_dirty); deliver calls it when
+        # nothing waits behind the batch it answered, before that batch's bookkeeping.
+        self.on_answered = on_answered
         self.deployment_id = deployment_id  # the cache's name for this deployment
         self.max_queue_length = max_queue_length
         self.max_queue_bytes = max_queue_bytes
@@ -552,6 +555,11 @@ class ModelQueue:
                             f.on_output(out)
             if not q.done:
                 q.on_output(out)
+        if not self.live and self.on_answered is not None:
+            # Nothing waits for the replica: the answers go out now, the batch's bookkeeping after them.
+            # (With queries waiting, _batch_done sends the next batch first and the replies go out with
+            # the loop turn's other replies.)
+            self.on_answered()
         self._batch_done(replica, batch, observe=True)
 
     def fail_batch(self, replica, batch: Batch, exc: ClipperError) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 from typing import Callable
 
@@ -61,6 +62,25 @@ from . import zio
 log = logging.getLogger("clipper.rpc")
 
 _POLLIN = zio.POLLIN
+
+# A one-dimensional output block of these dtypes is read with memoryview.cast where this machine's byte
+# order is the wire's (little-endian): the same Python numbers numpy's tolist() makes, without numpy.
+_LIST_FORMATS = ({"|b1": "?", "|i1": "b", "|u1": "B", "<i2": "h", "<u2": "H", "<i4": "i", "<u4": "I",
+                  "<i8": "q", "<u8": "Q", "<f4": "f", "<f8": "d"} if sys.byteorder == "little" else {})
+
+
+def ndarray_outputs(payload, dtype: np.dtype, typestr: str, shape: list) -> list:
+    """A batch's outputs from an ``nd`` result block: a list of Python numbers for one dimension, else
+    a list of one array per query (views of the block). ValueError or TypeError when the block's size
+    is not the shape's."""
+    fmt = _LIST_FORMATS.get(typestr) if len(shape) == 1 else None
+    if fmt is not None:
+        out = memoryview(payload).cast(fmt).tolist()  # type: ignore[call-overload]  # (size not a multiple of the item's: TypeError)
+        if len(out) != shape[0]:
+            raise ValueError(f"an output block of {len(out)} items for shape {shape}")
+        return out
+    arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    return arr.tolist() if arr.ndim == 1 else list(arr)
 _NOBLOCK = zio.NOBLOCK
 _events = zio.events
 _recv_parts = zio.recv_parts
@@ -490,8 +510,7 @@ class ContainerServer:
                 dtype = wire.ALLOWED_DTYPES[typestr]
                 if type(shape) is not list or not shape or shape[0] != count:
                     raise ModelError(f"model {replica.key}: output shape {shape!r} does not hold {count} outputs")
-                arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
-                outputs = arr.tolist() if arr.ndim == 1 else list(arr)
+                outputs = ndarray_outputs(payload, dtype, typestr, shape)
             elif encoding == m.ENC_MSGPACK:
                 outputs = self._unpack(payload)
                 if not isinstance(outputs, list) or len(outputs) != len(queries):

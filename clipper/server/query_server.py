@@ -493,7 +493,11 @@ class QueryConnection(ClientConnection):
             self._flush()  # may pause writing (the client reads slower than it asks): _process stops there
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            self.server.loop.call_soon(self._flush)
+            server = self.server
+            server.dirty.append(self)
+            if not server.flush_pending:
+                server.flush_pending = True
+                server.loop.call_soon(server.flush_dirty)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -524,3 +528,18 @@ class QueryServer(ClientServer):
         self.api_keys = api_keys
         self.unpack = wire.make_unpacker(limits.decode_limits())
         self.packer = wire.new_packer()  # used on the event loop's thread only
+        self.dirty: list[QueryConnection] = []  # connections with replies queued and not yet written
+        self.flush_pending = False  # flush_dirty is scheduled
+
+    def flush_dirty(self) -> None:
+        """Write the replies every connection has queued: once per loop turn (scheduled by the first
+        reply queued in it), or sooner, as soon as a batch's answers are all settled and nothing waits
+        behind them (``ModelQueue``'s ``on_answered``): a query alone in flight then gets its answer
+        before the frontend does its bookkeeping of the batch, not after it and a turn of the loop."""
+        self.flush_pending = False
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for conn in dirty:
+                if conn._flush_scheduled:  # (not flushed early since: past EARLY_FLUSH_BYTES)
+                    conn._flush()
