@@ -66,9 +66,10 @@ class Histogram:
         self.counts[bisect.bisect_left(self._bounds_ns, ns)] += 1
         self.sum += ns / 1e9
 
-    def count_fast(self) -> None:
-        """One observation known to fall in the first bucket (a cache hit answered in the same turn)."""
-        self.counts[0] += 1
+    def count_fast(self, n: int = 1) -> None:
+        """``n`` observations known to fall in the first bucket (answered in the turn they arrived: a cache
+        hit, a refusal)."""
+        self.counts[0] += n
 
     @property
     def count(self) -> int:

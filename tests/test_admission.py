@@ -343,18 +343,23 @@ def test_refusing_a_run_of_frames_natively_matches_the_twin_and_frame_by_frame(s
         assert head is None or head[0] != 1 or head[2] != "noop" or len(item) > max_body
 
 
-def test_a_pipelined_burst_past_capacity_is_refused_in_runs_with_every_request_answered_once(frontend, wire_conn):
+@pytest.mark.parametrize("on_overload", ["error", "default"])
+def test_a_pipelined_burst_past_capacity_is_refused_in_runs_with_every_request_answered_once(frontend, wire_conn,
+                                                                                           on_overload):
     # One write carries 300 PREDICTs for a model busy for ~0.3 s, with a PING and a PREDICT for an
     # unknown application in the middle: after the first few admitted, the rest are refused (most in
-    # native runs); every id is answered exactly once, in a reply of the right kind.
-    frontend.deploy("slow", "sleep_by_input", slo_ms=400, max_batch=1, batching="fixed", cache=False,
-                    default_output=-1.0, on_overload="error")
+    # native runs: OVERLOADED, or the default output flagged as such); every id is answered exactly
+    # once, in a reply of the right kind, and every default answer has a query id of its own.
+    app = f"slow-{on_overload}"
+    frontend.deploy(app, "sleep_by_input", slo_ms=400, max_batch=1, batching="fixed", cache=False,
+                    default_output=-1.0, on_overload=on_overload)
+    runs_before = frontend.call(lambda: frontend.fe.processor.refused_in_runs)
     c = wire_conn(frontend.port)
     x = np.array([0.15, 0, 0, 0], np.float32)
-    _warm(frontend, c, "slow", x)
+    _warm(frontend, c, app, x)
     frames = []
     for i in range(1, 301):
-        frames.append(wire.predict(i, "slow", x))
+        frames.append(wire.predict(i, app, x))
         if i == 150:
             frames.append([wire.PING, 1000])
             frames.append(wire.predict(1001, "no-such-app", x))
@@ -367,14 +372,22 @@ def test_a_pipelined_burst_past_capacity_is_refused_in_runs_with_every_request_a
     assert set(by_id) == set(range(1, 301)) | {1000, 1001}
     assert by_id[1000][0] == wire.PONG
     assert _code(by_id[1001]) == E.UnknownApplicationError.code
-    refused = [i for i in range(1, 301) if _code(by_id[i]) == E.OverloadedError.code]
+    if on_overload == "error":
+        refused = [i for i in range(1, 301) if _code(by_id[i]) == E.OverloadedError.code]
+        assert all("refused at arrival" in by_id[i][4] for i in refused)
+    else:
+        refused = [i for i in range(1, 301) if by_id[i][0] == wire.RESULT and by_id[i][4]]
+        assert all(by_id[i][3] == -1.0 and "refused at arrival" in by_id[i][5]["explanation"] for i in refused)
+        qids = [by_id[i][2] for i in range(1, 301)]
+        assert len(set(qids)) == 300  # a query id each, in runs too
     served = [i for i in range(1, 301) if by_id[i][0] == wire.RESULT and not by_id[i][4]]
     assert len(refused) + len(served) == 300 and len(refused) >= 290, (len(refused), len(served))
-    assert all("refused at arrival" in by_id[i][4] for i in refused)
-    st_ = frontend.stats()["applications"]["slow"]
+    st_ = frontend.stats()["applications"][app]
     assert st_["overloaded"] == len(refused) and st_["requests"] == 301  # the warm-up query, and these
+    if on_overload == "default":
+        assert st_["defaults"] == len(refused)
     # most refusals came in native runs (a frame refused at its head takes the frames after it along)
-    assert frontend.call(lambda: frontend.fe.processor.refused_in_runs) >= len(refused) // 2
+    assert frontend.call(lambda: frontend.fe.processor.refused_in_runs) - runs_before >= len(refused) // 2
 
 
 def test_a_refusal_run_never_outlives_its_application():
@@ -483,3 +496,36 @@ def test_one_applications_refusal_does_not_refuse_another_with_a_longer_slo():
         assert a.overloaded == 0
     finally:
         loop.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=st.lists(_run_item, max_size=12), start=st.integers(0, 3), max_body=st.integers(0, 80),
+       first_qid=st.integers(0, 2**64 - 40), with_extra=st.booleans(), in_flight=st.sets(st.integers(0, 40)))
+def test_answering_a_run_of_frames_with_the_default_natively_matches_the_twin_and_frame_by_frame(
+        specs, start, max_body, first_qid, with_extra, in_flight):
+    # default_run: the frames refuse_run takes, each answered with the application's default output (a
+    # RESULT flagged default, with the refusal's extra) and a query id counting up, as shed answers one.
+    items = _run_items(specs)
+    start = min(start, len(items))
+    output = msgpack.packb(-1.0)
+    extra = msgpack.packb({"explanation": "refused", "confidence": 0.0, "models": []}) if with_extra else None
+    ids_a, ids_b = native.IdSet(), twin.IdSet()
+    for i in in_flight:
+        ids_a.add(i)
+        ids_b.add(i)
+    out_a, out_b = bytearray(), bytearray()
+    end_a = native.default_run(items, start, b"noop", max_body, first_qid, output, extra, out_a, ids_a)
+    end_b = twin.default_run(items, start, b"noop", max_body, first_qid, output, extra, out_b, ids_b)
+    assert (end_a, out_a) == (end_b, out_b)
+    # the same items refuse_run takes
+    assert native.refuse_run(items, start, b"noop", max_body, b"\xc0", bytearray(), ids_a) == end_a
+    expected = bytearray()
+    for k, item in enumerate(items[start:end_a]):
+        head = native.request_head(item)
+        assert head is not None and head[0] == 1 and head[2] == "noop" and len(item) <= max_body
+        assert head[1] not in in_flight
+        expected += native.result_frame(head[1], first_qid + k, output, True, extra)
+        assert msgpack.unpackb(bytes(expected[-len(native.result_frame(head[1], first_qid + k, output, True, extra))
+                                              + 4:])) == [65, head[1], first_qid + k, -1.0, True,
+                                                          *([msgpack.unpackb(extra)] if extra else [])]
+    assert out_a == expected

@@ -78,6 +78,12 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, 
     that is anything else, or whose id ``inflight`` holds (admission refusing a run of frames in one
     pass; a duplicate id is the caller's to refuse)."""
 
+def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: int, output_body: bytes,
+                extra_body: bytes | None, out: bytearray, inflight: IdSet | None = None) -> int:
+    """The frames :func:`refuse_run` would take, answered instead with the :func:`result_frame` of each id,
+    a query id counting up from ``first_qid``, ``output_body`` (a default output), ``is_default`` true
+    and ``extra_body``; returns the index of the first item left."""
+
 def array_input(body: bytes | bytearray | memoryview, offset: int, ext_head: bytes, dtype, shape: tuple[int, ...]):
     """A PREDICT frame ``[1, id, app, x]``'s input as a read-only ndarray over the frame's bytes, when
     ``x`` (at ``offset``) is the ndarray extension of exactly ``dtype`` and ``shape`` (its encoding

@@ -319,6 +319,27 @@ cdef inline Py_ssize_t _put_error(char* q, uint64_t req_id, const char* tail, Py
     return pos
 
 
+cdef inline Py_ssize_t _put_result(char* q, uint64_t req_id, uint64_t query_id, const char* o, Py_ssize_t olen,
+                                   bint is_default, const char* e, Py_ssize_t elen, bint has_extra) noexcept nogil:
+    """Write the frame of ``[RESULT, req_id, query_id, <o>, is_default, <e>?]`` at ``q`` (room:
+    HEADER_BYTES + 21 + olen + elen); return its length."""
+    cdef Py_ssize_t pos = HEADER_BYTES
+    q[pos] = <char>(0x96 if has_extra else 0x95)
+    q[pos + 1] = <char>0x41
+    pos += 2
+    pos += _put_uint(q + pos, req_id)
+    pos += _put_uint(q + pos, query_id)
+    memcpy(q + pos, o, olen)
+    pos += olen
+    q[pos] = <char>(0xc3 if is_default else 0xc2)
+    pos += 1
+    if has_extra:
+        memcpy(q + pos, e, elen)
+        pos += elen
+    _put_be32(q, pos - HEADER_BYTES)
+    return pos
+
+
 cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body, bint is_default,
                          object extra_body):
     """The frame of ``[RESULT, req_id, query_id, output, is_default, extra?]``, in one allocation.
@@ -331,7 +352,6 @@ cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body,
     cdef bint has_extra = extra_body is not None
     cdef Py_ssize_t n, pos
     cdef bytes frame
-    cdef char* q
     PyObject_GetBuffer(output_body, &out_buf, PyBUF_SIMPLE)
     try:
         if has_extra:
@@ -340,26 +360,14 @@ cpdef bytes result_frame(uint64_t req_id, uint64_t query_id, object output_body,
             # array header + type + two uints (9 bytes each at most) + output + bool + extra
             n = 2 + 9 + 9 + out_buf.len + 1 + (extra_buf.len if has_extra else 0)
             frame = PyBytes_FromStringAndSize(NULL, n + HEADER_BYTES)
-            q = PyBytes_AS_STRING(frame)
-            pos = HEADER_BYTES
-            q[pos] = <char>(0x96 if has_extra else 0x95)
-            q[pos + 1] = <char>0x41
-            pos += 2
-            pos += _put_uint(q + pos, req_id)
-            pos += _put_uint(q + pos, query_id)
-            memcpy(q + pos, out_buf.buf, out_buf.len)
-            pos += out_buf.len
-            q[pos] = <char>(0xc3 if is_default else 0xc2)
-            pos += 1
-            if has_extra:
-                memcpy(q + pos, extra_buf.buf, extra_buf.len)
-                pos += extra_buf.len
+            pos = _put_result(PyBytes_AS_STRING(frame), req_id, query_id, <const char*>out_buf.buf, out_buf.len,
+                              is_default, <const char*>extra_buf.buf if has_extra else NULL,
+                              extra_buf.len if has_extra else 0, has_extra)
         finally:
             if has_extra:
                 PyBuffer_Release(&extra_buf)
     finally:
         PyBuffer_Release(&out_buf)
-    _put_be32(q, pos - HEADER_BYTES)
     return frame[:pos] if pos < PyBytes_GET_SIZE(frame) else frame
 
 
@@ -847,32 +855,67 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     ``inflight`` holds: a duplicate, refused as such by the caller) and
     returns its index: the caller takes that one the whole way.
     """
-    cdef Py_ssize_t i = start, n_items, n, alen
-    cdef Py_ssize_t base
-    cdef Py_buffer tail_buf
-    cdef const char* a
-    cdef uint64_t req_id = 0
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
+    return _answer_run(items, start, app, max_body, out, inflight, tail, None, False, 0)
+
+
+cpdef Py_ssize_t default_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, uint64_t first_qid,
+                             object output_body, object extra_body, bytearray out, IdSet inflight=None):
+    """Answer a run of PREDICT frames for one application with its default output in one pass (admission's
+    fast path for an application whose refusals are default outputs).
+
+    The frames it takes are those :func:`refuse_run` takes; for each it
+    appends to ``out`` the frame :func:`result_frame` makes of its id, a query
+    id counting up from ``first_qid``, ``output_body``, ``is_default`` true and
+    ``extra_body``. Returns the index of the first item it leaves.
+    """
+    if items is None or app is None or out is None or output_body is None:
+        raise TypeError("default_run: items, app, output_body and out must not be None")
+    return _answer_run(items, start, app, max_body, out, inflight, output_body, extra_body, True, first_qid)
+
+
+cdef Py_ssize_t _answer_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, bytearray out,
+                            IdSet inflight, object body1, object body2, bint results, uint64_t first_qid) except -1:
+    """refuse_run (ERROR frames of the tail ``body1``) and default_run (``results``: RESULT frames of the
+    output ``body1`` and the extra ``body2``, query ids from ``first_qid``)."""
+    cdef Py_ssize_t i = start, n_items, n, alen, base, room
+    cdef Py_buffer b1, b2
+    cdef bint has2 = body2 is not None
+    cdef const char* a
+    cdef uint64_t req_id = 0
+    cdef uint64_t qid = first_qid
     n_items = len(items)
     alen = PyBytes_GET_SIZE(app)
     a = PyBytes_AS_STRING(app)
     if i < 0:
         i = 0
-    PyObject_GetBuffer(tail, &tail_buf, PyBUF_SIMPLE)
+    PyObject_GetBuffer(body1, &b1, PyBUF_SIMPLE)
     try:
-        while i < n_items:
-            if _run_head(items[i], a, alen, max_body, &req_id) < 0:
-                break
-            if inflight is not None and inflight.has(req_id):
-                break
-            base = len(out)
-            PyByteArray_Resize(out, base + HEADER_BYTES + 11 + tail_buf.len)
-            n = _put_error(PyByteArray_AS_STRING(out) + base, req_id, <const char*>tail_buf.buf, tail_buf.len)
-            PyByteArray_Resize(out, base + n)
-            i += 1
+        if has2:
+            PyObject_GetBuffer(body2, &b2, PyBUF_SIMPLE)
+        try:
+            room = HEADER_BYTES + 21 + b1.len + (b2.len if has2 else 0)
+            while i < n_items:
+                if _run_head(items[i], a, alen, max_body, &req_id) < 0:
+                    break
+                if inflight is not None and inflight.has(req_id):
+                    break
+                base = len(out)
+                PyByteArray_Resize(out, base + room)
+                if results:
+                    n = _put_result(PyByteArray_AS_STRING(out) + base, req_id, qid, <const char*>b1.buf, b1.len,
+                                    True, <const char*>b2.buf if has2 else NULL, b2.len if has2 else 0, has2)
+                    qid += 1
+                else:
+                    n = _put_error(PyByteArray_AS_STRING(out) + base, req_id, <const char*>b1.buf, b1.len)
+                PyByteArray_Resize(out, base + n)
+                i += 1
+        finally:
+            if has2:
+                PyBuffer_Release(&b2)
     finally:
-        PyBuffer_Release(&tail_buf)
+        PyBuffer_Release(&b1)
     return i
 
 

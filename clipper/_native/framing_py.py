@@ -507,6 +507,36 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
     return i
 
 
+def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: int, output_body, extra_body,
+                out: bytearray, inflight=None) -> int:
+    """Answer a run of PREDICT frames for one application with its default output in one pass.
+
+    The frames it takes are those :func:`refuse_run` takes; for each it
+    appends to ``out`` the frame :func:`result_frame` makes of its id, a query
+    id counting up from ``first_qid``, ``output_body``, ``is_default`` true and
+    ``extra_body``. Returns the index of the first item it leaves.
+    """
+    if items is None or app is None or out is None or output_body is None:
+        raise TypeError("default_run: items, app, output_body and out must not be None")
+    i = max(start, 0)
+    qid = first_qid
+    while i < len(items):
+        item = items[i]
+        if type(item) is int or len(item) > max_body:
+            break
+        head = request_head(item)
+        if head is None or head[0] != 1:
+            break
+        if head[2].encode("utf-8") != app:
+            break
+        if inflight is not None and head[1] in inflight:
+            break
+        out += result_frame(head[1], qid, output_body, True, extra_body)
+        qid += 1
+        i += 1
+    return i
+
+
 PIN_RATIO = 2  # array_input copies an input out of a read more than this many times the frame
 
 

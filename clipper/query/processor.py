@@ -85,6 +85,7 @@ _QUEUED = object()  # _submit: the query waits for its model
 _result_frame = _framing.result_frame
 _error_frame = _framing.error_frame
 _refuse_run = _framing.refuse_run
+_default_run = _framing.default_run
 _take_run = _framing.take_run
 _floats_to_array = _framing.floats_to_array
 _judge_list = _framing_py.judge_list  # (a decoded list: the Python walk, whichever framing is loaded)
@@ -1328,18 +1329,19 @@ class QueryProcessor:
         qid = self._next_query_id
         self._next_query_id = qid + 1
         msg, extra, tail = route.overload_text(queue, kind)
+        self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         if route.default_on_overload:
             route.defaults += 1
             route.latency.count_fast()
             return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
         route.errors += 1
-        self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         return _error_frame(req_id, tail)
 
     def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray, inflight=None) -> int:
-        """After :meth:`shed` refused a frame with OVERLOADED: refuse the frames that follow it in
-        ``items`` (one read of one connection) for the same application while the refusal holds, in
-        one native pass (``framing.refuse_run``), their error frames appended to ``out``. Returns the
+        """After :meth:`shed` refused a frame: refuse the frames that follow it in ``items`` (one read
+        of one connection) for the same application while the refusal holds, in one native pass, their
+        answers appended to ``out``: OVERLOADED errors (``framing.refuse_run``), or the application's
+        default output when its refusals are answered so (``framing.default_run``). Returns the
         index of the first frame left for the whole way (a frame whose id ``inflight`` holds is left
         too: the whole way refuses it as a duplicate). Under overload most of a read is such a run,
         and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
@@ -1351,16 +1353,24 @@ class QueryProcessor:
             if self.refusing_route is route:
                 self.refusing_route = None
             return start
-        if (route.default_on_overload or self.draining or (not queue.live and queue.free)
+        if (self.draining or (not queue.live and queue.free)
                 or (queue.refusing_kind == REFUSE_SLO and route.answer_ns > queue.refusing_budget_ns)):
             return start  # shed would admit (an idle model), or the hold was another app's SLO
-        tail = route.overload_text(queue, queue.refusing_kind)[2]
-        end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight)
+        _, extra, tail = route.overload_text(queue, queue.refusing_kind)
+        if route.default_on_overload:  # each answered at once with the default output, as shed answers one
+            end = _default_run(items, start, route.name_bytes, route.max_valid_frame, self._next_query_id,
+                               route.packed_default, extra.packed, out, inflight)
+        else:
+            end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight)
         n = end - start
         if n:
             route.requests += n
             route.overloaded += n
-            route.errors += n
+            if route.default_on_overload:
+                route.defaults += n
+                route.latency.count_fast(n)
+            else:
+                route.errors += n
             self._next_query_id += n
             self.refused_in_runs += n
         return end

@@ -302,8 +302,7 @@ class QueryConnection(ClientConnection):
             frame = self.processor.shed(route, req_id, len(body), self)
             if frame is not None:
                 self._queue(frame)
-                if not route.default_on_overload:
-                    self._shedding = route
+                self._shedding = route  # the frames after it in this read may be refused in one run
                 return True
             ext = route.ext_head
             if ext is not None and not is_list:
