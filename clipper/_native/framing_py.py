@@ -490,36 +490,23 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
     """
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
-    i = max(start, 0)
-    while i < len(items):
-        item = items[i]
-        if type(item) is int or len(item) > max_body:
-            break
-        head = request_head(item)
-        if head is None or head[0] != 1:
-            break
-        if head[2].encode("utf-8") != app:
-            break
-        if inflight is not None and head[1] in inflight:
-            break
-        out += error_frame(head[1], tail)
-        i += 1
-    return i
+    return _answer_run(items, start, app, max_body, out, inflight, lambda req_id, k: error_frame(req_id, tail))
 
 
 def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: int, output_body, extra_body,
                 out: bytearray, inflight=None) -> int:
-    """Answer a run of PREDICT frames for one application with its default output in one pass.
-
-    The frames it takes are those :func:`refuse_run` takes; for each it
-    appends to ``out`` the frame :func:`result_frame` makes of its id, a query
-    id counting up from ``first_qid``, ``output_body``, ``is_default`` true and
-    ``extra_body``. Returns the index of the first item it leaves.
-    """
+    """The twin of the native ``default_run``: the frames :func:`refuse_run` would take, each answered
+    with :func:`result_frame` of its id, query id ``first_qid + k`` (the k-th taken), the default
+    ``output_body`` flagged as a default, and ``extra_body``."""
     if items is None or app is None or out is None or output_body is None:
         raise TypeError("default_run: items, app, output_body and out must not be None")
+    return _answer_run(items, start, app, max_body, out, inflight,
+                       lambda req_id, k: result_frame(req_id, first_qid + k, output_body, True, extra_body))
+
+
+def _answer_run(items: list, start: int, app: bytes, max_body: int, out: bytearray, inflight, frame) -> int:
     i = max(start, 0)
-    qid = first_qid
+    k = 0
     while i < len(items):
         item = items[i]
         if type(item) is int or len(item) > max_body:
@@ -531,8 +518,8 @@ def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: i
             break
         if inflight is not None and head[1] in inflight:
             break
-        out += result_frame(head[1], qid, output_body, True, extra_body)
-        qid += 1
+        out += frame(head[1], k)
+        k += 1
         i += 1
     return i
 
