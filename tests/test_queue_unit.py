@@ -717,3 +717,22 @@ def test_admissions_bound_on_queue_length_admits_only_what_a_full_estimate_admit
             assert proc.admits(t.queue, now, budget)[0] == ADMIT, (live + extra, bound)
     finally:
         t.close()
+
+
+def test_a_failing_answer_flush_still_frees_the_replica(h):
+    # on_answered raising (a reply write failing) is logged; the batch still leaves its replica, so the
+    # queue goes on sending to it.
+    t = h(max_batch=1)
+    r = Replica(1)
+
+    def boom():
+        raise RuntimeError("the write failed")
+
+    t.queue.on_answered = boom
+    t.queue.add_replica(r)
+    q1 = t.query([1])
+    b1 = t.next_batch()
+    t.queue.deliver(r, b1, [1.0])
+    assert t.app.outcomes[q1.query_id] == ("result", 1.0) and r.batch is None
+    q2 = t.query([2])
+    assert t.next_batch().queries == [q2]

@@ -54,6 +54,7 @@ the cache, so no later query waits on a computation that will never happen.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Callable
@@ -66,6 +67,8 @@ from ..errors import ClipperError, ContainerFailedError, QueueFullError
 from .ticket import Part, Query  # noqa: F401  (re-exported: the items this queue holds)
 
 __all__ = ["Query", "Part", "Batch", "ModelQueue"]
+
+log = logging.getLogger("clipper.query")
 
 _COMPACT_MIN = 256  # leftovers (settled, unsent items) tolerated in a deque before it is compacted
 _EWMA = 0.2  # weight of a new batch latency in a replica's average
@@ -559,7 +562,10 @@ class ModelQueue:
             # Nothing waits for the replica: the answers go out now, the batch's bookkeeping after them.
             # (With queries waiting, _batch_done sends the next batch first and the replies go out with
             # the loop turn's other replies.)
-            self.on_answered()
+            try:
+                self.on_answered()
+            except Exception:  # a failed write must not keep the batch on its replica
+                log.exception("writing the answers of batch %d failed", batch.batch_id)
         self._batch_done(replica, batch, observe=True)
 
     def fail_batch(self, replica, batch: Batch, exc: ClipperError) -> None:

@@ -62,6 +62,10 @@ from . import zio
 log = logging.getLogger("clipper.rpc")
 
 _POLLIN = zio.POLLIN
+_NOBLOCK = zio.NOBLOCK
+_events = zio.events
+_recv_parts = zio.recv_parts
+_send_parts = zio.send_parts
 
 # A one-dimensional output block of these dtypes is read with memoryview.cast where this machine's byte
 # order is the wire's (little-endian): the same Python numbers numpy's tolist() makes, without numpy.
@@ -81,10 +85,7 @@ def ndarray_outputs(payload, dtype: np.dtype, typestr: str, shape: list) -> list
         return out
     arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
     return arr.tolist() if arr.ndim == 1 else list(arr)
-_NOBLOCK = zio.NOBLOCK
-_events = zio.events
-_recv_parts = zio.recv_parts
-_send_parts = zio.send_parts
+
 
 __all__ = ["Replica", "ContainerServer"]
 

@@ -541,4 +541,10 @@ class QueryServer(ClientServer):
             self.dirty = []
             for conn in dirty:
                 if conn._flush_scheduled:  # (not flushed early since: past EARLY_FLUSH_BYTES)
-                    conn._flush()
+                    try:
+                        conn._flush()
+                    except Exception:  # one connection's failure leaves the others' replies to go out
+                        log.exception("writing the replies of a connection failed: closing it")
+                        transport = conn.transport
+                        if transport is not None:
+                            transport.abort()  # (its replies are lost: its client learns so at once)

@@ -1,0 +1,82 @@
+"""The msgpack port's reply flush (QueryServer.flush_dirty), in process with real connection objects.
+
+Replies a connection queues are written once per loop turn for all connections
+(one scheduled flush), or at once when a batch's answers are settled
+(``ModelQueue.on_answered``); a connection whose write fails is cut off
+without keeping the others' replies back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from clipper.config import Limits
+from clipper.query.processor import QueryProcessor
+from clipper.server.query_server import QueryConnection, QueryServer
+
+
+class Transport:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data) -> None:
+        if self.fail:
+            raise OSError("the socket is gone")
+        self.written.append(bytes(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name):
+        return None
+
+    def set_write_buffer_limits(self, high=None) -> None:
+        pass
+
+
+def _server(loop) -> QueryServer:
+    return QueryServer(loop, QueryProcessor(loop, Limits().max_input_bytes, 0), Limits(), "test")
+
+
+def _conn(server, transport) -> QueryConnection:
+    conn = QueryConnection(server)
+    conn.transport = transport
+    return conn
+
+
+def test_replies_of_all_connections_go_out_in_one_scheduled_flush_or_at_once():
+    loop = asyncio.new_event_loop()
+    try:
+        server = _server(loop)
+        a, b = _conn(server, Transport()), _conn(server, Transport())
+        a._queue(b"a1")
+        b._queue(b"b1")
+        a._queue(b"a2")
+        assert server.dirty == [a, b] and server.flush_pending  # one flush scheduled for both
+        assert not a.transport.written
+        loop.run_until_complete(asyncio.sleep(0))  # the loop's turn
+        assert a.transport.written == [b"a1a2"] and b.transport.written == [b"b1"]
+        assert server.dirty == [] and not server.flush_pending
+        a._queue(b"a3")
+        server.flush_dirty()  # at once (a batch's answers settled): written before the turn ends
+        assert a.transport.written == [b"a1a2", b"a3"]
+        loop.run_until_complete(asyncio.sleep(0))  # the turn's own flush finds nothing left
+        assert a.transport.written == [b"a1a2", b"a3"]
+    finally:
+        loop.close()
+
+
+def test_a_connection_whose_write_fails_is_cut_off_and_the_others_are_written():
+    loop = asyncio.new_event_loop()
+    try:
+        server = _server(loop)
+        bad, good = _conn(server, Transport(fail=True)), _conn(server, Transport())
+        bad._queue(b"x")
+        good._queue(b"y")
+        server.flush_dirty()
+        assert bad.transport.aborted and not good.transport.aborted
+        assert good.transport.written == [b"y"]
+    finally:
+        loop.close()
