@@ -736,3 +736,16 @@ def test_a_failing_answer_flush_still_frees_the_replica(h):
     assert t.app.outcomes[q1.query_id] == ("result", 1.0) and r.batch is None
     q2 = t.query([2])
     assert t.next_batch().queries == [q2]
+
+
+def test_the_early_answer_flush_is_not_counted_as_the_batch_latency(h):
+    # The batch's latency (what the sizer, the latency average and admission learn) ends when its
+    # outputs are settled, before on_answered writes the replies: a slow write is not the model's time.
+    t = h(max_batch=1)
+    r = Replica(1)
+    t.queue.on_answered = lambda: time.sleep(0.05)
+    t.queue.add_replica(r)
+    t.query([1])
+    b = t.next_batch()
+    t.queue.deliver(r, b, [1.0])
+    assert t.queue.last_batch_latency_ns < 40 * MS, t.queue.last_batch_latency_ns

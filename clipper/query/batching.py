@@ -558,6 +558,7 @@ class ModelQueue:
                             f.on_output(out)
             if not q.done:
                 q.on_output(out)
+        now = time.monotonic_ns()  # the batch's end: the writes below are not the model's time
         if not self.live and self.on_answered is not None:
             # Nothing waits for the replica: the answers go out now, the batch's bookkeeping after them.
             # (With queries waiting, _batch_done sends the next batch first and the replies go out with
@@ -566,7 +567,7 @@ class ModelQueue:
                 self.on_answered()
             except Exception:  # a failed write must not keep the batch on its replica
                 log.exception("writing the answers of batch %d failed", batch.batch_id)
-        self._batch_done(replica, batch, observe=True)
+        self._batch_done(replica, batch, observe=True, now=now)
 
     def fail_batch(self, replica, batch: Batch, exc: ClipperError) -> None:
         """The model failed the batch: fail its items and their followers."""
@@ -588,8 +589,9 @@ class ModelQueue:
         if not q.done:
             q.on_error(exc)
 
-    def _batch_done(self, replica, batch: Batch, observe: bool) -> None:
-        now = time.monotonic_ns()
+    def _batch_done(self, replica, batch: Batch, observe: bool, now: int | None = None) -> None:
+        if now is None:
+            now = time.monotonic_ns()
         if batch is replica.batch:
             nxt = replica.batch2
             replica.batch = nxt
