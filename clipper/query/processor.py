@@ -1281,6 +1281,10 @@ class QueryProcessor:
                 queue.admit_until_ns = 0
                 return REFUSE_QUEUE, est
             limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
+        elif now + _ADMIT_HOLD_NS - (queue.nonempty_since_ns if queue.live else now) > standing:
+            # Not overloaded now, but the queue would count as such before the bound made below expires (an
+            # empty queue becomes non-empty with the next query): the bound is capped as it would be then.
+            limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
         # Admitted. The same look at the replicas admits any queue up to this length (a longer queue
         # only drains faster while it fills bigger batches): until a replica changes, or for
         # _ADMIT_HOLD_NS, a query need not be estimated at all while the queue stays shorter.
