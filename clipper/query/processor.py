@@ -1274,16 +1274,16 @@ class QueryProcessor:
             queue.admit_until_ns = 0
             return REFUSE_SLO, est
         standing = self.admission_standing_ns
-        if (queue.live and now - queue.nonempty_since_ns > standing) or now - queue.refused_at_ns < standing:
+        since = queue.nonempty_since_ns if queue.live else now  # (an empty queue: non-empty with the next query)
+        overloaded = (queue.live and now - since > standing) or now - queue.refused_at_ns < standing
+        if overloaded and est - lat > self.admission_wait_batches * lat:
             # Overloaded: the queue has not emptied for a while, or it refused a moment ago. Capped too.
-            if est - lat > self.admission_wait_batches * lat:
-                queue.refused_at_ns = now
-                queue.admit_until_ns = 0
-                return REFUSE_QUEUE, est
-            limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
-        elif now + _ADMIT_HOLD_NS - (queue.nonempty_since_ns if queue.live else now) > standing:
-            # Not overloaded now, but the queue would count as such before the bound made below expires (an
-            # empty queue becomes non-empty with the next query): the bound is capped as it would be then.
+            queue.refused_at_ns = now
+            queue.admit_until_ns = 0
+            return REFUSE_QUEUE, est
+        if overloaded or now + _ADMIT_HOLD_NS - since > standing:
+            # The bound made below is capped when the queue is overloaded, or will count as such before the
+            # bound expires.
             limit = min(limit, (self.admission_wait_batches + 1.0) * lat)
         # Admitted. The same look at the replicas admits any queue up to this length (a longer queue
         # only drains faster while it fills bigger batches): until a replica changes, or for
@@ -1364,19 +1364,16 @@ class QueryProcessor:
         if route.default_on_overload:  # each answered at once with the default output, as shed answers one
             end = _default_run(items, start, route.name_bytes, route.max_valid_frame, self._next_query_id,
                                route.packed_default, extra.packed, out, inflight)
+            route.defaults += end - start
+            route.latency.count_fast(end - start)
         else:
             end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight)
+            route.errors += end - start
         n = end - start
-        if n:
-            route.requests += n
-            route.overloaded += n
-            if route.default_on_overload:
-                route.defaults += n
-                route.latency.count_fast(n)
-            else:
-                route.errors += n
-            self._next_query_id += n
-            self.refused_in_runs += n
+        route.requests += n
+        route.overloaded += n
+        self._next_query_id += n
+        self.refused_in_runs += n
         return end
 
     def _refuse(self, conn, req_id, qid, route: AppRoute, why: str) -> None:
