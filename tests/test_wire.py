@@ -527,3 +527,38 @@ def test_an_output_block_reads_as_numpy_reads_it(typestr, n, cols, seed, cut):
         assert np.array_equal(np.array(got, dtype=dtype).view(np.uint8), want.view(np.uint8)) or got == ref
     else:
         assert all(np.array_equal(g, w, equal_nan=dtype.kind == "f") for g, w in zip(got, want))
+
+
+@settings(max_examples=300, deadline=None)
+@given(typestr=st.sampled_from(sorted(wire.ALLOWED_DTYPES)), n=st.integers(0, 30), cols=st.integers(0, 3),
+       step=st.integers(1, 3), fortran=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_a_containers_output_array_reaches_the_frontend_as_it_was(typestr, n, cols, step, fortran, seed):
+    # The container sends an array of outputs as its raw bytes (memoryview.cast, no copy when it is
+    # C-contiguous, one copy when it is a strided or Fortran-ordered view): the frontend's reader sees the
+    # array predict returned, value for value, whatever its layout.
+    from clipper.container.runtime import encode_outputs
+    from clipper.rpc import messages as m
+    from clipper.rpc.server import ndarray_outputs
+
+    dtype = wire.ALLOWED_DTYPES[typestr]
+    shape = (n * step,) if cols == 0 else (n * step, cols)
+    raw = np.random.default_rng(seed).integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    base = raw.view(dtype).reshape(shape)
+    if fortran and cols:
+        base = np.asfortranarray(base)
+    out = base[::step]  # a view: strided when step > 1
+    if n == 0:
+        with pytest.raises(Exception):  # (no outputs for no inputs: a batch is never empty)
+            encode_outputs(5, out[:0], 1)
+        return
+    header, block = encode_outputs(5, out, n)
+    kind, batch_id, count, encoding, (ts, got_shape) = msgpack.unpackb(header)
+    assert (kind, batch_id, count, encoding, ts, got_shape) == (m.C_RESULT, 5, n, m.ENC_NDARRAY, typestr, list(out.shape))
+    assert bytes(block) == out.tobytes()
+    got = ndarray_outputs(block, dtype, ts, got_shape)
+    want = np.ascontiguousarray(out)
+    assert len(got) == n
+    if cols:  # (compared by their bits: NaNs of any payload are equal)
+        assert all(np.array_equal(g.view(np.uint8), w.view(np.uint8)) for g, w in zip(got, want))
+    else:
+        assert np.array_equal(np.array(got, dtype=dtype).view(np.uint8), want.view(np.uint8)) or got == want.tolist()

@@ -131,18 +131,22 @@ def load_predictor(entry_or_obj) -> Callable[[Any], Any]:
     return obj
 
 
+_TYPESTR = {dt: ts for ts, dt in wire.ALLOWED_DTYPES.items()}  # dtype -> its typestr, as str
+
+
 def encode_outputs(batch_id: int, outputs, count: int) -> list:
     """Build the C_RESULT message for ``outputs``; raise ModelError subclasses."""
     if isinstance(outputs, np.ndarray):
         if outputs.ndim == 0 or len(outputs) != count:
             n = "a 0-d array" if outputs.ndim == 0 else f"{len(outputs)} outputs"
             raise WrongOutputCountError(f"predict returned {n} for a batch of {count} inputs")
-        ts = wire._TYPESTR.get(outputs.dtype)
+        ts = _TYPESTR.get(outputs.dtype)
         if ts is not None:
-            arr = np.ascontiguousarray(outputs)
-            header = msgpack.packb([m.C_RESULT, batch_id, count, m.ENC_NDARRAY, [ts.decode(), list(arr.shape)]])
+            arr = outputs if outputs.flags.c_contiguous else np.ascontiguousarray(outputs)
+            header = msgpack.packb([m.C_RESULT, batch_id, count, m.ENC_NDARRAY, [ts, list(arr.shape)]])
+            # The block as raw bytes without a copy (every allowed dtype has a buffer format to cast from).
             # (numpy's stubs do not say an ndarray is a buffer)
-            return [header, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""]  # type: ignore[arg-type]
+            return [header, memoryview(arr).cast("B") if arr.size else b""]  # type: ignore[arg-type]
         outputs = outputs.tolist()
     if isinstance(outputs, (str, bytes)) or not hasattr(outputs, "__len__"):
         raise ModelError(
