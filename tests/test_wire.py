@@ -548,7 +548,9 @@ def test_a_containers_output_array_reaches_the_frontend_as_it_was(typestr, n, co
         base = np.asfortranarray(base)
     out = base[::step]  # a view: strided when step > 1
     if n == 0:
-        with pytest.raises(Exception):  # (no outputs for no inputs: a batch is never empty)
+        from clipper.errors import WrongOutputCountError
+
+        with pytest.raises(WrongOutputCountError):  # no outputs for a batch of one input
             encode_outputs(5, out[:0], 1)
         return
     header, block = encode_outputs(5, out, n)
