@@ -138,6 +138,12 @@ class FrontendConfig:
     # that fits the SLO and drains sooner (a client pipelining a thousand queries at an idle model) is
     # judged by the SLO alone.
     admission_standing_ms: float = 1000.0
+    # A query refused at arrival by an application whose refusals are its default output (on_overload =
+    # "default") gets that answer this fraction of its SLO after it arrived, not at once: still within
+    # the SLO, and a client that sends its next request when it has an answer (a closed loop) then cannot
+    # come back thousands of times a second to be refused again, taking the CPU the admitted queries
+    # need. 0 answers at once. (OVERLOADED errors always go at once: a client told so may go elsewhere.)
+    default_refusal_hold: float = 0.5
 
     # ---- the trust boundary (docs/security.md)
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key
@@ -195,6 +201,9 @@ class FrontendConfig:
         w = self.admission_wait_batches
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.5 <= w <= 1000:
             raise InvalidConfigError(f"admission_wait_batches {w!r} is not a number in [0.5, 1000]")
+        h = self.default_refusal_hold
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h <= 0.9:
+            raise InvalidConfigError(f"default_refusal_hold {h!r} is not a fraction of the SLO in [0, 0.9]")
         a = self.admission_standing_ms
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 60_000:
             raise InvalidConfigError(f"admission_standing_ms {a!r} is not a number in [0, 60000]")

@@ -138,6 +138,7 @@ class Frontend:
                                         admission=cfg.admission_control,
                                         admission_wait_batches=cfg.admission_wait_batches,
                                         admission_standing_ms=cfg.admission_standing_ms,
+                                        default_refusal_hold=cfg.default_refusal_hold,
                                         max_inflight_bytes=lim.max_inflight_input_bytes)
         ipc_dir: str | None = None
         if cfg.local_rpc_transport == "ipc" and cfg.rpc_security == "curve" and cfg.rpc_ipc_dir:

@@ -30,27 +30,40 @@ def _warm(fe, c, app: str, x=X) -> None:
     assert c.recv(1)[0][0] == wire.RESULT
 
 
-@pytest.mark.parametrize("on_overload", ["error", "default"])
-def test_what_cannot_be_served_in_time_is_refused_at_arrival(frontend, wire_conn, on_overload):
+@pytest.mark.parametrize("on_overload,hold", [("error", 0.5), ("default", 0.0), ("default", 0.5)])
+def test_what_cannot_be_served_in_time_is_refused_at_arrival(frontend_factory, wire_conn, on_overload, hold):
+    # OVERLOADED goes at once; a default answer to a refusal goes default_refusal_hold of the SLO after its
+    # query arrived (0: at once), within the SLO either way.
+    frontend = frontend_factory(default_refusal_hold=hold)
     frontend.deploy("slow", "sleep_by_input", slo_ms=500, max_batch=1, batching="fixed", cache=False,
                     default_output=-1.0, on_overload=on_overload)
     c = wire_conn(frontend.port)
     _warm(frontend, c, "slow")  # batches take ~200 ms: about two fit in the 500 ms SLO
+    sent = time.monotonic()
     for i in range(1, 11):
         c.send(wire.predict(i, "slow", X))
-    out = c.recv(10, timeout=30)
-    refused = [m for m in out if (_code(m) == E.OverloadedError.code if on_overload == "error"
-                                  else m[0] == wire.RESULT and m[4] and "refused at arrival" in m[5]["explanation"])]
-    served = [m for m in out if m[0] == wire.RESULT and not m[4]]
+    out, after = [], []
+    for _ in range(10):
+        out += c.recv(1, timeout=30)
+        after.append(time.monotonic() - sent)
+    refused = [k for k, m in enumerate(out) if (
+        _code(m) == E.OverloadedError.code if on_overload == "error"
+        else m[0] == wire.RESULT and m[4] and "refused at arrival" in m[5]["explanation"])]
+    served = [k for k, m in enumerate(out) if out[k][0] == wire.RESULT and not out[k][4]]
     assert len(refused) + len(served) == 10 and 1 <= len(served) <= 3, out
-    # the refusals came at once: before the answer of the first query admitted after the warm-up
-    first_served = next(i for i, m in enumerate(out) if m in served)
-    assert all(out.index(m) < first_served for m in refused)
-    assert all(m[3] == pytest.approx(0.2) for m in served)
+    first_served = served[0]
+    if on_overload == "default" and hold:
+        # held: none sooner than a quarter of a second (half the SLO) after it was sent, all within the SLO
+        assert all(0.25 <= after[k] < 0.5 for k in refused), [after[k] for k in refused]
+    else:
+        # at once: before the answer of the first query admitted after the warm-up
+        assert all(k < first_served for k in refused)
+    assert all(out[k][3] == pytest.approx(0.2) for k in served)
     st_ = frontend.stats()
     assert st_["applications"]["slow"]["overloaded"] == len(refused)
     assert st_["models"]["slow-model:1"]["queries_sent"] == 1 + len(served)  # refused work was never queued
-    assert "estimated from its queue" in (refused[0][4] if on_overload == "error" else refused[0][5]["explanation"])
+    why = out[refused[0]][4] if on_overload == "error" else out[refused[0]][5]["explanation"]
+    assert "estimated from its queue" in why
 
 
 def test_a_stalled_replica_drains_nothing_so_new_queries_are_refused_until_it_answers(frontend, wire_conn):
@@ -529,3 +542,39 @@ def test_answering_a_run_of_frames_with_the_default_natively_matches_the_twin_an
                                               + 4:])) == [65, head[1], first_qid + k, -1.0, True,
                                                           *([msgpack.unpackb(extra)] if extra else [])]
     assert out_a == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=st.lists(_run_item, max_size=12), start=st.integers(0, 3), max_out=st.integers(-1, 300),
+       prefill=st.integers(0, 60), defaults=st.booleans())
+def test_a_run_stops_once_its_answers_reach_max_out_bytes(specs, start, max_out, prefill, defaults):
+    # A run of answers stops before its next frame once ``out`` holds max_out bytes (the port then writes
+    # them and heeds a client that stopped reading); negative: no bound. Native and twin agree, and a
+    # bounded run is the unbounded run's prefix.
+    items = _run_items(specs)
+    start = min(start, len(items))
+    tail = msgpack.packb(309) + msgpack.packb("OVERLOADED") + msgpack.packb("refused")
+    out = {}
+    for impl in (native, twin):
+        for bound in (max_out, -1):
+            buf = bytearray(b"x" * prefill)
+            if defaults:
+                end = impl.default_run(items, start, b"noop", 80, 7, msgpack.packb(-1.0), None, buf, None, bound)
+            else:
+                end = impl.refuse_run(items, start, b"noop", 80, tail, buf, None, bound)
+            out[impl, bound] = (end, bytes(buf))
+    assert out[native, max_out] == out[twin, max_out] and out[native, -1] == out[twin, -1]
+    end, got = out[native, max_out]
+    full_end, full = out[native, -1]
+    assert end <= full_end and full.startswith(got)
+    if max_out >= 0:
+        if end > start:  # it took a frame only while under the bound: the last one began below it
+            one_less = bytearray(b"x" * prefill)
+            if defaults:
+                native.default_run(items[:end - 1], start, b"noop", 80, 7, msgpack.packb(-1.0), None, one_less)
+            else:
+                native.refuse_run(items[:end - 1], start, b"noop", 80, tail, one_less)
+            assert len(one_less) < max_out
+        assert end == full_end or len(got) >= max_out  # it stopped early only at the bound
+    else:
+        assert (end, got) == (full_end, full)

@@ -9,6 +9,7 @@ the deadline, "closed" means within a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -93,15 +94,28 @@ def test_overload_is_refused_at_arrival(frontend_factory):
     assert admitted and max(admitted) < slo_ms / 1000 + 0.5
 
 
-def test_overload_default_is_answered_at_once(frontend_factory):
-    fe = frontend_factory()
+@pytest.mark.parametrize("hold", [0.0, 0.5])
+def test_overload_default_is_answered_at_once_or_held_within_the_slo(frontend_factory, hold):
+    # default_refusal_hold = 0: a refused query's default comes at once. 0.5 (the default): half the SLO
+    # after it was sent (none sooner, bar the timer's millisecond), every one within the SLO.
+    fe = frontend_factory(default_refusal_hold=hold)
     slo_ms = 300.0
     deploy(fe, "admd", "sleep_by_input", slo_ms=slo_ms, on_overload="default", max_batch=1, batching="fixed")
     x = _x(0.1)
     _warm(fe, "admd", x)
     replies = burst(fe.port, "admd", x, 300)
-    fast_defaults = [lat for lat, m in replies if m[0] == wire.RESULT and m[4] and lat < slo_ms / 1000 / 2]
-    assert len(fast_defaults) >= 250, f"{len(fast_defaults)} of 300 got the default before half the SLO"
+    defaults = [lat for lat, m in replies if m[0] == wire.RESULT and m[4]]
+    assert len(defaults) >= 250, f"{len(defaults)} of 300 got the default"
+    if hold:
+        assert min(defaults) >= hold * slo_ms / 1000 - 0.002, f"a default came after {min(defaults):.3f} s"
+        assert max(defaults) < slo_ms / 1000, f"the slowest default came after {max(defaults):.3f} s"
+    else:
+        fast = [lat for lat in defaults if lat < slo_ms / 1000 / 2]
+        assert len(fast) >= 250, f"{len(fast)} of 300 got the default before half the SLO"
+    # the latency histogram counts them when they were answered
+    buckets = fe.call(lambda: fe.fe.processor.routes["admd"].latency.counts)
+    first_bucket = buckets[0]
+    assert (first_bucket >= len(defaults)) if not hold else (first_bucket < 5), buckets
 
 
 def test_admission_control_off_admits_everything(frontend_factory):
@@ -505,3 +519,72 @@ def test_a_client_streaming_oversized_frames_is_slowed(frontend_factory, monkeyp
     c.send(wire.ping(9))
     assert c.recv(1)[0] == [wire.PONG, 9]
     c.close()
+
+
+def _held_setup(fe, app: str, slo_ms: float, default_output=-1.0):
+    fe.call(fe.fe.register_application(Application(app, "float32", (4,), slo_ms=slo_ms, default_output=default_output,
+                                                   cache=False, on_overload="default")))
+    mv = ModelVersion(f"{app}-model", "1", "float32", (4,), entry="model_zoo.py:sleep_by_input", max_batch=1,
+                      batching="fixed")
+    fe.call(fe.fe.deploy_model(mv))
+    fe.call(fe.fe.link(app, mv.name))
+    fe.call(fe.fe.wait_ready(mv.name, "1", timeout_s=60))
+    _warm(fe, app, _x(0.2))
+
+
+def test_held_default_answers_go_at_once_when_a_drain_begins_and_never_to_a_closed_connection(frontend_factory):
+    # With a 4 s SLO the refused queries' defaults are held 3.6 s (default_refusal_hold 0.9). One client
+    # closes its connection while its answers are held: they are dropped, nothing fails. A drain begun
+    # at once writes the other client's held answers straight away, long before their hold would end.
+    fe = frontend_factory(default_refusal_hold=0.9)
+    _held_setup(fe, "held", 4000.0)
+    x = _x(0.2)
+    gone = WireConn(fe.port)
+    gone.send_raw(b"".join(framing.pack_frame(wire.pack(wire.predict(i, "held", x))) for i in range(100)))
+    c = WireConn(fe.port)
+    c.send_raw(b"".join(framing.pack_frame(wire.pack(wire.predict(i, "held", x))) for i in range(100, 300)))
+    # every refusal of c's is made and held once its whole burst has been read
+    deadline = time.monotonic() + 10
+    while fe.call(lambda: fe.fe.processor.routes["held"].overloaded) < 250 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gone.close()
+    held = fe.call(lambda: len(fe.fe.query_server.held))
+    assert held >= 2, held  # (a run is one entry: at least one per connection)
+    t0 = time.monotonic()
+    drained = asyncio.run_coroutine_threadsafe(fe.fe.drain(30), fe.loop)
+    replies = {}
+    while len(replies) < 200:
+        for m in c.recv(1, timeout=10):
+            replies[m[1]] = (time.monotonic() - t0, m)
+    drained.result(30)
+    defaults = [lat for lat, m in replies.values() if m[0] == wire.RESULT and m[4]]
+    assert len(defaults) >= 150 and max(defaults) < 1.0, (len(defaults), max(defaults))
+    assert fe.call(lambda: len(fe.fe.query_server.held)) == 0
+    assert set(replies) == set(range(100, 300))
+
+
+@pytest.mark.parametrize("hold", [0.0, 0.5])
+def test_a_run_of_large_default_answers_is_paced_by_a_client_that_reads_late_not_cut_off(frontend_factory, hold):
+    # A default output of 200 numbers (about 1.8 KB a reply) for 12,000 small PREDICTs written at once:
+    # about 22 MB of answers, past max_unread_reply_bytes (16 MiB). Answered at once (no hold), the runs
+    # stop at each MiB of answers, so the port writes them and stops reading while the client does not
+    # read; held, a connection holds at most half of max_unread_reply_bytes and the rest goes at once
+    # the same way. The client reads everything late and gets every answer, once.
+    fe = frontend_factory(default_refusal_hold=hold)
+    _held_setup(fe, "big", 300.0, default_output=[0.5] * 200)
+    n = 12_000
+    x = _x(0.2)
+    data = b"".join(framing.pack_frame(wire.pack(wire.predict(i, "big", x))) for i in range(n))
+    c = WireConn(fe.port)
+    sender = threading.Thread(target=c.send_raw, args=(data,), daemon=True)
+    sender.start()
+    sender.join(1.0)  # the client writes (blocked, at some point, by a server that stopped reading) ...
+    seen = set()
+    while len(seen) < n:  # ... and only then reads
+        for m in c.recv(1, timeout=30):
+            assert m[1] not in seen, f"request {m[1]} answered twice"
+            seen.add(m[1])
+    sender.join(10)
+    assert not sender.is_alive()
+    assert "unread_replies" not in fe.call(lambda: dict(fe.fe.query_server.closed_by))
+    assert fe.call(lambda: fe.fe.processor.routes["big"].defaults) >= n - 10

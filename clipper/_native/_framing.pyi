@@ -72,14 +72,16 @@ def request_head(body: bytes | bytearray | memoryview) -> tuple[int, int, str, i
     unsigned integer id and a str app, read from its bytes; None for any other frame."""
 
 def refuse_run(items: list, start: int, app: bytes, max_body: int, tail: bytes, out: bytearray,
-               inflight: IdSet | None = None) -> int:
+               inflight: IdSet | None = None, max_out: int = -1) -> int:
     """From ``items[start]``, append to ``out`` the :func:`error_frame` of each PREDICT body for exactly
     the application ``app`` (UTF-8) of at most ``max_body`` bytes; return the index of the first item
     that is anything else, or whose id ``inflight`` holds (admission refusing a run of frames in one
-    pass; a duplicate id is the caller's to refuse)."""
+    pass; a duplicate id is the caller's to refuse), or of the first left once ``out`` holds ``max_out``
+    bytes (negative: no bound)."""
 
 def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: int, output_body: bytes,
-                extra_body: bytes | None, out: bytearray, inflight: IdSet | None = None) -> int:
+                extra_body: bytes | None, out: bytearray, inflight: IdSet | None = None,
+                max_out: int = -1) -> int:
     """The frames :func:`refuse_run` would take, answered instead with the :func:`result_frame` of each id,
     a query id counting up from ``first_qid``, ``output_body`` (a default output), ``is_default`` true
     and ``extra_body``; returns the index of the first item left."""

@@ -843,7 +843,7 @@ cdef Py_ssize_t _run_head(object item, const char* app, Py_ssize_t alen, Py_ssiz
 
 
 cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, object tail,
-                            bytearray out, IdSet inflight=None):
+                            bytearray out, IdSet inflight=None, Py_ssize_t max_out=-1):
     """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
 
     From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
@@ -852,31 +852,37 @@ cpdef Py_ssize_t refuse_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
     ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
     Stops at the first item that is anything else (another kind, another
     application, a malformed head, an oversized frame's int, an id that
-    ``inflight`` holds: a duplicate, refused as such by the caller) and
-    returns its index: the caller takes that one the whole way.
+    ``inflight`` holds: a duplicate, refused as such by the caller), or once
+    ``out`` holds ``max_out`` bytes or more (a negative ``max_out``: no
+    bound; the caller writes that much before it reads on), and returns its
+    index: the caller takes that one the whole way.
     """
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
-    return _answer_run(items, start, app, max_body, out, inflight, tail, None, False, 0)
+    return _answer_run(items, start, app, max_body, out, inflight, tail, None, False, 0, max_out)
 
 
 cpdef Py_ssize_t default_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, uint64_t first_qid,
-                             object output_body, object extra_body, bytearray out, IdSet inflight=None):
+                             object output_body, object extra_body, bytearray out, IdSet inflight=None,
+                             Py_ssize_t max_out=-1):
     """Answer a run of PREDICT frames for one application with its default output in one pass (admission's
     fast path for an application whose refusals are default outputs).
 
     The frames it takes are those :func:`refuse_run` takes; for each it
     appends to ``out`` the frame :func:`result_frame` makes of its id, a query
     id counting up from ``first_qid``, ``output_body``, ``is_default`` true and
-    ``extra_body``. Returns the index of the first item it leaves.
+    ``extra_body`` (stopping, as refuse_run does, once ``out`` holds ``max_out``
+    bytes). Returns the index of the first item it leaves.
     """
     if items is None or app is None or out is None or output_body is None:
         raise TypeError("default_run: items, app, output_body and out must not be None")
-    return _answer_run(items, start, app, max_body, out, inflight, output_body, extra_body, True, first_qid)
+    return _answer_run(items, start, app, max_body, out, inflight, output_body, extra_body, True, first_qid,
+                       max_out)
 
 
 cdef Py_ssize_t _answer_run(list items, Py_ssize_t start, bytes app, Py_ssize_t max_body, bytearray out,
-                            IdSet inflight, object body1, object body2, bint results, uint64_t first_qid) except -1:
+                            IdSet inflight, object body1, object body2, bint results, uint64_t first_qid,
+                            Py_ssize_t max_out) except -1:
     """refuse_run (ERROR frames of the tail ``body1``) and default_run (``results``: RESULT frames of the
     output ``body1`` and the extra ``body2``, query ids from ``first_qid``)."""
     cdef Py_ssize_t i = start, n_items, n, alen, base, room
@@ -897,6 +903,8 @@ cdef Py_ssize_t _answer_run(list items, Py_ssize_t start, bytes app, Py_ssize_t 
         try:
             room = HEADER_BYTES + 21 + b1.len + (b2.len if has2 else 0)
             while i < n_items:
+                if max_out >= 0 and len(out) >= max_out:
+                    break
                 if _run_head(items[i], a, alen, max_body, &req_id) < 0:
                     break
                 if inflight is not None and inflight.has(req_id):

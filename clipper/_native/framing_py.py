@@ -478,7 +478,8 @@ def error_frame(req_id: int, tail) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: bytearray, inflight=None) -> int:
+def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: bytearray, inflight=None,
+               max_out: int = -1) -> int:
     """Refuse a run of PREDICT frames for one application in one pass (admission's fast path).
 
     From ``items[start]`` on, while an item is a PREDICT frame body ``[1, id,
@@ -486,28 +487,33 @@ def refuse_run(items: list, start: int, app: bytes, max_body: int, tail, out: by
     ``app`` (its UTF-8 bytes) and at most ``max_body`` bytes, appends to
     ``out`` the frame :func:`error_frame` makes for its id and ``tail``.
     Returns the index of the first item that is anything else (or whose id
-    ``inflight`` holds: a duplicate, refused as such by the caller).
+    ``inflight`` holds: a duplicate, refused as such by the caller), or of the
+    first left once ``out`` holds ``max_out`` bytes (negative: no bound).
     """
     if items is None or app is None or out is None:
         raise TypeError("refuse_run: items, app and out must not be None")
-    return _answer_run(items, start, app, max_body, out, inflight, lambda req_id, k: error_frame(req_id, tail))
+    return _answer_run(items, start, app, max_body, out, inflight, lambda req_id, k: error_frame(req_id, tail),
+                       max_out)
 
 
 def default_run(items: list, start: int, app: bytes, max_body: int, first_qid: int, output_body, extra_body,
-                out: bytearray, inflight=None) -> int:
+                out: bytearray, inflight=None, max_out: int = -1) -> int:
     """The twin of the native ``default_run``: the frames :func:`refuse_run` would take, each answered
     with :func:`result_frame` of its id, query id ``first_qid + k`` (the k-th taken), the default
     ``output_body`` flagged as a default, and ``extra_body``."""
     if items is None or app is None or out is None or output_body is None:
         raise TypeError("default_run: items, app, output_body and out must not be None")
     return _answer_run(items, start, app, max_body, out, inflight,
-                       lambda req_id, k: result_frame(req_id, first_qid + k, output_body, True, extra_body))
+                       lambda req_id, k: result_frame(req_id, first_qid + k, output_body, True, extra_body), max_out)
 
 
-def _answer_run(items: list, start: int, app: bytes, max_body: int, out: bytearray, inflight, frame) -> int:
+def _answer_run(items: list, start: int, app: bytes, max_body: int, out: bytearray, inflight, frame,
+                max_out: int) -> int:
     i = max(start, 0)
     k = 0
     while i < len(items):
+        if 0 <= max_out <= len(out):
+            break
         item = items[i]
         if type(item) is int or len(item) > max_body:
             break

@@ -379,6 +379,9 @@ class AppRoute:
                                 and self.shape[0] * self.np_dtype.itemsize <= self.processor.max_input_bytes else 0)
         self.error_on_deadline = app.on_deadline == "error"
         self.default_on_overload = app.on_overload == "default"
+        # how long after its arrival a refused query's default answer goes (0: at once; errors: at once)
+        self.refusal_hold_ns = (int(self.slo_ns * self.processor.default_refusal_hold)
+                                if self.default_on_overload else 0)
         self.use_cache = bool(app.cache)
         self.max_input_bytes = self.processor.max_input_bytes
         self.threshold = app.confidence_threshold
@@ -809,12 +812,16 @@ class QueryProcessor:
                  max_user_states: int = 100_000, max_user_states_in_memory: int = 10_000,
                  deadline_margin_ms: float = 2.0, adaptive_margin: bool = True, admission: bool = True,
                  admission_wait_batches: float = 2.0, admission_standing_ms: float = 1000.0,
+                 default_refusal_hold: float = 0.0,
                  max_inflight_bytes: int = 1 << 62, state_load_timeout_ms: int = 1000) -> None:
         self.loop = loop
         self.admission = admission  # refuse at arrival what its model cannot answer in time
         # ... or would queue behind more than this many batch latencies of work (see admits)
         self.admission_wait_batches = float(admission_wait_batches)
         self.admission_standing_ns = int(admission_standing_ms * 1_000_000)  # ... once the queue stands this long
+        # a default answer to a refusal goes this fraction of the SLO after its query arrived (AppRoute's
+        # refusal_hold_ns; the msgpack port holds it: QueryServer.hold)
+        self.default_refusal_hold = float(default_refusal_hold)
         self.max_inflight_bytes = max_inflight_bytes
         self.inflight_bytes = 0  # input bytes of every ticket not yet settled
         self.unsettled = 0  # tickets not yet settled
@@ -1336,19 +1343,22 @@ class QueryProcessor:
         self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         if route.default_on_overload:
             route.defaults += 1
-            route.latency.count_fast()
+            route.latency.count_at(route.refusal_hold_ns)  # (answered then: the port holds it that long)
             return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
         route.errors += 1
         return _error_frame(req_id, tail)
 
-    def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray, inflight=None) -> int:
+    def shed_run(self, route: AppRoute, items: list, start: int, out: bytearray, inflight=None,
+                 max_out: int = -1) -> int:
         """After :meth:`shed` refused a frame: refuse the frames that follow it in ``items`` (one read
         of one connection) for the same application while the refusal holds, in one native pass, their
         answers appended to ``out``: OVERLOADED errors (``framing.refuse_run``), or the application's
         default output when its refusals are answered so (``framing.default_run``). Returns the
         index of the first frame left for the whole way (a frame whose id ``inflight`` holds is left
-        too: the whole way refuses it as a duplicate). Under overload most of a read is such a run,
-        and a refusal costs a few hundred nanoseconds instead of a trip through Python per frame."""
+        too: the whole way refuses it as a duplicate; so is every frame once ``out`` holds ``max_out``
+        bytes, so that the port writes what it has and heeds a client that stops reading before it
+        answers more). Under overload most of a read is such a run, and a refusal costs a few hundred
+        nanoseconds instead of a trip through Python per frame."""
         queue = route.queue
         now = time.monotonic_ns()
         if queue is None or now >= queue.refusing_until_ns or self.routes.get(route.name) is not route:
@@ -1363,11 +1373,11 @@ class QueryProcessor:
         _, extra, tail = route.overload_text(queue, queue.refusing_kind)
         if route.default_on_overload:  # each answered at once with the default output, as shed answers one
             end = _default_run(items, start, route.name_bytes, route.max_valid_frame, self._next_query_id,
-                               route.packed_default, extra.packed, out, inflight)
+                               route.packed_default, extra.packed, out, inflight, max_out)
             route.defaults += end - start
-            route.latency.count_fast(end - start)
+            route.latency.count_at(route.refusal_hold_ns, end - start)
         else:
-            end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight)
+            end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight, max_out)
             route.errors += end - start
         n = end - start
         route.requests += n

@@ -18,6 +18,7 @@ frame reader holds (``buffered``) and whether a frame is unfinished (``mid_frame
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 
@@ -63,6 +64,7 @@ class QueryConnection(ClientConnection):
         self._out: list = []
         self._out_bytes = 0  # bytes in _out
         self._flush_scheduled = False
+        self.held_bytes = 0  # bytes of default answers to refusals the server holds for it (QueryServer.hold)
         self._backlog = None  # frames read but held back: the client stopped reading its replies
         self._shedding = None  # the route whose frame admission just refused at its head (see _process)
         self._run = None  # the route whose frame the array fast path just admitted (see _process)
@@ -132,9 +134,9 @@ class QueryConnection(ClientConnection):
             # admission refuses that application's queries at the moment: a read that starts with some
             # is refused up to its first other frame in one native pass, before any Python per frame
             out = bytearray()
-            i = self.processor.shed_run(route, items, i, out, self.inflight)
+            i = self.processor.shed_run(route, items, i, out, self.inflight, EARLY_FLUSH_BYTES)
             if out:
-                self._queue(out)
+                self._queue_refusals(route, out)
         while i < n:
             if self._pause_mask & PAUSED_WRITE or self.closed:
                 if not self.closed:
@@ -163,9 +165,9 @@ class QueryConnection(ClientConnection):
                     if (i < n and (self.allowed is None or route.name in self.allowed)
                             and self.pending < self.max_pending):
                         out = bytearray()
-                        i = self.processor.shed_run(route, items, i, out, self.inflight)
+                        i = self.processor.shed_run(route, items, i, out, self.inflight, EARLY_FLUSH_BYTES)
                         if out:
-                            self._queue(out)
+                            self._queue_refusals(route, out)
 
     def resume_writing(self) -> None:
         backlog = self._backlog
@@ -301,7 +303,7 @@ class QueryConnection(ClientConnection):
         if kind == _PREDICT:
             frame = self.processor.shed(route, req_id, len(body), self)
             if frame is not None:
-                self._queue(frame)
+                self._queue_refusals(route, frame)
                 self._shedding = route  # the frames after it in this read may be refused in one run
                 return True
             ext = route.ext_head
@@ -485,6 +487,16 @@ class QueryConnection(ClientConnection):
         if not self.closed:
             self._queue(framing.pack_frame(wire.pack(msg)))
 
+    def _queue_refusals(self, route, frames: bytes | bytearray) -> None:
+        """Answers admission made at arrival for ``route`` (refused at their heads, or in a run): its
+        default outputs wait out the application's ``refusal_hold_ns`` (``default_refusal_hold``) in the
+        server's hold; OVERLOADED errors, and defaults with no hold, go like any reply."""
+        hold = route.refusal_hold_ns
+        if hold > 0 and route.default_on_overload:
+            self.server.hold(self, frames, hold)
+        else:
+            self._queue(frames)
+
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_bytes += len(frame)
@@ -529,6 +541,59 @@ class QueryServer(ClientServer):
         self.packer = wire.new_packer()  # used on the event loop's thread only
         self.dirty: list[QueryConnection] = []  # connections with replies queued and not yet written
         self.flush_pending = False  # flush_dirty is scheduled
+        # Default answers to refused queries, each held until its time (hold): (due in loop time, a
+        # sequence number, the connection, the frames), earliest first; one timer for them all.
+        self.held: list = []
+        self.held_seq = 0
+        self.held_timer = None
+        self.holding = True  # False once a drain began: every answer goes at once
+        # what a connection may have held at once; past it, its answers go at once (a client that floods)
+        self.max_held_bytes = max(1, limits.max_unread_reply_bytes // 2)
+
+    def hold(self, conn: QueryConnection, frames: bytes | bytearray, delay_ns: int) -> None:
+        """Write ``frames`` (answers to queries refused at arrival, made now) to ``conn`` ``delay_ns``
+        from now, with whatever else it has to write then. A connection holding past ``max_held_bytes``
+        gets them at once; a closed one never; a drain or close writes them all at once."""
+        size = len(frames)
+        if conn.held_bytes + size > self.max_held_bytes or not self.holding:
+            conn._queue(frames)
+            return
+        conn.held_bytes += size
+        due = self.loop.time() + delay_ns / 1e9
+        self.held_seq += 1
+        heapq.heappush(self.held, (due, self.held_seq, conn, frames))
+        timer = self.held_timer
+        if timer is None or due < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self.held_timer = self.loop.call_at(due, self.release_held)
+
+    def release_held(self, everything: bool = False) -> None:
+        """Queue the held answers that are due (``everything``: all of them) for their connections."""
+        if self.held_timer is not None:
+            self.held_timer.cancel()
+            self.held_timer = None
+        held = self.held
+        # (the loop's timers fire up to a millisecond early or late: what is due within it goes now)
+        until = float("inf") if everything else self.loop.time() + 0.001
+        while held and held[0][0] <= until:
+            _, _, conn, frames = heapq.heappop(held)
+            conn.held_bytes -= len(frames)
+            if not conn.closed:
+                conn._queue(frames)
+        if held:
+            self.held_timer = self.loop.call_at(held[0][0], self.release_held)
+
+    def stop_accepting(self) -> None:
+        """As the base does; the answers held for refused queries go at once (a drain has begun)."""
+        super().stop_accepting()
+        self.holding = False
+        self.release_held(everything=True)
+
+    async def close(self) -> None:
+        self.release_held(everything=True)
+        self.flush_dirty()
+        await super().close()
 
     def flush_dirty(self) -> None:
         """Write the replies every connection has queued: once per loop turn (scheduled by the first
