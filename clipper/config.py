@@ -139,11 +139,12 @@ class FrontendConfig:
     # judged by the SLO alone.
     admission_standing_ms: float = 1000.0
     # A query refused at arrival by an application whose refusals are its default output (on_overload =
-    # "default") gets that answer this fraction of its SLO after it arrived, not at once: still within
-    # the SLO, and a client that sends its next request when it has an answer (a closed loop) then cannot
-    # come back thousands of times a second to be refused again, taking the CPU the admitted queries
-    # need. 0 answers at once. (OVERLOADED errors always go at once: a client told so may go elsewhere.)
-    default_refusal_hold: float = 0.5
+    # "default") gets that answer this fraction of its SLO after it arrived (msgpack port), not at once:
+    # still within the SLO, and a client that sends its next request when it has an answer (a closed
+    # loop) then cannot come back thousands of times a second to be refused again, taking the CPU the
+    # admitted queries need. 0 (the default) answers at once: holding costs an open loop (clients that
+    # send on their own schedule) some goodput. OVERLOADED errors always go at once.
+    default_refusal_hold: float = 0.0
 
     # ---- the trust boundary (docs/security.md)
     # Container RPC: "curve" (ZeroMQ CURVE: encrypted, every container authenticates with a key

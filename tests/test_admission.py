@@ -159,6 +159,10 @@ def test_admission_wait_batches_is_checked_at_load():
     assert FrontendConfig(admission_wait_batches=3).admission_wait_batches == 3
     with pytest.raises(E.InvalidConfigError, match="admission_standing_ms"):
         FrontendConfig(admission_standing_ms=-1)
+    for bad in (-0.1, 0.95, 1, True, "0.5", float("nan")):
+        with pytest.raises(E.InvalidConfigError, match="default_refusal_hold"):
+            FrontendConfig(default_refusal_hold=bad)
+    assert FrontendConfig().default_refusal_hold == 0 and FrontendConfig(default_refusal_hold=0.9).default_refusal_hold == 0.9
 
 
 def test_the_in_flight_byte_budget_refuses_what_would_pass_it(frontend_factory, wire_conn):

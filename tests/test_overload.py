@@ -96,7 +96,7 @@ def test_overload_is_refused_at_arrival(frontend_factory):
 
 @pytest.mark.parametrize("hold", [0.0, 0.5])
 def test_overload_default_is_answered_at_once_or_held_within_the_slo(frontend_factory, hold):
-    # default_refusal_hold = 0: a refused query's default comes at once. 0.5 (the default): half the SLO
+    # default_refusal_hold = 0 (the default): a refused query's default comes at once. 0.5: half the SLO
     # after it was sent (none sooner, bar the timer's millisecond), every one within the SLO.
     fe = frontend_factory(default_refusal_hold=hold)
     slo_ms = 300.0
