@@ -78,5 +78,11 @@ def test_a_connection_whose_write_fails_is_cut_off_and_the_others_are_written():
         server.flush_dirty()
         assert bad.transport.aborted and not good.transport.aborted
         assert good.transport.written == [b"y"]
+        # closed and counted like any cut-off: nothing more is written to it
+        assert bad.closed and server.closed_by == {"write_failed": 1}
+        bad.transport.fail = False
+        bad._queue(b"z")
+        server.flush_dirty()
+        assert bad.transport.written == []
     finally:
         loop.close()

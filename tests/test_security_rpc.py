@@ -515,3 +515,35 @@ def test_a_failed_start_leaves_no_thread_socket_or_secret_behind(frontend_factor
     leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert not leaked, leaked
     assert not {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("clipper-")}
+
+
+@pytest.mark.parametrize("shape", [[1.0], [True], ["1"]])
+def test_an_output_shape_that_is_not_integers_is_refused(frontend, peers, shape):
+    # [1.0] and [True] equal a count of 1 in Python: the count must be an int, or the answer is not taken.
+    frontend.deploy("sum", "row_sum", replicas=0)
+    peer = peers(tcp(frontend), creds_for(frontend, "sum-model", "1"))
+    peer.hello("sum-model", "1", pid=1)
+    assert peer.recv_kind(m.F_WELCOME)
+    import threading
+
+    answers: list = []
+
+    def ask():
+        try:
+            answers.append(Client("127.0.0.1", frontend.port).predict("sum", X))
+        except E.ClipperError as exc:
+            answers.append(exc)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    for _ in range(5):  # the batch, and any retry of it, gets the same bad answer
+        got = peer.recv(timeout_ms=3000)
+        if got is None:
+            break
+        header, *_ = got
+        if header[0] == m.F_BATCH:
+            peer.send([m.C_RESULT, header[1], 1, m.ENC_NDARRAY, ["<f8", shape]], np.array([42.0]).tobytes())
+    t.join(30)
+    assert len(answers) == 1
+    a = answers[0]
+    assert isinstance(a, E.ClipperError) or a.is_default and a.output != 42.0, a

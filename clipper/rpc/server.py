@@ -509,7 +509,7 @@ class ContainerServer:
             if encoding == m.ENC_NDARRAY:
                 typestr, shape = meta
                 dtype = wire.ALLOWED_DTYPES[typestr]
-                if type(shape) is not list or not shape or shape[0] != count:
+                if type(shape) is not list or not shape or type(shape[0]) is not int or shape[0] != count:
                     raise ModelError(f"model {replica.key}: output shape {shape!r} does not hold {count} outputs")
                 outputs = ndarray_outputs(payload, dtype, typestr, shape)
             elif encoding == m.ENC_MSGPACK:

@@ -610,6 +610,8 @@ class QueryServer(ClientServer):
                         conn._flush()
                     except Exception:  # one connection's failure leaves the others' replies to go out
                         log.exception("writing the replies of a connection failed: closing it")
-                        transport = conn.transport
-                        if transport is not None:
-                            transport.abort()  # (its replies are lost: its client learns so at once)
+                        if conn.transport is not None:
+                            try:  # closed and counted as any cut-off; its replies are lost, its client
+                                conn.abort_for("write_failed")  # learns so at once
+                            except Exception:
+                                log.exception("closing a connection whose write failed failed too")
