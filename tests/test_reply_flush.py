@@ -86,3 +86,26 @@ def test_a_connection_whose_write_fails_is_cut_off_and_the_others_are_written():
         assert bad.transport.written == []
     finally:
         loop.close()
+
+
+def test_held_answers_that_are_due_go_out_with_the_next_flush_and_the_rest_wait_their_time():
+    loop = asyncio.new_event_loop()
+    try:
+        server = _server(loop)
+        a, b = _conn(server, Transport()), _conn(server, Transport())
+        server.hold(a, b"<held>", 0)  # due at once
+        server.hold(a, b"<later>", 10**9)  # due in a second
+        server.hold(b, b"<b-held>", 0)
+        a._queue(b"<reply>")
+        server.flush_dirty()  # a regular flush takes what is due along: one write per connection
+        assert a.transport.written == [b"<reply><held>"] and b.transport.written == [b"<b-held>"]
+        assert [f for *_, f in server.held] == [b"<later>"] and a.held_bytes == len(b"<later>") and b.held_bytes == 0
+        assert server.held_timer is not None and server.held_timer.when() > loop.time() + 0.5
+        b.closed = True  # a closed connection's held answers are dropped, never written
+        server.hold(b, b"<gone>", 0)
+        server.release_held(everything=True)  # (a drain: all at once)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert a.transport.written == [b"<reply><held>", b"<later>"] and b.transport.written == [b"<b-held>"]
+        assert not server.held and server.held_timer is None
+    finally:
+        loop.close()

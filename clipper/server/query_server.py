@@ -599,7 +599,13 @@ class QueryServer(ClientServer):
         """Write the replies every connection has queued: once per loop turn (scheduled by the first
         reply queued in it), or sooner, as soon as a batch's answers are all settled and nothing waits
         behind them (``ModelQueue``'s ``on_answered``): a query alone in flight then gets its answer
-        before the frontend does its bookkeeping of the batch, not after it and a turn of the loop."""
+        before the frontend does its bookkeeping of the batch, not after it and a turn of the loop.
+        Held answers to refusals that are due go in the same writes (under load they rarely wait for
+        their own timer, which is for an idle loop)."""
+        held = self.held
+        if held and held[0][0] <= self.loop.time() + 0.001:
+            self.flush_pending = True  # (what release_held queues is written below: no flush of its own)
+            self.release_held()
         self.flush_pending = False
         dirty = self.dirty
         if dirty:
