@@ -46,9 +46,12 @@ from .loadgen import OVERLOADED_CODE, LoadgenError, LoadSpec, format_summary, ru
 from .run import REPO, Server, TargetError, clipper_server, machine_info, parse_sweep
 
 # admission_control = true / false; "pipelined" and "serial": admission on with two batches in flight per
-# replica ([frontend] batches_in_flight = 2) and with one, to measure the second batch against one in one run
-SETTINGS = ("on", "off", "pipelined", "serial")
+# replica ([frontend] batches_in_flight = 2) and with one, to measure the second batch against one in one run;
+# "held": admission on, default answers to refusals held until half the SLO ([frontend]
+# default_refusal_hold = 0.5; with --on-overload default)
+SETTINGS = ("on", "off", "pipelined", "serial", "held")
 _IN_FLIGHT = {"pipelined": 2, "serial": 1}
+_HOLD = {"held": 0.5}
 DEFAULT_LOADS = "0.5,1,1.5,2,3,4"
 DEFAULT_CAPACITY_LEVELS = "4x16,4x32,4x64"
 
@@ -159,7 +162,9 @@ def run(args, log) -> dict:
         for s in args.settings:
             cfg = write_deployment(args.config, tmp / f"{s}.toml", frontend={"admission_control": s != "off",
                                                                       **({"batches_in_flight": _IN_FLIGHT[s]}
-                                                                         if s in _IN_FLIGHT else {})},
+                                                                         if s in _IN_FLIGHT else {}),
+                                                                      **({"default_refusal_hold": _HOLD[s]}
+                                                                         if s in _HOLD else {})},
                                    application={"on_overload": args.on_overload})
             srv = clipper_server(cfg, tmp, args.ready_timeout, args.clipper_cmd.split(), f"admission-{s}")
             srv.start()
@@ -329,7 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ms", type=float, default=None,
                     help="the application's SLO for the report and plot (default: read from the deployment)")
     ap.add_argument("--settings", default="on,off", help="frontends to run, comma-separated: on (admission control), off (none), pipelined / "
-                         "serial (admission on, batches_in_flight = 2 / 1)")
+                         "serial (admission on, batches_in_flight = 2 / 1), held (admission on, "
+                         "default_refusal_hold = 0.5)")
     ap.add_argument("--on-overload", choices=("error", "default"), default="error",
                     help="what the application answers a refused query (default: the OVERLOADED error)")
     ap.add_argument("--loads", type=parse_loads, default=parse_loads(DEFAULT_LOADS),
