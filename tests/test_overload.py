@@ -568,7 +568,7 @@ def test_a_run_of_large_default_answers_is_paced_by_a_client_that_reads_late_not
     # A default output of 200 numbers (about 1.8 KB a reply) for 12,000 small PREDICTs written at once:
     # about 22 MB of answers, past max_unread_reply_bytes (16 MiB). Answered at once (no hold), the runs
     # stop at each MiB of answers, so the port writes them and stops reading while the client does not
-    # read; held, a connection holds at most half of max_unread_reply_bytes and the rest goes at once
+    # read; held, a connection holds at most a quarter of max_unread_reply_bytes and the rest goes at once
     # the same way. The client reads everything late and gets every answer, once.
     fe = frontend_factory(default_refusal_hold=hold)
     _held_setup(fe, "big", 300.0, default_output=[0.5] * 200)

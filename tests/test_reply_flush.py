@@ -29,6 +29,9 @@ class Transport:
     def abort(self) -> None:
         self.aborted = True
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def get_extra_info(self, name):
         return None
 
@@ -96,6 +99,7 @@ def test_held_answers_that_are_due_go_out_with_the_next_flush_and_the_rest_wait_
         server.hold(a, b"<held>", 0)  # due at once
         server.hold(a, b"<later>", 10**9)  # due in a second
         server.hold(b, b"<b-held>", 0)
+        assert b.busy()  # answers held for it: the idle timeout leaves it open
         a._queue(b"<reply>")
         server.flush_dirty()  # a regular flush takes what is due along: one write per connection
         assert a.transport.written == [b"<reply><held>"] and b.transport.written == [b"<b-held>"]
@@ -107,5 +111,29 @@ def test_held_answers_that_are_due_go_out_with_the_next_flush_and_the_rest_wait_
         loop.run_until_complete(asyncio.sleep(0))
         assert a.transport.written == [b"<reply><held>", b"<later>"] and b.transport.written == [b"<b-held>"]
         assert not server.held and server.held_timer is None
+    finally:
+        loop.close()
+
+
+def test_a_hold_shorter_than_the_loops_tick_and_a_failing_release_break_nothing_on_uvloop():
+    # uvloop gives a plain Handle (no when()) for a time under half a millisecond away: holds keep their
+    # own due time. A connection whose held answers cannot be written is cut off; the others' answers,
+    # held or not, still go out, and the hold's timer is armed again for what is left.
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    try:
+        server = _server(loop)
+        bad, good = _conn(server, Transport()), _conn(server, Transport())
+        server.hold(good, b"<g1>", 100_000)  # 0.1 ms
+        server.hold(bad, b"<b1>", 100_000)
+        server.hold(good, b"<g2>", 10**9)
+        bad.transport.fail = True
+        good._queue(b"<reply>")
+        loop.run_until_complete(asyncio.sleep(0.005))
+        assert bad.closed and server.closed_by == {"write_failed": 1}
+        assert b"".join(good.transport.written) == b"<reply><g1>"
+        assert [f for *_, f in server.held] == [b"<g2>"] and server.held_timer is not None
+        assert not server.flush_pending and server.dirty == []
     finally:
         loop.close()

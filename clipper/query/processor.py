@@ -380,8 +380,10 @@ class AppRoute:
         self.error_on_deadline = app.on_deadline == "error"
         self.default_on_overload = app.on_overload == "default"
         # how long after its arrival a refused query's default answer goes (0: at once; errors: at once)
-        self.refusal_hold_ns = (int(self.slo_ns * self.processor.default_refusal_hold)
-                                if self.default_on_overload else 0)
+        # (never closer to the SLO than its answer margin and a millisecond: the loop's timers tick in ms)
+        self.refusal_hold_ns = (max(0, min(int(self.slo_ns * self.processor.default_refusal_hold),
+                                           self.answer_ns - 1_000_000))
+                                if self.default_on_overload and self.processor.default_refusal_hold > 0 else 0)
         self.use_cache = bool(app.cache)
         self.max_input_bytes = self.processor.max_input_bytes
         self.threshold = app.confidence_threshold

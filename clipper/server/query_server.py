@@ -199,7 +199,7 @@ class QueryConnection(ClientConnection):
         self.close_for("partial_budget", exc)
 
     def busy(self) -> bool:
-        return self.pending > 0 or bool(self._out) or super().busy()
+        return self.pending > 0 or bool(self._out) or self.held_bytes > 0 or super().busy()
 
     def before_close(self) -> None:
         if self._out:
@@ -546,27 +546,39 @@ class QueryServer(ClientServer):
         self.held: list = []
         self.held_seq = 0
         self.held_timer = None
+        self.held_due = 0.0  # when held_timer fires (loop time)
         self.holding = True  # False once a drain began: every answer goes at once
         # what a connection may have held at once; past it, its answers go at once (a client that floods)
-        self.max_held_bytes = max(1, limits.max_unread_reply_bytes // 2)
+        # (a quarter of max_unread_reply_bytes: released onto a write buffer at its high-water mark, half
+        # of it, they stay under the limit that cuts a client off)
+        self.max_held_bytes = max(1, limits.max_unread_reply_bytes // 4)
 
     def hold(self, conn: QueryConnection, frames: bytes | bytearray, delay_ns: int) -> None:
         """Write ``frames`` (answers to queries refused at arrival, made now) to ``conn`` ``delay_ns``
-        from now, with whatever else it has to write then. A connection holding past ``max_held_bytes``
-        gets them at once; a closed one never; a drain or close writes them all at once."""
+        from now, with whatever else it has to write then. A connection that holds past
+        ``max_held_bytes`` (with what its transport has not sent yet), or that its client is not reading,
+        gets them at once (the port's usual back-pressure then applies); a closed one never; a drain or
+        close writes them all at once."""
         size = len(frames)
-        if conn.held_bytes + size > self.max_held_bytes or not self.holding:
+        transport = conn.transport
+        if (not self.holding or conn._pause_mask & PAUSED_WRITE or transport is None
+                or conn.held_bytes + size + transport.get_write_buffer_size() > self.max_held_bytes):
             conn._queue(frames)
             return
         conn.held_bytes += size
         due = self.loop.time() + delay_ns / 1e9
         self.held_seq += 1
         heapq.heappush(self.held, (due, self.held_seq, conn, frames))
-        timer = self.held_timer
-        if timer is None or due < timer.when():
-            if timer is not None:
-                timer.cancel()
-            self.held_timer = self.loop.call_at(due, self.release_held)
+        if self.held_timer is None or due < self.held_due:
+            self._arm_held(due)
+
+    def _arm_held(self, due: float) -> None:
+        # (the time is kept here: uvloop's call_at gives a plain Handle, with no when(), for a time
+        # under half a millisecond away)
+        if self.held_timer is not None:
+            self.held_timer.cancel()
+        self.held_due = due
+        self.held_timer = self.loop.call_at(due, self.release_held)
 
     def release_held(self, everything: bool = False) -> None:
         """Queue the held answers that are due (``everything``: all of them) for their connections."""
@@ -576,13 +588,23 @@ class QueryServer(ClientServer):
         held = self.held
         # (the loop's timers fire up to a millisecond early or late: what is due within it goes now)
         until = float("inf") if everything else self.loop.time() + 0.001
-        while held and held[0][0] <= until:
-            _, _, conn, frames = heapq.heappop(held)
-            conn.held_bytes -= len(frames)
-            if not conn.closed:
-                conn._queue(frames)
-        if held:
-            self.held_timer = self.loop.call_at(held[0][0], self.release_held)
+        try:
+            while held and held[0][0] <= until:
+                _, _, conn, frames = heapq.heappop(held)
+                conn.held_bytes -= len(frames)
+                if conn.closed:
+                    continue
+                try:
+                    conn._queue(frames)  # (past EARLY_FLUSH_BYTES it writes at once)
+                except Exception:  # as flush_dirty: this connection is cut off, the others' answers go on
+                    log.exception("writing the held answers of a connection failed: closing it")
+                    try:
+                        conn.abort_for("write_failed")
+                    except Exception:
+                        log.exception("closing a connection whose write failed failed too")
+        finally:
+            if held:
+                self._arm_held(held[0][0])
 
     def stop_accepting(self) -> None:
         """As the base does; the answers held for refused queries go at once (a drain has begun)."""
@@ -605,7 +627,10 @@ class QueryServer(ClientServer):
         held = self.held
         if held and held[0][0] <= self.loop.time() + 0.001:
             self.flush_pending = True  # (what release_held queues is written below: no flush of its own)
-            self.release_held()
+            try:
+                self.release_held()
+            finally:
+                self.flush_pending = False
         self.flush_pending = False
         dirty = self.dirty
         if dirty:
