@@ -1344,8 +1344,7 @@ class QueryProcessor:
         msg, extra, tail = route.overload_text(queue, kind)
         self.refusing_route = route  # the next reads may start with a run of its frames (shed_run)
         if route.default_on_overload:
-            route.defaults += 1
-            route.latency.count_at(route.refusal_hold_ns)  # (answered then: the port holds it that long)
+            route.defaults += 1  # (its latency is counted by the port, which may hold the answer)
             return _result_frame(req_id, qid, route.packed_default, True, extra.packed)
         route.errors += 1
         return _error_frame(req_id, tail)
@@ -1376,8 +1375,7 @@ class QueryProcessor:
         if route.default_on_overload:  # each answered at once with the default output, as shed answers one
             end = _default_run(items, start, route.name_bytes, route.max_valid_frame, self._next_query_id,
                                route.packed_default, extra.packed, out, inflight, max_out)
-            route.defaults += end - start
-            route.latency.count_at(route.refusal_hold_ns, end - start)
+            route.defaults += end - start  # (their latency: counted by the port, as shed's)
         else:
             end = _refuse_run(items, start, route.name_bytes, route.max_valid_frame, tail, out, inflight, max_out)
             route.errors += end - start

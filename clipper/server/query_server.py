@@ -134,9 +134,10 @@ class QueryConnection(ClientConnection):
             # admission refuses that application's queries at the moment: a read that starts with some
             # is refused up to its first other frame in one native pass, before any Python per frame
             out = bytearray()
+            first = i
             i = self.processor.shed_run(route, items, i, out, self.inflight, EARLY_FLUSH_BYTES)
             if out:
-                self._queue_refusals(route, out)
+                self._queue_refusals(route, out, i - first)
         while i < n:
             if self._pause_mask & PAUSED_WRITE or self.closed:
                 if not self.closed:
@@ -165,9 +166,10 @@ class QueryConnection(ClientConnection):
                     if (i < n and (self.allowed is None or route.name in self.allowed)
                             and self.pending < self.max_pending):
                         out = bytearray()
+                        first = i
                         i = self.processor.shed_run(route, items, i, out, self.inflight, EARLY_FLUSH_BYTES)
                         if out:
-                            self._queue_refusals(route, out)
+                            self._queue_refusals(route, out, i - first)
 
     def resume_writing(self) -> None:
         backlog = self._backlog
@@ -303,7 +305,7 @@ class QueryConnection(ClientConnection):
         if kind == _PREDICT:
             frame = self.processor.shed(route, req_id, len(body), self)
             if frame is not None:
-                self._queue_refusals(route, frame)
+                self._queue_refusals(route, frame, 1)
                 self._shedding = route  # the frames after it in this read may be refused in one run
                 return True
             ext = route.ext_head
@@ -487,15 +489,22 @@ class QueryConnection(ClientConnection):
         if not self.closed:
             self._queue(framing.pack_frame(wire.pack(msg)))
 
-    def _queue_refusals(self, route, frames: bytes | bytearray) -> None:
-        """Answers admission made at arrival for ``route`` (refused at their heads, or in a run): its
-        default outputs wait out the application's ``refusal_hold_ns`` (``default_refusal_hold``) in the
-        server's hold; OVERLOADED errors, and defaults with no hold, go like any reply."""
-        hold = route.refusal_hold_ns
-        if hold > 0 and route.default_on_overload:
-            self.server.hold(self, frames, hold)
-        else:
+    def _queue_refusals(self, route, frames: bytes | bytearray, n: int) -> None:
+        """The answers to ``n`` queries admission refused at arrival for ``route`` (at their heads, or
+        in a run): default outputs wait out the application's ``refusal_hold_ns``
+        (``default_refusal_hold``) in the server's hold, and count in its latency as answered then, or
+        at once when they are not held; OVERLOADED errors go like any reply."""
+        if not route.default_on_overload:
             self._queue(frames)
+            return
+        hold = route.refusal_hold_ns
+        if hold <= 0:
+            self._queue(frames)
+        elif self.server.hold(self, frames, hold):
+            route.latency.count_at(hold, n)
+            return
+        # (else hold queued them at once)
+        route.latency.count_fast(n)
 
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
@@ -553,24 +562,25 @@ class QueryServer(ClientServer):
         # of it, they stay under the limit that cuts a client off)
         self.max_held_bytes = max(1, limits.max_unread_reply_bytes // 4)
 
-    def hold(self, conn: QueryConnection, frames: bytes | bytearray, delay_ns: int) -> None:
+    def hold(self, conn: QueryConnection, frames: bytes | bytearray, delay_ns: int) -> bool:
         """Write ``frames`` (answers to queries refused at arrival, made now) to ``conn`` ``delay_ns``
         from now, with whatever else it has to write then. A connection that holds past
         ``max_held_bytes`` (with what its transport has not sent yet), or that its client is not reading,
-        gets them at once (the port's usual back-pressure then applies); a closed one never; a drain or
-        close writes them all at once."""
+        gets them at once (the port's usual back-pressure then applies: False); a closed one never; a
+        drain or close writes them all at once."""
         size = len(frames)
         transport = conn.transport
         if (not self.holding or conn._pause_mask & PAUSED_WRITE or transport is None
                 or conn.held_bytes + size + transport.get_write_buffer_size() > self.max_held_bytes):
             conn._queue(frames)
-            return
+            return False
         conn.held_bytes += size
         due = self.loop.time() + delay_ns / 1e9
         self.held_seq += 1
         heapq.heappush(self.held, (due, self.held_seq, conn, frames))
         if self.held_timer is None or due < self.held_due:
             self._arm_held(due)
+        return True
 
     def _arm_held(self, due: float) -> None:
         # (the time is kept here: uvloop's call_at gives a plain Handle, with no when(), for a time
