@@ -543,10 +543,12 @@ def test_held_default_answers_go_at_once_when_a_drain_begins_and_never_to_a_clos
     gone.send_raw(b"".join(framing.pack_frame(wire.pack(wire.predict(i, "held", x))) for i in range(100)))
     c = WireConn(fe.port)
     c.send_raw(b"".join(framing.pack_frame(wire.pack(wire.predict(i, "held", x))) for i in range(100, 300)))
-    # every refusal of c's is made and held once its whole burst has been read
-    deadline = time.monotonic() + 10
-    while fe.call(lambda: fe.fe.processor.routes["held"].overloaded) < 250 and time.monotonic() < deadline:
+    # every request of both bursts read (the two of the warm-up, then 300) and most of them refused, held
+    deadline = time.monotonic() + 20
+    while fe.call(lambda: fe.fe.processor.routes["held"].requests) < 302:
+        assert time.monotonic() < deadline, "the bursts were not all read"
         time.sleep(0.01)
+    assert fe.call(lambda: fe.fe.processor.routes["held"].overloaded) >= 250
     gone.close()
     held = fe.call(lambda: len(fe.fe.query_server.held))
     assert held >= 2, held  # (a run is one entry: at least one per connection)
