@@ -74,8 +74,7 @@ class Histogram:
     def count_at(self, ns: int, n: int = 1) -> None:
         """``n`` observations of ``ns`` nanoseconds each (0: :meth:`count_fast`)."""
         if ns <= 0:
-            self.counts[0] += n
-            return
+            return self.count_fast(n)
         self.counts[bisect.bisect_left(self._bounds_ns, ns)] += n
         self.sum += n * ns / 1e9
 

@@ -498,12 +498,10 @@ class QueryConnection(ClientConnection):
             self._queue(frames)
             return
         hold = route.refusal_hold_ns
-        if hold <= 0:
-            self._queue(frames)
-        elif self.server.hold(self, frames, hold):
+        if hold > 0 and self.server.hold(self, frames, hold):
             route.latency.count_at(hold, n)
             return
-        # (else hold queued them at once)
+        self._queue(frames)
         route.latency.count_fast(n)
 
     def _queue(self, frame: bytes | bytearray) -> None:
@@ -564,15 +562,14 @@ class QueryServer(ClientServer):
 
     def hold(self, conn: QueryConnection, frames: bytes | bytearray, delay_ns: int) -> bool:
         """Write ``frames`` (answers to queries refused at arrival, made now) to ``conn`` ``delay_ns``
-        from now, with whatever else it has to write then. A connection that holds past
-        ``max_held_bytes`` (with what its transport has not sent yet), or that its client is not reading,
-        gets them at once (the port's usual back-pressure then applies: False); a closed one never; a
-        drain or close writes them all at once."""
+        from now, with whatever else it has to write then; a closed connection never gets them, and a
+        drain or close writes them all at once. False (nothing held: the caller writes them at once,
+        under the port's usual back-pressure) once a drain began, while its client is not reading, or
+        past ``max_held_bytes`` held for it (with what its transport has not sent yet)."""
         size = len(frames)
         transport = conn.transport
         if (not self.holding or conn._pause_mask & PAUSED_WRITE or transport is None
                 or conn.held_bytes + size + transport.get_write_buffer_size() > self.max_held_bytes):
-            conn._queue(frames)
             return False
         conn.held_bytes += size
         due = self.loop.time() + delay_ns / 1e9
@@ -606,15 +603,21 @@ class QueryServer(ClientServer):
                     continue
                 try:
                     conn._queue(frames)  # (past EARLY_FLUSH_BYTES it writes at once)
-                except Exception:  # as flush_dirty: this connection is cut off, the others' answers go on
-                    log.exception("writing the held answers of a connection failed: closing it")
-                    try:
-                        conn.abort_for("write_failed")
-                    except Exception:
-                        log.exception("closing a connection whose write failed failed too")
+                except Exception:  # as in flush_dirty: this connection is cut off, the others' answers go on
+                    self._write_failed(conn)
         finally:
             if held:
                 self._arm_held(held[0][0])
+
+    def _write_failed(self, conn: QueryConnection) -> None:
+        """A write to ``conn`` raised: it is cut off (closed and counted as ``write_failed``; its replies
+        are lost and its client learns so at once)."""
+        log.exception("writing the replies of a connection failed: closing it")
+        if conn.transport is not None:
+            try:
+                conn.abort_for("write_failed")
+            except Exception:
+                log.exception("closing a connection whose write failed failed too")
 
     def stop_accepting(self) -> None:
         """As the base does; the answers held for refused queries go at once (a drain has begun)."""
@@ -650,9 +653,4 @@ class QueryServer(ClientServer):
                     try:
                         conn._flush()
                     except Exception:  # one connection's failure leaves the others' replies to go out
-                        log.exception("writing the replies of a connection failed: closing it")
-                        if conn.transport is not None:
-                            try:  # closed and counted as any cut-off; its replies are lost, its client
-                                conn.abort_for("write_failed")  # learns so at once
-                            except Exception:
-                                log.exception("closing a connection whose write failed failed too")
+                        self._write_failed(conn)
