@@ -65,8 +65,11 @@ def _wait(sock) -> None:
     assert sock.poll(5000, zmq.POLLIN), "the message did not arrive"
 
 
-_part = st.one_of(st.binary(max_size=300), st.binary(min_size=30_000, max_size=70_000),
-                  st.sampled_from([b"", b"\x00" * 33, b"\xff" * 34]))  # around ZeroMQ's in-message size
+# Parts around ZeroMQ's in-message size and past the copy threshold. A large part is a drawn size filled
+# from a drawn seed: Hypothesis drawing 30-70 KB byte by byte took most of this module's time.
+_large = st.builds(lambda n, seed: np.random.default_rng(seed).bytes(n), st.integers(30_000, 70_000),
+                   st.integers(0, 2**32 - 1))
+_part = st.one_of(st.binary(max_size=300), _large, st.sampled_from([b"", b"\x00" * 33, b"\xff" * 34]))
 
 
 @settings(max_examples=150, deadline=None)
