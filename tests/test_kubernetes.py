@@ -607,6 +607,8 @@ def test_a_built_container_serves_a_real_frontend(frontend_factory, tmp_path):
     ("kubernetes_namespace", "-lead", "kubernetes_namespace"),
     ("kubernetes_image", "img; rm -rf /", "kubernetes_image"),
     ("kubernetes_image", "", "kubernetes_image"),
+    ("kubernetes_namespace", "clipper\n", "kubernetes_namespace"),  # a trailing newline ($ matched it)
+    ("kubernetes_image", "clipper-serving:0.1.0\n", "kubernetes_image"),
     ("kubernetes_rpc_address", "clipper-rpc:7000", "kubernetes_rpc_address"),
     ("kubernetes_rpc_address", "tcp://clipper-rpc:70000", "kubernetes_rpc_address"),
 ])

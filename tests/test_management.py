@@ -15,6 +15,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import example, given, strategies as st
 
 from clipper import errors as E
 from clipper.client import Client
@@ -427,6 +428,25 @@ def test_answers_name_the_version_that_made_them_across_a_switch(frontend):
         later = c.predict("sw", np.array([1.0, 0, 0, 0], np.float32))
     assert out["p"].models == ("swm:1",) and out["p"].output == 1.0
     assert later.models == ("swm:2",) and later.output == 1.0
+
+
+_NAME_FIRST = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@given(st.one_of(st.text(max_size=140), st.text(_NAME_FIRST + "_.-\n", max_size=140)))
+@example("demo\n")  # a trailing newline: the rule's `$` matched before it
+@example("a" * 128 + "\n")
+def test_a_name_is_accepted_exactly_when_it_follows_the_rule(value):
+    from clipper.management.registry import Application, check_name
+
+    rule = 1 <= len(value) <= 128 and value[0] in _NAME_FIRST and all(c in _NAME_FIRST + "_.-" for c in value)
+    if rule:
+        assert check_name("model name", value) == value
+    else:
+        with pytest.raises(E.InvalidConfigError, match="is not a valid name"):
+            check_name("model name", value)
+        with pytest.raises(E.InvalidConfigError, match="is not a valid name"):
+            Application(value, "float32", (4,))
 
 
 def test_closure_names_are_checked_before_any_file_is_written(frontend, tmp_path):

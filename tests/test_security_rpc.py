@@ -219,6 +219,8 @@ def test_bad_hellos_get_typed_refusals_and_change_nothing(frontend, peers):
         ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": "1", "pid": 2**40}], "hello pid"),
         ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": 1}], "hello version"),
         ([m.C_HELLO, m.RPC_VERSION, {"model": "../etc", "version": "1"}], "hello model"),
+        ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model\n", "version": "1"}], "hello model"),  # ($ matched it)
+        ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": "1\n"}], "hello version"),
         ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": "1", "input_shape": [1] * 33}], "input_shape"),
         ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": "1", "input_shape": [4.5]}], "input_shape"),
         ([m.C_HELLO, m.RPC_VERSION, {"model": "sum-model", "version": "1", "input_dtype": "object"}], "input_dtype"),

@@ -69,11 +69,11 @@ __all__ = [
 
 # The RFC 1123 label (namespaces, Deployment and Secret names here): lowercase letters, digits and '-',
 # starting and ending with a letter or digit, at most 63 characters.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 # A label value: at most 63 characters of letters, digits, '-', '_', '.', alphanumeric at both ends.
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
 # An image reference: [registry[:port]/]path[:tag][@digest], no spaces or shell characters.
-_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}\Z")
 # Pods' names are Deployment name + "-" + 10 (ReplicaSet hash) + "-" + 5 characters: keep the
 # Deployment's short enough that a pod's name stays a DNS label too.
 MAX_DEPLOYMENT_NAME = 46

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InvalidConfigError, UnknownApplicationError, UnknownModelError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 NAME_RULE = "1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
 
 # Application input types: numpy dtypes with a fixed shape, or variable-size bytes / str.

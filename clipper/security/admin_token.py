@@ -34,7 +34,7 @@ __all__ = ["AdminToken", "runtime_dir", "publish", "unpublish", "discover", "res
 
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_CHARS = 512
-_TOKEN_RE = re.compile(rb"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in a header
+_TOKEN_RE = re.compile(rb"^[\x21-\x7e]+\Z")  # printable ASCII without spaces: it travels in a header
 
 
 def _check_token(raw: bytes, where: str) -> bytes:
