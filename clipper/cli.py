@@ -63,6 +63,7 @@ def _start_config(args):
         cfg.rpc_ipc_dir = args.rpc_ipc_dir
     if args.no_admin:
         cfg.admin_port = None
+    cfg.check()  # the command line's values too
     return cfg, spec
 
 
@@ -479,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries and feedback need a per-application API key (see `clipper api-key`)")
     s.add_argument("--workers", type=int, default=1,
                    help="run this many frontend processes sharing the query, REST and admin ports (SO_REUSEPORT) "
-                        "and one state store (--state redis://..., else a private redis-server); each runs its own "
-                        "model containers (default 1: this process is the frontend)")
+                        "and one state store (--state redis://..., else a private redis-server); their model containers "
+                        "as --containers says (default 1: this process is the frontend)")
     s.add_argument("--reuse-port", action="store_true",
                    help="listen on the query, REST and admin ports with SO_REUSEPORT (frontends of one system on "
                         "one machine; --workers sets it for its workers)")

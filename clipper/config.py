@@ -185,6 +185,11 @@ class FrontendConfig:
     kubernetes_rpc_address: str | None = None  # where containers dial this frontend; default: its pod's address
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise InvalidConfigError for the first setting out of its type or bounds (run at construction;
+        again by whoever changes settings afterwards, as ``clipper start`` does with its command line)."""
         frac = self.batch_budget_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise InvalidConfigError(f"batch_budget_fraction {frac!r} is not a number in (0, 1]")
@@ -211,10 +216,37 @@ class FrontendConfig:
         m = self.deadline_margin_ms
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1000:
             raise InvalidConfigError(f"deadline_margin_ms {m!r} is not a number in [0, 1000]")
-        for name in ("state_flush_ms", "feedback_timeout_ms", "state_load_timeout_ms"):
+        for name in ("state_flush_ms", "feedback_timeout_ms", "state_load_timeout_ms", "heartbeat_interval_ms",
+                     "heartbeat_timeout_ms", "batch_timeout_ms", "container_start_timeout_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 3_600_000:
                 raise InvalidConfigError(f"{name} = {v!r} is not an integer in [1, 3600000]")
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
+            raise InvalidConfigError(
+                f"heartbeat_timeout_ms = {self.heartbeat_timeout_ms} is not longer than heartbeat_interval_ms = "
+                f"{self.heartbeat_interval_ms}: every container would be dropped between two beats")
+        d = self.drain_timeout_ms
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 3_600_000:
+            raise InvalidConfigError(f"drain_timeout_ms = {d!r} is not an integer in [0, 3600000]")
+        r = self.restart_backoff_ms
+        if (not isinstance(r, (tuple, list)) or len(r) != 2
+                or not all(not isinstance(x, bool) and isinstance(x, int) for x in r)
+                or not 1 <= r[0] <= r[1] <= 3_600_000):
+            raise InvalidConfigError(f"restart_backoff_ms = {r!r} is not [first, longest]: integers with "
+                                     f"1 <= first <= longest <= 3600000")
+        for name in ("query_port", "rest_port", "admin_port", "metrics_port", "rpc_port"):
+            v = getattr(self, name)
+            if v is None and name != "rpc_port":
+                continue  # that listener is off
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+                raise InvalidConfigError(f"{name} = {v!r} is not a port number in [0, 65535] (0: any free port)")
+        for name in ("host", "admin_host", "rpc_host"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not 0 < len(v) <= 253:
+                raise InvalidConfigError(f"{name} = {v!r} is not a host name or address")
+        for name in ("adaptive_deadline_margin", "admission_control", "reuse_port"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigError(f"{name} = {getattr(self, name)!r} is not true or false")
         for name in ("tls_cert_file", "tls_key_file"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):

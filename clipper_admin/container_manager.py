@@ -226,9 +226,9 @@ class DockerContainerManager(LocalContainerManager):
 
 
 class KubernetesContainerManager(ContainerManager):
-    """The original's Kubernetes manager: not available in this Clipper yet."""
+    """The original's Kubernetes manager: not mapped by this compatibility layer (docs/compat.md)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        raise ClipperException("KubernetesContainerManager needs a Kubernetes cluster, and this Clipper has no "
-                               "Kubernetes manager yet: use LocalContainerManager (or DockerContainerManager, "
-                               "which runs local processes)")
+        raise ClipperException("KubernetesContainerManager is not mapped by clipper_admin: run the frontend with "
+                               "container_manager = \"kubernetes\" (docs/deploy.md), or use LocalContainerManager "
+                               "(or DockerContainerManager, which runs local processes)")

@@ -366,6 +366,23 @@ def test_the_container_sdk_speaks_the_vectors(router, monkeypatch):
         thread.join(10)
 
 
+@pytest.mark.parametrize("opts", [{"heartbeat_interval_ms": 0, "heartbeat_timeout_ms": "x"},
+                                  {"heartbeat_interval_ms": True, "heartbeat_timeout_ms": 10**12}, "not a map"])
+def test_the_container_sdk_keeps_its_defaults_for_a_welcome_out_of_bounds(router, monkeypatch, opts):
+    # a welcome asking for a beat every 0 ms (a busy loop), or naming no times it can use: the defaults
+    rt, thread, result = _start_runtime(router, monkeypatch, lambda batch: batch)
+    try:
+        ident, *hello = _recv(router)
+        assert hello == frames("c_hello")
+        router.send_multipart([ident, msgpack.packb([m.F_WELCOME, 1, opts])])
+        router.send_multipart([ident, *frames("f_batch_nd_f4")])  # answered: the welcome was taken
+        assert _recv(router)[1:]
+        assert rt._links[0].interval == 1.0 and rt._links[0].timeout == 5.0 and rt.replica_id == 1
+    finally:
+        rt.stop()
+        thread.join(10)
+
+
 def test_the_container_sdk_exits_on_f_reject(router, monkeypatch, capfd):
     rt, thread, result = _start_runtime(router, monkeypatch, lambda batch: batch)
     try:

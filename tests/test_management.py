@@ -544,3 +544,26 @@ def test_batch_settings_of_a_deployment_reach_its_queue_and_the_budget_is_half_t
     assert queue("shared:1")["latency_budget_ms"] == 20.0
     a.link_model_to_app("quick", "own")
     assert queue("own:1")["latency_budget_ms"] == 7.0  # given: kept, whatever the SLOs
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("heartbeat_interval_ms", 0), ("heartbeat_timeout_ms", -5), ("heartbeat_timeout_ms", 1000),  # not past the beat
+    ("batch_timeout_ms", "x"), ("container_start_timeout_ms", 0), ("drain_timeout_ms", -1),
+    ("restart_backoff_ms", (5000, 100)), ("restart_backoff_ms", (0, 10)), ("restart_backoff_ms", [1, 2, 3]),
+    ("query_port", -3), ("rest_port", 70_000), ("rpc_port", None), ("metrics_port", True), ("host", ""),
+    ("admission_control", "yes"), ("reuse_port", 1),
+])
+def test_frontend_settings_out_of_bounds_are_typed_errors(setting, value):
+    from clipper.config import FrontendConfig
+
+    with pytest.raises(E.InvalidConfigError, match=setting):
+        FrontendConfig(**{setting: value})
+
+
+def test_start_checks_its_command_line_like_the_file(tmp_path, capsys):
+    # a port from the command line goes through the same check: one typed line, nothing bound or written
+    from clipper.cli import main
+
+    rc = main(["start", "--query-port", "70000", "--state", str(tmp_path / "s.sqlite")])
+    assert rc == 1 and "query_port = 70000 is not a port number" in capsys.readouterr().err
+    assert not (tmp_path / "s.sqlite").exists()

@@ -62,6 +62,17 @@ def rss_bytes() -> int | None:
         return None
 
 
+
+def _welcome_ms(opts: dict, key: str, default: int) -> int:
+    """A time in ms from a frontend's welcome: an integer in 1..3,600,000 (the frontend's own bounds), else
+    ``default``. A frontend that sends 0 must not make the container beat in a busy loop."""
+    value = opts.get(key, default)
+    if type(value) is not int or not 1 <= value <= 3_600_000:
+        log.warning("the frontend's welcome gives %s = %r, not an integer in 1..3600000; using %d", key, value,
+                    default)
+        return default
+    return value
+
 class LoadError(Exception):
     """The model entry point could not be imported or loaded."""
 
@@ -584,9 +595,9 @@ class ContainerRuntime:
         elif kind == m.F_WELCOME:
             link.replica_id = header[1]
             link.rejections = 0
-            opts = header[2]
-            link.interval = opts.get("heartbeat_interval_ms", 1000) / 1000
-            link.timeout = opts.get("heartbeat_timeout_ms", 5000) / 1000
+            opts = header[2] if len(header) > 2 and type(header[2]) is dict else {}
+            link.interval = _welcome_ms(opts, "heartbeat_interval_ms", 1000) / 1000
+            link.timeout = _welcome_ms(opts, "heartbeat_timeout_ms", 5000) / 1000
             link.next_beat = min(link.next_beat, time.monotonic() + link.interval)
             log.info("connected to %s as replica %s", link.address, link.replica_id)
             if self._beater_thread is None:  # beats at the interval the frontends asked for
