@@ -561,7 +561,7 @@ def test_cli_start_refuses_bad_tls_options(tmp_path, certs):
     base = [sys.executable, "-m", "clipper", "start", "--query-port", "0", "--admin-port", "0", "--rpc-port", "0",
             "--rest-port", "0", "--metrics-port", "0", "--state", str(tmp_path / "s.sqlite")]
     r = subprocess.run([*base, "--tls-cert", certs["cert"]], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert r.returncode == 1 and "tls_cert_file is set but tls_key_file is not" in r.stderr
+    assert r.returncode == 1 and "tls_cert_file is set without tls_key_file" in r.stderr
     r = subprocess.run([*base, "--tls-cert", certs["cert"], "--tls-key", str(tmp_path / "missing.key")],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1 and f"tls_key_file '{tmp_path / 'missing.key'}' does not exist" in r.stderr
