@@ -383,6 +383,49 @@ def test_the_container_sdk_keeps_its_defaults_for_a_welcome_out_of_bounds(router
         thread.join(10)
 
 
+def test_the_container_sdk_survives_any_frontend_message(router, monkeypatch):
+    # Malformed headers are ignored; a batch whose header names a usable id, or whose payload does not match
+    # its header, is answered with C_ERROR; the container goes on serving either way. (Each of these killed
+    # the container's loop before: FormatError, TypeError, IndexError, ValueError out of run().)
+    seen = []
+    rt, thread, result = _start_runtime(router, monkeypatch, lambda batch: seen.append(batch) or [0.0] * len(batch))
+    try:
+        ident, *hello = _recv(router)
+        router.send_multipart([ident, *frames("f_welcome")])
+        pack = msgpack.packb
+        payload = np.zeros(4, np.float32).tobytes()
+        ignored = [[b"\xc1"], [pack(5)], [pack([])], [pack({1: 2})], [pack([m.F_WELCOME])],
+                   [pack([m.F_WELCOME, "one"])], [pack([m.F_REJECT])], [pack([m.F_REJECT, 5])],
+                   [pack([m.F_BATCH, "x", 1, "nd", ["<f4", [1, 4]]]), payload],  # no usable id: nothing to answer
+                   [pack([m.F_BATCH, 1, 1, "nd", ["<f4", [1, 4]]]) + b"\x00" * (64 * 1024), payload]]
+        answered = {  # batch id -> what its C_ERROR says
+            7: [pack([m.F_BATCH, 7, 1, "nd"]), payload],  # four fields
+            8: [pack([m.F_BATCH, 8, 1, "nd", ["<f4", [1, 4]]])],  # no payload frame
+            9: [pack([m.F_BATCH, 9, 1, "nd", ["<f4", [1000, 2]]]), bytes(8000)],  # 1000 rows for a count of 1
+            10: [pack([m.F_BATCH, 10, 1, "mp", None]), pack({"a": 1})],  # not a list of one item
+            11: [pack([m.F_BATCH, 11, 1, "zz", None]), payload],  # no such encoding
+            12: [pack([m.F_BATCH, 12, True, "nd", ["<f4", [1, 4]]]), payload],  # a count that is a bool
+        }
+        for msg in ignored:
+            router.send_multipart([ident, *msg])
+        for msg in answered.values():
+            router.send_multipart([ident, *msg])
+        errors = {}
+        for _ in answered:
+            head = msgpack.unpackb(_recv(router)[1])
+            assert head[0] == m.C_ERROR, head
+            errors[head[1]] = head[3]
+        assert sorted(errors) == sorted(answered) and not seen
+        assert "1000" in errors[9] and "holds a dict" in errors[10] and "zz" in errors[11]
+        router.send_multipart([ident, *frames("f_batch_nd_f4")])  # and it still serves
+        head = msgpack.unpackb(_recv(router)[1])
+        assert head[0] == m.C_RESULT and head[2] == 2 and len(seen) == 1
+        assert thread.is_alive() and not result
+    finally:
+        rt.stop()
+        thread.join(10)
+
+
 def test_the_container_sdk_exits_on_f_reject(router, monkeypatch, capfd):
     rt, thread, result = _start_runtime(router, monkeypatch, lambda batch: batch)
     try:

@@ -63,6 +63,48 @@ def rss_bytes() -> int | None:
 
 
 
+MAX_HEADER_BYTES = 64 * 1024  # a frontend's message header (the payload travels in its own frame)
+MAX_BATCH_ID = 2**63 - 1
+MAX_BATCH_COUNT = 2**31 - 1
+_HEADER_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_array_len=4096,
+                      max_map_len=256, max_ext_len=0)
+
+
+class FrontendMessageError(ValueError):
+    """A message from a frontend that is not one this SDK speaks: ignored (a batch with a usable id is
+    answered with C_ERROR), never fatal to the container."""
+
+
+def parse_frontend_header(raw, frames: int) -> list:
+    """A frontend message's header, decoded with bounds and its fields typed for its kind (section 5 of
+    docs/container-protocol.md); ``frames`` is how many frames the message had. FrontendMessageError
+    otherwise. Kinds this SDK does not know pass with their kind checked only (a newer frontend)."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise FrontendMessageError(f"a header of {len(raw)} bytes (at most {MAX_HEADER_BYTES})")
+    try:
+        header = msgpack.unpackb(raw, strict_map_key=True, **_HEADER_LIMITS)
+    except Exception as exc:  # (msgpack raises several kinds, ValueError among them)
+        raise FrontendMessageError(f"a header that is not msgpack: {type(exc).__name__}: {exc}") from None
+    if type(header) is not list or not header or type(header[0]) is not int:
+        raise FrontendMessageError(f"a header that is not [kind, ...]: {header!r:.200}")
+    kind = header[0]
+    if kind == m.F_BATCH:
+        if len(header) != 5 or frames != 2:
+            raise FrontendMessageError(f"a batch of {len(header)} header fields and {frames} frames (5 and 2)")
+        _, batch_id, count, encoding, _ = header
+        if type(batch_id) is not int or not 0 <= batch_id <= MAX_BATCH_ID:
+            raise FrontendMessageError(f"a batch id {batch_id!r:.100} that is not an integer in 0..2**63-1")
+        if type(count) is not int or not 0 <= count <= MAX_BATCH_COUNT or type(encoding) is not str:
+            raise FrontendMessageError(f"batch {batch_id}: count {count!r:.100} and encoding {encoding!r:.100}")
+    elif kind == m.F_WELCOME:
+        if len(header) < 2 or type(header[1]) is not int or not 0 <= header[1] <= MAX_BATCH_ID:
+            raise FrontendMessageError(f"a welcome without a replica id: {header!r:.200}")
+    elif kind == m.F_REJECT:
+        if len(header) < 2 or type(header[1]) is not str:
+            raise FrontendMessageError(f"a rejection without its reason: {header!r:.200}")
+    return header
+
+
 def _welcome_ms(opts: dict, key: str, default: int) -> int:
     """A time in ms from a frontend's welcome: an integer in 1..3,600,000 (the frontend's own bounds), else
     ``default``. A frontend that sends 0 must not make the container beat in a busy loop."""
@@ -174,15 +216,32 @@ def encode_outputs(batch_id: int, outputs, count: int) -> list:
 
 
 def decode_batch(count: int, encoding: str, meta, payload) -> Any:
+    """A batch's inputs from its payload, as ``predict`` gets them; ValueError when the header's count,
+    encoding and meta do not describe the payload (``count`` is an int, checked by the caller)."""
     if encoding == m.ENC_NDARRAY:
+        if type(meta) is not list or len(meta) != 2:
+            raise ValueError(f"an \"nd\" batch's meta {meta!r} is not [typestr, shape]")
         typestr, shape = meta
-        arr = np.frombuffer(payload, dtype=wire.ALLOWED_DTYPES[typestr])
-        return arr.reshape(shape)
+        dtype = wire.ALLOWED_DTYPES.get(typestr) if type(typestr) is str else None
+        if (dtype is None or type(shape) is not list or not 1 <= len(shape) <= wire.MAX_NDIM + 1
+                or not all(type(d) is int and d >= 0 for d in shape) or shape[0] != count):
+            raise ValueError(f"an \"nd\" batch of {count} items names dtype {typestr!r} and shape {shape!r}")
+        return np.frombuffer(payload, dtype=dtype).reshape(shape)  # (a size that does not match raises)
     if encoding == m.ENC_VARLEN:
-        if meta[0] == "array":
+        if type(meta) is not list or not meta:
+            raise ValueError(f"a \"vl\" batch's meta {meta!r} is not a list")
+        if meta[0] == "array" and len(meta) == 3:
             return split_arrays(payload, count, meta[1], meta[2])
-        return split_varlen(payload, count, meta[0] == "str")
-    return wire.make_unpacker()(payload)
+        if meta[0] in ("str", "bytes"):
+            return split_varlen(payload, count, meta[0] == "str")
+        raise ValueError(f"a \"vl\" batch's meta {meta!r} names no item kind")
+    if encoding == m.ENC_MSGPACK:
+        items = wire.make_unpacker()(payload)
+        if type(items) is not list or len(items) != count:
+            got = f"{len(items)} items" if type(items) is list else f"a {type(items).__name__}"
+            raise ValueError(f"an \"mp\" batch of {count} items holds {got}")
+        return items
+    raise ValueError(f"batch encoding {encoding!r} is not \"nd\", \"vl\" or \"mp\"")
 
 
 def split_varlen(payload, count: int, as_str: bool) -> list:
@@ -575,7 +634,12 @@ class ContainerRuntime:
         return m.EXIT_OK
 
     def _on_message(self, link: _Link, frames, lock) -> int | None:
-        header = msgpack.unpackb(frames[0])
+        try:
+            header = parse_frontend_header(frames[0], len(frames))
+        except FrontendMessageError as exc:
+            log.warning("ignored a message from %s: %s", link.address, exc)
+            self._answer_bad_batch(link, frames[0])
+            return None
         kind = header[0]
         link.lost = False
         if kind == m.F_BATCH:
@@ -595,7 +659,7 @@ class ContainerRuntime:
         elif kind == m.F_WELCOME:
             link.replica_id = header[1]
             link.rejections = 0
-            opts = header[2] if len(header) > 2 and type(header[2]) is dict else {}
+            opts = header[2] if len(header) > 2 and type(header[2]) is dict else {}  # (else: the defaults)
             link.interval = _welcome_ms(opts, "heartbeat_interval_ms", 1000) / 1000
             link.timeout = _welcome_ms(opts, "heartbeat_timeout_ms", 5000) / 1000
             link.next_beat = min(link.next_beat, time.monotonic() + link.interval)
@@ -604,8 +668,8 @@ class ContainerRuntime:
                 self._beater_thread = threading.Thread(target=self._beater, name="clipper-heartbeat", daemon=True)
                 self._beater_thread.start()
         elif kind == m.F_REJECT:
-            print(f"clipper container {self.name}:{self.version}: frontend {link.address} rejected it: {header[1]}",
-                  file=sys.stderr, flush=True)
+            print(f"clipper container {self.name}:{self.version}: frontend {link.address} rejected it: "
+                  f"{header[1][:4096]}", file=sys.stderr, flush=True)
             if any(l.sock is not None and l is not link for l in self._links):
                 # Others take it: this one may not know the model yet (a frontend of the group that is still
                 # catching up with the store). Say hello again later, backing off to 30 s.
@@ -619,6 +683,22 @@ class ContainerRuntime:
         # F_HEARTBEAT: hearing anything is all that counts (from when it was handled: a batch counts from its end).
         link.last_heard = time.monotonic()
         return None
+
+    def _answer_bad_batch(self, link: _Link, raw) -> None:
+        """A batch the SDK could not take still gets an answer when its id can be read, so the frontend
+        fails its queries now instead of at its batch timeout."""
+        try:
+            header = msgpack.unpackb(raw, **_HEADER_LIMITS)
+            batch_id = header[1] if type(header) is list and len(header) > 1 and header[0] == m.F_BATCH else None
+        except Exception:
+            return
+        if type(batch_id) is not int or not 0 <= batch_id <= MAX_BATCH_ID or link.sock is None:
+            return
+        try:
+            link.sock.send(msgpack.packb([m.C_ERROR, batch_id, ModelError.code,
+                                          "the container could not read this batch's header"]), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def stop(self) -> None:
         self._stop.set()
