@@ -342,6 +342,37 @@ def test_accounting(impl):
     assert c.budget_bytes == 1 << 20
 
 
+def test_container_outputs_are_charged_what_they_hold(impl):
+    # A model answering in msgpack gives lists and dicts: each was charged 16 bytes, so a 1 MiB cache held
+    # 200 outputs of 20,000 floats (about 130 MB) while counting 24 KB.
+    c = impl.PredictionCache(1 << 20, entry_overhead=0)
+    big = [0.5] * 20_000
+    assert impl._output_nbytes(big) == 64 + 8 * 20_000 + 16 * 20_000
+    assert impl._output_nbytes({"p": [0.25, "ab"], "label": 3}) == (64 + 2 * 8 * 2) + (16 + 1) + (64 + 2 * 8) \
+        + 16 + (16 + 2) + (16 + 5) + 16
+    assert impl._output_nbytes((b"xyz", np.zeros(4))) == 64 + 2 * 8 + (16 + 3) + (16 + 32)
+    for i in range(200):
+        put(c, 1, i.to_bytes(2, "little"), list(big))
+        assert c.used_bytes <= 1 << 20
+    assert check_consistent(c)["ready"] == 2  # (480,064 bytes each)
+    # past the walk's bound an output is not measured further, and not cached
+    nested = [[] for _ in range(70_000)]
+    assert impl._output_nbytes(nested) > 1 << 60
+    assert not put(c, 1, b"nested", nested)
+
+
+_nested = st.recursive(st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.integers(), st.text(max_size=8),
+                                 st.binary(max_size=8)),
+                       lambda inner: st.one_of(st.lists(inner, max_size=5), st.tuples(inner, inner),
+                                               st.dictionaries(st.text(max_size=4), inner, max_size=4)),
+                       max_leaves=40)
+
+
+@given(_nested)
+def test_both_caches_charge_an_output_alike(output):
+    assert cache_py._output_nbytes(output) == cache_native._output_nbytes(output) >= 0
+
+
 def test_budget_is_kept_by_eviction(impl):
     c = impl.PredictionCache(1000, entry_overhead=0)
     for i in range(100):

@@ -15,6 +15,9 @@ PENDING: int
 MISS: int
 """``lookup`` found nothing and reserved a pending entry: the second item is its token."""
 
+def _output_nbytes(output: Any) -> int:
+    """What the cache charges for ``output`` when fill is given no nbytes (for tests)."""
+
 class PredictionCache:
     """Exact-match prediction cache with a byte budget and CLOCK eviction.
 
@@ -53,7 +56,10 @@ class PredictionCache:
         invalidated or cleared) or when the entry alone would exceed the budget
         (the reservation is then dropped). ``nbytes`` is the output's size for
         accounting; -1 estimates it (numpy array or memoryview: ``nbytes``;
-        bytes, bytearray, str: ``len``; anything else: 16). Filling may evict
+        bytes, bytearray, str: ``len``; list, tuple, dict: 64 each plus 8 a
+        slot, and what they hold, each item 16 plus its length or ``nbytes``,
+        walked to at most 65,536 objects, past which it is charged more than
+        any budget and not cached; anything else: 16). Filling may evict
         ready entries, in the rare worst case the new one too (when pending
         entries fill the budget). A late fill is still stored.
         """

@@ -67,7 +67,16 @@ cdef object _MISS = MISS
 
 cdef enum:
     INITIAL_CAPACITY = 8         # slots after construction and clear(); a power of two
-    OTHER_OUTPUT_NBYTES = 16     # size charged for an output of unknown size (float, dict, ...)
+    OTHER_OUTPUT_NBYTES = 16     # size charged for a scalar output (int, float, None, ...)
+    # A list, tuple or dict output (a model answering in msgpack) is charged what it holds: each
+    # container this much plus a slot per item (two per dict item), each scalar in it the above, each
+    # str or bytes in it its length plus the above. Past MAX_WALK_NODES objects it is not measured
+    # further and charged UNMEASURED_NBYTES: more than any budget, so it is not cached.
+    CONTAINER_NBYTES = 64
+    SLOT_NBYTES = 8
+    MAX_WALK_NODES = 65536
+
+cdef Py_ssize_t UNMEASURED_NBYTES = (<Py_ssize_t>1) << 62
 
 # Hash constants: odd 64-bit numbers with balanced bits, drawn at random for this module.
 cdef uint64_t _MUL = 0xC7A3FD80FE32B0EDULL     # scrambles an accumulator after each word
@@ -193,7 +202,41 @@ cdef Py_ssize_t _estimate_nbytes(object output) except -1:
     if isinstance(output, (_ndarray, memoryview)):
         n = output.nbytes
         return n if n > 0 else 0
+    if isinstance(output, (list, tuple, dict)):
+        return _walk_nbytes(output)
     return OTHER_OUTPUT_NBYTES
+
+
+cdef Py_ssize_t _walk_nbytes(object output) except -1:
+    # A container output's charge (see CONTAINER_NBYTES), walked with a stack of its own: no recursion.
+    cdef list stack = [output]
+    cdef Py_ssize_t total = 0, nodes = 0, n
+    cdef object o
+    while stack:
+        o = stack.pop()
+        nodes += 1
+        if nodes > MAX_WALK_NODES:
+            return UNMEASURED_NBYTES
+        if isinstance(o, (list, tuple)):
+            total += CONTAINER_NBYTES + SLOT_NBYTES * len(o)
+            stack.extend(o)
+        elif isinstance(o, dict):
+            total += CONTAINER_NBYTES + 2 * SLOT_NBYTES * len(o)
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (bytes, bytearray, str)):
+            total += OTHER_OUTPUT_NBYTES + len(o)
+        elif isinstance(o, (_ndarray, memoryview)):
+            n = o.nbytes
+            total += OTHER_OUTPUT_NBYTES + (n if n > 0 else 0)
+        else:
+            total += OTHER_OUTPUT_NBYTES
+    return total
+
+
+def _output_nbytes(output):
+    """What the cache charges for ``output`` when fill is given no nbytes (for tests)."""
+    return _estimate_nbytes(output)
 
 
 def _key_hash(deployment, bytes key):

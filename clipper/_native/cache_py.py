@@ -30,7 +30,14 @@ PENDING = 1
 MISS = 2
 
 _INITIAL_CAPACITY = 8       # slots after construction and clear()
-_OTHER_OUTPUT_NBYTES = 16   # size charged for an output of unknown size (float, dict, ...)
+_OTHER_OUTPUT_NBYTES = 16   # size charged for a scalar output (int, float, None, ...)
+# A list, tuple or dict output is charged what it holds (as _cache.pyx): each container this much plus a
+# slot per item (two per dict item), each scalar in it the above, each str or bytes its length plus the
+# above; past _MAX_WALK_NODES objects, _UNMEASURED_NBYTES (more than any budget: not cached).
+_CONTAINER_NBYTES = 64
+_SLOT_NBYTES = 8
+_MAX_WALK_NODES = 65536
+_UNMEASURED_NBYTES = 1 << 62
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _SSIZE_MAX = (1 << 63) - 1
@@ -111,7 +118,38 @@ def _estimate_nbytes(output) -> int:
         return len(output)
     if isinstance(output, (_ndarray, memoryview)):
         return max(int(output.nbytes), 0)
+    if isinstance(output, (list, tuple, dict)):
+        return _walk_nbytes(output)
     return _OTHER_OUTPUT_NBYTES
+
+
+def _walk_nbytes(output) -> int:
+    stack = [output]
+    total = nodes = 0
+    while stack:
+        o = stack.pop()
+        nodes += 1
+        if nodes > _MAX_WALK_NODES:
+            return _UNMEASURED_NBYTES
+        if isinstance(o, (list, tuple)):
+            total += _CONTAINER_NBYTES + _SLOT_NBYTES * len(o)
+            stack.extend(o)
+        elif isinstance(o, dict):
+            total += _CONTAINER_NBYTES + 2 * _SLOT_NBYTES * len(o)
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (bytes, bytearray, str)):
+            total += _OTHER_OUTPUT_NBYTES + len(o)
+        elif isinstance(o, (_ndarray, memoryview)):
+            total += _OTHER_OUTPUT_NBYTES + max(int(o.nbytes), 0)
+        else:
+            total += _OTHER_OUTPUT_NBYTES
+    return total
+
+
+def _output_nbytes(output) -> int:
+    """What the cache charges for ``output`` when fill is given no nbytes (for tests)."""
+    return _estimate_nbytes(output)
 
 
 class PredictionCache:
