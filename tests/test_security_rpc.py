@@ -549,3 +549,40 @@ def test_an_output_shape_that_is_not_integers_is_refused(frontend, peers, shape)
     assert len(answers) == 1
     a = answers[0]
     assert isinstance(a, E.ClipperError) or a.is_default and a.output != 42.0, a
+
+
+def test_a_message_of_more_parts_than_the_rpc_has_is_refused_uncopied(frontend, peers):
+    # ZeroMQ bounds each part of a message (max_rpc_message_bytes), not their number: a container's answer
+    # in many parts is refused (its parts past the third dropped without a copy) and fails the batch it held.
+    frontend.deploy("sum", "row_sum", replicas=0)
+    peer = peers(tcp(frontend), creds_for(frontend, "sum-model", "1"))
+    peer.hello("sum-model", "1", pid=1)
+    assert peer.recv_kind(m.F_WELCOME)
+    import threading
+
+    answers: list = []
+
+    def ask():
+        try:
+            answers.append(Client("127.0.0.1", frontend.port).predict("sum", X))
+        except E.ClipperError as exc:
+            answers.append(exc)
+
+    ignored = frontend.call(lambda: frontend.fe.rpc.ignored)
+    t = threading.Thread(target=ask)
+    t.start()
+    header, _ = peer.recv_kind(m.F_BATCH)
+    chunk = bytes(256 * 1024)
+    peer.send([m.C_RESULT, header[1], 1, m.ENC_NDARRAY, ["<f8", [1]]], np.array([42.0]).tobytes(), *[chunk] * 40)
+    t.join(30)
+    assert len(answers) == 1
+    a = answers[0]
+    assert isinstance(a, E.ClipperError) or a.is_default and a.output != 42.0, a
+    assert frontend.call(lambda: frontend.fe.rpc.ignored) == ignored + 1
+    assert n_replicas(frontend, "sum-model:1") == 1  # refused, still connected: its next answer counts
+    t = threading.Thread(target=ask)
+    t.start()
+    header, _ = peer.recv_kind(m.F_BATCH)
+    peer.send([m.C_RESULT, header[1], 1, m.ENC_NDARRAY, ["<f8", [1]]], np.array([42.0]).tobytes())
+    t.join(30)
+    assert answers[1].output == 42.0

@@ -100,6 +100,26 @@ def test_a_message_arrives_whole_whichever_end_is_native(pair, parts, send_with,
     assert not IMPLS[send_with].events(router) & zio.POLLIN
 
 
+def _kept(parts: list, max_parts: int) -> list:
+    """What recv_parts returns for ``parts`` under ``max_parts``: the first that many, then one None."""
+    return list(parts) if not 0 <= max_parts < len(parts) else [*parts[:max_parts], None]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 7), max_parts=st.integers(-1, 8), frames_at=st.integers(0, 0b1111111),
+       impl=st.sampled_from(sorted(IMPLS)))
+def test_parts_past_max_parts_are_dropped_and_the_next_message_arrives_whole(pair, n, max_parts, frames_at, impl):
+    router, dealer, ident = pair
+    parts = [bytes([i]) * (i * 20) for i in range(n)]
+    router.send_multipart([ident, *parts])
+    router.send_multipart([ident, b"next", b"message"])
+    _wait(dealer)
+    got = IMPLS[impl].recv_parts(dealer, zio.NOBLOCK, frames_at, max_parts)
+    assert [None if g is None else bytes(g) for g in got] == _kept(parts, max_parts)
+    _wait(dealer)
+    assert IMPLS[impl].recv_parts(dealer, zio.NOBLOCK, 0, max_parts) == _kept([b"next", b"message"], max_parts)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_nothing_to_read_is_zmq_again_and_events_says_so(pair, impl):
     router, dealer, ident = pair

@@ -39,6 +39,7 @@ def events(sock: zmq.Socket) -> int:
 def send_parts(sock: zmq.Socket, parts: list[Any], flags: int = 0) -> None:
     """Send ``parts`` as one multipart message (``flags``: 0 or NOBLOCK)."""
 
-def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0) -> list[Any]:
+def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0, max_parts: int = -1) -> list[Any]:
     """Receive one multipart message: part ``i`` a :class:`Msg` when bit ``i`` of ``frames_at`` is set,
-    else ``bytes``; ``zmq.Again`` under NOBLOCK when none waits."""
+    else ``bytes``; ``zmq.Again`` under NOBLOCK when none waits. With ``max_parts`` >= 0 the parts past
+    that many are dropped uncopied and one ``None`` ends the list in their place."""

@@ -227,9 +227,11 @@ cdef int _recv_into(zmsg_t *msg, void *h, int flags) except -1:
             return 0
 
 
-def recv_parts(sock, int flags, unsigned long frames_at=0) -> list:
+def recv_parts(sock, int flags, unsigned long frames_at=0, Py_ssize_t max_parts=-1) -> list:
     """Receive one multipart message; part ``i`` is a :class:`Msg` when bit ``i`` of ``frames_at``
-    is set, else ``bytes``. Raises ``zmq.Again`` under NOBLOCK when no message waits."""
+    is set, else ``bytes``. Raises ``zmq.Again`` under NOBLOCK when no message waits. With
+    ``max_parts`` >= 0, the parts past that many are received and dropped uncopied, and ``None``
+    ends the list in their place (one for all of them)."""
     cdef void *h = _handle(sock)
     cdef list parts = []
     cdef zmsg_t tmp
@@ -237,7 +239,16 @@ def recv_parts(sock, int flags, unsigned long frames_at=0) -> list:
     cdef int more = 1
     cdef unsigned int i = 0
     while more:
-        if i < 64 and (frames_at >> i) & 1:
+        if max_parts >= 0 and i >= <size_t>max_parts:
+            z_msg_init(&tmp)
+            try:
+                _recv_into(&tmp, h, flags)
+                more = z_msg_more(&tmp)
+            finally:
+                z_msg_close(&tmp)
+            if i == <size_t>max_parts:
+                parts.append(None)
+        elif i < 64 and (frames_at >> i) & 1:
             part = Msg.__new__(Msg)
             _recv_into(&part.msg, h, flags)
             more = z_msg_more(&part.msg)

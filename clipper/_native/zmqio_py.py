@@ -55,17 +55,27 @@ def send_parts(sock: zmq.Socket, parts: list, flags: int = 0) -> None:
     _send(sock, parts[last], flags, False)
 
 
-def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0) -> list:
+def recv_parts(sock: zmq.Socket, flags: int, frames_at: int = 0, max_parts: int = -1) -> list:
     """Receive one multipart message; part ``i`` is a :class:`zmq.Frame` when bit ``i`` of
     ``frames_at`` is set, else ``bytes``. Raises :class:`zmq.Again` under NOBLOCK when no
-    message waits."""
-    as_frame = frames_at & 1
-    part: Any = _recv(sock, flags, not as_frame)
-    parts = [part]
-    i = 1
-    while part.more if as_frame else _get(sock, _RCVMORE):
-        as_frame = (frames_at >> i) & 1
+    message waits. With ``max_parts`` >= 0, the parts past that many are received and dropped
+    uncopied, and ``None`` ends the list in their place (one for all of them)."""
+    if max_parts == 0:
+        part: Any = _recv(sock, flags, False)
+        parts: list = [None]
+    else:
+        as_frame = frames_at & 1
         part = _recv(sock, flags, not as_frame)
-        parts.append(part)
+        parts = [part]
+    i = 1
+    while part.more if type(part) is not bytes else _get(sock, _RCVMORE):
+        if 0 <= max_parts <= i:
+            part = _recv(sock, flags, False)  # a Frame, dropped: no copy
+            if i == max_parts:
+                parts.append(None)
+        else:
+            as_frame = (frames_at >> i) & 1
+            part = _recv(sock, flags, not as_frame)
+            parts.append(part)
         i += 1
     return parts

@@ -19,7 +19,8 @@ version names, ``pid`` an integer in 1..2**31-1 (shown, never signalled),
 non-negative integers, ``sdk`` at most 128 characters, ``credential_id`` at
 most 64 (believed only under ``rpc_security = "none"``), ``load_ms`` (the model's load time) a
 number in 0..7 days, ``rss_bytes`` (the container's resident memory at the hello) an integer in 0..2**50. Header frames are
-at most 64 KiB; any message at most ``limits.max_rpc_message_bytes``.
+at most 64 KiB; any frame at most ``limits.max_rpc_message_bytes``; a message at most a header and
+a payload frame (more are dropped and the message refused).
 
 Container -> frontend::
 

@@ -91,6 +91,10 @@ __all__ = ["Replica", "ContainerServer"]
 
 # Bounds of a header frame (hello, result, error, heartbeat): small by construction.
 MAX_HEADER_BYTES = 65536
+# Parts of a container's message with the routing id: [routing id, header, payload?]. ZeroMQ bounds each part
+# (ZMQ_MAXMSGSIZE = max_rpc_message_bytes), not their number: parts past these are dropped uncopied and the
+# message refused.
+MAX_MESSAGE_PARTS = 3
 MAX_ERROR_MESSAGE_CHARS = 4096
 MAX_SHAPE_DIMS = 32
 MAX_PID = 2**31 - 1
@@ -352,8 +356,9 @@ class ContainerServer:
                 if not _events(sock) & _POLLIN:
                     return
                 # [routing id, header, payload?]: the header a Frame (its User-Id and Peer-Address are read),
-                # the rest bytes (no Frame to make and free)
-                frames = _recv_parts(sock, _NOBLOCK, 0b010)
+                # the rest bytes (no Frame to make and free); parts past those three are dropped uncopied
+                # (a None in their place: the message is refused)
+                frames = _recv_parts(sock, _NOBLOCK, 0b010, MAX_MESSAGE_PARTS)
             except zmq.ZMQError:
                 return
             try:
@@ -386,8 +391,13 @@ class ContainerServer:
 
     # ------------------------------------------------------------ messages
     def _handle(self, ch: _Channel, frames) -> None:
-        if len(frames) < 2 or len(frames[1]) > MAX_HEADER_BYTES:
+        if len(frames) < 2 or frames[-1] is None or len(frames[1]) > MAX_HEADER_BYTES:
             self.ignored += 1
+            replica = ch.replicas.get(frames[0]) if len(frames) > 2 and frames[-1] is None else None
+            if replica is not None and replica.batch is not None and (
+                    not ch.secure or frames[1].get("User-Id") == replica.grant.id):
+                self._fail_batch(replica, replica.batch, ModelError(
+                    f"model {replica.key}: its container sent a message of more than {MAX_MESSAGE_PARTS} parts"))
             return
         ident = frames[0]
         head = frames[1]
