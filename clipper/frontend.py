@@ -690,12 +690,12 @@ class Frontend:
         """
         from .container.closure import closure_info
 
-        from .management.registry import check_name
+        from .management.registry import check_name, check_version
 
         check_name("model name", name)  # before they name a file
-        check_name("model version", str(version))
+        version = check_version(version)
         known = self.registry.models.get(name)
-        if known is not None and str(version) in known.versions:
+        if known is not None and version in known.versions:
             raise InvalidConfigError(f"model {name}:{version} is already deployed")
         info = closure_info(blob)  # raises InvalidConfigError for a blob that is not a closure
         wait = kw.pop("wait", True)

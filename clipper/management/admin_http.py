@@ -44,8 +44,10 @@ Routes::
     DELETE /api/v1/container-credentials/<id>        revoke: its replicas are dropped and told to exit
     POST   /api/v1/admin-token/rotate                a new token (written to the token file); the old one stops
 
-Errors come back as ``{"error": {"code", "name", "message"}}`` with the same
-codes as the msgpack protocol. HTTP parsing is httptools', on the frontend's one
+Bodies are strict JSON objects: one that does not parse, is not UTF-8, nests
+too deeply, holds NaN, an infinity or an integer past Python's digit limit is
+400 ``INVALID_CONFIG``. Errors come back as ``{"error": {"code", "name",
+"message"}}`` with the same codes as the msgpack protocol. HTTP parsing is httptools', on the frontend's one
 HTTP layer (:mod:`clipper.server.http`): bounded heads (431), timeouts, flow
 control, and at most ``max_admin_connections`` connections.
 """
@@ -56,6 +58,8 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
+import sys
 from typing import TYPE_CHECKING
 
 import httptools
@@ -194,10 +198,8 @@ class _AdminConnection(HttpHeadersConnection):
 
     async def _handle(self, slot: HttpReply, method: str, path: str, body: bytes, head_only: bool) -> None:
         try:
-            data = json.loads(body) if body else {}
+            data = parse_body(body)
             status, payload = await self.server.route(method, path, data)
-        except json.JSONDecodeError as exc:
-            status, payload = 400, _err(InvalidConfigError(f"body is not JSON: {exc}"))
         except ClipperError as exc:
             status, payload = _status_for(exc), _err(exc)
         except Exception as exc:
@@ -227,6 +229,41 @@ class _AdminConnection(HttpHeadersConnection):
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
                 f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n")
         return head.encode() + (b"" if head_only else body)
+
+
+def parse_body(body: bytes):
+    """A request's body as JSON (``{}`` when empty); InvalidConfigError (400) for a body not taken.
+
+    Only strict JSON: NaN and the infinities (``Infinity``, ``1e999``) are refused, as every answer of
+    this API must stay strict JSON and an application's default output is answered back as given.
+    """
+    if not body:
+        return {}
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except ClipperError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidConfigError(f"body is not JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidConfigError(f"body is not JSON: not UTF-8 at byte {exc.start} ({exc.reason})") from None
+    except RecursionError:
+        raise InvalidConfigError("body nests arrays or objects too deeply") from None
+    except ValueError:  # what is left: an integer past Python's conversion limit
+        raise InvalidConfigError(
+            f"body holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
+
+
+def _refuse_constant(name: str):
+    raise InvalidConfigError(f"body holds {name}; the admin API takes finite numbers only (strict JSON)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidConfigError(f"body holds {clip(text, 40)}, past the largest float; the admin API takes "
+                                 "finite numbers only (strict JSON)")
+    return value
 
 
 def _json_default(obj):
@@ -416,11 +453,13 @@ class AdminServer(HttpServer):
             return 200, {"model": f"{rest[1]}:{rest[2]}", "replicas": n}
         # -- links
         if rest == ["links"] and method in ("POST", "DELETE"):
-            try:
-                app, model = data["app"], data["model"]
-            except KeyError:
-                raise InvalidConfigError("a link needs 'app' and 'model'") from None
-            version = data.get("version")
+            if "app" not in data or "model" not in data:
+                raise InvalidConfigError("a link needs 'app' and 'model'")
+            app, model, version = data["app"], data["model"], data.get("version")
+            if not isinstance(app, str):
+                raise InvalidConfigError(f"link app {app!r} is not an application name")
+            if not isinstance(model, str):
+                raise InvalidConfigError(f"link model {model!r} is not a model name")
             if version is not None and not isinstance(version, str):
                 raise InvalidConfigError(f"link version {version!r} is not a string")
             if method == "POST":
@@ -487,7 +526,7 @@ class AdminServer(HttpServer):
             unknown = set(data) - known
             if unknown:
                 raise InvalidConfigError(f"unknown key(s) {sorted(unknown)} for model; known: {sorted(known)}")
-            mv = await fe.deploy_closure(str(name), str(version), blob, dtype, shape, wait=wait, **data)
+            mv = await fe.deploy_closure(name, version, blob, dtype, shape, wait=wait, **data)
             return mv.to_dict()
         mv = await fe.deploy_model(_make(ModelVersion, data, "model"), wait=wait)
         return mv.to_dict()

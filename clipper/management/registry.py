@@ -33,12 +33,35 @@ MAX_BATCH_DELAY_MS = 1000.0
 # A dimension of an input shape that may have any length (``[-1]``: a vector of any length, what the
 # original Clipper's input types are). Such inputs are bounded by max_input_bytes alone.
 FREE_DIM = -1
+MAX_DESCRIPTION_CHARS = 4096  # an application's description
+MAX_WORKDIR_CHARS = 4096  # a model version's workdir (Linux's PATH_MAX)
 
 
 def check_name(kind: str, value) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise InvalidConfigError(f"{kind} {value!r} is not a valid name: {NAME_RULE}")
     return value
+
+
+def check_version(value) -> str:
+    """A model version as callers give it: a string, or a non-negative integer (``2`` is version ``"2"``).
+
+    Any other type is refused rather than turned into text: ``null`` would deploy version ``"None"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidConfigError(f"model version {value!r} is not a string or an integer")
+    if isinstance(value, int):
+        if not 0 <= value < 10**128:  # (str() of a huge integer would raise, and no name is that long)
+            shown = value if abs(value) < 10**128 else "of more than 128 digits"
+            raise InvalidConfigError(f"model version {shown} is not an integer in [0, 10**128)")
+        value = str(value)
+    return check_name("model version", value)
+
+
+def _check_no_nul(what: str, value: str, key: str) -> None:
+    # A NUL cannot reach exec(), a folder name or the environment: the container would never start.
+    if "\0" in value:
+        raise InvalidConfigError(f"{what} {value!r} of model {key} holds a NUL character")
 
 
 def check_dtype(value) -> str:
@@ -113,6 +136,11 @@ class Application:
 
     def __post_init__(self) -> None:
         check_name("application name", self.name)
+        if not isinstance(self.description, str):
+            raise InvalidConfigError(f"description {self.description!r} for application {self.name!r} is not a string")
+        if len(self.description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidConfigError(f"description for application {self.name!r} has {len(self.description)} "
+                                     f"characters; at most {MAX_DESCRIPTION_CHARS}")
         if self.rest_format not in ("clipper", "original"):
             raise InvalidConfigError(f"rest_format {self.rest_format!r} is not 'clipper' or 'original'")
         if self.on_overload is None:
@@ -217,24 +245,39 @@ class ModelVersion:
 
     def __post_init__(self) -> None:
         check_name("model name", self.name)
-        self.version = str(self.version)
-        check_name("model version", self.version)
+        self.version = check_version(self.version)
         check_dtype(self.input_dtype)
         self.input_shape = check_shape(self.input_dtype, self.input_shape)
         if self.entry is not None and self.command is not None:
             raise InvalidConfigError(f"model {self.key}: give entry or command, not both")
         if self.entry is not None and (not isinstance(self.entry, str) or ":" not in self.entry):
             raise InvalidConfigError(f"model entry {self.entry!r} is not of the form module:function")
+        if self.entry is not None:
+            _check_no_nul("entry", self.entry, self.key)
         if self.command is not None and (
             not isinstance(self.command, list) or not self.command or not all(isinstance(a, str) for a in self.command)
         ):
             raise InvalidConfigError(f"model command {self.command!r} is not a non-empty list of strings")
+        for arg in self.command or ():
+            _check_no_nul("command argument", arg, self.key)
+        if self.workdir is not None:
+            if not isinstance(self.workdir, str):
+                raise InvalidConfigError(f"workdir {self.workdir!r} for model {self.key} is not a string")
+            if len(self.workdir) > MAX_WORKDIR_CHARS:
+                raise InvalidConfigError(f"workdir for model {self.key} has {len(self.workdir)} characters; "
+                                         f"at most {MAX_WORKDIR_CHARS}")
+            _check_no_nul("workdir", self.workdir, self.key)
         for label, val, hi in (("replicas", self.replicas, MAX_REPLICAS), ("max_batch", self.max_batch, MAX_BATCH)):
             lo = 0 if label == "replicas" else 1
             if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
                 raise InvalidConfigError(f"{label} {val!r} for model {self.key} is not an integer in [{lo}, {hi}]")
         if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise InvalidConfigError(f"env for model {self.key} must map strings to strings")
+        for k, v in self.env.items():
+            if not k or "=" in k:  # (the environment has no place for either: exec() would refuse it)
+                raise InvalidConfigError(f"env variable name {k!r} for model {self.key} is empty or holds '='")
+            _check_no_nul("env variable name", k, self.key)
+            _check_no_nul(f"env value of {k!r}", v, self.key)
         if self.batching not in BATCHING_MODES:
             raise InvalidConfigError(
                 f"batching {self.batching!r} for model {self.key} is not one of {list(BATCHING_MODES)}")
