@@ -519,25 +519,36 @@ def test_a_failed_start_leaves_no_thread_socket_or_secret_behind(frontend_factor
     assert not {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("clipper-")}
 
 
-@pytest.mark.parametrize("shape", [[1.0], [True], ["1"]])
-def test_an_output_shape_that_is_not_integers_is_refused(frontend, peers, shape):
-    # [1.0] and [True] equal a count of 1 in Python: the count must be an int, or the answer is not taken.
+def _welcomed_peer_and_asker(frontend, peers):
+    """``sum`` served by one raw peer only (welcomed), and ``ask()``: a thread sending one query to it, whose
+    answer (or typed error) lands in the list returned with them."""
+    import threading
+
     frontend.deploy("sum", "row_sum", replicas=0)
     peer = peers(tcp(frontend), creds_for(frontend, "sum-model", "1"))
     peer.hello("sum-model", "1", pid=1)
     assert peer.recv_kind(m.F_WELCOME)
-    import threading
-
     answers: list = []
 
-    def ask():
+    def one():
         try:
             answers.append(Client("127.0.0.1", frontend.port).predict("sum", X))
         except E.ClipperError as exc:
             answers.append(exc)
 
-    t = threading.Thread(target=ask)
-    t.start()
+    def ask() -> threading.Thread:
+        t = threading.Thread(target=one)
+        t.start()
+        return t
+
+    return peer, ask, answers
+
+
+@pytest.mark.parametrize("shape", [[1.0], [True], ["1"]])
+def test_an_output_shape_that_is_not_integers_is_refused(frontend, peers, shape):
+    # [1.0] and [True] equal a count of 1 in Python: the count must be an int, or the answer is not taken.
+    peer, ask, answers = _welcomed_peer_and_asker(frontend, peers)
+    t = ask()
     for _ in range(5):  # the batch, and any retry of it, gets the same bad answer
         got = peer.recv(timeout_ms=3000)
         if got is None:
@@ -554,23 +565,9 @@ def test_an_output_shape_that_is_not_integers_is_refused(frontend, peers, shape)
 def test_a_message_of_more_parts_than_the_rpc_has_is_refused_uncopied(frontend, peers):
     # ZeroMQ bounds each part of a message (max_rpc_message_bytes), not their number: a container's answer
     # in many parts is refused (its parts past the third dropped without a copy) and fails the batch it held.
-    frontend.deploy("sum", "row_sum", replicas=0)
-    peer = peers(tcp(frontend), creds_for(frontend, "sum-model", "1"))
-    peer.hello("sum-model", "1", pid=1)
-    assert peer.recv_kind(m.F_WELCOME)
-    import threading
-
-    answers: list = []
-
-    def ask():
-        try:
-            answers.append(Client("127.0.0.1", frontend.port).predict("sum", X))
-        except E.ClipperError as exc:
-            answers.append(exc)
-
+    peer, ask, answers = _welcomed_peer_and_asker(frontend, peers)
     ignored = frontend.call(lambda: frontend.fe.rpc.ignored)
-    t = threading.Thread(target=ask)
-    t.start()
+    t = ask()
     header, _ = peer.recv_kind(m.F_BATCH)
     chunk = bytes(256 * 1024)
     peer.send([m.C_RESULT, header[1], 1, m.ENC_NDARRAY, ["<f8", [1]]], np.array([42.0]).tobytes(), *[chunk] * 40)
@@ -580,8 +577,7 @@ def test_a_message_of_more_parts_than_the_rpc_has_is_refused_uncopied(frontend, 
     assert isinstance(a, E.ClipperError) or a.is_default and a.output != 42.0, a
     assert frontend.call(lambda: frontend.fe.rpc.ignored) == ignored + 1
     assert n_replicas(frontend, "sum-model:1") == 1  # refused, still connected: its next answer counts
-    t = threading.Thread(target=ask)
-    t.start()
+    t = ask()
     header, _ = peer.recv_kind(m.F_BATCH)
     peer.send([m.C_RESULT, header[1], 1, m.ENC_NDARRAY, ["<f8", [1]]], np.array([42.0]).tobytes())
     t.join(30)
