@@ -56,6 +56,9 @@ class Limits:
     max_metrics_connections: int = 64
     max_pipelined_requests: int = 1024  # HTTP requests of one connection awaiting answers; then reading pauses
     metrics_cache_ms: int = 500  # a /metrics rendering is served again for this long (0: render every scrape)
+    # msgpack objects one frame may decode into (elements, keys and values): a Python object is 56+ bytes,
+    # so this bounds what a frame of nested empty arrays makes (65 times its size without it).
+    max_decoded_objects: int = 2 * 1024 * 1024
     # A msgpack connection that sends this many HELLOs with a wrong api_key is closed (keys are 256-bit
     # random, so guessing is hopeless; the bound keeps a misbehaving client from spinning on the port).
     max_auth_failures_per_connection: int = 3
@@ -76,6 +79,7 @@ class Limits:
             max_array_len=self.max_array_len,
             max_map_len=self.max_map_len,
             max_ext_len=self.max_frame_bytes,
+            max_objects=self.max_decoded_objects,
         )
 
 

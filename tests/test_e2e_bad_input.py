@@ -191,3 +191,17 @@ def test_max_connections(frontend_factory, wire_conn):
     assert _code(msg) == E.LimitExceededError.code and "max_connections is 1" in msg[4]
     first.send(wire.predict(2, "sum", GOOD))
     assert first.recv(1)[0][3] == 6.0
+
+
+def test_a_frame_that_would_decode_into_too_many_objects_is_refused_before_decoding(frontend_factory, wire_conn):
+    # Nested empty arrays decode 65-fold (a Python list per byte): a frame is counted before it is decoded and
+    # refused past max_decoded_objects with LIMIT_EXCEEDED; the connection goes on.
+    fe = frontend_factory(max_decoded_objects=10_000)
+    fe.deploy("text", "reverse_bytes", dtype="str", shape=(), model="text-model")
+    c = wire_conn(fe.port)
+    options = {"junk": [[[] for _ in range(100)] for _ in range(200)]}  # 20,202 objects in ~20 KB
+    c.send_raw(framing.pack_frame(msgpack.packb([wire.PREDICT, 1, "text", "abc", options])))
+    c.send(wire.predict(2, "text", "abc"))
+    refused, answered = c.recv(2)
+    assert refused[1] is None and _code(refused) == E.LimitExceededError.code and "max_decoded_objects" in refused[4]
+    assert answered[0] == wire.RESULT and answered[1] == 2 and answered[3] == "cba"

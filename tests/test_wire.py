@@ -566,3 +566,50 @@ def test_a_containers_output_array_reaches_the_frontend_as_it_was(typestr, n, co
     else:
         ref = want.tolist()  # (a signalling NaN comes back quiet from tolist too: compared as numpy gives it)
         assert np.array_equal(np.array(got, dtype=dtype).view(np.uint8), np.array(ref, dtype=dtype).view(np.uint8))
+
+
+# ------------------------------------------------------------------ counting objects before decoding
+_objects = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False, width=32),
+              st.text(max_size=40), st.binary(max_size=300)),
+    lambda inner: st.one_of(st.lists(inner, max_size=20), st.dictionaries(st.text(max_size=5), inner, max_size=6)),
+    max_leaves=60)
+
+
+def _n_objects(obj) -> int:
+    if isinstance(obj, list):
+        return 1 + sum(_n_objects(x) for x in obj)
+    if isinstance(obj, dict):
+        return 1 + sum(_n_objects(k) + _n_objects(v) for k, v in obj.items())
+    return 1
+
+
+@IMPLS
+@given(obj=_objects, single_float=st.booleans(), cut=st.integers(1, 8))
+@example(obj=[[]] * 20, single_float=False, cut=1)
+def test_count_objects_counts_what_a_decoder_would_build(impl, obj, single_float, cut):
+    body = msgpack.packb(obj, use_bin_type=True, use_single_float=single_float)
+    n = _n_objects(obj)
+    assert impl.count_objects(body, 0, 10**9) == n
+    assert impl.count_objects(body, 0, n) == n and impl.count_objects(body, 0, n - 1) == n  # (limit + 1)
+    assert impl.count_objects(b"\x00" + body, 1, 10**9) == n
+    if len(body) > cut:  # cut short: -1 (the decoder says why), unless the limit is passed first
+        got = impl.count_objects(body[:-cut], 0, 10**9)
+        assert got == -1 or got == n  # (the cut fell past the end of the one object it reads: a str's bytes)
+
+
+@given(st.binary(max_size=200), st.integers(0, 50))
+def test_both_counters_agree_on_any_bytes(data, limit):
+    assert framing_py.count_objects(data, 0, limit) == framing_native.count_objects(data, 0, limit)
+
+
+def test_an_unpacker_refuses_a_frame_that_would_decode_into_more_objects_than_its_limit():
+    unpack = wire.make_unpacker(wire.DecodeLimits(max_objects=1000))
+    nested = msgpack.packb([[[] for _ in range(100)] for _ in range(11)])  # 1,112 objects in 1,124 bytes
+    with pytest.raises(LimitExceededError, match="more than 1000 msgpack objects"):
+        unpack(nested)
+    flat = msgpack.packb([1.5] * 500)  # 501 objects in 4,503 bytes: counted, and taken
+    assert unpack(flat) == [1.5] * 500
+    assert unpack(msgpack.packb([[]] * 999)) == [[]] * 999  # 1,000 objects: the limit itself
+    for impl in (framing_py, framing_native):  # an array travels as one ext: one object, whatever its size
+        assert impl.count_objects(wire.pack([np.zeros(3), np.zeros((300, 2)), {"k": np.zeros(1)}]), 0, 99) == 6

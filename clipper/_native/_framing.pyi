@@ -98,3 +98,6 @@ def floats_to_array(items: list, dtype):
 def json_vector(raw: bytes, dtype, n: int):
     """A REST body that is exactly ``{"input": [n JSON numbers]}`` as a new 1-D float32/float64 array
     (each number to the nearest double, then to the dtype); None for anything else."""
+def count_objects(body: bytes | bytearray | memoryview, offset: int, limit: int) -> int:
+    """How many msgpack objects the object at ``offset`` is made of (``limit + 1`` once past ``limit``; -1 when
+    the bytes end first or hold no msgpack type), read without building any."""

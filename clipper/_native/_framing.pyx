@@ -1215,3 +1215,82 @@ cpdef Py_ssize_t take_run(list items, Py_ssize_t start, bytes app, bytes ext_hea
         taken += 1
         i += 1
     return i
+
+
+cdef inline Py_ssize_t _be(const uint8_t* p, int k) noexcept nogil:
+    # A big-endian unsigned length of k (1, 2 or 4) bytes.
+    cdef Py_ssize_t v = 0
+    cdef int i
+    for i in range(k):
+        v = (v << 8) | p[i]
+    return v
+
+
+cpdef Py_ssize_t count_objects(object body, Py_ssize_t offset, Py_ssize_t limit) except -2:
+    """How many msgpack objects the one object at ``offset`` of ``body`` is made of (itself, and every
+    element, key and value inside it), read without building any; ``limit + 1`` as soon as there are
+    more than ``limit``; -1 when the bytes end first or hold no msgpack type (0xc1): the decoder then
+    says what is wrong. A decoder builds a Python object for each: this bounds what a frame may make."""
+    cdef Py_buffer pybuf
+    cdef const uint8_t* p
+    cdef Py_ssize_t n, pos = offset, count = 0, size
+    cdef uint64_t remaining = 1
+    cdef uint8_t b
+    cdef int k
+    PyObject_GetBuffer(body, &pybuf, PyBUF_SIMPLE)
+    try:
+        p = <const uint8_t*>pybuf.buf
+        n = pybuf.len
+        while remaining:
+            if pos < 0 or pos >= n:
+                return -1
+            b = p[pos]
+            pos += 1
+            remaining -= 1
+            count += 1
+            if count > limit:
+                return limit + 1
+            if b <= 0x7F or b >= 0xE0 or b == 0xC0 or b == 0xC2 or b == 0xC3:
+                continue
+            if b <= 0x8F:  # fixmap
+                remaining += 2 * (b & 0x0F)
+                continue
+            if b <= 0x9F:  # fixarray
+                remaining += b & 0x0F
+                continue
+            if b <= 0xBF:  # fixstr
+                pos += b & 0x1F
+                continue
+            if b == 0xC1:
+                return -1
+            if b == 0xDC or b == 0xDD or b == 0xDE or b == 0xDF:  # array16/32, map16/32
+                k = 2 if (b == 0xDC or b == 0xDE) else 4
+                if pos + k > n:
+                    return -1
+                size = _be(p + pos, k)
+                pos += k
+                remaining += <uint64_t>size * (2 if b >= 0xDE else 1)
+                continue
+            if b == 0xC4 or b == 0xC5 or b == 0xC6 or b == 0xD9 or b == 0xDA or b == 0xDB:  # bin, str
+                k = 1 << (b - 0xC4) if b <= 0xC6 else 1 << (b - 0xD9)
+                if pos + k > n:
+                    return -1
+                pos += k + _be(p + pos, k)
+                continue
+            if b == 0xC7 or b == 0xC8 or b == 0xC9:  # ext8/16/32: the length, a type byte, the data
+                k = 1 << (b - 0xC7)
+                if pos + k > n:
+                    return -1
+                pos += k + 1 + _be(p + pos, k)
+                continue
+            if b == 0xCA or b == 0xCB:  # float32/64
+                pos += 4 if b == 0xCA else 8
+            elif b <= 0xCF:  # uint8..64
+                pos += 1 << (b - 0xCC)
+            elif b <= 0xD3:  # int8..64
+                pos += 1 << (b - 0xD0)
+            else:  # fixext1..16 (0xd4..0xd8): a type byte, then the data
+                pos += 1 + (1 << (b - 0xD4))
+        return count if pos <= n else -1
+    finally:
+        PyBuffer_Release(&pybuf)

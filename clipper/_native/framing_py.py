@@ -645,3 +645,58 @@ def take_run(items: list, start: int, app: bytes, ext_head: bytes, dtype, shape:
         taken += 1
         i += 1
     return i
+
+
+def count_objects(body, offset: int, limit: int) -> int:
+    """How many msgpack objects the one object at ``offset`` of ``body`` is made of (itself, and every
+    element, key and value inside it), read without building any; ``limit + 1`` as soon as there are
+    more than ``limit``; -1 when the bytes end first or hold no msgpack type (0xc1): the decoder then
+    says what is wrong. A decoder builds a Python object for each: this bounds what a frame may make."""
+    p = memoryview(body).cast("B")
+    n = len(p)
+    pos, count, remaining = offset, 0, 1
+    while remaining:
+        if pos < 0 or pos >= n:
+            return -1
+        b = p[pos]
+        pos += 1
+        remaining -= 1
+        count += 1
+        if count > limit:
+            return limit + 1
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            continue
+        if b <= 0x8F:  # fixmap
+            remaining += 2 * (b & 0x0F)
+        elif b <= 0x9F:  # fixarray
+            remaining += b & 0x0F
+        elif b <= 0xBF:  # fixstr
+            pos += b & 0x1F
+        elif b == 0xC1:
+            return -1
+        elif b in (0xDC, 0xDD, 0xDE, 0xDF):  # array16/32, map16/32
+            k = 2 if b in (0xDC, 0xDE) else 4
+            if pos + k > n:
+                return -1
+            size = int.from_bytes(p[pos:pos + k], "big")
+            pos += k
+            remaining += size * (2 if b >= 0xDE else 1)
+        elif b in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):  # bin, str
+            k = 1 << (b - 0xC4) if b <= 0xC6 else 1 << (b - 0xD9)
+            if pos + k > n:
+                return -1
+            pos += k + int.from_bytes(p[pos:pos + k], "big")
+        elif b in (0xC7, 0xC8, 0xC9):  # ext8/16/32: the length, a type byte, the data
+            k = 1 << (b - 0xC7)
+            if pos + k > n:
+                return -1
+            pos += k + 1 + int.from_bytes(p[pos:pos + k], "big")
+        elif b in (0xCA, 0xCB):  # float32/64
+            pos += 4 if b == 0xCA else 8
+        elif b <= 0xCF:  # uint8..64
+            pos += 1 << (b - 0xCC)
+        elif b <= 0xD3:  # int8..64
+            pos += 1 << (b - 0xD0)
+        else:  # fixext1..16 (0xd4..0xd8): a type byte, then the data
+            pos += 1 + (1 << (b - 0xD4))
+    return count if pos <= n else -1

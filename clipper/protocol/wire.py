@@ -126,6 +126,10 @@ class DecodeLimits:
     max_array_len: int = 1024 * 1024
     max_map_len: int = 4096
     max_ext_len: int = 16 * 1024 * 1024
+    # Objects one frame may decode into (every element, key and value counted): a decoder makes a Python
+    # object of at least 56 bytes for each, so an array of empty arrays would grow 65-fold. A frame of at
+    # most this many bytes cannot hold more; a longer one is counted first, without building anything.
+    max_objects: int = 2 * 1024 * 1024
 
 
 # ------------------------------------------------------------------- ndarrays
@@ -299,7 +303,15 @@ def make_unpacker(limits: DecodeLimits = DecodeLimits()):
         max_ext_len=limits.max_ext_len,
     )
 
+    max_objects = limits.max_objects
+    from .._native import framing  # (here: clipper._native does not import this module, nor this it at load)
+
+    count_objects = framing.count_objects
+
     def unpack(buf):
+        if len(buf) > max_objects and count_objects(buf, 0, max_objects) > max_objects:
+            raise LimitExceededError(f"message decodes into more than {max_objects} msgpack objects "
+                                     f"(max_decoded_objects)")
         try:
             return unpackb(buf, **kw)
         except ClipperError:
