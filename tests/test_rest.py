@@ -103,6 +103,21 @@ def test_a_body_over_the_limit_gets_413(frontend_factory):
         h.close()
 
 
+def test_a_body_of_more_arrays_than_max_decoded_objects_is_refused_before_parsing(frontend_factory):
+    # "[]," is three bytes and a Python list 56+: such a body is counted before it is parsed
+    fe = frontend_factory(max_decoded_objects=1000)
+    fe.deploy("sum", "row_sum")
+    h = Http(fe.fe.rest_port)
+    try:
+        status, out = h.post("/sum/predict", {"input": [1.0] * 4, "pad": [[] for _ in range(1000)]})
+        assert status == 400 and out["error"]["code"] == E.LimitExceededError.code
+        assert "max_decoded_objects" in out["error"]["message"]
+        status, out = h.post("/sum/predict", {"input": [1.0] * 4, "pad": [0] * 2000})  # long, few arrays: parsed
+        assert status == 200 and out["output"] == 4.0
+    finally:
+        h.close()
+
+
 def test_health_and_readiness(frontend):
     h = Http(frontend.fe.rest_port)
     try:

@@ -275,7 +275,7 @@ class RestConnection(HttpConnection):
     def _parse_body(self, reply: _Reply, route, app_name: str, action: str, raw: bytes):
         """The body decoded in full (orjson): (inputs, options, the version's queue or None), or three
         Nones for an update, answered here."""
-        data = self._json_body(raw)
+        data = self._json_body(raw, self.server.limits.max_decoded_objects)
         user = data.get("user")
         if user is None and isinstance(data.get("uid"), (int, str)) and not isinstance(data.get("uid"), bool):
             user = str(data["uid"])  # the original Clipper's name for it
@@ -337,7 +337,12 @@ class RestConnection(HttpConnection):
         """Raise unless this request may query ``app_name`` (open here; see KeyedRestConnection)."""
 
     @staticmethod
-    def _json_body(raw: bytes) -> dict:
+    def _json_body(raw: bytes, max_objects: int) -> dict:
+        # Arrays and objects are what a parser makes most of per byte ("[]," is 3 bytes, a list 56+): a body
+        # longer than max_decoded_objects bytes is first checked to hold at most that many.
+        if len(raw) > max_objects and raw.count(b"[") + raw.count(b"{") > max_objects:
+            raise E.LimitExceededError(f"the body holds more than {max_objects} JSON arrays and objects "
+                                       f"(max_decoded_objects)")
         try:
             data = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError as exc:
