@@ -62,7 +62,6 @@ def rss_bytes() -> int | None:
         return None
 
 
-
 MAX_HEADER_BYTES = 64 * 1024  # a frontend's message header (the payload travels in its own frame)
 MAX_BATCH_ID = 2**63 - 1
 MAX_BATCH_COUNT = 2**31 - 1
@@ -114,6 +113,7 @@ def _welcome_ms(opts: dict, key: str, default: int) -> int:
                     default)
         return default
     return value
+
 
 class LoadError(Exception):
     """The model entry point could not be imported or loaded."""
