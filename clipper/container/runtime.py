@@ -70,8 +70,12 @@ _HEADER_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES
 
 
 class FrontendMessageError(ValueError):
-    """A message from a frontend that is not one this SDK speaks: ignored (a batch with a usable id is
-    answered with C_ERROR), never fatal to the container."""
+    """A message from a frontend that is not one this SDK speaks: ignored (a batch with a usable id,
+    ``batch_id``, is answered with C_ERROR), never fatal to the container."""
+
+    def __init__(self, message: str, batch_id: int | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
 
 
 def parse_frontend_header(raw, frames: int) -> list:
@@ -88,13 +92,16 @@ def parse_frontend_header(raw, frames: int) -> list:
         raise FrontendMessageError(f"a header that is not [kind, ...]: {header!r:.200}")
     kind = header[0]
     if kind == m.F_BATCH:
-        if len(header) != 5 or frames != 2:
-            raise FrontendMessageError(f"a batch of {len(header)} header fields and {frames} frames (5 and 2)")
-        _, batch_id, count, encoding, _ = header
+        batch_id = header[1] if len(header) > 1 else None
         if type(batch_id) is not int or not 0 <= batch_id <= MAX_BATCH_ID:
             raise FrontendMessageError(f"a batch id {batch_id!r:.100} that is not an integer in 0..2**63-1")
+        if len(header) != 5 or frames != 2:
+            raise FrontendMessageError(f"a batch of {len(header)} header fields and {frames} frames (5 and 2)",
+                                       batch_id)
+        _, _, count, encoding, _ = header
         if type(count) is not int or not 0 <= count <= MAX_BATCH_COUNT or type(encoding) is not str:
-            raise FrontendMessageError(f"batch {batch_id}: count {count!r:.100} and encoding {encoding!r:.100}")
+            raise FrontendMessageError(f"batch {batch_id}: count {count!r:.100} and encoding {encoding!r:.100}",
+                                       batch_id)
     elif kind == m.F_WELCOME:
         if len(header) < 2 or type(header[1]) is not int or not 0 <= header[1] <= MAX_BATCH_ID:
             raise FrontendMessageError(f"a welcome without a replica id: {header!r:.200}")
@@ -638,7 +645,13 @@ class ContainerRuntime:
             header = parse_frontend_header(frames[0], len(frames))
         except FrontendMessageError as exc:
             log.warning("ignored a message from %s: %s", link.address, exc)
-            self._answer_bad_batch(link, frames[0])
+            if exc.batch_id is not None and link.sock is not None:
+                # answered all the same, so the frontend fails its queries now, not at its batch timeout
+                try:
+                    link.sock.send(msgpack.packb([m.C_ERROR, exc.batch_id, ModelError.code,
+                                                  f"the container could not read this batch: {exc}"]), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
             return None
         kind = header[0]
         link.lost = False
@@ -683,22 +696,6 @@ class ContainerRuntime:
         # F_HEARTBEAT: hearing anything is all that counts (from when it was handled: a batch counts from its end).
         link.last_heard = time.monotonic()
         return None
-
-    def _answer_bad_batch(self, link: _Link, raw) -> None:
-        """A batch the SDK could not take still gets an answer when its id can be read, so the frontend
-        fails its queries now instead of at its batch timeout."""
-        try:
-            header = msgpack.unpackb(raw, **_HEADER_LIMITS)
-            batch_id = header[1] if type(header) is list and len(header) > 1 and header[0] == m.F_BATCH else None
-        except Exception:
-            return
-        if type(batch_id) is not int or not 0 <= batch_id <= MAX_BATCH_ID or link.sock is None:
-            return
-        try:
-            link.sock.send(msgpack.packb([m.C_ERROR, batch_id, ModelError.code,
-                                          "the container could not read this batch's header"]), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
 
     def stop(self) -> None:
         self._stop.set()
